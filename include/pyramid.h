@@ -1,0 +1,316 @@
+/*
+ * pyramid.h — the C ABI of pyramid, an embeddable LLaMA inference library with
+ * PyramidInfer KV-cache compression.
+ *
+ * Objects
+ *   pyr_engine   a loaded model (weights, tokenizer, backend). Thread-safe: any thread may
+ *                create sessions on it or query it. Reference-counted: every session holds
+ *                a reference, so pyr_engine_close() may be called before the sessions are
+ *                destroyed; the memory is freed when the last of them goes.
+ *   pyr_session  one conversation: its token history, sampler and KV cache. Use a session
+ *                from one thread at a time; pyr_session_cancel() and the memory getters
+ *                (pyr_session_kv_*, pyr_session_layer_*) may be called from any thread
+ *                while the session lives.
+ *
+ * Errors
+ *   Every function that can fail returns a pyr_status. On failure the handle keeps a
+ *   message (pyr_engine_errmsg / pyr_session_errmsg) until the next call that can fail on
+ *   that handle. Nothing ever aborts, exits or throws across this interface. A failed
+ *   call leaves the session as it was before the call unless its documentation says
+ *   otherwise.
+ *
+ * Strings
+ *   All strings are UTF-8 and NUL-terminated. Returned `const char*` pointers are owned by
+ *   the library; each function says how long its pointer stays valid.
+ *
+ * Typical use (pull-style streaming):
+ *
+ *   pyr_engine* engine = NULL;
+ *   if (pyr_engine_open(pyr_default_model_dir(), NULL, &engine) != PYR_OK) {
+ *       fprintf(stderr, "%s\n", pyr_engine_errmsg(engine));
+ *       pyr_engine_close(engine);
+ *       return 1;
+ *   }
+ *   pyr_session* session = NULL;
+ *   pyr_session_create(engine, NULL, &session);
+ *   pyr_session_feed_text(session, "def fibonacci(n):");
+ *   pyr_status st;
+ *   while ((st = pyr_session_next(session)) == PYR_OK)
+ *       fputs(pyr_session_text(session), stdout);
+ *   fputs(pyr_session_text(session), stdout);   // tail flushed at PYR_DONE
+ *   pyr_session_destroy(session);
+ *   pyr_engine_close(engine);
+ */
+#ifndef PYRAMID_H
+#define PYRAMID_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32) && defined(PYRAMID_SHARED)
+#  if defined(PYRAMID_BUILDING)
+#    define PYR_API __declspec(dllexport)
+#  else
+#    define PYR_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__)
+#  define PYR_API __attribute__((visibility("default")))
+#else
+#  define PYR_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------------------
+ * Version
+ * ------------------------------------------------------------------------------------- */
+
+#define PYR_VERSION_MAJOR 0
+#define PYR_VERSION_MINOR 1
+#define PYR_VERSION_PATCH 0
+/* Incremented on every incompatible change of this header (struct layouts, signatures,
+ * enum values). Bindings compare it with pyr_abi_version() when they load. */
+#define PYR_ABI_VERSION 1
+
+/* "MAJOR.MINOR.PATCH". Static storage; never free it. Any thread. */
+PYR_API const char* pyr_version_string(void);
+/* The PYR_ABI_VERSION the library was built with. Any thread. */
+PYR_API int32_t pyr_abi_version(void);
+
+/* ---------------------------------------------------------------------------------------
+ * Status codes
+ * ------------------------------------------------------------------------------------- */
+
+typedef enum pyr_status {
+    PYR_OK = 0,                    /* success; for pyr_session_next: a token is ready */
+    PYR_DONE = 1,                  /* generation finished: end-of-sequence or max_tokens */
+    PYR_CANCELLED = 2,             /* pyr_session_cancel() stopped the call */
+    PYR_ERR_INVALID_ARGUMENT = -1, /* NULL handle, bad parameter, wrong struct_size */
+    PYR_ERR_IO = -2,               /* a file is missing or cannot be read */
+    PYR_ERR_FORMAT = -3,           /* a model file is malformed (config, safetensors, tokenizer) */
+    PYR_ERR_UNSUPPORTED = -4,      /* valid input that this build cannot run (device, dtype) */
+    PYR_ERR_OUT_OF_MEMORY = -5,    /* an allocation or the device memory budget failed */
+    PYR_ERR_CONTEXT_FULL = -6,     /* the tokens would not fit in the session's context */
+    PYR_ERR_STATE = -7,            /* the call is not valid in the object's current state */
+    PYR_ERR_INTERNAL = -8          /* a bug: please report the message */
+} pyr_status;
+
+/* A short constant description of a status ("ok", "invalid argument", ...). Static storage.
+ * Unknown values give "unknown status". Any thread. */
+PYR_API const char* pyr_status_str(pyr_status status);
+
+/* ---------------------------------------------------------------------------------------
+ * Logging (process-wide). Errors never depend on the log: they are always returned.
+ * ------------------------------------------------------------------------------------- */
+
+typedef enum pyr_log_level {
+    PYR_LOG_DEBUG = 0,
+    PYR_LOG_INFO = 1,
+    PYR_LOG_WARN = 2,
+    PYR_LOG_ERROR = 3,
+    PYR_LOG_NONE = 4
+} pyr_log_level;
+
+/* Messages below `level` are dropped. Default PYR_LOG_WARN. Any thread. */
+PYR_API void pyr_log_set_level(pyr_log_level level);
+
+/* Receives each message that passes the level; `message` is valid during the call only.
+ * The callback may be called from any thread that uses the library, one call at a time.
+ * NULL restores the default (standard error). Not wrapped by the language bindings. */
+typedef void (*pyr_log_callback)(pyr_log_level level, const char* message, void* user_data);
+PYR_API void pyr_log_set_callback(pyr_log_callback callback, void* user_data);
+
+/* ---------------------------------------------------------------------------------------
+ * Engine: a loaded model
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct pyr_engine pyr_engine;
+
+typedef struct pyr_engine_params {
+    uint32_t struct_size;      /* sizeof(pyr_engine_params); set by pyr_engine_params_init */
+    const char* device;        /* "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:N".
+                                  NULL means "auto". Copied; need not outlive the call. */
+    int32_t n_threads;         /* CPU worker threads; 0 = all hardware threads */
+    int32_t reserved0;
+    uint64_t max_device_bytes; /* device memory budget for weights + KV + scratch; 0 = none */
+} pyr_engine_params;
+
+/* Fills `params` with defaults (struct_size set). NULL is a harmless no-op. Any thread. */
+PYR_API void pyr_engine_params_init(pyr_engine_params* params);
+
+/* The bundled demo model's directory (tiny-code-llama) as installed or built, so that a
+ * program works without a model of its own. Static storage. Any thread. */
+PYR_API const char* pyr_default_model_dir(void);
+
+/* Loads the HF LLaMA checkpoint in directory `model_dir` (config.json, model.safetensors or
+ * model.safetensors.index.json with its shards, tokenizer.model).
+ * `params` may be NULL for defaults; otherwise params->struct_size must be
+ * sizeof(pyr_engine_params) from a pyr_engine_params_init() call.
+ * On success *out_engine is a new engine and PYR_OK is returned.
+ * On failure a status is returned and, sqlite3_open-style, *out_engine is still set to a
+ * handle whose pyr_engine_errmsg() says what went wrong (naming the file and the problem);
+ * that handle can do nothing else and must be closed with pyr_engine_close().
+ * Only when out_engine is NULL is no handle returned (PYR_ERR_INVALID_ARGUMENT).
+ * Any thread. */
+PYR_API pyr_status pyr_engine_open(const char* model_dir, const pyr_engine_params* params,
+                                   pyr_engine** out_engine);
+
+/* Releases the caller's reference. The engine lives on while sessions created from it
+ * exist. NULL is a harmless no-op. Do not use the handle afterwards. */
+PYR_API void pyr_engine_close(pyr_engine* engine);
+
+/* The message of the last failure on this engine, or "" if there was none. The pointer is
+ * valid until the next failing call on the engine or its close. NULL engine gives a
+ * static message. */
+PYR_API const char* pyr_engine_errmsg(const pyr_engine* engine);
+
+/* Model facts; 0 (or "") for a NULL or failed engine. Any thread. */
+PYR_API int32_t pyr_engine_n_layers(const pyr_engine* engine);
+PYR_API int32_t pyr_engine_n_vocab(const pyr_engine* engine);
+PYR_API int32_t pyr_engine_n_ctx_train(const pyr_engine* engine); /* max_position_embeddings */
+PYR_API int32_t pyr_engine_bos_token(const pyr_engine* engine);
+PYR_API int32_t pyr_engine_eos_token(const pyr_engine* engine);   /* the first eos id */
+/* The device the engine runs on, e.g. "cpu". Valid while the engine lives. */
+PYR_API const char* pyr_engine_device(const pyr_engine* engine);
+/* Bytes of weights the engine holds (mapped or resident). */
+PYR_API uint64_t pyr_engine_weights_bytes(const pyr_engine* engine);
+
+/* Tokenizes UTF-8 `text` (adding BOS first if add_bos != 0) into `tokens`, which has room
+ * for `capacity` ids. Returns the number of tokens the text needs; if that is more than
+ * `capacity`, only `capacity` are written (call again with a larger buffer). Returns a
+ * negative pyr_status on error (message on the engine). tokens may be NULL when capacity
+ * is 0. Any thread. */
+PYR_API int32_t pyr_engine_tokenize(pyr_engine* engine, const char* text, int32_t add_bos,
+                                    int32_t* tokens, int32_t capacity);
+
+/* ---------------------------------------------------------------------------------------
+ * Session: one conversation
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct pyr_session pyr_session;
+
+#define PYR_SEED_RANDOM UINT64_MAX
+
+typedef struct pyr_session_params {
+    uint32_t struct_size;    /* sizeof(pyr_session_params); set by pyr_session_params_init */
+    int32_t n_ctx;           /* context length in tokens; 0 = the model's max_position_embeddings */
+    int32_t max_tokens;      /* tokens generated after each feed before PYR_DONE; 0 = no limit
+                                (until end-of-sequence or the context is full). Default 256 */
+    float temperature;       /* 0 = greedy (argmax). Default 0.8 */
+    int32_t top_k;           /* keep the k most likely tokens; 0 = off. Default 40 */
+    float top_p;             /* nucleus: keep the smallest set with this much mass; 1 = off.
+                                Default 0.95 */
+    float min_p;             /* drop tokens below min_p * p(max); 0 = off. Default 0.05 */
+    float repeat_penalty;    /* divides positive / multiplies negative logits of tokens seen
+                                in the last repeat_last_n tokens; 1 = off. Default 1.0 */
+    int32_t repeat_last_n;   /* window of the repetition penalty; 0 = whole history. Default 64 */
+    int32_t reserved0;
+    uint64_t seed;           /* sampler seed; the same seed gives the same tokens.
+                                PYR_SEED_RANDOM (default) draws one from the clock */
+    const char* kv_policy;   /* KV cache policy: "full" (default). Copied. */
+} pyr_session_params;
+
+/* Fills `params` with defaults (struct_size set). NULL is a harmless no-op. Any thread. */
+PYR_API void pyr_session_params_init(pyr_session_params* params);
+
+/* Creates a session on `engine`. params may be NULL for defaults. On success *out_session
+ * holds a new session. On failure the message is on the engine (pyr_engine_errmsg) and
+ * *out_session is NULL. Any thread. */
+PYR_API pyr_status pyr_session_create(pyr_engine* engine, const pyr_session_params* params,
+                                      pyr_session** out_session);
+
+/* Frees the session and its KV cache, and releases its engine reference. NULL is a
+ * harmless no-op. No other call on the session may be in flight. */
+PYR_API void pyr_session_destroy(pyr_session* session);
+
+/* The message of the last failure on this session, or "". Valid until the next call on
+ * the session. NULL session gives a static message. */
+PYR_API const char* pyr_session_errmsg(const pyr_session* session);
+
+/* Appends UTF-8 text to the session's input. A BOS token is put first when the session's
+ * history is empty. Nothing is computed yet: the next pyr_session_prefill/next does it.
+ * Fails with PYR_ERR_CONTEXT_FULL (input unchanged) if history + input would not fit in
+ * n_ctx. Resets the max_tokens count. */
+PYR_API pyr_status pyr_session_feed_text(pyr_session* session, const char* text);
+
+/* Appends token ids exactly as given (no BOS is added). Ids must be in [0, n_vocab).
+ * Otherwise as pyr_session_feed_text. */
+PYR_API pyr_status pyr_session_feed_tokens(pyr_session* session, const int32_t* tokens,
+                                           int32_t n_tokens);
+
+/* Runs the model over the fed input that has not been processed yet, so that its KV cache
+ * is filled and the logits of the last token are available. Returns PYR_OK (also when
+ * there was nothing to do), PYR_CANCELLED (the session is as before the call; the input
+ * stays queued) or an error. pyr_session_next() calls it implicitly. */
+PYR_API pyr_status pyr_session_prefill(pyr_session* session);
+
+/* Produces the next token: processes pending input, samples one token and returns
+ *   PYR_OK         a token is ready: read pyr_session_token() and pyr_session_text();
+ *   PYR_DONE       end-of-sequence was sampled, max_tokens were produced or the context is
+ *                  full; pyr_session_text() holds the flushed tail of the text (maybe "");
+ *                  further calls keep returning PYR_DONE until more input is fed;
+ *   PYR_CANCELLED  pyr_session_cancel() was called; the session is as before the call;
+ *   an error       the message is on the session.
+ * The sampled token becomes part of the history (it is computed by the following call).
+ * The end-of-sequence token is part of the history too but has no text. */
+PYR_API pyr_status pyr_session_next(pyr_session* session);
+
+/* The id of the token produced by the last PYR_OK (or end-of-sequence at PYR_DONE);
+ * -1 if none. */
+PYR_API int32_t pyr_session_token(const pyr_session* session);
+
+/* The text produced by the last pyr_session_next(): only whole UTF-8 code points; an
+ * incomplete character is held back until it completes, and flushed at PYR_DONE (invalid
+ * bytes become U+FFFD). Maybe "". Valid until the next call on the session. */
+PYR_API const char* pyr_session_text(const pyr_session* session);
+
+/* The logits (n_vocab floats, raw model output before any sampling transform) of the last
+ * processed token, or NULL if none. Valid until the next feed/prefill/next/reset. */
+PYR_API const float* pyr_session_logits(const pyr_session* session);
+/* One logit of the same vector; 0 if out of range or none. */
+PYR_API float pyr_session_logit(const pyr_session* session, int32_t token);
+
+/* Asks a running (or the next) prefill/next/generate call on this session to stop: it
+ * returns PYR_CANCELLED at the next layer or token boundary, and the request is used up.
+ * Any thread, while the session lives. */
+PYR_API void pyr_session_cancel(pyr_session* session);
+
+/* Clears the history, pending input, KV cache and sampler state (the seed restarts). */
+PYR_API pyr_status pyr_session_reset(pyr_session* session);
+
+/* Callback-style generation for C and C++ users (not wrapped by the bindings): feeds
+ * `prompt` (may be NULL or "" to continue) and calls `on_token` for every produced token
+ * with its id and text (the final call at the end carries token -1 and the flushed tail,
+ * if any is left). Return non-zero from the callback to stop early (status PYR_OK).
+ * Returns PYR_OK/PYR_DONE-style completion as PYR_OK, or PYR_CANCELLED, or an error. */
+typedef int32_t (*pyr_token_callback)(int32_t token, const char* text, void* user_data);
+PYR_API pyr_status pyr_session_generate(pyr_session* session, const char* prompt,
+                                        pyr_token_callback on_token, void* user_data);
+
+/* ---------------------------------------------------------------------------------------
+ * Memory. Getters are safe from any thread while the session lives; they report the state
+ * after the last completed step. Out-of-range layers give 0.
+ * ------------------------------------------------------------------------------------- */
+
+/* Tokens in the session's history (fed and generated, processed or not). */
+PYR_API int32_t pyr_session_n_tokens(const pyr_session* session);
+/* KV bytes the session's cache holds now (all layers). */
+PYR_API uint64_t pyr_session_kv_bytes(const pyr_session* session);
+/* KV bytes an uncompressed cache would hold for the same processed tokens. */
+PYR_API uint64_t pyr_session_kv_bytes_full(const pyr_session* session);
+/* Tokens cached and their KV bytes in one layer. */
+PYR_API int32_t pyr_session_layer_tokens(const pyr_session* session, int32_t layer);
+PYR_API uint64_t pyr_session_layer_bytes(const pyr_session* session, int32_t layer);
+
+/* KV bytes a session with these params would need at its full context (uncompressed),
+ * so callers can budget before creating it. params may be NULL for defaults. */
+PYR_API uint64_t pyr_engine_session_bytes_estimate(const pyr_engine* engine,
+                                                   const pyr_session_params* params);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PYRAMID_H */

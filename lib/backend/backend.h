@@ -1,0 +1,43 @@
+// The Backend interface: runs the model forward for a step batch of sequences. The CPU
+// backend (backend/cpu/) is the reference; the CUDA backend implements the same interface.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "kv/kv_cache.h"
+#include "model/model.h"
+
+namespace pyr {
+
+// One sequence's part of a step: tokens to process now (a prefill chunk or one decode
+// token) at their original positions, appended to its cache.
+struct SequenceStep {
+    const int32_t* tokens = nullptr;
+    const int32_t* positions = nullptr;  // absolute positions, one per token
+    int32_t n_tokens = 0;
+    KvCache* cache = nullptr;
+    float* logits = nullptr;             // out: (n_vocab) logits of the last token
+};
+
+class Backend {
+public:
+    virtual ~Backend() = default;
+    virtual std::string device_name() const = 0;
+
+    // Empty storage for one session's cache of at most n_ctx tokens per layer.
+    virtual std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) = 0;
+
+    // Runs every sequence of the batch through all layers, appending their keys/values
+    // (after RoPE) to each cache and writing the last token's logits. Checks `cancel` at
+    // every layer boundary and throws pyr::Error(PYR_CANCELLED) when it is set; then the
+    // caches may hold partial appends, which the caller rolls back with KvCache::truncate.
+    virtual void forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) = 0;
+};
+
+// The CPU backend over `model` with n_threads workers (0 = hardware threads).
+std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_threads);
+
+}  // namespace pyr

@@ -1,0 +1,259 @@
+#include "backend/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "backend/cpu/cpu_ops.h"
+#include "common/error.h"
+#include "model/rope.h"
+
+namespace pyr {
+
+// ---- KV storage -----------------------------------------------------------------------
+
+CpuKvStorage::CpuKvStorage(int n_layer, int32_t n_ctx, int32_t kv_dim)
+    : layers_(size_t(n_layer)), n_ctx_(n_ctx), kv_dim_(kv_dim) {
+    PYR_ASSERT(n_layer > 0 && n_ctx > 0 && kv_dim > 0);
+}
+
+uint64_t CpuKvStorage::bytes_per_token() const {
+    return 2 * uint64_t(kv_dim_) * sizeof(float);
+}
+
+void CpuKvStorage::append(int il, const float* k, const float* v, int32_t n) {
+    Layer& layer = layers_[size_t(il)];
+    const int32_t have = size(il);
+    PYR_ASSERT(n >= 0 && have + n <= n_ctx_);
+    const size_t row = size_t(kv_dim_);
+    const size_t cap_tokens = layer.k.capacity() / row;
+    if (size_t(have + n) > cap_tokens) {  // grow geometrically, never past n_ctx
+        size_t want = std::max({size_t(have + n), 2 * cap_tokens, size_t(16)});
+        want = std::min(want, size_t(n_ctx_));
+        layer.k.reserve(want * row);
+        layer.v.reserve(want * row);
+    }
+    layer.k.insert(layer.k.end(), k, k + size_t(n) * row);
+    layer.v.insert(layer.v.end(), v, v + size_t(n) * row);
+}
+
+void CpuKvStorage::retain(int il, const std::vector<int32_t>& keep) {
+    Layer& layer = layers_[size_t(il)];
+    const int32_t have = size(il);
+    const size_t row = size_t(kv_dim_);
+    for (size_t i = 0; i < keep.size(); ++i) {
+        PYR_ASSERT(keep[i] >= 0 && keep[i] < have && (i == 0 || keep[i] > keep[i - 1]));
+        if (size_t(keep[i]) == i) continue;  // keep[i] >= i: moving rows forward is safe
+        std::memmove(&layer.k[i * row], &layer.k[size_t(keep[i]) * row], row * sizeof(float));
+        std::memmove(&layer.v[i * row], &layer.v[size_t(keep[i]) * row], row * sizeof(float));
+    }
+    layer.k.resize(keep.size() * row);
+    layer.v.resize(keep.size() * row);
+}
+
+void CpuKvStorage::truncate(int il, int32_t n) {
+    PYR_ASSERT(n >= 0 && n <= size(il));
+    layers_[size_t(il)].k.resize(size_t(n) * size_t(kv_dim_));
+    layers_[size_t(il)].v.resize(size_t(n) * size_t(kv_dim_));
+}
+
+// ---- construction and checks ----------------------------------------------------------
+
+namespace {
+
+void check_tensor(const Tensor& t, int64_t rows, int64_t cols, const std::string& name,
+                  bool optional = false) {
+    if (optional && !t) return;
+    if (!t || t.rows * t.cols != rows * cols || (cols > 1 && t.cols != cols))
+        fail(PYR_ERR_INVALID_ARGUMENT,
+             "cpu backend: weight " + name + " is [" + std::to_string(t.rows) + ", " +
+                 std::to_string(t.cols) + "]" + (t ? "" : " (absent)") + ", expected [" +
+                 std::to_string(rows) + ", " + std::to_string(cols) + "]");
+}
+
+void check_weights(const ModelConfig& c, const ModelWeights& w) {
+    if (c.n_head <= 0 || c.n_head_kv <= 0 || c.n_head % c.n_head_kv != 0 ||
+        c.head_dim <= 0 || c.head_dim % 2 != 0 || c.n_layer <= 0)
+        fail(PYR_ERR_INVALID_ARGUMENT, "cpu backend: unsupported head layout (n_head " +
+                                           std::to_string(c.n_head) + ", n_head_kv " +
+                                           std::to_string(c.n_head_kv) + ", head_dim " +
+                                           std::to_string(c.head_dim) + ")");
+    const int64_t H = c.n_embd, Q = int64_t(c.n_head) * c.head_dim;
+    const int64_t KV = int64_t(c.n_head_kv) * c.head_dim, F = c.n_ff;
+    check_tensor(w.tok_embd, c.n_vocab, H, "tok_embd");
+    check_tensor(w.output_norm, H, 1, "output_norm");
+    check_tensor(w.output, c.n_vocab, H, "output");
+    if (int(w.layers.size()) != c.n_layer)
+        fail(PYR_ERR_INVALID_ARGUMENT, "cpu backend: " + std::to_string(w.layers.size()) +
+                                           " layers of weights for n_layer " +
+                                           std::to_string(c.n_layer));
+    for (size_t il = 0; il < w.layers.size(); ++il) {
+        const LayerWeights& L = w.layers[il];
+        const std::string p = "layers." + std::to_string(il) + ".";
+        check_tensor(L.attn_norm, H, 1, p + "attn_norm");
+        check_tensor(L.wq, Q, H, p + "wq");
+        check_tensor(L.wk, KV, H, p + "wk");
+        check_tensor(L.wv, KV, H, p + "wv");
+        check_tensor(L.wo, H, Q, p + "wo");
+        check_tensor(L.bq, Q, 1, p + "bq", true);
+        check_tensor(L.bk, KV, 1, p + "bk", true);
+        check_tensor(L.bv, KV, 1, p + "bv", true);
+        check_tensor(L.bo, H, 1, p + "bo", true);
+        check_tensor(L.ffn_norm, H, 1, p + "ffn_norm");
+        check_tensor(L.w_gate, F, H, p + "w_gate");
+        check_tensor(L.w_up, F, H, p + "w_up");
+        check_tensor(L.w_down, H, F, p + "w_down");
+        check_tensor(L.b_gate, F, 1, p + "b_gate", true);
+        check_tensor(L.b_up, F, 1, p + "b_up", true);
+        check_tensor(L.b_down, H, 1, p + "b_down", true);
+    }
+}
+
+CpuKvStorage& cpu_storage(KvCache& cache) {
+    auto* storage = dynamic_cast<CpuKvStorage*>(&cache.storage());
+    PYR_ASSERT(storage != nullptr);
+    return *storage;
+}
+
+void check_cancel(const std::atomic<bool>* cancel) {
+    if (cancel && cancel->load(std::memory_order_relaxed)) fail(PYR_CANCELLED, "cancelled");
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend(const ModelConfig& config, const ModelWeights& weights, int n_threads,
+                       std::shared_ptr<const void> owner)
+    : owner_(std::move(owner)), config_(config), weights_(weights), pool_(n_threads) {
+    check_weights(config_, weights_);
+}
+
+std::unique_ptr<KvStorage> CpuBackend::new_kv_storage(int32_t n_ctx) {
+    return std::make_unique<CpuKvStorage>(config_.n_layer, n_ctx,
+                                          config_.n_head_kv * config_.head_dim);
+}
+
+void CpuBackend::check_step(const SequenceStep& step) const {
+    if (!step.tokens || !step.positions || step.n_tokens <= 0 || !step.cache)
+        fail(PYR_ERR_INVALID_ARGUMENT, "cpu backend: a step needs tokens, positions, "
+                                       "n_tokens > 0 and a cache");
+    PYR_ASSERT(step.cache->n_layer() == config_.n_layer);
+    PYR_ASSERT(cpu_storage(*step.cache).kv_dim() == config_.n_head_kv * config_.head_dim);
+    for (int32_t t = 0; t < step.n_tokens; ++t) {
+        if (step.tokens[t] < 0 || step.tokens[t] >= config_.n_vocab)
+            fail(PYR_ERR_INVALID_ARGUMENT, "cpu backend: token id " +
+                                               std::to_string(step.tokens[t]) +
+                                               " is outside [0, " +
+                                               std::to_string(config_.n_vocab) + ")");
+        if (step.positions[t] < 0)
+            fail(PYR_ERR_INVALID_ARGUMENT, "cpu backend: negative position " +
+                                               std::to_string(step.positions[t]));
+    }
+}
+
+void CpuBackend::resize_scratch(int32_t n_tokens) {
+    const ModelConfig& c = config_;
+    const size_t n = size_t(n_tokens);
+    auto grow = [](std::vector<float>& v, size_t need) {
+        if (v.size() < need) v.resize(need);
+    };
+    grow(s_.x, n * size_t(c.n_embd));
+    grow(s_.xn, n * size_t(c.n_embd));
+    grow(s_.tmp, n * size_t(c.n_embd));
+    grow(s_.q, n * size_t(c.n_head) * size_t(c.head_dim));
+    grow(s_.att, n * size_t(c.n_head) * size_t(c.head_dim));
+    grow(s_.k, n * size_t(c.n_head_kv) * size_t(c.head_dim));
+    grow(s_.v, n * size_t(c.n_head_kv) * size_t(c.head_dim));
+    grow(s_.gate, n * size_t(c.n_ff));
+    grow(s_.up, n * size_t(c.n_ff));
+    grow(s_.cos, n * size_t(c.head_dim / 2));
+    grow(s_.sin, n * size_t(c.head_dim / 2));
+}
+
+void CpuBackend::forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (int i = 0; i < n_seq; ++i) check_step(batch[i]);
+    for (int i = 0; i < n_seq; ++i) forward_sequence(batch[i], cancel);
+}
+
+// ---- the forward pass -----------------------------------------------------------------
+
+// One sequence through the model (HF LlamaForCausalLM): its new keys/values join the cache
+// and the last token's logits are written.
+void CpuBackend::forward_sequence(const SequenceStep& step, const std::atomic<bool>* cancel) {
+    const ModelConfig& c = config_;
+    const ModelWeights& w = weights_;
+    const int32_t n = step.n_tokens;
+    const int hd = c.head_dim;
+    const int64_t n_embd = c.n_embd;
+    KvCache& cache = *step.cache;
+    CpuKvStorage& kv = cpu_storage(cache);
+    resize_scratch(n);
+    float* x = s_.x.data();      // (n, n_embd) the residual stream
+    float* xn = s_.xn.data();    // (n, n_embd) normed input of a block
+    float* tmp = s_.tmp.data();  // (n, n_embd) output of a block
+    float* q = s_.q.data();      // (n, n_head * hd)
+    float* k = s_.k.data();      // (n, n_head_kv * hd)
+    float* v = s_.v.data();      // (n, n_head_kv * hd)
+    float* att = s_.att.data();  // (n, n_head * hd)
+    float* gate = s_.gate.data();  // (n, n_ff)
+    float* up = s_.up.data();      // (n, n_ff)
+
+    // RoPE tables at the tokens' positions: cos, sin (n, hd/2). Dynamic scaling sees the
+    // sequence length of this call (its largest position + 1), as HF does.
+    const int32_t max_pos = *std::max_element(step.positions, step.positions + n);
+    rope_cos_sin(rope_inv_freq(c, max_pos + 1), step.positions, n, s_.cos.data(),
+                 s_.sin.data());
+
+    cpu::embed(w.tok_embd, step.tokens, n, x);
+    for (int il = 0; il < c.n_layer; ++il) {
+        check_cancel(cancel);
+        const LayerWeights& L = w.layers[size_t(il)];
+
+        // attention block: x += o_proj(attention(rope(q), cache + rope(k), v))
+        cpu::rmsnorm(x, n, L.attn_norm, c.rms_norm_eps, xn);
+        cpu::matmul(pool_, xn, n, {{&L.wq, &L.bq, q}, {&L.wk, &L.bk, k}, {&L.wv, &L.bv, v}});
+        cpu::rope_apply(q, n, c.n_head, hd, s_.cos.data(), s_.sin.data());
+        cpu::rope_apply(k, n, c.n_head_kv, hd, s_.cos.data(), s_.sin.data());
+        PYR_ASSERT(kv.size(il) == cache.size(il));
+        kv.append(il, k, v, n);
+        cache.appended(il, step.positions, n);
+        cpu::AttentionArgs args;
+        args.q = q;
+        args.q_pos = step.positions;
+        args.n_q = n;
+        args.k = kv.keys(il);
+        args.v = kv.values(il);
+        args.kv_pos = cache.positions(il).data();
+        args.n_kv = cache.size(il);
+        args.n_head = c.n_head;
+        args.n_head_kv = c.n_head_kv;
+        args.head_dim = hd;
+        args.out = att;
+        cpu::attention(pool_, args);
+        cpu::matmul(pool_, att, n, {{&L.wo, &L.bo, tmp}});
+        cpu::add(x, tmp, n * n_embd);
+
+        // MLP block: x += down(silu(gate(xn)) * up(xn))
+        cpu::rmsnorm(x, n, L.ffn_norm, c.rms_norm_eps, xn);
+        cpu::matmul(pool_, xn, n, {{&L.w_gate, &L.b_gate, gate}, {&L.w_up, &L.b_up, up}});
+        cpu::silu_mul(gate, up, n * int64_t(c.n_ff));
+        cpu::matmul(pool_, gate, n, {{&L.w_down, &L.b_down, tmp}});
+        cpu::add(x, tmp, n * n_embd);
+    }
+    if (!step.logits) return;
+
+    // output head on the last token only: logits (n_vocab)
+    cpu::rmsnorm(x + (n - 1) * n_embd, 1, w.output_norm, c.rms_norm_eps, xn);
+    cpu::matmul(pool_, xn, 1, {{&w.output, nullptr, step.logits}});
+}
+
+// ---- factory --------------------------------------------------------------------------
+
+std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_threads) {
+    PYR_ASSERT(model != nullptr);
+    const ModelConfig& config = model->config();
+    const ModelWeights& weights = model->weights();
+    return std::make_unique<CpuBackend>(config, weights, n_threads, std::move(model));
+}
+
+}  // namespace pyr

@@ -1,0 +1,71 @@
+// The CPU backend: the reference LLaMA forward pass (fp32 math, threaded matmuls) and its
+// KV storage (fp32, per layer, token-major).
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "backend/backend.h"
+#include "common/thread_pool.h"
+
+namespace pyr {
+
+// Keys and values of one session, per layer, fp32, token-major: k, v (n_tokens, kv_dim)
+// with kv_dim = n_head_kv * head_dim. Grows geometrically up to n_ctx tokens per layer.
+class CpuKvStorage final : public KvStorage {
+public:
+    CpuKvStorage(int n_layer, int32_t n_ctx, int32_t kv_dim);
+
+    uint64_t bytes_per_token() const override;
+    void retain(int il, const std::vector<int32_t>& keep) override;
+    void truncate(int il, int32_t n) override;
+
+    // Appends n tokens to layer il: k, v (n, kv_dim). Past n_ctx is an internal error
+    // (the engine checks the context first).
+    void append(int il, const float* k, const float* v, int32_t n);
+    int32_t size(int il) const { return int32_t(layers_[size_t(il)].k.size() / size_t(kv_dim_)); }
+    const float* keys(int il) const { return layers_[size_t(il)].k.data(); }    // (size, kv_dim)
+    const float* values(int il) const { return layers_[size_t(il)].v.data(); }  // (size, kv_dim)
+    int32_t kv_dim() const { return kv_dim_; }
+
+private:
+    struct Layer {
+        std::vector<float> k, v;  // (n_tokens, kv_dim)
+    };
+    std::vector<Layer> layers_;
+    int32_t n_ctx_;
+    int32_t kv_dim_;
+};
+
+// The reference backend. `config` and `weights` are views whose data must outlive the
+// backend; `owner` (may be null) is kept alive for that (the Model when made from one).
+// Tests build it directly from in-memory weights.
+class CpuBackend final : public Backend {
+public:
+    CpuBackend(const ModelConfig& config, const ModelWeights& weights, int n_threads,
+               std::shared_ptr<const void> owner = nullptr);
+
+    std::string device_name() const override { return "cpu"; }
+    std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) override;
+    // As Backend::forward; a step with logits == nullptr skips the output head (a prefill
+    // chunk whose logits nobody needs). Callers may be on any thread; calls serialise.
+    void forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) override;
+
+private:
+    struct Scratch {
+        std::vector<float> x, xn, q, k, v, att, tmp, gate, up, cos, sin;
+    };
+    void check_step(const SequenceStep& step) const;
+    void resize_scratch(int32_t n_tokens);
+    void forward_sequence(const SequenceStep& step, const std::atomic<bool>* cancel);
+
+    std::shared_ptr<const void> owner_;
+    ModelConfig config_;
+    ModelWeights weights_;
+    ThreadPool pool_;
+    std::mutex mutex_;  // one forward at a time: the scratch is shared
+    Scratch s_;
+};
+
+}  // namespace pyr

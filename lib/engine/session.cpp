@@ -1,0 +1,162 @@
+#include "engine/session.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "common/error.h"
+#include "common/log.h"
+
+namespace pyr {
+
+Session::Session(std::shared_ptr<Engine> engine, const SessionParams& params)
+    : engine_(std::move(engine)),
+      params_(params),
+      sampler_(params.sampling),
+      decoder_(engine_->model().tokenizer()) {
+    const ModelConfig& cfg = engine_->config();
+    if (params.n_ctx < 0)
+        fail(PYR_ERR_INVALID_ARGUMENT, "n_ctx must be >= 0, got " + std::to_string(params.n_ctx));
+    if (params.max_tokens < 0)
+        fail(PYR_ERR_INVALID_ARGUMENT,
+             "max_tokens must be >= 0, got " + std::to_string(params.max_tokens));
+    n_ctx_ = params.n_ctx > 0 ? params.n_ctx : cfg.n_ctx_train;
+    if (n_ctx_ <= 0) n_ctx_ = 4096;
+    if (n_ctx_ > cfg.n_ctx_train && cfg.n_ctx_train > 0)
+        PYR_LOG_WARN("n_ctx " + std::to_string(n_ctx_) + " exceeds the model's trained " +
+                     std::to_string(cfg.n_ctx_train) + " positions; quality may drop");
+    policy_ = make_kv_policy(params.kv_policy);
+    logits_.assign(size_t(cfg.n_vocab), 0.0f);
+    cache_ = std::make_unique<KvCache>(cfg.n_layer, engine_->new_kv_storage(n_ctx_));
+    publish_memory();
+}
+
+void Session::append_input(const std::vector<int32_t>& tokens) {
+    size_t total = tokens_.size() + tokens.size();
+    if (total > size_t(n_ctx_))
+        fail(PYR_ERR_CONTEXT_FULL,
+             "input of " + std::to_string(tokens.size()) + " tokens does not fit: the session " +
+                 "holds " + std::to_string(tokens_.size()) + " of its " + std::to_string(n_ctx_) +
+                 " context tokens (n_ctx)");
+    tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
+    n_generated_ = 0;
+    done_ = false;
+    decoder_.reset(tokens_.empty() ? -1 : tokens_.back());
+    publish_memory();
+}
+
+void Session::feed_text(const std::string& text) {
+    const Tokenizer& tok = engine_->model().tokenizer();
+    append_input(tok.encode(text, /*add_bos=*/tokens_.empty()));
+}
+
+void Session::feed_tokens(const std::vector<int32_t>& tokens) {
+    int32_t n_vocab = engine_->config().n_vocab;
+    for (size_t i = 0; i < tokens.size(); ++i)
+        if (tokens[i] < 0 || tokens[i] >= n_vocab)
+            fail(PYR_ERR_INVALID_ARGUMENT, "token " + std::to_string(i) + " has id " +
+                                               std::to_string(tokens[i]) + ", outside [0, " +
+                                               std::to_string(n_vocab) + ")");
+    append_input(tokens);
+}
+
+void Session::check_cancel() {
+    if (cancel_requested_.exchange(false)) fail(PYR_CANCELLED, "cancelled");
+}
+
+void Session::prefill() {
+    check_cancel();
+    int32_t start = cache_->n_processed();
+    int32_t n = int32_t(tokens_.size()) - start;
+    if (n <= 0) return;
+    std::vector<int32_t> positions(static_cast<size_t>(n));
+    std::iota(positions.begin(), positions.end(), start);
+    SequenceStep step;
+    step.tokens = tokens_.data() + start;
+    step.positions = positions.data();
+    step.n_tokens = n;
+    step.cache = cache_.get();
+    step.logits = logits_.data();
+
+    std::vector<int32_t> sizes_before = cache_->sizes();
+    try {
+        engine_->forward(&step, 1, &cancel_requested_);
+    } catch (...) {
+        // Leave the session as before the call: no partial appends, input still queued.
+        cache_->truncate(sizes_before);
+        cancel_requested_.store(false);
+        have_logits_ = false;
+        throw;
+    }
+    cache_->set_n_processed(int32_t(tokens_.size()));
+    have_logits_ = true;
+    policy_->after_step(*cache_);
+    publish_memory();
+}
+
+bool Session::is_eos(int32_t token) const {
+    const auto& eos = engine_->config().eos_token_ids;
+    return std::find(eos.begin(), eos.end(), token) != eos.end();
+}
+
+StepResult Session::finish() {
+    done_ = true;
+    text_ = decoder_.flush();
+    return StepResult::Done;
+}
+
+StepResult Session::next() {
+    text_.clear();
+    token_ = -1;
+    if (done_) return StepResult::Done;
+    if (tokens_.empty())
+        fail(PYR_ERR_STATE, "nothing to generate from: feed a prompt first");
+    if (params_.max_tokens > 0 && n_generated_ >= params_.max_tokens) return finish();
+    if (tokens_.size() >= size_t(n_ctx_)) {
+        PYR_LOG_INFO("context full (" + std::to_string(n_ctx_) + " tokens): generation stops");
+        return finish();
+    }
+    prefill();
+    check_cancel();
+    int32_t t = sampler_.sample(logits_.data(), int32_t(logits_.size()), tokens_);
+    tokens_.push_back(t);
+    ++n_generated_;
+    token_ = t;
+    publish_memory();
+    if (is_eos(t)) return finish();
+    text_ = decoder_.push(t);
+    return StepResult::Token;
+}
+
+void Session::reset() {
+    tokens_.clear();
+    n_generated_ = 0;
+    done_ = false;
+    have_logits_ = false;
+    token_ = -1;
+    text_.clear();
+    sampler_.reset();
+    decoder_.reset(-1);
+    cancel_requested_.store(false);
+    cache_ = std::make_unique<KvCache>(engine_->config().n_layer, engine_->new_kv_storage(n_ctx_));
+    publish_memory();
+}
+
+void Session::publish_memory() {
+    MemoryStats m;
+    m.n_tokens = int32_t(tokens_.size());
+    m.kv_bytes = cache_->bytes();
+    m.kv_bytes_full = cache_->bytes_full();
+    for (int il = 0; il < cache_->n_layer(); ++il) {
+        m.layer_tokens.push_back(cache_->size(il));
+        m.layer_bytes.push_back(cache_->bytes(il));
+    }
+    std::lock_guard<std::mutex> lock(memory_mutex_);
+    memory_ = std::move(m);
+}
+
+MemoryStats Session::memory() const {
+    std::lock_guard<std::mutex> lock(memory_mutex_);
+    return memory_;
+}
+
+}  // namespace pyr

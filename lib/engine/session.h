@@ -1,0 +1,90 @@
+// Session: one conversation — token history, pending input, sampler, streaming decoder,
+// KV cache and its policy. One thread at a time, except cancel() and memory().
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+#include "engine/sampler.h"
+#include "kv/kv_cache.h"
+#include "kv/kv_policy.h"
+#include "tokenizer/tokenizer.h"
+
+namespace pyr {
+
+struct SessionParams {
+    int32_t n_ctx = 0;       // 0: the model's max_position_embeddings
+    int32_t max_tokens = 256;
+    SamplingParams sampling;
+    std::string kv_policy = "full";
+};
+
+// A consistent copy of the memory figures, taken after each completed step.
+struct MemoryStats {
+    int32_t n_tokens = 0;
+    uint64_t kv_bytes = 0;
+    uint64_t kv_bytes_full = 0;
+    std::vector<int32_t> layer_tokens;
+    std::vector<uint64_t> layer_bytes;
+};
+
+enum class StepResult { Token, Done };
+
+class Session {
+public:
+    Session(std::shared_ptr<Engine> engine, const SessionParams& params);
+
+    // Queue input; throw PYR_ERR_CONTEXT_FULL / PYR_ERR_INVALID_ARGUMENT leaving it unchanged.
+    void feed_text(const std::string& text);
+    void feed_tokens(const std::vector<int32_t>& tokens);
+
+    // Processes queued input; throws PYR_CANCELLED (state rolled back) or an error.
+    void prefill();
+    // Produces one token (Token) or finishes (Done); see pyr_session_next.
+    StepResult next();
+    void reset();
+    // Callable from any thread.
+    void cancel() { cancel_requested_.store(true); }
+    MemoryStats memory() const;
+
+    int32_t token() const { return token_; }
+    const std::string& text() const { return text_; }
+    const float* logits() const { return have_logits_ ? logits_.data() : nullptr; }
+    int32_t n_vocab() const { return int32_t(logits_.size()); }
+    int32_t n_ctx() const { return n_ctx_; }
+    const std::vector<int32_t>& history() const { return tokens_; }
+
+private:
+    void append_input(const std::vector<int32_t>& tokens);
+    void check_cancel();
+    bool is_eos(int32_t token) const;
+    StepResult finish();
+    void publish_memory();
+
+    std::shared_ptr<Engine> engine_;
+    SessionParams params_;
+    int32_t n_ctx_ = 0;
+    Sampler sampler_;
+    StreamDecoder decoder_;
+    std::unique_ptr<KvPolicy> policy_;
+    std::unique_ptr<KvCache> cache_;
+
+    std::vector<int32_t> tokens_;   // history: fed and generated tokens
+    int32_t n_generated_ = 0;       // since the last feed
+    bool done_ = false;             // finished; stays until more input is fed
+    std::vector<float> logits_;     // (n_vocab) of the last processed token
+    bool have_logits_ = false;
+    int32_t token_ = -1;
+    std::string text_;
+    std::atomic<bool> cancel_requested_{false};
+
+    mutable std::mutex memory_mutex_;
+    MemoryStats memory_;
+};
+
+}  // namespace pyr
