@@ -72,7 +72,7 @@ extern "C" {
 #define PYR_VERSION_PATCH 0
 /* Incremented on every incompatible change of this header (struct layouts, signatures,
  * enum values). Bindings compare it with pyr_abi_version() when they load. */
-#define PYR_ABI_VERSION 1
+#define PYR_ABI_VERSION 2
 
 /* "MAJOR.MINOR.PATCH". Static storage; never free it. Any thread. */
 PYR_API const char* pyr_version_string(void);
@@ -209,7 +209,31 @@ typedef struct pyr_session_params {
     int32_t reserved0;
     uint64_t seed;           /* sampler seed; the same seed gives the same tokens.
                                 PYR_SEED_RANDOM (default) draws one from the clock */
-    const char* kv_policy;   /* KV cache policy: "full" (default). Copied. */
+
+    /* KV cache compression (DESIGN.md section 5). The first prefill of a session (into an
+     * empty cache) is compressed per layer; later tokens are compressed as generation.
+     * Knobs that do not apply to the chosen policy are ignored. */
+    const char* kv_policy;   /* "full" (default), "pyramid" (PyramidInfer), "streaming",
+                                "h2o", "snapkv", "pyramidkv". Copied. */
+    float kv_retention;      /* target mean retention in (0, 1] (kept / uncompressed tokens).
+                                pyramid: solves rho, then gamma, then recent_ratio for it;
+                                peers: their token budget. 0 (default) = unset: pyramid
+                                uses its knobs as given, the peers use 0.5 */
+    float kv_rho;            /* pyramid: the deepest layer's retention floor. Default 0.9 */
+    float kv_gamma;          /* pyramid: exponent of the layer curve. Default 1 */
+    float kv_recent_ratio;   /* pyramid: recent window W = floor(ratio * P) + 1. Default 0.2 */
+    int32_t kv_min_context;  /* pyramid: fewest context tokens a layer keeps. Default 64 */
+    int32_t kv_sinks;        /* pyramid, streaming: first tokens always kept. Default 4 */
+    int32_t kv_gen_e;        /* generation-phase block size E: compress every E new tokens.
+                                Default 16; 0 = no generation-phase compression */
+    int32_t kv_prefill_shrink; /* 1: only kept tokens go on to the next layer in prefill
+                                  (deeper layers compute on fewer tokens); 0: every layer
+                                  computes on all tokens, only caches are pruned.
+                                  -1 (default) = the policy's own: on for pyramid, off else */
+    int32_t kv_obs_window;   /* queries whose attention scores the keys: snapkv/pyramidkv
+                                default 32; pyramid default (-1 or 0) = its W recent rows */
+    int32_t kv_pool;         /* max-pool kernel over the key scores (odd): snapkv/pyramidkv
+                                default 7; pyramid default (-1 or 1) = none */
 } pyr_session_params;
 
 /* Fills `params` with defaults (struct_size set). NULL is a harmless no-op. Any thread. */
@@ -303,6 +327,25 @@ PYR_API uint64_t pyr_session_kv_bytes_full(const pyr_session* session);
 /* Tokens cached and their KV bytes in one layer. */
 PYR_API int32_t pyr_session_layer_tokens(const pyr_session* session, int32_t layer);
 PYR_API uint64_t pyr_session_layer_bytes(const pyr_session* session, int32_t layer);
+
+/* A parameter of the session's KV policy as used: "rho", "gamma", "recent_ratio",
+ * "min_context", "sinks", "gen_e", "window" (W), "prefill_shrink", "obs_window", "pool",
+ * "retention" (the target), "planned_retention" (pyramid's plan), "budget" (peers' tokens
+ * per layer). Values that depend on the prompt length are known after the first prefill.
+ * NaN for an unknown name, a NULL argument, or a value not known yet. Any thread. */
+PYR_API double pyr_session_kv_param(const pyr_session* session, const char* name);
+
+/* Which cache state pyr_session_layer_positions reports. */
+typedef enum pyr_kv_when {
+    PYR_KV_NOW = 0,           /* after the last completed step */
+    PYR_KV_AFTER_PREFILL = 1  /* right after the session's first prefill */
+} pyr_kv_when;
+
+/* Copies the original positions of the tokens cached in `layer` (ascending) into `out`,
+ * at most `capacity` of them, and returns how many there are (call with capacity 0 to
+ * size the buffer). 0 for bad arguments. Any thread. */
+PYR_API int32_t pyr_session_layer_positions(const pyr_session* session, int32_t layer,
+                                            pyr_kv_when when, int32_t* out, int32_t capacity);
 
 /* KV bytes a session with these params would need at its full context (uncompressed),
  * so callers can budget before creating it. params may be NULL for defaults. */

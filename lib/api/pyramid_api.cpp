@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -98,7 +99,17 @@ pyr::SessionParams to_session_params(const pyr_session_params* p) {
     if (p->seed == PYR_SEED_RANDOM)
         s.sampling.seed = std::random_device{}() ^
                           uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
-    s.kv_policy = p->kv_policy ? p->kv_policy : "full";
+    s.kv.policy = p->kv_policy ? p->kv_policy : "full";
+    s.kv.retention = p->kv_retention;
+    s.kv.rho = p->kv_rho;
+    s.kv.gamma = p->kv_gamma;
+    s.kv.recent_ratio = p->kv_recent_ratio;
+    s.kv.min_context = p->kv_min_context;
+    s.kv.sinks = p->kv_sinks;
+    s.kv.gen_e = p->kv_gen_e;
+    s.kv.prefill_shrink = p->kv_prefill_shrink;
+    s.kv.obs_window = p->kv_obs_window;
+    s.kv.pool = p->kv_pool;
     auto bad = [](const std::string& m) { pyr::fail(PYR_ERR_INVALID_ARGUMENT, m); };
     if (!(s.sampling.temperature >= 0.0f)) bad("temperature must be >= 0");
     if (s.sampling.top_k < 0) bad("top_k must be >= 0");
@@ -258,6 +269,17 @@ void pyr_session_params_init(pyr_session_params* p) {
     p->repeat_last_n = d.sampling.repeat_last_n;
     p->seed = PYR_SEED_RANDOM;
     p->kv_policy = "full";
+    pyr::KvParams kv;
+    p->kv_retention = kv.retention;
+    p->kv_rho = kv.rho;
+    p->kv_gamma = kv.gamma;
+    p->kv_recent_ratio = kv.recent_ratio;
+    p->kv_min_context = kv.min_context;
+    p->kv_sinks = kv.sinks;
+    p->kv_gen_e = kv.gen_e;
+    p->kv_prefill_shrink = kv.prefill_shrink;
+    p->kv_obs_window = kv.obs_window;
+    p->kv_pool = kv.pool;
 }
 
 pyr_status pyr_session_create(pyr_engine* engine, const pyr_session_params* params,
@@ -364,6 +386,23 @@ uint64_t pyr_session_layer_bytes(const pyr_session* s, int32_t layer) {
     if (!s) return 0;
     pyr::MemoryStats m = s->session->memory();
     return layer >= 0 && size_t(layer) < m.layer_bytes.size() ? m.layer_bytes[size_t(layer)] : 0;
+}
+
+double pyr_session_kv_param(const pyr_session* s, const char* name) {
+    if (!s || !name) return std::nan("");
+    return s->session->kv_param(name);
+}
+
+int32_t pyr_session_layer_positions(const pyr_session* s, int32_t layer, pyr_kv_when when,
+                                    int32_t* out, int32_t capacity) {
+    if (!s || layer < 0 || capacity < 0 || (capacity > 0 && !out)) return 0;
+    pyr::MemoryStats m = s->session->memory();
+    const auto& all = when == PYR_KV_AFTER_PREFILL ? m.prefill_layer_positions : m.layer_positions;
+    if (size_t(layer) >= all.size()) return 0;
+    const std::vector<int32_t>& pos = all[size_t(layer)];
+    size_t n = std::min(pos.size(), size_t(capacity));
+    std::copy(pos.begin(), pos.begin() + std::ptrdiff_t(n), out);
+    return int32_t(pos.size());
 }
 
 }  // extern "C"

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "kv/kv_cache.h"
+#include "kv/kv_policy.h"
 #include "model/model.h"
 
 namespace pyr {
@@ -19,7 +20,9 @@ struct SequenceStep {
     const int32_t* positions = nullptr;  // absolute positions, one per token
     int32_t n_tokens = 0;
     KvCache* cache = nullptr;
-    float* logits = nullptr;             // out: (n_vocab) logits of the last token
+    KvPolicy* policy = nullptr;          // measures and prunes per layer (kv_policy.h); may be null
+    float* logits = nullptr;             // out: (n_vocab) logits of the last token; null: skip
+                                         // the output head
 };
 
 class Backend {
@@ -31,7 +34,10 @@ public:
     virtual std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) = 0;
 
     // Runs every sequence of the batch through all layers, appending their keys/values
-    // (after RoPE) to each cache and writing the last token's logits. Checks `cancel` at
+    // (after RoPE) to each cache and writing the last token's logits. After each layer's
+    // attention it measures what step.policy->observe(il) asks, calls on_layer and applies
+    // the returned keep set (and, with shrink_prefill, drops the dropped tokens' hidden
+    // states so that deeper layers compute on the kept ones only). Checks `cancel` at
     // every layer boundary and throws pyr::Error(PYR_CANCELLED) when it is set; then the
     // caches may hold partial appends, which the caller rolls back with KvCache::truncate.
     virtual void forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) = 0;

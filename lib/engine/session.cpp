@@ -24,7 +24,7 @@ Session::Session(std::shared_ptr<Engine> engine, const SessionParams& params)
     if (n_ctx_ > cfg.n_ctx_train && cfg.n_ctx_train > 0)
         PYR_LOG_WARN("n_ctx " + std::to_string(n_ctx_) + " exceeds the model's trained " +
                      std::to_string(cfg.n_ctx_train) + " positions; quality may drop");
-    policy_ = make_kv_policy(params.kv_policy);
+    policy_ = make_kv_policy(params.kv, cfg.n_layer);
     logits_.assign(size_t(cfg.n_vocab), 0.0f);
     cache_ = std::make_unique<KvCache>(cfg.n_layer, engine_->new_kv_storage(n_ctx_));
     publish_memory();
@@ -75,21 +75,38 @@ void Session::prefill() {
     step.positions = positions.data();
     step.n_tokens = n;
     step.cache = cache_.get();
+    step.policy = policy_.get();
     step.logits = logits_.data();
 
+    const bool first_prefill = start == 0;
     std::vector<int32_t> sizes_before = cache_->sizes();
     try {
+        {
+            std::lock_guard<std::mutex> lock(memory_mutex_);  // kv_param() reads the policy
+            policy_->begin_step(n, first_prefill);
+        }
         engine_->forward(&step, 1, &cancel_requested_);
     } catch (...) {
-        // Leave the session as before the call: no partial appends, input still queued.
+        // Leave the session as before the call: no partial appends or prunes (a first
+        // prefill starts from an empty cache, so truncating undoes its pruning too), the
+        // policy forgets the step, the input stays queued.
         cache_->truncate(sizes_before);
+        policy_->abort_step();
         cancel_requested_.store(false);
         have_logits_ = false;
         throw;
     }
     cache_->set_n_processed(int32_t(tokens_.size()));
     have_logits_ = true;
-    policy_->after_step(*cache_);
+    {
+        std::lock_guard<std::mutex> lock(memory_mutex_);
+        policy_->after_step(*cache_);
+    }
+    if (first_prefill) {
+        prefill_positions_.clear();
+        for (int il = 0; il < cache_->n_layer(); ++il)
+            prefill_positions_.push_back(cache_->positions(il));
+    }
     publish_memory();
 }
 
@@ -138,6 +155,11 @@ void Session::reset() {
     decoder_.reset(-1);
     cancel_requested_.store(false);
     cache_ = std::make_unique<KvCache>(engine_->config().n_layer, engine_->new_kv_storage(n_ctx_));
+    {
+        std::lock_guard<std::mutex> lock(memory_mutex_);
+        policy_ = make_kv_policy(params_.kv, engine_->config().n_layer);
+    }
+    prefill_positions_.clear();
     publish_memory();
 }
 
@@ -149,9 +171,16 @@ void Session::publish_memory() {
     for (int il = 0; il < cache_->n_layer(); ++il) {
         m.layer_tokens.push_back(cache_->size(il));
         m.layer_bytes.push_back(cache_->bytes(il));
+        m.layer_positions.push_back(cache_->positions(il));
     }
+    m.prefill_layer_positions = prefill_positions_;
     std::lock_guard<std::mutex> lock(memory_mutex_);
     memory_ = std::move(m);
+}
+
+double Session::kv_param(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(memory_mutex_);
+    return policy_->param(name);
 }
 
 MemoryStats Session::memory() const {

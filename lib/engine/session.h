@@ -21,7 +21,7 @@ struct SessionParams {
     int32_t n_ctx = 0;       // 0: the model's max_position_embeddings
     int32_t max_tokens = 256;
     SamplingParams sampling;
-    std::string kv_policy = "full";
+    KvParams kv;
 };
 
 // A consistent copy of the memory figures, taken after each completed step.
@@ -31,6 +31,8 @@ struct MemoryStats {
     uint64_t kv_bytes_full = 0;
     std::vector<int32_t> layer_tokens;
     std::vector<uint64_t> layer_bytes;
+    std::vector<std::vector<int32_t>> layer_positions;          // now, ascending
+    std::vector<std::vector<int32_t>> prefill_layer_positions;  // after the first prefill
 };
 
 enum class StepResult { Token, Done };
@@ -51,6 +53,8 @@ public:
     // Callable from any thread.
     void cancel() { cancel_requested_.store(true); }
     MemoryStats memory() const;
+    // The KV policy's parameter as used (pyr_session_kv_param). Any thread.
+    double kv_param(const std::string& name) const;
 
     int32_t token() const { return token_; }
     const std::string& text() const { return text_; }
@@ -83,8 +87,9 @@ private:
     std::string text_;
     std::atomic<bool> cancel_requested_{false};
 
-    mutable std::mutex memory_mutex_;
+    mutable std::mutex memory_mutex_;  // guards memory_ and policy parameters read by others
     MemoryStats memory_;
+    std::vector<std::vector<int32_t>> prefill_positions_;
 };
 
 }  // namespace pyr

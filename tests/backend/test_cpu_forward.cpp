@@ -140,8 +140,8 @@ TEST_CASE("forward: a batch of two sequences; logits == nullptr skips the head")
     auto c1 = new_cache(backend, 2), c2 = new_cache(backend, 2);
     std::vector<float> l1(50), l2(50);
     pyr::SequenceStep steps[2];
-    steps[0] = {p1.data(), pos.data(), 5, c1.get(), l1.data()};
-    steps[1] = {p2.data(), pos.data(), 3, c2.get(), nullptr};
+    steps[0] = {p1.data(), pos.data(), 5, c1.get(), nullptr, l1.data()};
+    steps[1] = {p2.data(), pos.data(), 3, c2.get(), nullptr, nullptr};
     backend.forward(steps, 2, nullptr);
     check_logits(l1, ref_forward(m, p1).back(), 1e-4);
     CHECK(c2->size(1) == 3);

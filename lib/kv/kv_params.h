@@ -1,0 +1,23 @@
+// The KV compression knobs of a session (pyr_session_params.kv_*), before any solving.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pyr {
+
+struct KvParams {
+    std::string policy = "full";  // full | pyramid | streaming | h2o | snapkv | pyramidkv
+    float retention = 0.0f;       // target mean retention; 0 = unset
+    float rho = 0.9f;
+    float gamma = 1.0f;
+    float recent_ratio = 0.2f;
+    int32_t min_context = 64;
+    int32_t sinks = 4;
+    int32_t gen_e = 16;           // 0 = no generation-phase compression
+    int32_t prefill_shrink = -1;  // -1 = the policy's default
+    int32_t obs_window = -1;      // -1 = the policy's default
+    int32_t pool = -1;            // -1 = the policy's default
+};
+
+}  // namespace pyr
