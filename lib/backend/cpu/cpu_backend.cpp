@@ -178,11 +178,13 @@ void CpuBackend::forward(SequenceStep* batch, int n_seq, const std::atomic<bool>
 // ---- the forward pass -----------------------------------------------------------------
 
 // One sequence through the model (HF LlamaForCausalLM): its new keys/values join the cache
-// and the last token's logits are written.
+// and the last token's logits are written. With a KV policy, each layer's attention is
+// observed and the policy may prune that layer's cache -- and, when it shrinks the prefill,
+// drop the pruned tokens from the sequence so that deeper layers compute on fewer tokens.
 void CpuBackend::forward_sequence(const SequenceStep& step, const std::atomic<bool>* cancel) {
     const ModelConfig& c = config_;
     const ModelWeights& w = weights_;
-    const int32_t n = step.n_tokens;
+    int32_t n = step.n_tokens;  // tokens still in flight (fewer after a shrinking layer)
     const int hd = c.head_dim;
     const int64_t n_embd = c.n_embd;
     KvCache& cache = *step.cache;
@@ -197,6 +199,7 @@ void CpuBackend::forward_sequence(const SequenceStep& step, const std::atomic<bo
     float* att = s_.att.data();  // (n, n_head * hd)
     float* gate = s_.gate.data();  // (n, n_ff)
     float* up = s_.up.data();      // (n, n_ff)
+    s_.pos.assign(step.positions, step.positions + n);
 
     // RoPE tables at the tokens' positions: cos, sin (n, hd/2). Dynamic scaling sees the
     // sequence length of this call (its largest position + 1), as HF does.
@@ -215,11 +218,12 @@ void CpuBackend::forward_sequence(const SequenceStep& step, const std::atomic<bo
         cpu::rope_apply(q, n, c.n_head, hd, s_.cos.data(), s_.sin.data());
         cpu::rope_apply(k, n, c.n_head_kv, hd, s_.cos.data(), s_.sin.data());
         PYR_ASSERT(kv.size(il) == cache.size(il));
+        const int32_t first_new = cache.size(il);  // cache slot of this step's first token
         kv.append(il, k, v, n);
-        cache.appended(il, step.positions, n);
+        cache.appended(il, s_.pos.data(), n);
         cpu::AttentionArgs args;
         args.q = q;
-        args.q_pos = step.positions;
+        args.q_pos = s_.pos.data();
         args.n_q = n;
         args.k = kv.keys(il);
         args.v = kv.values(il);
@@ -229,9 +233,21 @@ void CpuBackend::forward_sequence(const SequenceStep& step, const std::atomic<bo
         args.n_head_kv = c.n_head_kv;
         args.head_dim = hd;
         args.out = att;
+        const ObservationRequest req = step.policy ? step.policy->observe(il) : ObservationRequest{};
+        const int32_t n_rows = std::min(req.last_rows, n);
+        prepare_observation(req, n, args);
         cpu::attention(pool_, args);
         cpu::matmul(pool_, att, n, {{&L.wo, &L.bo, tmp}});
         cpu::add(x, tmp, n * n_embd);
+
+        // the policy's keep/drop decision for this layer (lib/kv/)
+        if (step.policy) {
+            const Observation obs = finish_observation(req, n_rows, args.n_kv);
+            if (auto keep = step.policy->on_layer(il, obs, cache)) {
+                cache.retain(il, *keep);
+                if (step.policy->shrink_prefill()) n = shrink_rows(*keep, first_new, n);
+            }
+        }
 
         // MLP block: x += down(silu(gate(xn)) * up(xn))
         cpu::rmsnorm(x, n, L.ffn_norm, c.rms_norm_eps, xn);
@@ -245,6 +261,72 @@ void CpuBackend::forward_sequence(const SequenceStep& step, const std::atomic<bo
     // output head on the last token only: logits (n_vocab)
     cpu::rmsnorm(x + (n - 1) * n_embd, 1, w.output_norm, c.rms_norm_eps, xn);
     cpu::matmul(pool_, xn, 1, {{&w.output, nullptr, step.logits}});
+}
+
+// Points the attention's optional outputs at scratch for what the policy asked.
+void CpuBackend::prepare_observation(const ObservationRequest& req, int32_t n,
+                                     cpu::AttentionArgs& args) {
+    const size_t heads = size_t(config_.n_head), n_kv = size_t(args.n_kv);
+    const int32_t n_rows = std::min(req.last_rows, n);
+    if (n_rows > 0) {
+        s_.probs.resize(size_t(n_rows) * heads * n_kv);
+        args.probs = s_.probs.data();
+        args.probs_from = n - n_rows;
+    }
+    if (req.column_sums) {
+        s_.col_sums.assign(heads * n_kv, 0.0f);
+        args.col_sums = s_.col_sums.data();
+    }
+}
+
+// Averages the per-head observations over the query heads.
+Observation CpuBackend::finish_observation(const ObservationRequest& req, int32_t n_rows,
+                                           int32_t n_kv) {
+    const int heads = config_.n_head;
+    const float inv = 1.0f / float(heads);
+    Observation obs;
+    obs.n_keys = n_kv;
+    if (n_rows > 0) {
+        s_.obs_rows.assign(size_t(n_rows) * size_t(n_kv), 0.0f);
+        for (int32_t r = 0; r < n_rows; ++r)
+            for (int h = 0; h < heads; ++h) {
+                const float* p = s_.probs.data() + (int64_t(r) * heads + h) * n_kv;
+                float* row = s_.obs_rows.data() + int64_t(r) * n_kv;
+                for (int32_t j = 0; j < n_kv; ++j) row[j] += p[j] * inv;
+            }
+        obs.n_rows = n_rows;
+        obs.rows = s_.obs_rows.data();
+    }
+    if (req.column_sums) {
+        s_.obs_sums.assign(size_t(n_kv), 0.0f);
+        for (int h = 0; h < heads; ++h)
+            for (int32_t j = 0; j < n_kv; ++j)
+                s_.obs_sums[size_t(j)] += s_.col_sums[size_t(h) * size_t(n_kv) + size_t(j)] * inv;
+        obs.column_sums = s_.obs_sums.data();
+    }
+    return obs;
+}
+
+// After the layer kept cache slots `keep`, only the kept ones among this step's tokens
+// (slots first_new..first_new+n-1) go on: compacts their residual rows, positions and RoPE
+// tables in order. Returns the new token count.
+int32_t CpuBackend::shrink_rows(const std::vector<int32_t>& keep, int32_t first_new, int32_t n) {
+    const size_t n_embd = size_t(config_.n_embd), half = size_t(config_.head_dim / 2);
+    int32_t out = 0;
+    for (int32_t slot : keep) {
+        const int32_t row = slot - first_new;
+        if (row < 0) continue;
+        if (row != out) {  // row > out: moving rows forward is safe
+            std::copy_n(&s_.x[size_t(row) * n_embd], n_embd, &s_.x[size_t(out) * n_embd]);
+            std::copy_n(&s_.cos[size_t(row) * half], half, &s_.cos[size_t(out) * half]);
+            std::copy_n(&s_.sin[size_t(row) * half], half, &s_.sin[size_t(out) * half]);
+            s_.pos[size_t(out)] = s_.pos[size_t(row)];
+        }
+        ++out;
+    }
+    // The last token must stay: its logits are the step's output.
+    PYR_ASSERT(out > 0 && keep.back() == first_new + n - 1);
+    return out;
 }
 
 // ---- factory --------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/cpu_ops.h"
 #include "common/thread_pool.h"
 
 namespace pyr {
@@ -55,10 +56,16 @@ public:
 private:
     struct Scratch {
         std::vector<float> x, xn, q, k, v, att, tmp, gate, up, cos, sin;
+        std::vector<int32_t> pos;               // (n) positions of the tokens still in flight
+        std::vector<float> probs, col_sums;     // per-head observations for the KV policy
+        std::vector<float> obs_rows, obs_sums;  // the same averaged over heads
     };
     void check_step(const SequenceStep& step) const;
     void resize_scratch(int32_t n_tokens);
     void forward_sequence(const SequenceStep& step, const std::atomic<bool>* cancel);
+    void prepare_observation(const ObservationRequest& req, int32_t n, cpu::AttentionArgs& args);
+    Observation finish_observation(const ObservationRequest& req, int32_t n_rows, int32_t n_kv);
+    int32_t shrink_rows(const std::vector<int32_t>& keep, int32_t first_new, int32_t n);
 
     std::shared_ptr<const void> owner_;
     ModelConfig config_;

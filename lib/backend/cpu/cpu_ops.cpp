@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "common/error.h"
@@ -338,7 +339,8 @@ void embed(const Tensor& table, const int32_t* tokens, int32_t n_tok, float* out
 
 namespace {
 
-// One (query t, head h): out = softmax(masked scores) v. scores: n_kv floats of scratch.
+// One (query t, head h): out = softmax(masked scores) v. scores: n_kv floats of scratch,
+// left holding the probabilities (0 where masked).
 void attend_one(const Kernels& kr, const AttentionArgs& a, int32_t t, int h, float* scores) {
     const int hd = a.head_dim;
     const int64_t kv_stride = int64_t(a.n_head_kv) * hd;
@@ -357,16 +359,20 @@ void attend_one(const Kernels& kr, const AttentionArgs& a, int32_t t, int h, flo
         any = true;
     }
     for (int d = 0; d < hd; ++d) out[d] = 0.0f;
-    if (!any) return;
     float sum = 0.0f;
     for (int32_t j = 0; j < a.n_kv; ++j) {
-        if (a.kv_pos[j] > q_pos) continue;
+        if (a.kv_pos[j] > q_pos) {
+            scores[j] = 0.0f;
+            continue;
+        }
         scores[j] = std::exp(scores[j] - max_s);
         sum += scores[j];
     }
+    if (!any) return;
     for (int32_t j = 0; j < a.n_kv; ++j) {
         if (a.kv_pos[j] > q_pos) continue;
-        const float p = scores[j] / sum;
+        scores[j] /= sum;
+        const float p = scores[j];
         const float* v = a.v + j * kv_stride + kv_off;
         for (int d = 0; d < hd; ++d) out[d] += p * v[d];
     }
@@ -377,12 +383,28 @@ void attend_one(const Kernels& kr, const AttentionArgs& a, int32_t t, int h, flo
 void attention(ThreadPool& pool, const AttentionArgs& a) {
     PYR_ASSERT(a.n_head > 0 && a.n_head_kv > 0 && a.n_head % a.n_head_kv == 0);
     PYR_ASSERT(a.head_dim > 0 && a.n_q >= 0 && a.n_kv >= 0);
+    PYR_ASSERT(a.probs_from >= 0);
     const Kernels& kr = kernels();
+    std::mutex sums_mutex;
     pool.parallel_for(int64_t(a.n_q) * a.n_head, [&](int64_t i0, int64_t i1) {
         static thread_local std::vector<float> scores;  // (n_kv)
+        static thread_local std::vector<float> sums;    // (n_head, n_kv) this chunk's col_sums
         if (scores.size() < size_t(a.n_kv)) scores.resize(size_t(a.n_kv));
-        for (int64_t i = i0; i < i1; ++i)
-            attend_one(kr, a, int32_t(i / a.n_head), int(i % a.n_head), scores.data());
+        if (a.col_sums) sums.assign(size_t(a.n_head) * size_t(a.n_kv), 0.0f);
+        for (int64_t i = i0; i < i1; ++i) {
+            const int32_t t = int32_t(i / a.n_head);
+            const int h = int(i % a.n_head);
+            attend_one(kr, a, t, h, scores.data());
+            if (a.probs && t >= a.probs_from)
+                std::copy_n(scores.data(), a.n_kv,
+                            a.probs + ((int64_t(t) - a.probs_from) * a.n_head + h) * a.n_kv);
+            if (a.col_sums)
+                for (int32_t j = 0; j < a.n_kv; ++j) sums[size_t(h) * size_t(a.n_kv) + size_t(j)] += scores[size_t(j)];
+        }
+        if (a.col_sums) {
+            std::lock_guard<std::mutex> lock(sums_mutex);
+            for (size_t j = 0; j < sums.size(); ++j) a.col_sums[j] += sums[j];
+        }
     });
 }
 

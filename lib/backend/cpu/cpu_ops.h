@@ -49,6 +49,10 @@ struct AttentionArgs {
     int n_head_kv = 0;
     int head_dim = 0;
     float* out = nullptr;             // (n_q, n_head, head_dim); zeros where nothing is visible
+    // Optional observations for KV policies (null = not wanted):
+    float* probs = nullptr;           // (n_q - probs_from, n_head, n_kv): the softmax
+    int32_t probs_from = 0;           //   probabilities of queries t >= probs_from; 0 if masked
+    float* col_sums = nullptr;        // (n_head, n_kv) += probabilities summed over all queries
 };
 // out = softmax(q k^T / sqrt(head_dim), masked) v, softmax in fp32 with max subtraction.
 void attention(ThreadPool& pool, const AttentionArgs& args);

@@ -1,0 +1,44 @@
+// Building blocks of the keep/drop decisions: scoring keys from attention rows, pooling,
+// stable top-k, and the rolling window of recent attention rows a layer keeps.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <vector>
+
+namespace pyr {
+
+// Scores of keys [key_begin, key_end) from `rows` (n_rows, n_keys), oldest row first:
+// s_j = (1/n_rows) * sum_i w_i * rows[i][j]; with `weighted`, w_i = 1 + 0.2 * i / (n_rows - 1)
+// (PyramidInfer's linspace 1.0 -> 1.2), else w_i = 1.
+std::vector<double> window_scores(const float* rows, int32_t n_rows, int32_t n_keys,
+                                  int32_t key_begin, int32_t key_end, bool weighted);
+
+// Max-pool over neighbouring scores (kernel odd, stride 1, window clipped at the ends), as
+// SnapKV smooths its votes so that whole phrases survive. kernel <= 1 leaves them.
+std::vector<double> max_pool(const std::vector<double>& scores, int32_t kernel);
+
+// Indices of the k best scores, in ascending index order. Ties go to the earlier index.
+std::vector<int32_t> top_k_in_order(const std::vector<double>& scores, int32_t k);
+
+// The attention rows of a layer's most recent queries, over its cache slots: what
+// generation-phase compression scores with. New keys get column 0 in older rows.
+class RecentRows {
+public:
+    explicit RecentRows(int32_t capacity = 0) : capacity_(capacity) {}
+    int32_t capacity() const { return capacity_; }
+    int32_t size() const { return int32_t(rows_.size()); }
+    // Adds rows (n_rows, n_keys) over the current n_keys slots, dropping the oldest beyond
+    // capacity.
+    void push(const float* rows, int32_t n_rows, int32_t n_keys);
+    // The layer kept only slots `keep` (ascending): drop the other columns.
+    void retain(const std::vector<int32_t>& keep);
+    // The rows as one (size, n_keys) matrix, oldest first, padded with 0 to n_keys.
+    std::vector<float> matrix(int32_t n_keys) const;
+
+private:
+    int32_t capacity_;
+    std::deque<std::vector<float>> rows_;
+};
+
+}  // namespace pyr

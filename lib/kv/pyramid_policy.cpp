@@ -1,0 +1,69 @@
+// PyramidInfer (DESIGN.md section 5): deeper layers keep fewer context tokens, chosen by the
+// weighted attention of the W most recent prompt tokens; the prefill sequence shrinks with
+// them; generation compresses every E new tokens by the layer's ratio g_l.
+#include <cmath>
+
+#include "kv/policies.h"
+#include "kv/pyramid_plan.h"
+#include "kv/window_policy.h"
+
+namespace pyr {
+
+namespace {
+
+class PyramidPolicy final : public WindowPolicy {
+public:
+    PyramidPolicy(const KvParams& p, int n_layer) : WindowPolicy(p, n_layer) {
+        shrink_ = p.prefill_shrink != 0;  // on unless switched off
+        weighted_ = true;
+        pool_ = p.pool > 1 ? p.pool : 1;
+        sinks_ = p.sinks;
+    }
+    const char* name() const override { return "pyramid"; }
+
+    double param(const std::string& name) const override {
+        const PyramidKnobs& k = plan_.knobs;
+        if (name == "rho") return planned_ ? k.rho : params_.rho;
+        if (name == "gamma") return planned_ ? k.gamma : params_.gamma;
+        if (name == "recent_ratio") return planned_ ? k.recent_ratio : params_.recent_ratio;
+        if (name == "min_context") return params_.min_context;
+        if (planned_ && name == "window") return plan_.window;
+        if (planned_ && name == "planned_retention") return plan_.retention;
+        return WindowPolicy::param(name);
+    }
+
+protected:
+    void plan(int32_t n_prompt) override {
+        PyramidKnobs knobs;
+        knobs.rho = params_.rho;
+        knobs.gamma = params_.gamma;
+        knobs.recent_ratio = params_.recent_ratio;
+        knobs.min_context = params_.min_context;
+        plan_ = params_.retention > 0.0f
+                    ? solve_pyramid_plan(params_.retention, n_prompt, n_layer_, knobs)
+                    : make_pyramid_plan(n_prompt, n_layer_, knobs);
+    }
+    int32_t recent(int) const override { return plan_.window; }
+    // The paper scores with all W recent rows; kv_obs_window > 0 scores with fewer.
+    int32_t score_rows() const override {
+        return params_.obs_window > 0 ? std::min(params_.obs_window, plan_.window) : plan_.window;
+    }
+    int32_t keep_context(int il, int32_t ctx) const override {
+        return std::min(plan_.context[size_t(il)], ctx);
+    }
+    int32_t block_keep(int il) const override {
+        const double g = pyramid_generation_ratio(il, n_layer_);
+        return std::max(int32_t(std::floor(params_.gen_e * 0.9 * g)), 1);
+    }
+
+private:
+    PyramidPlan plan_;
+};
+
+}  // namespace
+
+std::unique_ptr<KvPolicy> make_pyramid_policy(const KvParams& params, int n_layer) {
+    return std::make_unique<PyramidPolicy>(params, n_layer);
+}
+
+}  // namespace pyr

@@ -1,0 +1,72 @@
+// SnapKV and PyramidKV: keys scored by the attention of the last obs_window queries (32),
+// max-pooled (kernel 7) so that neighbourhoods survive; SnapKV gives every layer the same
+// budget, PyramidKV a budget linear over layers from 1.5x to 0.5x the mean. Both compute the
+// full prefill and prune per layer (prefill_shrink off) unless asked to shrink. In generation
+// they compress each block of E tokens to the same ratio, so the retention holds.
+#include <algorithm>
+#include <cmath>
+
+#include "kv/policies.h"
+#include "kv/window_policy.h"
+
+namespace pyr {
+
+namespace {
+
+class SnapKvPolicy final : public WindowPolicy {
+public:
+    SnapKvPolicy(const KvParams& p, int n_layer, bool pyramidkv)
+        : WindowPolicy(p, n_layer), pyramidkv_(pyramidkv) {
+        shrink_ = p.prefill_shrink == 1;
+        pool_ = p.pool >= 0 ? std::max(p.pool, 1) : 7;
+        window_ = p.obs_window > 0 ? p.obs_window : 32;
+    }
+    const char* name() const override { return pyramidkv_ ? "pyramidkv" : "snapkv"; }
+
+    double param(const std::string& name) const override {
+        if (name == "retention") return retention();
+        if (planned_ && name == "budget") return budget_;
+        return WindowPolicy::param(name);
+    }
+
+protected:
+    void plan(int32_t n_prompt) override {
+        n_prompt_ = n_prompt;
+        budget_ = peer_budget(params_.retention, n_prompt, 1);
+    }
+    int32_t recent(int il) const override { return std::min(window_, layer_budget(il)); }
+    int32_t score_rows() const override { return window_; }
+    int32_t keep_context(int il, int32_t) const override {
+        return layer_budget(il) - recent(il);
+    }
+    int32_t block_keep(int il) const override {
+        double ratio = n_prompt_ > 0 ? double(layer_budget(il)) / n_prompt_ : 1.0;
+        return std::max(int32_t(std::lround(params_.gen_e * ratio)), 1);
+    }
+
+private:
+    double retention() const { return params_.retention > 0.0f ? params_.retention : 0.5; }
+    int32_t layer_budget(int il) const {
+        if (!pyramidkv_ || n_layer_ == 1) return budget_;
+        const double scale = 1.5 - double(il) / (n_layer_ - 1);  // 1.5x .. 0.5x
+        return std::clamp(int32_t(std::lround(budget_ * scale)), 1, n_prompt_);
+    }
+
+    bool pyramidkv_;
+    int32_t window_ = 32;
+    int32_t n_prompt_ = 0;
+    int32_t budget_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<KvPolicy> make_snapkv_policy(const KvParams& params, int n_layer, bool pyramidkv) {
+    return std::make_unique<SnapKvPolicy>(params, n_layer, pyramidkv);
+}
+
+int32_t peer_budget(float retention, int32_t n_prompt, int32_t floor) {
+    const double t = retention > 0.0f ? retention : 0.5;
+    return std::clamp(int32_t(std::lround(t * n_prompt)), std::min(floor, n_prompt), n_prompt);
+}
+
+}  // namespace pyr
