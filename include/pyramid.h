@@ -217,8 +217,9 @@ typedef struct pyr_session_params {
                                 "h2o", "snapkv", "pyramidkv". Copied. */
     float kv_retention;      /* target mean retention in (0, 1] (kept / uncompressed tokens).
                                 pyramid: solves rho, then gamma, then recent_ratio for it;
-                                peers: their token budget. 0 (default) = unset: pyramid
-                                uses its knobs as given, the peers use 0.5 */
+                                peers: their token budget. 1 keeps everything (generation
+                                too). 0 (default) = unset: pyramid uses its knobs as given,
+                                the peers use 0.5 */
     float kv_rho;            /* pyramid: the deepest layer's retention floor. Default 0.9 */
     float kv_gamma;          /* pyramid: exponent of the layer curve. Default 1 */
     float kv_recent_ratio;   /* pyramid: recent window W = floor(ratio * P) + 1. Default 0.2 */

@@ -36,7 +36,7 @@ public:
         staged_[size_t(il)].assign(obs.column_sums, obs.column_sums + obs.n_keys);
         if (!first_prefill_) return std::nullopt;
         add_staged(il);
-        if (cache.size(il) <= budget_) return std::nullopt;
+        if (lossless() || cache.size(il) <= budget_) return std::nullopt;
         std::vector<int32_t> keep = heavy_and_recent(il, cache.size(il));
         retain_scores(il, keep);
         return keep;
@@ -46,7 +46,7 @@ public:
         if (budget_ == 0) return;
         for (int il = 0; il < n_layer_; ++il) {
             if (!first_prefill_) add_staged(il);
-            if (cache.size(il) <= budget_) continue;
+            if (lossless() || cache.size(il) <= budget_) continue;
             std::vector<int32_t> keep = heavy_and_recent(il, cache.size(il));
             retain_scores(il, keep);
             cache.retain(il, keep);
@@ -66,6 +66,8 @@ public:
     }
 
 private:
+    // Retention 1 keeps everything, in generation too.
+    bool lossless() const { return params_.retention >= 1.0f; }
     // Adds the step's column sums to the layer's accumulated scores (new keys start at 0).
     void add_staged(int il) {
         auto& acc = acc_[size_t(il)];

@@ -53,7 +53,7 @@ protected:
     }
     int32_t block_keep(int il) const override {
         const double g = pyramid_generation_ratio(il, n_layer_);
-        return std::max(int32_t(std::floor(params_.gen_e * 0.9 * g)), 1);
+        return std::max(int32_t(std::floor(gen_e() * 0.9 * g)), 1);
     }
 
 private:

@@ -41,7 +41,7 @@ protected:
     }
     int32_t block_keep(int il) const override {
         double ratio = n_prompt_ > 0 ? double(layer_budget(il)) / n_prompt_ : 1.0;
-        return std::max(int32_t(std::lround(params_.gen_e * ratio)), 1);
+        return std::max(int32_t(std::lround(gen_e() * ratio)), 1);
     }
 
 private:

@@ -19,12 +19,12 @@ public:
     }
     std::optional<std::vector<int32_t>> on_layer(int il, const Observation&,
                                                  const KvCache& cache) override {
-        if (!first_prefill_ || cache.size(il) <= budget_) return std::nullopt;
+        if (!first_prefill_ || lossless() || cache.size(il) <= budget_) return std::nullopt;
         return sinks_and_recent(cache.size(il));
     }
     bool shrink_prefill() const override { return params_.prefill_shrink == 1; }
     void after_step(KvCache& cache) override {
-        if (budget_ == 0) return;
+        if (budget_ == 0 || lossless()) return;
         for (int il = 0; il < n_layer_; ++il)
             if (cache.size(il) > budget_) cache.retain(il, sinks_and_recent(cache.size(il)));
         first_prefill_ = false;
@@ -42,6 +42,8 @@ public:
     }
 
 private:
+    // Retention 1 keeps everything, in generation too.
+    bool lossless() const { return params_.retention >= 1.0f; }
     std::vector<int32_t> sinks_and_recent(int32_t n) const {
         const int32_t sinks = std::min(params_.sinks, budget_);
         std::vector<int32_t> keep;

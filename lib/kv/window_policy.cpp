@@ -88,7 +88,7 @@ void WindowPolicy::after_step(KvCache& cache) {
 // Generation: cache = [compressed | pending | recent]; every E pending tokens, keep the
 // block_keep best of the oldest E (scored by the recent rows) and count them compressed.
 void WindowPolicy::compress_blocks(int il, KvCache& cache) {
-    const int32_t e = params_.gen_e;
+    const int32_t e = gen_e();
     Layer& layer = layers_[size_t(il)];
     while (e > 0) {
         const int32_t len = cache.size(il);
@@ -118,7 +118,7 @@ void WindowPolicy::abort_step() {
 
 double WindowPolicy::param(const std::string& name) const {
     if (name == "retention") return params_.retention;
-    if (name == "gen_e") return params_.gen_e;
+    if (name == "gen_e") return gen_e();
     if (name == "prefill_shrink") return shrink_ ? 1 : 0;
     if (name == "pool") return pool_;
     if (name == "sinks") return sinks_;

@@ -43,6 +43,9 @@ protected:
     int32_t sinks_ = 0;      // first tokens that always stay (+infinity scores)
     bool planned_ = false;
 
+    // The generation block size; retention 1 keeps everything, in generation too.
+    int32_t gen_e() const { return params_.retention >= 1.0f ? 0 : params_.gen_e; }
+
 private:
     std::vector<int32_t> select_prefill(int il, const Observation& obs);
     void compress_blocks(int il, KvCache& cache);

@@ -1,0 +1,236 @@
+// KV policies through a session: budgets kept exactly, recent windows never dropped,
+// generation-phase compression, knob validation, and cancel during a shrinking prefill.
+// (The slow, independent implementation of PyramidInfer lives in tests/kv/.)
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "common/error.h"
+#include "engine/engine.h"
+#include "engine/session.h"
+#include "kv/kv_select.h"
+
+namespace {
+
+const std::string kGqa = std::string(PYR_TEST_DATA_DIR) + "/fixtures/gqa_f16";  // 3 layers
+
+std::shared_ptr<pyr::Engine> engine_for(const std::string& dir) {
+    pyr::EngineParams ep;
+    ep.device = "cpu";
+    return pyr::Engine::open(dir, ep);
+}
+
+std::vector<int32_t> random_prompt(int32_t n, int32_t vocab, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::vector<int32_t> ids{1};
+    while (int32_t(ids.size()) < n) ids.push_back(3 + int32_t(rng() % uint32_t(vocab - 3)));
+    return ids;
+}
+
+std::unique_ptr<pyr::Session> session_with(std::shared_ptr<pyr::Engine> engine, pyr::KvParams kv,
+                                           int max_tokens = 0) {
+    pyr::SessionParams sp;
+    sp.sampling.temperature = 0.0f;
+    sp.max_tokens = max_tokens;
+    sp.kv = std::move(kv);
+    return std::make_unique<pyr::Session>(std::move(engine), sp);
+}
+
+pyr::KvParams policy(const std::string& name, float retention) {
+    pyr::KvParams kv;
+    kv.policy = name;
+    kv.retention = retention;
+    return kv;
+}
+
+bool contains_all(const std::vector<int32_t>& positions, int32_t from, int32_t to) {
+    std::set<int32_t> s(positions.begin(), positions.end());
+    for (int32_t p = from; p < to; ++p)
+        if (!s.count(p)) return false;
+    return true;
+}
+
+// Teacher-forces n random tokens through the decode path, one per step.
+void decode(pyr::Session& s, int n, int32_t vocab) {
+    const auto tokens = random_prompt(n + 1, vocab, 99);
+    for (int i = 1; i <= n; ++i) {
+        s.feed_tokens({tokens[size_t(i)]});
+        s.prefill();
+    }
+}
+
+}  // namespace
+
+TEST_CASE("selection helpers") {
+    CHECK(pyr::top_k_in_order({0.5, 0.9, 0.5, 0.1, 0.9}, 3) == std::vector<int32_t>{0, 1, 4});
+    CHECK(pyr::top_k_in_order({1.0, 1.0, 1.0}, 2) == std::vector<int32_t>{0, 1});  // ties: earlier
+    CHECK(pyr::max_pool({0, 5, 0, 0, 0, 1}, 3) == std::vector<double>{5, 5, 5, 0, 1, 1});
+    CHECK(pyr::max_pool({0, 5, 0}, 1) == std::vector<double>{0, 5, 0});
+    // Rows oldest first weigh 1.0, 1.1, 1.2; s_j = (1/3) sum_i w_i rows[i][j].
+    const float rows[] = {1, 0, 0, 1, 0, 0, 1, 1, 0};
+    auto s = pyr::window_scores(rows, 3, 3, 0, 3, /*weighted=*/true);
+    CHECK(s[0] == doctest::Approx((1.0 + 1.1 + 1.2) / 3));
+    CHECK(s[1] == doctest::Approx(1.2 / 3));
+    CHECK(s[2] == doctest::Approx(0.0));
+    pyr::RecentRows recent(2);
+    const float r1[] = {0.5f, 0.5f}, r2[] = {0.2f, 0.3f, 0.5f}, r3[] = {0.1f, 0.1f, 0.1f, 0.7f};
+    recent.push(r1, 1, 2);
+    recent.push(r2, 1, 3);
+    CHECK(recent.matrix(3) == std::vector<float>{0.5f, 0.5f, 0.0f, 0.2f, 0.3f, 0.5f});
+    recent.push(r3, 1, 4);  // capacity 2: the oldest row leaves
+    recent.retain({0, 3});
+    CHECK(recent.matrix(2) == std::vector<float>{0.2f, 0.0f, 0.1f, 0.7f});
+}
+
+TEST_CASE("peers keep exactly their budget after prefill and through generation") {
+    auto engine = engine_for(kGqa);
+    const int32_t P = 200, budget = 100, n_layer = engine->config().n_layer;
+    const auto prompt = random_prompt(P, 396, 7);
+    for (const char* name : {"streaming", "h2o", "snapkv", "pyramidkv"}) {
+        CAPTURE(name);
+        pyr::KvParams kv = policy(name, 0.5f);
+        kv.gen_e = 8;
+        auto s = session_with(engine, kv);
+        s->feed_tokens(prompt);
+        s->prefill();
+        CHECK(s->kv_param("budget") == budget);
+        auto m = s->memory();
+        int64_t total = 0;
+        for (int il = 0; il < n_layer; ++il) {
+            const auto& pos = m.prefill_layer_positions[size_t(il)];
+            total += int64_t(pos.size());
+            CHECK(std::is_sorted(pos.begin(), pos.end()));
+            if (std::string(name) == "pyramidkv") {  // 1.5x .. 0.5x the mean, linearly
+                CHECK(int32_t(pos.size()) == int32_t(std::lround(budget * (1.5 - il / 2.0))));
+            } else {
+                CHECK(int32_t(pos.size()) == budget);
+            }
+        }
+        CHECK(total == int64_t(budget) * n_layer);
+        if (std::string(name) == "streaming") {
+            const auto& pos = m.prefill_layer_positions[0];
+            CHECK(contains_all(pos, 0, 4));
+            CHECK(contains_all(pos, P - (budget - 4), P));
+        }
+        if (std::string(name) == "h2o") CHECK(contains_all(m.prefill_layer_positions[1], P - 50, P));
+        if (std::string(name) == "snapkv") CHECK(contains_all(m.prefill_layer_positions[2], P - 32, P));
+
+        decode(*s, 40, 396);
+        m = s->memory();
+        const int32_t last = P + 40;
+        for (int il = 0; il < n_layer; ++il) {
+            const auto& pos = m.layer_positions[size_t(il)];
+            CAPTURE(il);
+            if (std::string(name) == "streaming" || std::string(name) == "h2o") {
+                CHECK(int32_t(pos.size()) == budget);  // a fixed budget
+                CHECK(pos.back() == last - 1);
+            } else {
+                CHECK(contains_all(pos, last - 32, last));  // the window is never compressed
+            }
+        }
+    }
+}
+
+TEST_CASE("pyramid: generation compresses every E tokens and never touches the window") {
+    auto engine = engine_for(kGqa);
+    pyr::KvParams kv = policy("pyramid", 0.5f);
+    kv.gen_e = 4;
+    kv.min_context = 8;
+    auto s = session_with(engine, kv);
+    const int32_t P = 120;
+    s->feed_tokens(random_prompt(P, 396, 11));
+    s->prefill();
+    const int32_t W = int32_t(s->kv_param("window"));
+    CHECK(W == int32_t(std::floor(s->kv_param("recent_ratio") * P)) + 1);
+    const auto after_prefill = s->memory().layer_tokens;  // C_l + W per layer
+    const int n_layer = engine->config().n_layer;
+    const auto tokens = random_prompt(21, 396, 12);
+    for (int step = 1; step <= 20; ++step) {
+        s->feed_tokens({tokens[size_t(step)]});
+        s->prefill();
+        const auto m = s->memory();
+        const int32_t processed = P + step, generated = step;
+        for (int il = 0; il < n_layer; ++il) {
+            CAPTURE(step);
+            CAPTURE(il);
+            const auto& pos = m.layer_positions[size_t(il)];
+            // cache = [compressed | pending | last W]: once E tokens are pending, the block
+            // shrinks to k = max(floor(E * 0.9 * g_l), 1) at once.
+            const double g = 0.9 * (std::cos(3.14159265358979 * il / n_layer) + 1) / 2 + 0.1;
+            const int32_t k = std::max(int32_t(std::floor(kv.gen_e * 0.9 * g)), 1);
+            const int32_t blocks = generated / kv.gen_e;
+            CHECK(int32_t(pos.size()) == after_prefill[size_t(il)] + generated - blocks * (kv.gen_e - k));
+            CHECK(contains_all(pos, processed - W, processed));
+        }
+    }
+}
+
+TEST_CASE("pyramid at retention 1 reproduces full token for token") {
+    auto engine = engine_for(PYR_TEST_MODEL_DIR);
+    auto full = session_with(engine, policy("full", 0.0f), 24);
+    auto pyramid = session_with(engine, policy("pyramid", 1.0f), 24);
+    for (auto* s : {full.get(), pyramid.get()}) s->feed_text("def fibonacci(n):");
+    std::vector<int32_t> a, b;
+    while (full->next() == pyr::StepResult::Token) a.push_back(full->token());
+    while (pyramid->next() == pyr::StepResult::Token) b.push_back(pyramid->token());
+    CHECK(a == b);
+    CHECK(pyramid->memory().kv_bytes == full->memory().kv_bytes);
+}
+
+TEST_CASE("bad knobs are rejected with the knob's name") {
+    auto engine = engine_for(kGqa);
+    auto expect_bad = [&](pyr::KvParams kv, const std::string& needle) {
+        try {
+            session_with(engine, kv);
+            FAIL("accepted " << needle);
+        } catch (const pyr::Error& e) {
+            CHECK(e.status() == PYR_ERR_INVALID_ARGUMENT);
+            CHECK(std::string(e.what()).find(needle) != std::string::npos);
+        }
+    };
+    pyr::KvParams kv = policy("pyramid", 1.5f);
+    expect_bad(kv, "kv_retention");
+    kv = policy("pyramid", 0.5f);
+    kv.rho = -0.1f;
+    expect_bad(kv, "kv_rho");
+    kv = policy("snapkv", 0.5f);
+    kv.pool = 4;
+    expect_bad(kv, "kv_pool");
+    kv = policy("pyramid", 0.5f);
+    kv.prefill_shrink = 2;
+    expect_bad(kv, "kv_prefill_shrink");
+    expect_bad(policy("lru", 0.5f), "lru");
+}
+
+TEST_CASE("a cancelled shrinking prefill leaves the session as before, and then completes") {
+    auto engine = engine_for(PYR_TEST_MODEL_DIR);
+    const auto prompt = random_prompt(1200, 4096, 5);
+    auto reference = session_with(engine, policy("pyramid", 0.5f));
+    reference->feed_tokens(prompt);
+    reference->prefill();
+
+    auto s = session_with(engine, policy("pyramid", 0.5f));
+    s->feed_tokens(prompt);
+    std::thread canceller([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        s->cancel();
+    });
+    bool cancelled = false;
+    try {
+        s->prefill();
+    } catch (const pyr::Error& e) {
+        cancelled = e.status() == PYR_CANCELLED;
+    }
+    canceller.join();
+    CHECK(cancelled);
+    CHECK(s->memory().kv_bytes == 0);
+    CHECK(s->memory().n_tokens == 1200);
+    s->prefill();
+    CHECK(s->memory().layer_positions == reference->memory().layer_positions);
+    CHECK(std::equal(s->logits(), s->logits() + s->n_vocab(), reference->logits()));
+}
