@@ -231,6 +231,10 @@ typedef struct pyr_session_params {
                                   (deeper layers compute on fewer tokens); 0: every layer
                                   computes on all tokens, only caches are pruned.
                                   -1 (default) = the policy's own: on for pyramid, off else */
+    int32_t kv_shrink_start; /* with shrinking, the first layer that shrinks; layers before it
+                                prune only their caches and pass every token on, so that a
+                                token is not lost before the layers that can judge it
+                                (retrieval attention forms in middle layers). Default 0 */
     int32_t kv_obs_window;   /* queries whose attention scores the keys: snapkv/pyramidkv
                                 default 32; pyramid default (-1 or 0) = its W recent rows */
     int32_t kv_pool;         /* max-pool kernel over the key scores (odd): snapkv/pyramidkv
@@ -330,7 +334,8 @@ PYR_API int32_t pyr_session_layer_tokens(const pyr_session* session, int32_t lay
 PYR_API uint64_t pyr_session_layer_bytes(const pyr_session* session, int32_t layer);
 
 /* A parameter of the session's KV policy as used: "rho", "gamma", "recent_ratio",
- * "min_context", "sinks", "gen_e", "window" (W), "prefill_shrink", "obs_window", "pool",
+ * "min_context", "sinks", "gen_e", "window" (W), "prefill_shrink", "shrink_start",
+ * "obs_window", "pool",
  * "retention" (the target), "planned_retention" (pyramid's plan), "budget" (peers' tokens
  * per layer). Values that depend on the prompt length are known after the first prefill.
  * NaN for an unknown name, a NULL argument, or a value not known yet. Any thread. */

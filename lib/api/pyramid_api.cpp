@@ -108,6 +108,7 @@ pyr::SessionParams to_session_params(const pyr_session_params* p) {
     s.kv.sinks = p->kv_sinks;
     s.kv.gen_e = p->kv_gen_e;
     s.kv.prefill_shrink = p->kv_prefill_shrink;
+    s.kv.shrink_start = p->kv_shrink_start;
     s.kv.obs_window = p->kv_obs_window;
     s.kv.pool = p->kv_pool;
     auto bad = [](const std::string& m) { pyr::fail(PYR_ERR_INVALID_ARGUMENT, m); };
@@ -278,6 +279,7 @@ void pyr_session_params_init(pyr_session_params* p) {
     p->kv_sinks = kv.sinks;
     p->kv_gen_e = kv.gen_e;
     p->kv_prefill_shrink = kv.prefill_shrink;
+    p->kv_shrink_start = kv.shrink_start;
     p->kv_obs_window = kv.obs_window;
     p->kv_pool = kv.pool;
 }

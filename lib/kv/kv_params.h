@@ -16,6 +16,7 @@ struct KvParams {
     int32_t sinks = 4;
     int32_t gen_e = 16;           // 0 = no generation-phase compression
     int32_t prefill_shrink = -1;  // -1 = the policy's default
+    int32_t shrink_start = 0;     // first layer whose selection shrinks the prefill
     int32_t obs_window = -1;      // -1 = the policy's default
     int32_t pool = -1;            // -1 = the policy's default
 };

@@ -35,6 +35,8 @@ void check_knobs(const KvParams& p) {
     if (p.prefill_shrink < -1 || p.prefill_shrink > 1)
         bad("kv_prefill_shrink must be -1 (policy default), 0 or 1, got " +
             std::to_string(p.prefill_shrink));
+    if (p.shrink_start < 0)
+        bad("kv_shrink_start must be >= 0, got " + std::to_string(p.shrink_start));
     if (p.obs_window < -1) bad("kv_obs_window must be >= -1, got " + std::to_string(p.obs_window));
     if (p.pool < -1 || (p.pool > 1 && p.pool % 2 == 0))
         bad("kv_pool must be an odd kernel size (or -1/0/1 for none), got " + std::to_string(p.pool));

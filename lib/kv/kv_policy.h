@@ -5,7 +5,7 @@
 //   begin_step(n_tokens, first_prefill)   before the forward
 //   for each layer il, after its attention: observe(il) says what the backend must measure,
 //     on_layer(il, observation, cache) returns the slots layer il keeps -- only in the
-//     session's first prefill (into an empty cache); with shrink_prefill() the dropped
+//     session's first prefill (into an empty cache); where shrink_prefill(il) the dropped
 //     tokens' hidden states also stop there, so deeper layers compute on fewer tokens
 //   after_step(cache)  the step completed: generation-phase compression happens here
 //   abort_step()       the step failed or was cancelled: forget what it observed
@@ -49,7 +49,8 @@ public:
                                                          const KvCache& cache) {
         return std::nullopt;
     }
-    virtual bool shrink_prefill() const { return false; }
+    // Whether layer il's keep set also drops tokens from the rest of the first prefill.
+    virtual bool shrink_prefill(int il) const { return false; }
     virtual void after_step(KvCache& cache) {}
     virtual void abort_step() {}
 

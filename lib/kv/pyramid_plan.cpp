@@ -46,7 +46,10 @@ PyramidPlan solve_pyramid_plan(double target, int32_t n_prompt, int n_layer,
     };
     auto reaches = [&](const PyramidPlan& p) { return p.retention <= target; };
 
+    // Each search tests its far end first: bisection alone never returns the end itself,
+    // and at a target of 1 the answer is rho = 1 exactly (keep everything).
     if (reaches(plan_with(0.0, 1.0, start.recent_ratio))) {  // largest rho in [0, 1]
+        if (reaches(plan_with(1.0, 1.0, start.recent_ratio))) return plan_with(1.0, 1.0, start.recent_ratio);
         double lo = 0.0, hi = 1.0;
         for (int i = 0; i < kBisectionSteps; ++i) {
             double mid = (lo + hi) / 2;
@@ -62,6 +65,7 @@ PyramidPlan solve_pyramid_plan(double target, int32_t n_prompt, int n_layer,
         }
         return plan_with(0.0, hi, start.recent_ratio);
     }
+    if (reaches(plan_with(0.0, 8.0, 0.2))) return plan_with(0.0, 8.0, 0.2);
     double lo = 0.01, hi = 0.2;  // largest recent_ratio in [0.01, 0.2]
     for (int i = 0; i < kBisectionSteps; ++i) {
         double mid = (lo + hi) / 2;

@@ -22,7 +22,9 @@ public:
         if (!first_prefill_ || lossless() || cache.size(il) <= budget_) return std::nullopt;
         return sinks_and_recent(cache.size(il));
     }
-    bool shrink_prefill() const override { return params_.prefill_shrink == 1; }
+    bool shrink_prefill(int il) const override {
+        return params_.prefill_shrink == 1 && il >= params_.shrink_start;
+    }
     void after_step(KvCache& cache) override {
         if (budget_ == 0 || lossless()) return;
         for (int il = 0; il < n_layer_; ++il)
@@ -36,7 +38,8 @@ public:
     double param(const std::string& name) const override {
         if (name == "retention") return params_.retention > 0.0f ? params_.retention : 0.5;
         if (name == "sinks") return params_.sinks;
-        if (name == "prefill_shrink") return shrink_prefill() ? 1 : 0;
+        if (name == "prefill_shrink") return params_.prefill_shrink == 1 ? 1 : 0;
+        if (name == "shrink_start") return params_.shrink_start;
         if (name == "budget" && budget_ > 0) return budget_;
         return KvPolicy::param(name);
     }

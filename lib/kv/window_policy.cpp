@@ -120,6 +120,7 @@ double WindowPolicy::param(const std::string& name) const {
     if (name == "retention") return params_.retention;
     if (name == "gen_e") return gen_e();
     if (name == "prefill_shrink") return shrink_ ? 1 : 0;
+    if (name == "shrink_start") return params_.shrink_start;
     if (name == "pool") return pool_;
     if (name == "sinks") return sinks_;
     if (name == "obs_window" && planned_) return score_rows();

@@ -18,7 +18,7 @@ public:
     ObservationRequest observe(int il) const override;
     std::optional<std::vector<int32_t>> on_layer(int il, const Observation& obs,
                                                  const KvCache& cache) override;
-    bool shrink_prefill() const override { return shrink_; }
+    bool shrink_prefill(int il) const override { return shrink_ && il >= params_.shrink_start; }
     void after_step(KvCache& cache) override;
     void abort_step() override;
     double param(const std::string& name) const override;

@@ -245,7 +245,7 @@ void CpuBackend::forward_sequence(const SequenceStep& step, const std::atomic<bo
             const Observation obs = finish_observation(req, n_rows, args.n_kv);
             if (auto keep = step.policy->on_layer(il, obs, cache)) {
                 cache.retain(il, *keep);
-                if (step.policy->shrink_prefill()) n = shrink_rows(*keep, first_new, n);
+                if (step.policy->shrink_prefill(il)) n = shrink_rows(*keep, first_new, n);
             }
         }
 
