@@ -22,7 +22,7 @@ namespace {
 void check_close(const float* got, const Vec& want, double tol, const Vec& scale = {}) {
     for (size_t i = 0; i < want.size(); ++i) {
         const double s = scale.empty() ? std::max(1.0, std::fabs(want[i])) : scale[i];
-        if (std::fabs(double(got[i]) - want[i]) > tol * s) {
+        if (!(std::fabs(double(got[i]) - want[i]) <= tol * s)) {  // NaN fails too
             CAPTURE(i);
             CHECK(double(got[i]) == doctest::Approx(want[i]));
             return;
@@ -53,42 +53,47 @@ TEST_CASE("f16 -> f32: every half value, both kernel sets") {
     }
 }
 
-TEST_CASE("matmul: y = x W^T + b for F32/F16/BF16 weights, odd sizes, 1/3/17 tokens") {
+// The dot path (fewer than 5 tokens) and the tiled path (row blocks of 16/32/64 rows, tiles
+// of 6 tokens x 16 rows, token blocks): odd n_in, n_out not a multiple of any block.
+TEST_CASE("matmul: y = x W^T + b for F32/F16/BF16 weights, odd sizes, 1 to 257 tokens") {
     Rng rng;
     CAPTURE(rng.seed);
-    pyr::ThreadPool pool(3);
+    pyr::ThreadPool pool(2);
     struct Shape { int64_t n_in, n_out; };
+    const Shape shapes[] = {{67, 33}, {384, 130}, {5, 3}, {29, 200}, {19, 515}, {19, 300}};
     for (DType dtype : {DType::F32, DType::F16, DType::BF16}) {
-        for (Shape sh : {Shape{67, 33}, Shape{384, 130}, Shape{5, 3}}) {
-            for (int64_t n_tok : {1, 3, 17}) {
+        for (Shape sh : shapes) {
+            for (int64_t n_tok : {1, 3, 5, 17, 64, 257}) {
                 for (bool bias : {false, true}) {
+                    CAPTURE(pyr::dtype_name(dtype));
+                    CAPTURE(sh.n_in);
+                    CAPTURE(sh.n_out);
+                    CAPTURE(n_tok);
+                    CAPTURE(bias);
+                    HostTensor w = HostTensor::random(rng, dtype, sh.n_out, sh.n_in, 1.0f);
+                    HostTensor b = bias ? HostTensor::random(rng, dtype, sh.n_out, 1, 1.0f)
+                                        : HostTensor{};
+                    std::vector<float> x = rng.vec(size_t(n_tok * sh.n_in), 1.0f);
+                    // want (n_tok, n_out) and the scale of its rounding: sum |x w| + |b|
+                    Vec want, scale;
+                    for (int64_t t = 0; t < n_tok; ++t) {
+                        const Vec xt(x.begin() + t * sh.n_in, x.begin() + (t + 1) * sh.n_in);
+                        const Vec yt = ref_linear(xt, w, b);
+                        want.insert(want.end(), yt.begin(), yt.end());
+                        for (int64_t o = 0; o < sh.n_out; ++o) {
+                            double s = bias ? std::fabs(b.values[size_t(o)]) : 0.0;
+                            for (int64_t i = 0; i < sh.n_in; ++i)
+                                s += std::fabs(xt[size_t(i)] * w.at(o, i));
+                            scale.push_back(s + 1e-30);
+                        }
+                    }
                     for (bool simd : {true, false}) {
                         KernelChoice kc(simd);
-                        CAPTURE(pyr::dtype_name(dtype));
-                        CAPTURE(sh.n_in);
-                        CAPTURE(sh.n_out);
-                        CAPTURE(n_tok);
-                        CAPTURE(bias);
                         CAPTURE(cpu::kernel_name());
-                        HostTensor w = HostTensor::random(rng, dtype, sh.n_out, sh.n_in, 1.0f);
-                        HostTensor b = bias ? HostTensor::random(rng, dtype, sh.n_out, 1, 1.0f)
-                                            : HostTensor{};
-                        std::vector<float> x = rng.vec(size_t(n_tok * sh.n_in), 1.0f);
-                        std::vector<float> y(size_t(n_tok * sh.n_out));
+                        std::vector<float> y(size_t(n_tok * sh.n_out), NAN);
                         pyr::Tensor wt = w.view(), bt = b.view();
                         cpu::matmul(pool, x.data(), n_tok, {{&wt, &bt, y.data()}});
-                        for (int64_t t = 0; t < n_tok; ++t) {
-                            Vec xt(x.begin() + t * sh.n_in, x.begin() + (t + 1) * sh.n_in);
-                            Vec scale(size_t(sh.n_out));
-                            for (int64_t o = 0; o < sh.n_out; ++o) {
-                                double s = bias ? std::fabs(b.values[size_t(o)]) : 0.0;
-                                for (int64_t i = 0; i < sh.n_in; ++i)
-                                    s += std::fabs(xt[size_t(i)] * w.at(o, i));
-                                scale[size_t(o)] = s + 1e-30;
-                            }
-                            check_close(y.data() + t * sh.n_out, ref_linear(xt, w, b), 1e-6,
-                                        scale);
-                        }
+                        check_close(y.data(), want, 1e-6, scale);
                     }
                 }
             }
@@ -100,22 +105,36 @@ TEST_CASE("matmul: several projections of one input share a pass") {
     Rng rng;
     CAPTURE(rng.seed);
     pyr::ThreadPool pool(2);
-    const int64_t n_in = 29, n_tok = 5;
+    const int64_t n_in = 29;
     HostTensor w1 = HostTensor::random(rng, DType::F16, 13, n_in, 1.0f);
     HostTensor w2 = HostTensor::random(rng, DType::F16, 7, n_in, 1.0f);
     HostTensor w3 = HostTensor::random(rng, DType::F16, 1, n_in, 1.0f);
+    HostTensor w4 = HostTensor::random(rng, DType::BF16, 70, n_in, 1.0f);
     HostTensor b2 = HostTensor::random(rng, DType::F16, 7, 1, 1.0f);
-    std::vector<float> x = rng.vec(size_t(n_tok * n_in), 1.0f);
-    std::vector<float> y1(static_cast<size_t>(n_tok * 13)), y2(static_cast<size_t>(n_tok * 7));
-    std::vector<float> y3(static_cast<size_t>(n_tok));
-    pyr::Tensor t1 = w1.view(), t2 = w2.view(), t3 = w3.view(), tb2 = b2.view();
-    cpu::matmul(pool, x.data(), n_tok,
-                {{&t1, nullptr, y1.data()}, {&t2, &tb2, y2.data()}, {&t3, nullptr, y3.data()}});
-    for (int64_t t = 0; t < n_tok; ++t) {
-        Vec xt(x.begin() + t * n_in, x.begin() + (t + 1) * n_in);
-        check_close(y1.data() + t * 13, ref_linear(xt, w1, {}), 1e-5);
-        check_close(y2.data() + t * 7, ref_linear(xt, w2, b2), 1e-5);
-        check_close(y3.data() + t, ref_linear(xt, w3, {}), 1e-5);
+    pyr::Tensor t1 = w1.view(), t2 = w2.view(), t3 = w3.view(), t4 = w4.view(), tb2 = b2.view();
+    for (int64_t n_tok : {1, 3, 5, 64}) {
+        for (bool simd : {true, false}) {
+            KernelChoice kc(simd);
+            CAPTURE(n_tok);
+            CAPTURE(cpu::kernel_name());
+            std::vector<float> x = rng.vec(size_t(n_tok * n_in), 1.0f);
+            std::vector<float> y1(static_cast<size_t>(n_tok * 13));
+            std::vector<float> y2(static_cast<size_t>(n_tok * 7));
+            std::vector<float> y3(static_cast<size_t>(n_tok));
+            std::vector<float> y4(static_cast<size_t>(n_tok * 70));
+            cpu::matmul(pool, x.data(), n_tok,
+                        {{&t1, nullptr, y1.data()},
+                         {&t2, &tb2, y2.data()},
+                         {&t3, nullptr, y3.data()},
+                         {&t4, nullptr, y4.data()}});
+            for (int64_t t = 0; t < n_tok; ++t) {
+                Vec xt(x.begin() + t * n_in, x.begin() + (t + 1) * n_in);
+                check_close(y1.data() + t * 13, ref_linear(xt, w1, {}), 1e-5);
+                check_close(y2.data() + t * 7, ref_linear(xt, w2, b2), 1e-5);
+                check_close(y3.data() + t, ref_linear(xt, w3, {}), 1e-5);
+                check_close(y4.data() + t * 70, ref_linear(xt, w4, {}), 1e-5);
+            }
+        }
     }
 }
 
@@ -332,6 +351,108 @@ TEST_CASE("attention: GQA, causal by position over a non-contiguous cache, odd h
     a.out = out.data();
     cpu::attention(pool, a);
     for (float o : out) CHECK(o == 0.0f);
+}
+
+// Both ways of cpu::attention: per query (fewer than 4 tokens) and tiled (4 or more), over
+// caches longer than a key chunk, with the observations the KV policies ask for.
+TEST_CASE("attention: per-query and tiled paths, probabilities and column sums") {
+    Rng rng;
+    CAPTURE(rng.seed);
+    pyr::ThreadPool pool(3);
+    struct Case { int n_head, n_head_kv, hd; int32_t n_q, n_kv; bool sorted; };
+    const Case cases[] = {
+        {6, 2, 64, 1, 300, true},   // decode: single heads per item, three key chunks
+        {6, 2, 64, 3, 41, true},    // a few tokens: one kv group per item
+        {6, 2, 64, 40, 300, true},  // prefill: tiles, several key chunks and panels
+        {4, 2, 10, 5, 23, true},    // head_dim neither a multiple of 8 nor of 16
+        {3, 3, 24, 64, 70, true},   // no GQA; head_dim = 16 + 8
+        {8, 1, 16, 7, 19, false},   // MQA; cache positions out of order
+        {6, 2, 80, 2, 33, false},
+    };
+    for (const Case& c : cases) {
+        CAPTURE(c.n_head);
+        CAPTURE(c.n_head_kv);
+        CAPTURE(c.hd);
+        CAPTURE(c.n_q);
+        CAPTURE(c.n_kv);
+        CAPTURE(c.sorted);
+        const int kv_dim = c.n_head_kv * c.hd;
+        // Distinct cache positions in [1, 3 n_kv]; queries anywhere in [0, 3 n_kv], so some
+        // see every key, some none.
+        std::vector<int32_t> kv_pos;
+        for (int32_t p = 1; int32_t(kv_pos.size()) < c.n_kv; ++p)
+            if (rng.index(3) == 0 || 3 * c.n_kv - p < c.n_kv - int32_t(kv_pos.size()))
+                kv_pos.push_back(p);
+        if (!c.sorted)
+            for (int32_t j = c.n_kv - 1; j > 0; --j)
+                std::swap(kv_pos[size_t(j)], kv_pos[size_t(rng.index(j + 1))]);
+        std::vector<int32_t> q_pos(static_cast<size_t>(c.n_q));
+        for (int32_t& p : q_pos) p = rng.index(3 * c.n_kv + 1);
+        q_pos[0] = 0;  // sees nothing
+        std::vector<float> q = rng.vec(size_t(c.n_q * c.n_head * c.hd), 1.0f);
+        std::vector<float> k = rng.vec(size_t(c.n_kv * kv_dim), 1.0f);
+        std::vector<float> v = rng.vec(k.size(), 1.0f);
+
+        // reference: outputs (n_q, n_head * hd) and probabilities (n_q, n_head, n_kv)
+        std::vector<Vec> kr(static_cast<size_t>(c.n_kv)), vr(static_cast<size_t>(c.n_kv));
+        for (int32_t j = 0; j < c.n_kv; ++j) {
+            kr[size_t(j)].assign(k.begin() + j * kv_dim, k.begin() + (j + 1) * kv_dim);
+            vr[size_t(j)].assign(v.begin() + j * kv_dim, v.begin() + (j + 1) * kv_dim);
+        }
+        std::vector<Vec> want_out(static_cast<size_t>(c.n_q));
+        Vec want_probs(size_t(c.n_q * c.n_head * c.n_kv), 0.0);
+        Vec want_sums(size_t(c.n_head * c.n_kv), 0.0);
+        for (int32_t t = 0; t < c.n_q; ++t) {
+            std::vector<bool> vis(static_cast<size_t>(c.n_kv));
+            for (size_t j = 0; j < vis.size(); ++j) vis[j] = kv_pos[j] <= q_pos[size_t(t)];
+            const Vec qt(q.begin() + t * c.n_head * c.hd, q.begin() + (t + 1) * c.n_head * c.hd);
+            want_out[size_t(t)] = ref_attention(qt, kr, vr, vis, c.n_head, c.n_head_kv, c.hd);
+            for (size_t h = 0; h < size_t(c.n_head); ++h) {
+                const size_t q0 = h * size_t(c.hd);
+                const size_t k0 = h / size_t(c.n_head / c.n_head_kv) * size_t(c.hd);
+                Vec s(vis.size(), 0.0);
+                double mx = -INFINITY, sum = 0.0;
+                for (size_t j = 0; j < vis.size(); ++j) {
+                    for (size_t i = 0; i < size_t(c.hd); ++i) s[j] += qt[q0 + i] * kr[j][k0 + i];
+                    s[j] /= std::sqrt(double(c.hd));
+                    if (vis[j]) mx = std::max(mx, s[j]);
+                }
+                for (size_t j = 0; j < vis.size(); ++j) sum += vis[j] ? std::exp(s[j] - mx) : 0.0;
+                for (size_t j = 0; j < vis.size(); ++j) {
+                    const double p = vis[j] ? std::exp(s[j] - mx) / sum : 0.0;
+                    want_probs[(size_t(t) * size_t(c.n_head) + h) * vis.size() + j] = p;
+                    want_sums[h * vis.size() + j] += p;
+                }
+            }
+        }
+
+        const int32_t probs_from = c.n_q / 2;
+        for (bool simd : {true, false}) {
+            KernelChoice kc(simd);
+            CAPTURE(cpu::kernel_name());
+            std::vector<float> out(q.size(), NAN);
+            std::vector<float> probs(size_t((c.n_q - probs_from) * c.n_head * c.n_kv), NAN);
+            std::vector<float> sums(size_t(c.n_head * c.n_kv), 0.5f);
+            cpu::AttentionArgs a;
+            a.q = q.data(), a.q_pos = q_pos.data(), a.n_q = c.n_q;
+            a.k = k.data(), a.v = v.data(), a.kv_pos = kv_pos.data(), a.n_kv = c.n_kv;
+            a.n_head = c.n_head, a.n_head_kv = c.n_head_kv, a.head_dim = c.hd;
+            a.out = out.data(), a.probs = probs.data(), a.probs_from = probs_from;
+            a.col_sums = sums.data();
+            cpu::attention(pool, a);
+            for (int32_t t = 0; t < c.n_q; ++t) {
+                CAPTURE(t);
+                check_close(out.data() + t * c.n_head * c.hd, want_out[size_t(t)], 1e-5);
+            }
+            const Vec observed(want_probs.begin() + probs_from * c.n_head * c.n_kv,
+                               want_probs.end());
+            check_close(probs.data(), observed, 1e-6);
+            for (size_t i = 0; i < observed.size(); ++i)  // masked keys: exactly 0
+                if (observed[i] == 0.0) CHECK(probs[i] == 0.0f);
+            for (float& s : sums) s -= 0.5f;  // col_sums are added to
+            check_close(sums.data(), want_sums, 1e-5);
+        }
+    }
 }
 
 // ---- KV storage -----------------------------------------------------------------------

@@ -75,4 +75,46 @@ void to_f32(const Tensor& t, int64_t first, int64_t n, float* dst);
 const char* kernel_name();
 void set_simd_enabled(bool enabled);
 
+// ---- private: the kernel set shared by cpu_ops.cpp and cpu_matmul.cpp -----------------
+namespace detail {
+
+// Vector kernels on fp32 data, one implementation per kernel set (cpu_ops.cpp).
+struct Kernels {
+    const char* name;
+    bool simd;  // the AVX2/FMA/F16C set (matmul_kernels() follows it)
+    void (*f16_to_f32)(const uint16_t* src, float* dst, int64_t n);
+    float (*dot)(const float* a, const float* b, int64_t n);
+    // out[j] = dot(q, k + j*stride, n) for j < n_keys (attention scores of one query).
+    void (*dots)(const float* q, const float* k, int64_t stride, int64_t n, int64_t n_keys,
+                 float* out);
+    // out[d] += sum_j p[j] * v[j*stride + d] for d < n (attention output of one query).
+    void (*weighted_sum)(const float* p, const float* v, int64_t stride, int64_t n,
+                         int64_t n_keys, float* out);
+    // p[j] = softmax(p * scale)[j] for j < n, in place; -inf entries (masked) become 0.
+    // At least one entry must be finite.
+    void (*softmax)(float* p, int64_t n, float scale);
+};
+
+// The set in use: SIMD when the CPU has it and set_simd_enabled has not turned it off.
+const Kernels& kernels();
+
+// Matrix kernels (cpu_matmul.cpp), of the same set; the attention uses the tiles too.
+inline constexpr int kTileRows = 6;
+inline constexpr int kTileCols = 16;
+struct MatmulKernels {
+    // out[r] = dot(x, w + r*n), r < 4: four consecutive weight rows against one input.
+    void (*dot4)(const float* x, const float* w, int64_t n, float* out);
+    // dot4 reading F16 rows directly (decode: no converted copy); null when absent.
+    void (*dot4_f16)(const float* x, const uint16_t* w, int64_t n, float* out);
+    // out (n_t, kTileCols) = x (n_t, n_k) w (n_k, kTileCols) for n_t <= kTileRows, rows of
+    // x ldx apart, of w ldw apart, of out ldo apart; each output an fp32 sum over k in order.
+    void (*tile)(const float* x, int64_t ldx, int n_t, const float* w, int64_t ldw,
+                 int64_t n_k, float* out, int64_t ldo);
+    // dst[k * kTileCols + i] = rows[i * ld + k] for i < 8, k < n: eight rows of a matrix
+    // transposed into eight columns of a tile's w.
+    void (*pack8)(const float* rows, int64_t ld, int64_t n, float* dst);
+};
+const MatmulKernels& matmul_kernels();
+
+}  // namespace detail
 }  // namespace pyr::cpu
