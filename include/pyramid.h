@@ -214,7 +214,9 @@ typedef struct pyr_session_params {
      * empty cache) is compressed per layer; later tokens are compressed as generation.
      * Knobs that do not apply to the chosen policy are ignored. */
     const char* kv_policy;   /* "full" (default), "pyramid" (PyramidInfer), "streaming",
-                                "h2o", "snapkv", "pyramidkv". Copied. */
+                                "h2o", "snapkv", "pyramidkv", or "snapshrink": SnapKV's
+                                selection with the prefill shrinking from a middle layer and
+                                PyramidInfer's recent window (docs/quality.md). Copied. */
     float kv_retention;      /* target mean retention in (0, 1] (kept / uncompressed tokens).
                                 pyramid: solves rho, then gamma, then recent_ratio for it;
                                 peers: their token budget. 1 keeps everything (generation
@@ -230,11 +232,14 @@ typedef struct pyr_session_params {
     int32_t kv_prefill_shrink; /* 1: only kept tokens go on to the next layer in prefill
                                   (deeper layers compute on fewer tokens); 0: every layer
                                   computes on all tokens, only caches are pruned.
-                                  -1 (default) = the policy's own: on for pyramid, off else */
+                                  -1 (default) = the policy's own: on for pyramid and
+                                  snapshrink, off for the others */
     int32_t kv_shrink_start; /* with shrinking, the first layer that shrinks; layers before it
                                 prune only their caches and pass every token on, so that a
                                 token is not lost before the layers that can judge it
-                                (retrieval attention forms in middle layers). Default 0 */
+                                (retrieval attention forms in middle layers).
+                                -1 (default) = the policy's own: 2/5 of the layers for
+                                snapshrink, 0 for the others */
     int32_t kv_obs_window;   /* queries whose attention scores the keys: snapkv/pyramidkv
                                 default 32; pyramid default (-1 or 0) = its W recent rows */
     int32_t kv_pool;         /* max-pool kernel over the key scores (odd): snapkv/pyramidkv

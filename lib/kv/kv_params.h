@@ -7,7 +7,7 @@
 namespace pyr {
 
 struct KvParams {
-    std::string policy = "full";  // full | pyramid | streaming | h2o | snapkv | pyramidkv
+    std::string policy = "full";  // full | pyramid | streaming | h2o | snapkv | pyramidkv | snapshrink
     float retention = 0.0f;       // target mean retention; 0 = unset
     float rho = 0.9f;
     float gamma = 1.0f;
@@ -16,7 +16,7 @@ struct KvParams {
     int32_t sinks = 4;
     int32_t gen_e = 16;           // 0 = no generation-phase compression
     int32_t prefill_shrink = -1;  // -1 = the policy's default
-    int32_t shrink_start = 0;     // first layer whose selection shrinks the prefill
+    int32_t shrink_start = -1;    // first layer whose selection shrinks the prefill; -1 = default
     int32_t obs_window = -1;      // -1 = the policy's default
     int32_t pool = -1;            // -1 = the policy's default
 };

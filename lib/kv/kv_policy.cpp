@@ -35,8 +35,9 @@ void check_knobs(const KvParams& p) {
     if (p.prefill_shrink < -1 || p.prefill_shrink > 1)
         bad("kv_prefill_shrink must be -1 (policy default), 0 or 1, got " +
             std::to_string(p.prefill_shrink));
-    if (p.shrink_start < 0)
-        bad("kv_shrink_start must be >= 0, got " + std::to_string(p.shrink_start));
+    if (p.shrink_start < -1)
+        bad("kv_shrink_start must be >= 0 (-1 = the policy's default), got " +
+            std::to_string(p.shrink_start));
     if (p.obs_window < -1) bad("kv_obs_window must be >= -1, got " + std::to_string(p.obs_window));
     if (p.pool < -1 || (p.pool > 1 && p.pool % 2 == 0))
         bad("kv_pool must be an odd kernel size (or -1/0/1 for none), got " + std::to_string(p.pool));
@@ -49,12 +50,13 @@ std::unique_ptr<KvPolicy> make_kv_policy(const KvParams& params, int n_layer) {
     const std::string& name = params.policy;
     if (name.empty() || name == "full") return std::make_unique<FullKvPolicy>();
     if (name == "pyramid") return make_pyramid_policy(params, n_layer);
-    if (name == "snapkv") return make_snapkv_policy(params, n_layer, /*pyramidkv=*/false);
-    if (name == "pyramidkv") return make_snapkv_policy(params, n_layer, /*pyramidkv=*/true);
+    if (name == "snapkv") return make_snapkv_policy(params, n_layer);
+    if (name == "pyramidkv") return make_pyramidkv_policy(params, n_layer);
+    if (name == "snapshrink") return make_snapshrink_policy(params, n_layer);
     if (name == "streaming") return make_streaming_policy(params, n_layer);
     if (name == "h2o") return make_h2o_policy(params, n_layer);
     fail(PYR_ERR_INVALID_ARGUMENT,
-         "unknown kv_policy '" + name + "' (known: full, pyramid, streaming, h2o, snapkv, pyramidkv)");
+         "unknown kv_policy '" + name + "' (known: full, pyramid, streaming, h2o, snapkv, pyramidkv, snapshrink)");
 }
 
 }  // namespace pyr

@@ -8,7 +8,9 @@
 namespace pyr {
 
 std::unique_ptr<KvPolicy> make_pyramid_policy(const KvParams& params, int n_layer);
-std::unique_ptr<KvPolicy> make_snapkv_policy(const KvParams& params, int n_layer, bool pyramidkv);
+std::unique_ptr<KvPolicy> make_snapkv_policy(const KvParams& params, int n_layer);
+std::unique_ptr<KvPolicy> make_pyramidkv_policy(const KvParams& params, int n_layer);
+std::unique_ptr<KvPolicy> make_snapshrink_policy(const KvParams& params, int n_layer);
 std::unique_ptr<KvPolicy> make_streaming_policy(const KvParams& params, int n_layer);
 std::unique_ptr<KvPolicy> make_h2o_policy(const KvParams& params, int n_layer);
 

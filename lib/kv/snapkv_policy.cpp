@@ -3,6 +3,13 @@
 // budget, PyramidKV a budget linear over layers from 1.5x to 0.5x the mean. Both compute the
 // full prefill and prune per layer (prefill_shrink off) unless asked to shrink. In generation
 // they compress each block of E tokens to the same ratio, so the retention holds.
+//
+// snapshrink (ours; docs/quality.md has the measurements): SnapKV's budget and scoring, but
+// (a) the prefill shrinks, from a middle layer on (shrink_start, default 2/5 of the layers):
+// a token dropped by the shallow layers' mostly local attention would be lost for the deeper
+// layers where retrieval attention forms, so the shallow layers prune only their caches; and
+// (b) PyramidInfer's recent window W = floor(recent_ratio * P) + 1 stays uncompressed, which
+// keeps the local context that perplexity depends on, while the last 32 queries still score.
 #include <algorithm>
 #include <cmath>
 
@@ -15,17 +22,23 @@ namespace {
 
 class SnapKvPolicy final : public WindowPolicy {
 public:
-    SnapKvPolicy(const KvParams& p, int n_layer, bool pyramidkv)
-        : WindowPolicy(p, n_layer), pyramidkv_(pyramidkv) {
-        shrink_ = p.prefill_shrink == 1;
+    enum class Kind { SnapKv, PyramidKv, SnapShrink };
+
+    SnapKvPolicy(const KvParams& p, int n_layer, Kind kind) : WindowPolicy(p, n_layer), kind_(kind) {
+        shrink_ = kind == Kind::SnapShrink ? p.prefill_shrink != 0 : p.prefill_shrink == 1;
+        if (kind == Kind::SnapShrink && p.shrink_start < 0) shrink_start_ = 2 * n_layer / 5;
         pool_ = p.pool >= 0 ? std::max(p.pool, 1) : 7;
         window_ = p.obs_window > 0 ? p.obs_window : 32;
     }
-    const char* name() const override { return pyramidkv_ ? "pyramidkv" : "snapkv"; }
+    const char* name() const override {
+        return kind_ == Kind::PyramidKv ? "pyramidkv" : kind_ == Kind::SnapKv ? "snapkv" : "snapshrink";
+    }
 
     double param(const std::string& name) const override {
         if (name == "retention") return retention();
         if (planned_ && name == "budget") return budget_;
+        if (planned_ && name == "window") return recent(0);
+        if (kind_ == Kind::SnapShrink && name == "recent_ratio") return params_.recent_ratio;
         return WindowPolicy::param(name);
     }
 
@@ -34,7 +47,12 @@ protected:
         n_prompt_ = n_prompt;
         budget_ = peer_budget(params_.retention, n_prompt, 1);
     }
-    int32_t recent(int il) const override { return std::min(window_, layer_budget(il)); }
+    int32_t recent(int il) const override {
+        int32_t r = window_;
+        if (kind_ == Kind::SnapShrink)
+            r = std::max(r, int32_t(std::floor(params_.recent_ratio * n_prompt_)) + 1);
+        return std::min(r, layer_budget(il));
+    }
     int32_t score_rows() const override { return window_; }
     int32_t keep_context(int il, int32_t) const override {
         return layer_budget(il) - recent(il);
@@ -47,12 +65,12 @@ protected:
 private:
     double retention() const { return params_.retention > 0.0f ? params_.retention : 0.5; }
     int32_t layer_budget(int il) const {
-        if (!pyramidkv_ || n_layer_ == 1) return budget_;
+        if (kind_ != Kind::PyramidKv || n_layer_ == 1) return budget_;
         const double scale = 1.5 - double(il) / (n_layer_ - 1);  // 1.5x .. 0.5x
         return std::clamp(int32_t(std::lround(budget_ * scale)), 1, n_prompt_);
     }
 
-    bool pyramidkv_;
+    Kind kind_;
     int32_t window_ = 32;
     int32_t n_prompt_ = 0;
     int32_t budget_ = 0;
@@ -60,8 +78,16 @@ private:
 
 }  // namespace
 
-std::unique_ptr<KvPolicy> make_snapkv_policy(const KvParams& params, int n_layer, bool pyramidkv) {
-    return std::make_unique<SnapKvPolicy>(params, n_layer, pyramidkv);
+std::unique_ptr<KvPolicy> make_snapkv_policy(const KvParams& params, int n_layer) {
+    return std::make_unique<SnapKvPolicy>(params, n_layer, SnapKvPolicy::Kind::SnapKv);
+}
+
+std::unique_ptr<KvPolicy> make_pyramidkv_policy(const KvParams& params, int n_layer) {
+    return std::make_unique<SnapKvPolicy>(params, n_layer, SnapKvPolicy::Kind::PyramidKv);
+}
+
+std::unique_ptr<KvPolicy> make_snapshrink_policy(const KvParams& params, int n_layer) {
+    return std::make_unique<SnapKvPolicy>(params, n_layer, SnapKvPolicy::Kind::SnapShrink);
 }
 
 int32_t peer_budget(float retention, int32_t n_prompt, int32_t floor) {

@@ -23,7 +23,7 @@ public:
         return sinks_and_recent(cache.size(il));
     }
     bool shrink_prefill(int il) const override {
-        return params_.prefill_shrink == 1 && il >= params_.shrink_start;
+        return params_.prefill_shrink == 1 && il >= std::max(params_.shrink_start, 0);
     }
     void after_step(KvCache& cache) override {
         if (budget_ == 0 || lossless()) return;
@@ -39,7 +39,7 @@ public:
         if (name == "retention") return params_.retention > 0.0f ? params_.retention : 0.5;
         if (name == "sinks") return params_.sinks;
         if (name == "prefill_shrink") return params_.prefill_shrink == 1 ? 1 : 0;
-        if (name == "shrink_start") return params_.shrink_start;
+        if (name == "shrink_start") return std::max(params_.shrink_start, 0);
         if (name == "budget" && budget_ > 0) return budget_;
         return KvPolicy::param(name);
     }

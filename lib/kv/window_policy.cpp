@@ -9,7 +9,8 @@
 namespace pyr {
 
 WindowPolicy::WindowPolicy(const KvParams& params, int n_layer)
-    : params_(params), n_layer_(n_layer), layers_(size_t(n_layer)), staged_(size_t(n_layer)),
+    : params_(params), n_layer_(n_layer), shrink_start_(std::max(params.shrink_start, 0)),
+      layers_(size_t(n_layer)), staged_(size_t(n_layer)),
       staged_keys_(size_t(n_layer), 0) {}
 
 void WindowPolicy::begin_step(int32_t n_tokens, bool first_prefill) {
@@ -120,7 +121,7 @@ double WindowPolicy::param(const std::string& name) const {
     if (name == "retention") return params_.retention;
     if (name == "gen_e") return gen_e();
     if (name == "prefill_shrink") return shrink_ ? 1 : 0;
-    if (name == "shrink_start") return params_.shrink_start;
+    if (name == "shrink_start") return shrink_start_;
     if (name == "pool") return pool_;
     if (name == "sinks") return sinks_;
     if (name == "obs_window" && planned_) return score_rows();

@@ -18,7 +18,7 @@ public:
     ObservationRequest observe(int il) const override;
     std::optional<std::vector<int32_t>> on_layer(int il, const Observation& obs,
                                                  const KvCache& cache) override;
-    bool shrink_prefill(int il) const override { return shrink_ && il >= params_.shrink_start; }
+    bool shrink_prefill(int il) const override { return shrink_ && il >= shrink_start_; }
     void after_step(KvCache& cache) override;
     void abort_step() override;
     double param(const std::string& name) const override;
@@ -38,6 +38,7 @@ protected:
     KvParams params_;
     int n_layer_;
     bool shrink_ = false;
+    int32_t shrink_start_ = 0;  // first layer that shrinks
     bool weighted_ = false;  // PyramidInfer's 1.0 -> 1.2 row weights
     int32_t pool_ = 1;       // max-pool kernel over scores
     int32_t sinks_ = 0;      // first tokens that always stay (+infinity scores)

@@ -91,7 +91,7 @@ TEST_CASE("peers keep exactly their budget after prefill and through generation"
     auto engine = engine_for(kGqa);
     const int32_t P = 200, budget = 100, n_layer = engine->config().n_layer;
     const auto prompt = random_prompt(P, 396, 7);
-    for (const char* name : {"streaming", "h2o", "snapkv", "pyramidkv"}) {
+    for (const char* name : {"streaming", "h2o", "snapkv", "pyramidkv", "snapshrink"}) {
         CAPTURE(name);
         pyr::KvParams kv = policy(name, 0.5f);
         kv.gen_e = 8;
@@ -119,6 +119,15 @@ TEST_CASE("peers keep exactly their budget after prefill and through generation"
         }
         if (std::string(name) == "h2o") CHECK(contains_all(m.prefill_layer_positions[1], P - 50, P));
         if (std::string(name) == "snapkv") CHECK(contains_all(m.prefill_layer_positions[2], P - 32, P));
+        if (std::string(name) == "snapshrink") {
+            // PyramidInfer's recent window W = floor(0.2 P) + 1 stays; shrinking starts at
+            // layer 2/5 L = 1, so deeper layers only choose among what layer 1 kept.
+            CHECK(s->kv_param("window") == 41);
+            CHECK(s->kv_param("shrink_start") == 1);
+            for (int il = 0; il < n_layer; ++il) CHECK(contains_all(m.prefill_layer_positions[size_t(il)], P - 41, P));
+            const auto& l1 = m.prefill_layer_positions[1];
+            for (int32_t p : m.prefill_layer_positions[2]) CHECK(std::binary_search(l1.begin(), l1.end(), p));
+        }
 
         decode(*s, 40, 396);
         m = s->memory();
@@ -130,7 +139,8 @@ TEST_CASE("peers keep exactly their budget after prefill and through generation"
                 CHECK(int32_t(pos.size()) == budget);  // a fixed budget
                 CHECK(pos.back() == last - 1);
             } else {
-                CHECK(contains_all(pos, last - 32, last));  // the window is never compressed
+                const int32_t window = std::string(name) == "snapshrink" ? 41 : 32;
+                CHECK(contains_all(pos, last - window, last));  // the window is never compressed
             }
         }
     }
