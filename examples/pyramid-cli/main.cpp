@@ -1,5 +1,6 @@
 // pyramid-cli: stream a completion from a model (the bundled one by default), or print one
-// JSON object with the tokens, per-step top logits, timings and KV memory (--json).
+// JSON object with the tokens, per-step top logits, timings and KV memory (--json), and
+// optionally draw which prompt positions each layer keeps after prefill (--kv-map FILE.svg).
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
@@ -8,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <string>
@@ -16,6 +18,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "kv_flags.h"
+#include "kv_map.h"
 #include "pyramid.h"
 
 namespace {
@@ -26,6 +30,8 @@ struct Options {
     std::vector<int32_t> prompt_tokens;
     bool use_prompt_tokens = false;
     bool json = false;
+    std::string kv_map;  // --kv-map: SVG output path
+    pyr_examples::KvFlags kv;
     pyr_engine_params engine;
     pyr_session_params session;
 };
@@ -45,9 +51,12 @@ const char* const kUsage =
     "  --threads N          CPU threads (default: all)\n"
     "  --n-ctx N            context length (default: the model's)\n"
     "  --device D           auto | cpu | cuda[:N] (default auto)\n"
-    "  --json               print one JSON object instead of streaming\n"
+    "  --json               print one JSON object instead of streaming; with the KV policy,\n"
+    "                       per-layer kept positions and the mean retention\n"
+    "  --kv-map FILE.svg    draw which prompt positions each layer keeps after prefill\n"
     "  --verbose            log what the library does\n"
-    "  --version, --help\n";
+    "  --version, --help\n"
+    "KV cache policy:\n";
 
 pyr_session* g_session = nullptr;  // for Ctrl-C
 
@@ -56,7 +65,7 @@ void on_sigint(int) {
 }
 
 [[noreturn]] void usage_error(const std::string& msg) {
-    std::fprintf(stderr, "pyramid-cli: %s\n%s", msg.c_str(), kUsage);
+    std::fprintf(stderr, "pyramid-cli: %s\n%s%s", msg.c_str(), kUsage, pyr_examples::kKvUsage);
     std::exit(2);
 }
 
@@ -106,11 +115,12 @@ Options parse_args(int argc, char** argv) {
         {"--threads", [&](const std::string& v) { o.engine.n_threads = parse_number<int32_t>("--threads", v); }},
         {"--n-ctx", [&](const std::string& v) { o.session.n_ctx = parse_number<int32_t>("--n-ctx", v); }},
         {"--device", [&](const std::string& v) { device = v; }},
+        {"--kv-map", [&](const std::string& v) { o.kv_map = v; }},
     };
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         if (a == "--help" || a == "-h") {
-            std::fputs(kUsage, stdout);
+            std::printf("%s%s", kUsage, pyr_examples::kKvUsage);
             std::exit(0);
         } else if (a == "--version") {
             std::printf("pyramid %s (ABI %d)\n", pyr_version_string(), pyr_abi_version());
@@ -119,6 +129,10 @@ Options parse_args(int argc, char** argv) {
             o.json = true;
         } else if (a == "--verbose") {
             pyr_log_set_level(PYR_LOG_INFO);
+        } else if (pyr_examples::kv_flag_takes_value(a)) {
+            if (i + 1 >= argc) usage_error(a + " needs a value");
+            std::string err = o.kv.set(a, argv[++i]);
+            if (!err.empty()) usage_error(err);
         } else if (with_value.count(a)) {
             if (i + 1 >= argc) usage_error(a + " needs a value");
             with_value[a](argv[++i]);
@@ -161,6 +175,65 @@ nlohmann::json step_record(const float* logits, int32_t n_vocab, int32_t id) {
             {"top", top}};
 }
 
+std::vector<int32_t> layer_positions(const pyr_session* session, int32_t layer, pyr_kv_when when) {
+    std::vector<int32_t> pos(size_t(pyr_session_layer_positions(session, layer, when, nullptr, 0)));
+    int32_t n = pyr_session_layer_positions(session, layer, when, pos.data(), int32_t(pos.size()));
+    pos.resize(size_t(std::max(0, std::min(n, int32_t(pos.size())))));
+    return pos;
+}
+
+// The KV memory part of --json: per layer tokens, bytes and kept positions now and right
+// after prefill, the mean retention and the policy with the parameters it used.
+nlohmann::json memory_json(const pyr_engine* engine, const pyr_session* session,
+                           const std::string& policy) {
+    nlohmann::json layers = nlohmann::json::array(), prefill = nlohmann::json::array();
+    for (int32_t il = 0; il < pyr_engine_n_layers(engine); ++il) {
+        layers.push_back({{"tokens", pyr_session_layer_tokens(session, il)},
+                          {"bytes", pyr_session_layer_bytes(session, il)},
+                          {"positions", layer_positions(session, il, PYR_KV_NOW)}});
+        std::vector<int32_t> pos = layer_positions(session, il, PYR_KV_AFTER_PREFILL);
+        prefill.push_back({{"tokens", pos.size()}, {"positions", pos}});
+    }
+    return {{"kv_bytes", pyr_session_kv_bytes(session)},
+            {"kv_bytes_full", pyr_session_kv_bytes_full(session)},
+            {"mean_retention", pyr_examples::kv_retention_now(session)},
+            {"kv", pyr_examples::kv_json(session, policy)},
+            {"layers", layers},
+            {"prefill_layers", prefill}};
+}
+
+// "rho 0.62, gamma 1, ..., prefill_shrink on, ..." for the picture's subtitle, in the
+// order of pyr_session_kv_param's documentation.
+std::string params_line(const pyr_session* session) {
+    std::string line;
+    for (const char* name : pyr_examples::kKvParamNames) {
+        double v = pyr_session_kv_param(session, name);
+        if (std::isnan(v)) continue;
+        char value[32];
+        std::snprintf(value, sizeof value, "%.4g", v);
+        line += (line.empty() ? "" : ", ") + std::string(name) + " " +
+                (std::string(name) == "prefill_shrink" ? (v != 0 ? "on" : "off") : value);
+    }
+    return line;
+}
+
+void write_kv_map(const Options& opt, const pyr_engine* engine, const pyr_session* session,
+                  int32_t prompt_tokens) {
+    KvMap map;
+    map.policy = opt.kv.policy;
+    map.params = params_line(session);
+    map.prompt_len = prompt_tokens;
+    for (int32_t il = 0; il < pyr_engine_n_layers(engine); ++il)
+        map.positions.push_back(layer_positions(session, il, PYR_KV_AFTER_PREFILL));
+    std::ofstream f(opt.kv_map, std::ios::binary);
+    f << render_kv_map_svg(map);
+    if (!f.flush()) {
+        std::fprintf(stderr, "pyramid-cli: cannot write '%s': %s\n", opt.kv_map.c_str(),
+                     std::strerror(errno));
+        std::exit(1);
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -170,6 +243,7 @@ int main(int argc, char** argv) {
     pyr_status st = pyr_engine_open(opt.model.c_str(), &opt.engine, &engine);
     if (st != PYR_OK) die("cannot open model '" + opt.model + "'", pyr_engine_errmsg(engine), st);
     pyr_session* session = nullptr;
+    opt.kv.apply(&opt.session);  // here: session.kv_policy points into opt.kv
     st = pyr_session_create(engine, &opt.session, &session);
     if (st != PYR_OK) die("cannot create a session", pyr_engine_errmsg(engine), st);
     g_session = session;
@@ -208,29 +282,26 @@ int main(int argc, char** argv) {
     double decode_ms = ms_since(t1);
     if (st < 0) die("generation failed", pyr_session_errmsg(session), st);
     double tok_per_s = decode_ms > 0 ? 1000.0 * double(tokens.size()) / decode_ms : 0.0;
+    if (!opt.kv_map.empty()) write_kv_map(opt, engine, session, prompt_tokens);
 
     if (opt.json) {
-        nlohmann::json layers = nlohmann::json::array();
-        for (int32_t il = 0; il < pyr_engine_n_layers(engine); ++il)
-            layers.push_back({{"tokens", pyr_session_layer_tokens(session, il)},
-                              {"bytes", pyr_session_layer_bytes(session, il)}});
         nlohmann::json out = {{"tokens", tokens},
                               {"text", text},
                               {"prompt_tokens", prompt_tokens},
                               {"steps", steps},
                               {"prefill_ms", prefill_ms},
                               {"decode_tokens_per_s", tok_per_s},
-                              {"kv_bytes", pyr_session_kv_bytes(session)},
-                              {"kv_bytes_full", pyr_session_kv_bytes_full(session)},
-                              {"layers", layers},
                               {"device", pyr_engine_device(engine)},
                               {"cancelled", st == PYR_CANCELLED}};
+        out.update(memory_json(engine, session, opt.kv.policy));
         std::puts(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     } else {
         std::fputs("\n", stdout);
-        std::fprintf(stderr, "[%d prompt tokens, prefill %.1f ms; %zu generated, %.1f tokens/s; KV %.2f MiB%s]\n",
+        std::fprintf(stderr, "[%d prompt tokens, prefill %.1f ms; %zu generated, %.1f tokens/s; KV %.2f MiB, "
+                     "retention %.3f (%s)%s]\n",
                      prompt_tokens, prefill_ms, tokens.size(), tok_per_s,
                      double(pyr_session_kv_bytes(session)) / (1024.0 * 1024.0),
+                     pyr_examples::kv_retention_now(session), opt.kv.policy.c_str(),
                      st == PYR_CANCELLED ? "; cancelled" : "");
     }
     g_session = nullptr;

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """pyramid-cli end to end: --json greedy output on the bundled model against the HF fp32
-reference (tests/data/fixtures/bundled_reference.json), streaming output, and errors.
+reference (tests/data/fixtures/bundled_reference.json), streaming output, the KV memory
+fields (per-layer kept positions, mean retention, policy parameters), --kv-map, and errors.
 Usage: test_cli.py PATH/TO/pyramid-cli TESTS_DATA_DIR. Prints 'N passed, N failed'."""
 import json
+import os
 import subprocess
 import sys
+import tempfile
+import xml.etree.ElementTree as ET
 
 cli, data_dir = sys.argv[1], sys.argv[2]
 passed = failed = 0
@@ -80,6 +84,69 @@ r = run("--bogus")
 check(r.returncode == 2 and "--bogus" in r.stderr, "unknown flag")
 r = run("--max-tokens", "ten")
 check(r.returncode == 2 and "--max-tokens" in r.stderr, "bad number")
+
+# KV memory in --json: per layer the kept original positions now and right after prefill.
+def check_positions(out, what):
+    n_layers = len(out["layers"])
+    check(len(out["prefill_layers"]) == n_layers, f"{what}: prefill_layers for every layer")
+    for i, (now, pre) in enumerate(zip(out["layers"], out["prefill_layers"])):
+        for name, layer in (("layers", now), ("prefill_layers", pre)):
+            pos = layer["positions"]
+            check(len(pos) == layer["tokens"], f"{what}: {name}[{i}] positions count == tokens")
+            check(all(a < b for a, b in zip(pos, pos[1:])), f"{what}: {name}[{i}] ascending")
+        check(all(0 <= p < out["prompt_tokens"] for p in pre["positions"]),
+              f"{what}: prefill_layers[{i}] holds prompt positions only")
+    check(abs(out["mean_retention"] - out["kv_bytes"] / out["kv_bytes_full"]) < 1e-12,
+          f"{what}: mean_retention == kv_bytes / kv_bytes_full")
+
+
+def kv_map_layers(path):
+    """Parses the SVG (it must be well-formed XML) and returns its per-layer row groups."""
+    root = ET.parse(path).getroot()
+    check(root.tag == "{http://www.w3.org/2000/svg}svg", "kv map: an <svg> root")
+    return [g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("class") == "layer"]
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    svg = os.path.join(tmp, "map.svg")
+    r = run("--prompt", p["text"], "--temperature", "0", "--max-tokens", "4", "--json", "--kv-map", svg)
+    check(r.returncode == 0, f"--kv-map run: {r.stderr}")
+    out = json.loads(r.stdout)
+    P = out["prompt_tokens"]
+    check_positions(out, "full")
+    check(out["mean_retention"] == 1.0 and out["kv"]["policy"] == "full", "full: retention 1, policy")
+    check(all(layer["positions"] == list(range(P)) for layer in out["prefill_layers"]),
+          "full: every layer keeps 0..P-1 after prefill")
+    check(all(layer["positions"] == list(range(P + 3)) for layer in out["layers"]),
+          "full: every layer keeps every processed position at the end")
+    check(len(kv_map_layers(svg)) == len(out["layers"]), "kv map: one row group per layer")
+
+    # A compressing policy on a longer prompt: fewer tokens, still consistent, reported back.
+    code = open(f"{data_dir}/eval_sample.txt", encoding="utf-8").read().split("\0FILE\0")[0][:1500]
+    r = run("--prompt", code, "--temperature", "0", "--max-tokens", "20", "--json", "--kv-map", svg,
+            "--kv-policy", "pyramid", "--kv-retention", "0.5", "--kv-gen-e", "8")
+    check(r.returncode == 0, f"pyramid run: {r.stderr}")
+    if r.returncode == 0:
+        out = json.loads(r.stdout)
+        check_positions(out, "pyramid")
+        kv = out["kv"]
+        check(kv["policy"] == "pyramid" and kv["retention"] == 0.5 and kv["gen_e"] == 8,
+              f"pyramid: flags reported back in kv: {kv}")
+        check(all(k in kv for k in ("rho", "gamma", "recent_ratio", "window", "planned_retention")),
+              "pyramid: solved parameters reported")
+        check(out["mean_retention"] < 0.9, "pyramid 0.5: the cache is smaller")
+        check(out["prefill_layers"][0]["positions"] == list(range(out["prompt_tokens"])),
+              "pyramid: layer 0 keeps the whole prompt")
+        check(len(kv_map_layers(svg)) == len(out["layers"]), "pyramid kv map: one row per layer")
+
+r = run("--kv-retention", "1.5")
+check(r.returncode == 2 and "--kv-retention" in r.stderr, "bad --kv-retention")
+r = run("--kv-prefill-shrink", "maybe")
+check(r.returncode == 2 and "--kv-prefill-shrink" in r.stderr, "bad --kv-prefill-shrink")
+r = run("--kv-policy", "lru")
+check(r.returncode == 2 and "--kv-policy" in r.stderr, "unknown --kv-policy")
+r = run("--kv-pool", "4")
+check(r.returncode == 2 and "--kv-pool" in r.stderr, "even --kv-pool")
 
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
