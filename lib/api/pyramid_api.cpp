@@ -234,7 +234,7 @@ int32_t pyr_engine_tokenize(pyr_engine* engine, const char* text, int32_t add_bo
         auto ids = engine->engine->model().tokenizer().encode(text, add_bos != 0);
         if (ids.size() > size_t(INT32_MAX)) pyr::fail(PYR_ERR_INVALID_ARGUMENT, "text too long");
         count = int32_t(ids.size());
-        std::memcpy(tokens, ids.data(), sizeof(int32_t) * size_t(std::min(count, capacity)));
+        std::copy_n(ids.begin(), std::min(count, capacity), tokens);  // tokens may be NULL when 0
         return PYR_OK;
     });
     return st == PYR_OK ? count : int32_t(st);
