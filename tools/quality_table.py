@@ -13,6 +13,20 @@ BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
 PASSKEY_SHARE, PPL_SLACK = 0.8, 1.06
 
 
+POLICY_ORDER = ["full", "pyramid", "streaming", "h2o", "snapkv", "pyramidkv", "snapshrink"]
+
+
+def row_key(item):
+    """full first, then rows without a target (pyramid's own knobs), then by target from the
+    largest down, the policies in a fixed order, and shrinking on before off."""
+    label, r = item
+    kv = (r.get("perplexity") or r.get("passkey"))["kv"]
+    policy = kv["policy"]
+    rank = POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER)
+    target = kv.get("retention") or 0
+    return (policy != "full", target != 0, -target, rank, -kv.get("prefill_shrink", 0), label)
+
+
 def load(path):
     rows = {}
     for line in open(path, encoding="utf-8"):
@@ -35,6 +49,8 @@ def describe(ppl, pk):
         knobs = f"rho {kv['rho']:.3g}, gamma {kv['gamma']:.3g}, W {kv.get('window', '–')}"
     elif "budget" in kv:
         knobs = f"budget {kv['budget']}"
+        if kv.get("prefill_shrink") and kv.get("shrink_start"):
+            knobs += f", shrinks from layer {kv['shrink_start']}"
     return shrink, knobs
 
 
@@ -58,7 +74,7 @@ def table(rows):
     head += [f"passkey {length}" for length in lengths]
     head += ["retention (passkey)", "meets the bar"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, r in rows.items():
+    for label, r in sorted(rows.items(), key=row_key):
         ppl, pk = r.get("perplexity"), r.get("passkey")
         shrink, knobs = describe(ppl, pk)
         rel = f"{100 * (ppl['ppl'] / full_ppl['ppl'] - 1):+.1f} %" if ppl and full_ppl else "–"
