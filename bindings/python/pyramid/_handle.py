@@ -59,3 +59,28 @@ class Handle:
                 self._interrupt(ptr)
             self._cond.wait_for(lambda: self._busy == 0)
         self._destroy(ptr)
+
+
+class Closeable:
+    """The lifetime protocol of Model and Session over their `_handle`: `closed`, use as a
+    context manager, and release on garbage collection. Subclasses define close()."""
+
+    _handle: Handle
+
+    def close(self) -> None:
+        self._handle.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.is_closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()

@@ -5,14 +5,14 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 from . import capi
 from ._errors import Status, error
-from ._handle import Handle
+from ._handle import Closeable, Handle
 from ._params import fill
 
 if TYPE_CHECKING:
     from ._session import Session
 
 
-class Model:
+class Model(Closeable):
     """Loads the HF LLaMA checkpoint in directory `path` (default: the bundled model).
 
     Engine parameters are the fields of pyr_engine_params by name: `device` ("auto", "cpu",
@@ -40,21 +40,6 @@ class Model:
     def close(self) -> None:
         """Releases this reference; open Sessions keep working. Idempotent."""
         self._handle.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._handle.is_closed
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        handle = getattr(self, "_handle", None)
-        if handle is not None:
-            handle.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.device

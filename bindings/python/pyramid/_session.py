@@ -6,7 +6,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 from . import capi
 from ._errors import Status, StateError, error
-from ._handle import Handle
+from ._handle import Closeable, Handle
 from ._memory import LayerMemory, Memory
 from ._model import Model
 from ._params import as_dict, fill
@@ -17,7 +17,7 @@ class Piece(NamedTuple):
     text: str   # whole UTF-8 characters only (may be "")
 
 
-class Session:
+class Session(Closeable):
     """A conversation on `model`. Parameters are the fields of pyr_session_params by name
     (max_tokens, temperature, top_k, top_p, min_p, seed, n_ctx, kv_policy, kv_retention, ...);
     an unknown name raises TypeError, a bad value InvalidArgumentError.
@@ -49,21 +49,6 @@ class Session:
     def close(self) -> None:
         """Frees the session (cancelling a call in flight on another thread). Idempotent."""
         self._handle.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._handle.is_closed
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        handle = getattr(self, "_handle", None)
-        if handle is not None:
-            handle.close()
 
     @property
     def params(self) -> Dict[str, Any]:
