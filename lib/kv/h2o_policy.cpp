@@ -22,7 +22,7 @@ public:
         first_prefill_ = first_prefill;
         for (auto& s : staged_) s.clear();
         if (!first_prefill) return;
-        budget_ = peer_budget(params_.retention, n_tokens, 2);
+        budget_ = peer_budget(params_, n_tokens, 2);
         for (auto& a : acc_) a.clear();
     }
     ObservationRequest observe(int) const override {
@@ -61,7 +61,7 @@ public:
         first_prefill_ = false;
     }
     double param(const std::string& name) const override {
-        if (name == "retention") return params_.retention > 0.0f ? params_.retention : 0.5;
+        if (name == "retention") return params_.peer_retention();
         if (name == "prefill_shrink") return params_.prefill_shrink == 1 ? 1 : 0;
         if (name == "shrink_start") return std::max(params_.shrink_start, 0);
         if (name == "budget" && budget_ > 0) return budget_;
@@ -69,8 +69,7 @@ public:
     }
 
 private:
-    // Retention 1 keeps everything, in generation too.
-    bool lossless() const { return params_.retention >= 1.0f; }
+    bool lossless() const { return params_.lossless(); }
     // Adds the step's column sums to the layer's accumulated scores (new keys start at 0).
     void add_staged(int il) {
         auto& acc = acc_[size_t(il)];

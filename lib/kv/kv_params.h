@@ -19,6 +19,11 @@ struct KvParams {
     int32_t shrink_start = -1;    // first layer whose selection shrinks the prefill; -1 = default
     int32_t obs_window = -1;      // -1 = the policy's default
     int32_t pool = -1;            // -1 = the policy's default
+
+    // Retention 1 keeps everything, in generation too.
+    bool lossless() const { return retention >= 1.0f; }
+    // The peers' target: unset (0) means 0.5.
+    double peer_retention() const { return retention > 0.0f ? retention : 0.5; }
 };
 
 }  // namespace pyr

@@ -16,6 +16,6 @@ std::unique_ptr<KvPolicy> make_h2o_policy(const KvParams& params, int n_layer);
 
 // The peers' token budget per layer for a prompt of n_prompt tokens: round(retention * P),
 // at least `floor` and at most P (retention 0 = unset means 0.5).
-int32_t peer_budget(float retention, int32_t n_prompt, int32_t floor);
+int32_t peer_budget(const KvParams& params, int32_t n_prompt, int32_t floor);
 
 }  // namespace pyr

@@ -35,7 +35,7 @@ public:
     }
 
     double param(const std::string& name) const override {
-        if (name == "retention") return retention();
+        if (name == "retention") return params_.peer_retention();
         if (planned_ && name == "budget") return budget_;
         if (planned_ && name == "window") return recent(0);
         if (kind_ == Kind::SnapShrink && name == "recent_ratio") return params_.recent_ratio;
@@ -45,7 +45,7 @@ public:
 protected:
     void plan(int32_t n_prompt) override {
         n_prompt_ = n_prompt;
-        budget_ = peer_budget(params_.retention, n_prompt, 1);
+        budget_ = peer_budget(params_, n_prompt, 1);
     }
     int32_t recent(int il) const override {
         int32_t r = window_;
@@ -63,7 +63,6 @@ protected:
     }
 
 private:
-    double retention() const { return params_.retention > 0.0f ? params_.retention : 0.5; }
     int32_t layer_budget(int il) const {
         if (kind_ != Kind::PyramidKv || n_layer_ == 1) return budget_;
         const double scale = 1.5 - double(il) / (n_layer_ - 1);  // 1.5x .. 0.5x
@@ -90,8 +89,8 @@ std::unique_ptr<KvPolicy> make_snapshrink_policy(const KvParams& params, int n_l
     return std::make_unique<SnapKvPolicy>(params, n_layer, SnapKvPolicy::Kind::SnapShrink);
 }
 
-int32_t peer_budget(float retention, int32_t n_prompt, int32_t floor) {
-    const double t = retention > 0.0f ? retention : 0.5;
+int32_t peer_budget(const KvParams& params, int32_t n_prompt, int32_t floor) {
+    const double t = params.peer_retention();
     return std::clamp(int32_t(std::lround(t * n_prompt)), std::min(floor, n_prompt), n_prompt);
 }
 

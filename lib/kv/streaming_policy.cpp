@@ -15,7 +15,7 @@ public:
 
     void begin_step(int32_t n_tokens, bool first_prefill) override {
         first_prefill_ = first_prefill;
-        if (first_prefill) budget_ = peer_budget(params_.retention, n_tokens, params_.sinks + 1);
+        if (first_prefill) budget_ = peer_budget(params_, n_tokens, params_.sinks + 1);
     }
     std::optional<std::vector<int32_t>> on_layer(int il, const Observation&,
                                                  const KvCache& cache) override {
@@ -36,7 +36,7 @@ public:
         first_prefill_ = false;
     }
     double param(const std::string& name) const override {
-        if (name == "retention") return params_.retention > 0.0f ? params_.retention : 0.5;
+        if (name == "retention") return params_.peer_retention();
         if (name == "sinks") return params_.sinks;
         if (name == "prefill_shrink") return params_.prefill_shrink == 1 ? 1 : 0;
         if (name == "shrink_start") return std::max(params_.shrink_start, 0);
@@ -45,8 +45,7 @@ public:
     }
 
 private:
-    // Retention 1 keeps everything, in generation too.
-    bool lossless() const { return params_.retention >= 1.0f; }
+    bool lossless() const { return params_.lossless(); }
     std::vector<int32_t> sinks_and_recent(int32_t n) const {
         const int32_t sinks = std::min(params_.sinks, budget_);
         std::vector<int32_t> keep;

@@ -45,7 +45,7 @@ protected:
     bool planned_ = false;
 
     // The generation block size; retention 1 keeps everything, in generation too.
-    int32_t gen_e() const { return params_.retention >= 1.0f ? 0 : params_.gen_e; }
+    int32_t gen_e() const { return params_.lossless() ? 0 : params_.gen_e; }
 
 private:
     std::vector<int32_t> select_prefill(int il, const Observation& obs);
