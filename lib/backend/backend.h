@@ -25,10 +25,16 @@ struct SequenceStep {
                                          // the output head
 };
 
+// Device memory a backend holds, by use (0 on the CPU backend).
+struct DeviceMemory {
+    uint64_t weights = 0, kv = 0, scratch = 0, peak = 0;
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
     virtual std::string device_name() const = 0;
+    virtual DeviceMemory device_memory() const { return {}; }
 
     // Empty storage for one session's cache of at most n_ctx tokens per layer.
     virtual std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) = 0;
@@ -43,7 +49,23 @@ public:
     virtual void forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) = 0;
 };
 
+// Checks one step of a batch against the model (token ids, positions, a cache of the right
+// depth); throws PYR_ERR_INVALID_ARGUMENT naming `who` and the bad value.
+void check_sequence_step(const ModelConfig& config, const SequenceStep& step, const char* who);
+
 // The CPU backend over `model` with n_threads workers (0 = hardware threads).
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_threads);
+
+// CUDA devices usable by this build: 0 without a device, a driver, or CUDA support compiled in.
+int cuda_device_count();
+// The CUDA backend on device `device` with a memory budget (0 = the device's memory); throws
+// PYR_ERR_UNSUPPORTED when the build or the machine has no such device, PYR_ERR_OUT_OF_MEMORY
+// when the weights do not fit the budget.
+std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int device,
+                                           uint64_t max_device_bytes);
+// The same with random weights of `config`'s shapes made on the device (pyramid-bench).
+std::unique_ptr<Backend> make_cuda_backend_random(const ModelConfig& config, bool bf16,
+                                                  uint64_t seed, int device,
+                                                  uint64_t max_device_bytes);
 
 }  // namespace pyr

@@ -27,14 +27,22 @@ std::shared_ptr<Engine> Engine::open(const std::string& dir, const EngineParams&
         fail(PYR_ERR_INVALID_ARGUMENT,
              "n_threads must be >= 0 (0 = all hardware threads), got " +
                  std::to_string(params.n_threads));
-    if (device.rfind("cuda", 0) == 0)
-        fail(PYR_ERR_UNSUPPORTED, "device '" + params.device +
-                                      "': this build of pyramid has no CUDA backend yet; "
-                                      "use device \"cpu\" or \"auto\"");
-    // "auto" falls back to the CPU while there is no CUDA backend.
+    const int n_cuda = cuda_device_count();
+    if (device == "auto") device = n_cuda > 0 ? "cuda:0" : "cpu";
+    const int cuda_index = device == "cpu" ? -1 : std::stoi(device.substr(5));
+    if (cuda_index >= n_cuda)  // before loading anything
+        fail(PYR_ERR_UNSUPPORTED,
+             "device '" + params.device + "': " +
+                 (n_cuda > 0 ? "this machine has " + std::to_string(n_cuda) + " CUDA device(s)"
+                             : std::string("no CUDA device is available (no GPU, no driver, or "
+                                           "a build without CUDA)")) +
+                 "; use device \"cpu\" or \"auto\"");
     auto engine = std::shared_ptr<Engine>(new Engine());
     engine->model_ = Model::load(dir);
-    engine->backend_ = make_cpu_backend(engine->model_, params.n_threads);
+    if (device == "cpu")
+        engine->backend_ = make_cpu_backend(engine->model_, params.n_threads);
+    else
+        engine->backend_ = make_cuda_backend(engine->model_, cuda_index, params.max_device_bytes);
     engine->device_ = engine->backend_->device_name();
     engine->kv_bytes_per_token_ = engine->backend_->new_kv_storage(1)->bytes_per_token();
     PYR_LOG_INFO("engine ready on " + engine->device_ + ": " + dir);

@@ -133,21 +133,8 @@ std::unique_ptr<KvStorage> CpuBackend::new_kv_storage(int32_t n_ctx) {
 }
 
 void CpuBackend::check_step(const SequenceStep& step) const {
-    if (!step.tokens || !step.positions || step.n_tokens <= 0 || !step.cache)
-        fail(PYR_ERR_INVALID_ARGUMENT, "cpu backend: a step needs tokens, positions, "
-                                       "n_tokens > 0 and a cache");
-    PYR_ASSERT(step.cache->n_layer() == config_.n_layer);
+    check_sequence_step(config_, step, "cpu backend");
     PYR_ASSERT(cpu_storage(*step.cache).kv_dim() == config_.n_head_kv * config_.head_dim);
-    for (int32_t t = 0; t < step.n_tokens; ++t) {
-        if (step.tokens[t] < 0 || step.tokens[t] >= config_.n_vocab)
-            fail(PYR_ERR_INVALID_ARGUMENT, "cpu backend: token id " +
-                                               std::to_string(step.tokens[t]) +
-                                               " is outside [0, " +
-                                               std::to_string(config_.n_vocab) + ")");
-        if (step.positions[t] < 0)
-            fail(PYR_ERR_INVALID_ARGUMENT, "cpu backend: negative position " +
-                                               std::to_string(step.positions[t]));
-    }
 }
 
 void CpuBackend::resize_scratch(int32_t n_tokens) {

@@ -1,0 +1,63 @@
+// Shared device helpers of the kernels: the 16-bit element types, conversions, warp
+// reductions and the dispatch from kernels::Dt to a C++ type.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace pyr::kernels {
+
+template <typename T> __device__ __forceinline__ float to_f32(T x);
+template <> __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) {
+    return __bfloat162float(x);
+}
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) {
+    return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// 8 consecutive 16-bit elements, loaded as one 16-byte access, widened to fp32.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float out[8]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = to_f32(e[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+inline unsigned blocks_for(int64_t n, int threads) {
+    return unsigned((n + threads - 1) / threads);
+}
+
+}  // namespace pyr::kernels
+
+// Runs `body` with `T` bound to the C++ type of kernels::Dt `dt`.
+#define PYR_DISPATCH_DT(dt, body)                                                   \
+    do {                                                                            \
+        if ((dt) == ::pyr::kernels::Dt::F16) {                                      \
+            using T = __half;                                                       \
+            body;                                                                   \
+        } else {                                                                    \
+            using T = __nv_bfloat16;                                                \
+            body;                                                                   \
+        }                                                                           \
+    } while (0)

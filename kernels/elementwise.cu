@@ -1,0 +1,190 @@
+// Row-wise and element-wise kernels: embedding gather, RMSNorm, bias, SwiGLU, row gather,
+// dtype conversion, random fill and argmax. CPU references: lib/backend/cpu/cpu_ops.h.
+#include <cfloat>
+
+#include "common.cuh"
+
+namespace pyr::kernels {
+namespace {
+
+template <typename T>
+__global__ void embed_kernel(const T* table, const int32_t* tokens, int32_t n_embd, float* x) {
+    const int64_t t = blockIdx.x;
+    const T* row = table + int64_t(tokens[t]) * n_embd;
+    for (int32_t i = threadIdx.x; i < n_embd; i += blockDim.x) x[t * n_embd + i] = to_f32(row[i]);
+}
+
+// One block per row: sum of squares reduced over the block, then the scaled row.
+template <typename T>
+__global__ void rmsnorm_kernel(const float* x, int32_t dim, const T* w, float eps, T* out) {
+    const int64_t t = blockIdx.x;
+    const float* xr = x + t * dim;
+    float ss = 0.0f;
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+    __shared__ float partial[32];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) partial[0] = v;
+    }
+    __syncthreads();
+    const float scale = rsqrtf(partial[0] / float(dim) + eps);
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x)
+        out[t * dim + i] = from_f32<T>(to_f32(w[i]) * (xr[i] * scale));
+}
+
+template <typename T>
+__global__ void add_bias_kernel(float* y, int32_t ncols, int32_t ld, const T* b) {
+    const int64_t t = blockIdx.y;
+    const int32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < ncols) y[t * ld + i] += to_f32(b[i]);
+}
+
+template <typename T>
+__global__ void silu_mul_kernel(const float* gu, int32_t n_ff, T* out) {
+    const int64_t t = blockIdx.y;
+    const int32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_ff) return;
+    const float g = gu[t * 2 * n_ff + i], u = gu[t * 2 * n_ff + n_ff + i];
+    out[t * n_ff + i] = from_f32<T>(g / (1.0f + __expf(-g)) * u);
+}
+
+// One block per output row; 16-byte words when the row allows, else 4-byte words.
+__global__ void gather_rows_kernel(const char* src, size_t row_bytes, const int32_t* index,
+                                   char* dst) {
+    const char* s = src + size_t(index[blockIdx.x]) * row_bytes;
+    char* d = dst + size_t(blockIdx.x) * row_bytes;
+    if (row_bytes % 16 == 0 && (reinterpret_cast<uintptr_t>(src) % 16) == 0 &&
+        (reinterpret_cast<uintptr_t>(dst) % 16) == 0) {
+        for (size_t i = threadIdx.x; i < row_bytes / 16; i += blockDim.x)
+            reinterpret_cast<uint4*>(d)[i] = reinterpret_cast<const uint4*>(s)[i];
+    } else {
+        for (size_t i = threadIdx.x; i < row_bytes / 4; i += blockDim.x)
+            reinterpret_cast<uint32_t*>(d)[i] = reinterpret_cast<const uint32_t*>(s)[i];
+    }
+}
+
+template <typename T>
+__global__ void convert_f32_kernel(const float* in, int64_t n, T* out) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+         i += int64_t(gridDim.x) * blockDim.x)
+        out[i] = from_f32<T>(in[i]);
+}
+
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+template <typename T>
+__global__ void fill_random_kernel(T* out, int64_t n, uint64_t seed, float scale, float offset) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+         i += int64_t(gridDim.x) * blockDim.x) {
+        const uint64_t r = splitmix64(seed ^ splitmix64(uint64_t(i)));
+        const float u = float(r >> 40) * (2.0f / 16777216.0f) - 1.0f;  // 24 bits -> [-1, 1)
+        out[i] = from_f32<T>(offset + scale * u);
+    }
+}
+
+// One block per row; ties go to the lowest index.
+__global__ void argmax_rows_kernel(const float* logits, int32_t n_vocab, int32_t* out) {
+    const float* row = logits + int64_t(blockIdx.x) * n_vocab;
+    float best = -FLT_MAX;
+    int32_t best_i = INT32_MAX;
+    for (int32_t i = threadIdx.x; i < n_vocab; i += blockDim.x)
+        if (row[i] > best) best = row[i], best_i = i;
+    for (int o = 16; o > 0; o >>= 1) {
+        const float b = __shfl_xor_sync(0xffffffffu, best, o);
+        const int32_t bi = __shfl_xor_sync(0xffffffffu, best_i, o);
+        if (b > best || (b == best && bi < best_i)) best = b, best_i = bi;
+    }
+    __shared__ float sb[32];
+    __shared__ int32_t si[32];
+    if ((threadIdx.x & 31) == 0) sb[threadIdx.x >> 5] = best, si[threadIdx.x >> 5] = best_i;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (unsigned w = 1; w < blockDim.x / 32; ++w)
+            if (sb[w] > sb[0] || (sb[w] == sb[0] && si[w] < si[0])) sb[0] = sb[w], si[0] = si[w];
+        out[blockIdx.x] = si[0];
+    }
+}
+
+constexpr int kThreads = 256;
+unsigned grid_stride_blocks(int64_t n) {
+    const int64_t b = (n + kThreads - 1) / kThreads;
+    return unsigned(b < 65536 ? (b > 0 ? b : 1) : 65536);
+}
+
+}  // namespace
+
+cudaError_t embed(Dt dt, const void* table, const int32_t* tokens, int32_t n, int32_t n_embd,
+                  float* x, cudaStream_t stream) {
+    if (n <= 0) return cudaSuccess;
+    PYR_DISPATCH_DT(dt, (embed_kernel<T><<<n, kThreads, 0, stream>>>(
+                            static_cast<const T*>(table), tokens, n_embd, x)));
+    return cudaGetLastError();
+}
+
+cudaError_t rmsnorm(Dt dt, const float* x, int32_t n, int32_t dim, const void* w, float eps,
+                    void* out, cudaStream_t stream) {
+    if (n <= 0) return cudaSuccess;
+    PYR_DISPATCH_DT(dt, (rmsnorm_kernel<T><<<n, 512, 0, stream>>>(
+                            x, dim, static_cast<const T*>(w), eps, static_cast<T*>(out))));
+    return cudaGetLastError();
+}
+
+cudaError_t add_bias(Dt dt, float* y, int32_t n, int32_t ncols, int32_t ld, const void* b,
+                     cudaStream_t stream) {
+    if (n <= 0) return cudaSuccess;
+    const dim3 grid(blocks_for(ncols, kThreads), unsigned(n));
+    PYR_DISPATCH_DT(dt, (add_bias_kernel<T><<<grid, kThreads, 0, stream>>>(
+                            y, ncols, ld, static_cast<const T*>(b))));
+    return cudaGetLastError();
+}
+
+cudaError_t silu_mul(Dt dt, const float* gu, int32_t n, int32_t n_ff, void* out,
+                     cudaStream_t stream) {
+    if (n <= 0) return cudaSuccess;
+    const dim3 grid(blocks_for(n_ff, kThreads), unsigned(n));
+    PYR_DISPATCH_DT(dt, (silu_mul_kernel<T><<<grid, kThreads, 0, stream>>>(
+                            gu, n_ff, static_cast<T*>(out))));
+    return cudaGetLastError();
+}
+
+cudaError_t gather_rows(const void* src, size_t row_bytes, const int32_t* index, int32_t n,
+                        void* dst, cudaStream_t stream) {
+    if (n <= 0 || row_bytes == 0) return cudaSuccess;
+    if (row_bytes % 4 != 0) return cudaErrorInvalidValue;
+    gather_rows_kernel<<<n, 128, 0, stream>>>(static_cast<const char*>(src), row_bytes, index,
+                                              static_cast<char*>(dst));
+    return cudaGetLastError();
+}
+
+cudaError_t convert_f32(Dt dt, const float* in, int64_t n, void* out, cudaStream_t stream) {
+    if (n <= 0) return cudaSuccess;
+    PYR_DISPATCH_DT(dt, (convert_f32_kernel<T><<<grid_stride_blocks(n), kThreads, 0, stream>>>(
+                            in, n, static_cast<T*>(out))));
+    return cudaGetLastError();
+}
+
+cudaError_t fill_random(Dt dt, void* out, int64_t n, uint64_t seed, float scale, float offset,
+                        cudaStream_t stream) {
+    if (n <= 0) return cudaSuccess;
+    PYR_DISPATCH_DT(dt, (fill_random_kernel<T><<<grid_stride_blocks(n), kThreads, 0, stream>>>(
+                            static_cast<T*>(out), n, seed, scale, offset)));
+    return cudaGetLastError();
+}
+
+cudaError_t argmax_rows(const float* logits, int32_t n_rows, int32_t n_vocab, int32_t* out,
+                        cudaStream_t stream) {
+    if (n_rows <= 0) return cudaSuccess;
+    argmax_rows_kernel<<<n_rows, 1024, 0, stream>>>(logits, n_vocab, out);
+    return cudaGetLastError();
+}
+
+}  // namespace pyr::kernels

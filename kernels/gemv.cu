@@ -1,0 +1,136 @@
+// Matrix times a few token vectors (decode): y = W a (+ y), one warp per output row, W read
+// once with 16-byte loads, fp32 accumulation. Larger token counts go to cuBLAS
+// (lib/backend/cuda/cuda_linear.cpp). CPU reference: cpu::matmul.
+#include <cstdlib>
+
+#include "common.cuh"
+
+namespace pyr::kernels {
+namespace {
+
+constexpr int kWarps = 8;
+
+template <typename T, int NT>
+__device__ __forceinline__ void accumulate8(const float wf[8], const T* a, int32_t cols,
+                                            int32_t c, float acc[NT]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        float af[8];
+        load8(a + int64_t(t) * cols + c, af);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[t] = fmaf(wf[e], af[e], acc[t]);
+    }
+}
+
+// Each warp computes R consecutive rows: R independent 16-byte loads of W per step and
+// four steps unrolled keep 4R loads in flight per lane.
+template <typename T, int NT, int R>
+__global__ void __launch_bounds__(kWarps * 32)
+gemv_kernel(const T* W, int32_t rows, int32_t cols, const T* a, float* y, int32_t ld,
+            float beta) {
+    const int lane = threadIdx.x & 31;
+    const int64_t r0 = (int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * R;
+    if (r0 >= rows) return;
+    const int nr = rows - r0 < R ? int(rows - r0) : R;
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[r][t] = 0.0f;
+    const T* w[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) w[r] = W + (r0 + (r < nr ? r : 0)) * cols;  // past the end: reread row 0
+    if ((cols & 7) == 0) {
+        int32_t c = lane * 8;
+        for (; c + 3 * 256 < cols; c += 4 * 256) {
+            float wf[4][R][8];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+#pragma unroll
+                for (int r = 0; r < R; ++r) load8(w[r] + c + u * 256, wf[u][r]);
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+#pragma unroll
+                for (int r = 0; r < R; ++r) accumulate8<T, NT>(wf[u][r], a, cols, c + u * 256, acc[r]);
+        }
+        for (; c < cols; c += 256) {
+            float wf[R][8];
+#pragma unroll
+            for (int r = 0; r < R; ++r) load8(w[r] + c, wf[r]);
+#pragma unroll
+            for (int r = 0; r < R; ++r) accumulate8<T, NT>(wf[r], a, cols, c, acc[r]);
+        }
+    } else {  // rows not 16-byte aligned: element by element
+        for (int32_t c = lane; c < cols; c += 32)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float wf = to_f32(w[r][c]);
+#pragma unroll
+                for (int t = 0; t < NT; ++t)
+                    acc[r][t] = fmaf(wf, to_f32(a[int64_t(t) * cols + c]), acc[r][t]);
+            }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[r][t] = warp_sum(acc[r][t]);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r >= nr) break;
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                float* out = y + int64_t(t) * ld + r0 + r;
+                *out = beta != 0.0f ? acc[r][t] + beta * *out : acc[r][t];
+            }
+        }
+    }
+}
+
+// Rows per warp: PYRAMID_GEMV_ROWS (1, 2 or 4) for measuring. 1 by default: on an H100,
+// 7B decode ran at 152 tok/s with 1, 143 with 2 and 144 with 4 (tools/gpu_check.sh).
+int rows_per_warp() {
+    static const int r = [] {
+        const char* env = std::getenv("PYRAMID_GEMV_ROWS");
+        const int v = env ? std::atoi(env) : 1;
+        return v == 2 || v == 4 ? v : 1;
+    }();
+    return r;
+}
+
+template <typename T, int R>
+cudaError_t launch_rows(const T* W, int32_t rows, int32_t cols, const T* a, int32_t n, float* y,
+                        int32_t ld, float beta, cudaStream_t stream) {
+    const unsigned grid = blocks_for(rows, kWarps * R);
+    switch (n) {
+#define PYR_GEMV_CASE(N) \
+    case N: gemv_kernel<T, N, R><<<grid, kWarps * 32, 0, stream>>>(W, rows, cols, a, y, ld, beta); break;
+        PYR_GEMV_CASE(1) PYR_GEMV_CASE(2) PYR_GEMV_CASE(3) PYR_GEMV_CASE(4)
+        PYR_GEMV_CASE(5) PYR_GEMV_CASE(6) PYR_GEMV_CASE(7) PYR_GEMV_CASE(8)
+#undef PYR_GEMV_CASE
+        default: return cudaErrorInvalidValue;
+    }
+    return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch(const T* W, int32_t rows, int32_t cols, const T* a, int32_t n, float* y,
+                   int32_t ld, float beta, cudaStream_t stream) {
+    // more rows per warp need more registers: with many tokens, one row per warp
+    const int r = n > 4 ? 1 : rows_per_warp();
+    if (r == 4) return launch_rows<T, 4>(W, rows, cols, a, n, y, ld, beta, stream);
+    if (r == 2) return launch_rows<T, 2>(W, rows, cols, a, n, y, ld, beta, stream);
+    return launch_rows<T, 1>(W, rows, cols, a, n, y, ld, beta, stream);
+}
+
+}  // namespace
+
+cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a, int32_t n,
+                 float* y, int32_t ld, float beta, cudaStream_t stream) {
+    static_assert(kGemvMaxTokens == 8, "gemv instantiates 1..8 tokens");
+    if (n <= 0 || rows <= 0) return cudaSuccess;
+    PYR_DISPATCH_DT(dt, return launch<T>(static_cast<const T*>(W), rows, cols,
+                                         static_cast<const T*>(a), n, y, ld, beta, stream));
+}
+
+}  // namespace pyr::kernels

@@ -1,0 +1,116 @@
+// Launch functions of the CUDA kernels (kernels/*.cu). Each takes device pointers, sizes
+// and a stream, nothing else, queues its work and returns the launch's status
+// (cudaGetLastError); the host side (lib/backend/cuda/) turns a failure into pyr::Error.
+// Every kernel has its CPU reference in lib/backend/cpu/cpu_ops.h.
+//
+// Element types: weights, the activations fed to matrix products and the KV cache are in the
+// model's 16-bit type `Dt` (F16 or BF16); the residual stream, projection outputs, RoPE and
+// every accumulation are fp32. Matrices are row-major; "rows" of activations are tokens.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace pyr::kernels {
+
+enum class Dt { F16, BF16 };
+inline size_t dt_size(Dt) { return 2; }
+
+// x[t, :] = table[tokens[t], :] as fp32. table (n_vocab, n_embd) Dt; x (n, n_embd).
+cudaError_t embed(Dt dt, const void* table, const int32_t* tokens, int32_t n, int32_t n_embd,
+                  float* x, cudaStream_t stream);
+
+// out[t, :] = Dt(x[t, :] / sqrt(mean(x[t, :]^2) + eps) * w). x (n, dim) fp32, w (dim) Dt.
+cudaError_t rmsnorm(Dt dt, const float* x, int32_t n, int32_t dim, const void* w, float eps,
+                    void* out, cudaStream_t stream);
+
+// y[t, :ncols] += b (ncols) Dt, for rows t < n of y with row stride ld.
+cudaError_t add_bias(Dt dt, float* y, int32_t n, int32_t ncols, int32_t ld, const void* b,
+                     cudaStream_t stream);
+
+// out[t, i] = Dt(silu(gu[t, i]) * gu[t, n_ff + i]): gu (n, 2 n_ff) fp32 is the fused
+// gate|up projection; out (n, n_ff).
+cudaError_t silu_mul(Dt dt, const float* gu, int32_t n, int32_t n_ff, void* out,
+                     cudaStream_t stream);
+
+// y[t, r] = sum_c W[r, c] a[t, c] + beta * y[t, r] for t < n, r < rows, fp32 accumulation.
+// W (rows, cols) Dt, a (n, cols) Dt, y (n, ld) fp32. For few tokens (n <= kGemvMaxTokens):
+// one pass over W at memory speed. beta is 0 or 1 (1 fuses the residual add).
+constexpr int kGemvMaxTokens = 8;
+cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a, int32_t n,
+                 float* y, int32_t ld, float beta, cudaStream_t stream);
+
+// RoPE (HF rotate-half) and the KV append for a batch of sequences, one launch. qkv (N,
+// q_dim + 2 kv_dim) fp32 is the fused projection of all N tokens (sequence s owns rows
+// [row0[s], row0[s+1])). Rotates q in place and writes rotated k and v as Dt to sequence s's
+// cache rows [slot0[s], slot0[s] + its tokens). cos, sin (N, head_dim/2).
+constexpr int kMaxBatch = 64;  // sequences per launch (descriptors travel by value)
+struct RopeStoreBatch {
+    int32_t n_seq = 0;
+    int32_t row0[kMaxBatch + 1] = {};
+    void* k_cache[kMaxBatch] = {};  // (capacity, kv_dim) Dt
+    void* v_cache[kMaxBatch] = {};
+    int32_t slot0[kMaxBatch] = {};
+};
+cudaError_t rope_store(Dt dt, float* qkv, const RopeStoreBatch& batch, int32_t n_head,
+                       int32_t n_head_kv, int32_t head_dim, const float* cos, const float* sin,
+                       cudaStream_t stream);
+
+// Causal attention of one sequence's n_q queries over its n_kv cached keys, the queries
+// being the last n_q of them: query i sees keys j <= n_kv - n_q + i. Never materialises
+// the score matrix (online softmax over key tiles).
+struct AttnSeq {
+    const float* q = nullptr;  // (n_q, q_stride) fp32, already rotated; head h at h*head_dim
+    int32_t q_stride = 0;
+    int32_t n_q = 0;
+    const void* k = nullptr;   // (n_kv, n_head_kv*head_dim) Dt
+    const void* v = nullptr;
+    int32_t n_kv = 0;
+    void* out = nullptr;       // (n_q, n_head*head_dim) Dt
+    float* lse = nullptr;      // (n_q, n_head) log2-sum-exp2 of the scaled scores, for observe
+    float* scores = nullptr;   // optional: raw scores (log2 units) of queries scores_from..,
+    int32_t scores_from = 0;   // (n_q - scores_from, n_head, n_kv); keys a query cannot see
+                               // are left unwritten
+};
+struct AttnBatch {
+    int32_t n_seq = 0;
+    AttnSeq seq[kMaxBatch];
+};
+// head_dim: even, <= 256. Query head h reads KV head h / (n_head / n_head_kv).
+cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,
+                      int32_t head_dim, cudaStream_t stream);
+
+// What KV policies observe (kv_policy.h), exact softmax probabilities averaged over the
+// query heads, from what attention() stored:
+// attention_rows: rows (n_rows, n_kv) of n_rows consecutive queries from their raw scores
+// (n_rows, n_head, n_kv) and lse (n_rows, n_head); row r sees keys j <= first_limit + r
+// (first_limit = n_kv - n_q + the first row's query index), 0 elsewhere.
+cudaError_t attention_rows(const float* scores, const float* lse, int32_t n_rows,
+                           int32_t n_head, int32_t n_kv, int32_t first_limit, float* rows,
+                           cudaStream_t stream);
+// attention_col_sums: col_sums (n_kv), zeroed beforehand, += the probabilities summed over
+// all of the sequence's queries (recomputed from q, k and lse).
+cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,
+                               int32_t head_dim, float* col_sums, cudaStream_t stream);
+
+// dst[i, :] = src[index[i], :] for i < n, rows of row_bytes (a multiple of 4). Compacts kept
+// cache slots and the rows of a shrinking prefill. src and dst must not overlap.
+cudaError_t gather_rows(const void* src, size_t row_bytes, const int32_t* index, int32_t n,
+                        void* dst, cudaStream_t stream);
+
+// out[i] = Dt(in[i]) for i < n (F32 checkpoints are converted on the device).
+cudaError_t convert_f32(Dt dt, const float* in, int64_t n, void* out, cudaStream_t stream);
+
+// out[i] = Dt(offset + scale * u) with u uniform in [-1, 1) from a counter hash of
+// (seed, i): random weights of real shapes for benchmarks.
+cudaError_t fill_random(Dt dt, void* out, int64_t n, uint64_t seed, float scale, float offset,
+                        cudaStream_t stream);
+
+// Greedy decoding on the device: out[s] = argmax of logits row s (n_rows, n_vocab) fp32,
+// lowest index on ties.
+cudaError_t argmax_rows(const float* logits, int32_t n_rows, int32_t n_vocab, int32_t* out,
+                        cudaStream_t stream);
+
+}  // namespace pyr::kernels

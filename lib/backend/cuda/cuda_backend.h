@@ -1,0 +1,113 @@
+// The CUDA backend: the LLaMA forward pass on an NVIDIA GPU for a batch of sequences (one
+// stream; projections through cuda_linear, everything else through kernels/) and its KV
+// storage: per (session, layer) device arrays in the model's 16-bit type, ragged -- each
+// layer grows and is compacted on its own.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_context.h"
+#include "kernels/kernels.h"
+
+namespace pyr::cuda {
+
+class CudaKvStorage final : public KvStorage {
+public:
+    CudaKvStorage(std::shared_ptr<Context> ctx, kernels::Dt dt, int n_layer, int32_t n_ctx,
+                  int32_t kv_dim);
+
+    uint64_t bytes_per_token() const override { return 2 * uint64_t(kv_dim_) * 2; }
+    // Compacts the kept slots on the device (gather into a right-sized buffer).
+    void retain(int il, const std::vector<int32_t>& keep) override;
+    void truncate(int il, int32_t n) override;
+
+    // Makes room for n_total tokens in layer il (geometric growth, at most n_ctx).
+    void reserve(int il, int32_t n_total);
+    void set_size(int il, int32_t n) { layers_[size_t(il)].size = n; }
+    int32_t size(int il) const { return layers_[size_t(il)].size; }
+    void* keys(int il) const { return layers_[size_t(il)].k.get(); }    // (capacity, kv_dim)
+    void* values(int il) const { return layers_[size_t(il)].v.get(); }
+    int32_t kv_dim() const { return kv_dim_; }
+
+private:
+    struct Layer {
+        DeviceBuffer k, v;
+        int32_t size = 0, capacity = 0;
+    };
+    void reallocate(Layer& layer, int32_t capacity, const int32_t* index_dev, int32_t n_rows);
+
+    std::shared_ptr<Context> ctx_;
+    kernels::Dt dt_;
+    std::vector<Layer> layers_;
+    int32_t n_ctx_, kv_dim_;
+};
+
+class CudaBackend final : public Backend {
+public:
+    // Weights from a loaded model (F16 and BF16 stay as they are; F32 becomes F16).
+    CudaBackend(std::shared_ptr<Context> ctx, std::shared_ptr<const Model> model);
+    // Random weights of the config's shapes in `dt`, made on the device (benchmarks).
+    CudaBackend(std::shared_ptr<Context> ctx, const ModelConfig& config, kernels::Dt dt,
+                uint64_t seed);
+
+    std::string device_name() const override { return "cuda:" + std::to_string(ctx_->device()); }
+    std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) override;
+    void forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) override;
+    DeviceMemory device_memory() const override;
+
+private:
+    struct LayerWeights {
+        DeviceBuffer attn_norm, wqkv, bqkv, wo, bo, ffn_norm, w_gate_up, b_gate_up, w_down, b_down;
+    };
+    struct Weights {
+        DeviceBuffer tok_embd, output_norm, output;  // output empty: tied to tok_embd
+        std::vector<LayerWeights> layers;
+    };
+    struct Scratch {
+        DeviceBuffer tokens, cos, sin, x, xn, qkv, att, lse, gu, h, x_tmp, cos_tmp, sin_tmp;
+        DeviceBuffer rows_index, obs, scores, logits;
+        int32_t n_rows = 0;  // rows the token buffers hold
+        size_t obs_floats = 0, score_floats = 0, n_logits = 0;
+    };
+    // One sequence's tokens while they go through the layers.
+    struct InFlight {
+        int32_t row0 = 0, n = 0;          // rows [row0, row0 + n) of the batch buffers
+        std::vector<int32_t> positions;   // of the rows still in flight
+        bool first_prefill = false;
+    };
+    // An observation measured on the device, handed to the policy after the step.
+    struct Deferred {
+        int seq, il;
+        int32_t n_rows, n_keys;
+        size_t rows_off, sums_off;  // floats into the observation buffer; SIZE_MAX: none
+    };
+
+    void init_common();
+    void upload(const ModelWeights& w);
+    void randomize(uint64_t seed);
+    DeviceBuffer upload_tensor(const Tensor& t);
+    DeviceBuffer upload_concat(std::initializer_list<const Tensor*> parts);
+    void ensure_scratch(int32_t n_rows, int n_seq);
+    void ensure_obs(size_t floats, size_t keep);
+    void forward_batch(SequenceStep* steps, int n_seq, const std::atomic<bool>* cancel);
+    void observe_layer(int il, SequenceStep* steps, const kernels::AttnBatch& ab,
+                       const std::vector<ObservationRequest>& reqs, std::vector<InFlight>& seqs,
+                       std::vector<Deferred>& deferred, size_t& obs_used);
+    void shrink_rows(std::vector<InFlight>& seqs, const std::vector<std::vector<int32_t>>& kept);
+    void finish_deferred(SequenceStep* steps, const std::vector<Deferred>& deferred,
+                         size_t obs_used);
+
+    std::shared_ptr<Context> ctx_;
+    std::shared_ptr<const Model> model_;  // keeps the host weights' owner alive
+    ModelConfig config_;
+    kernels::Dt dt_;
+    Weights w_;
+    Scratch s_;
+    std::mutex mutex_;  // one forward at a time: the scratch is shared
+    int32_t q_dim_ = 0, kv_dim_ = 0, qkv_dim_ = 0;
+};
+
+}  // namespace pyr::cuda

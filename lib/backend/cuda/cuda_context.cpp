@@ -1,0 +1,145 @@
+#include "backend/cuda/cuda_context.h"
+
+#include <algorithm>
+
+#include "common/log.h"
+
+namespace pyr::cuda {
+
+void fail_cuda(cudaError_t err, const char* what, const char* file, int line) {
+    cudaGetLastError();  // clear a sticky launch error so later calls report their own
+    const pyr_status st = err == cudaErrorMemoryAllocation ? PYR_ERR_OUT_OF_MEMORY : PYR_ERR_INTERNAL;
+    fail(st, std::string("CUDA error ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
+                 ") in " + what + " at " + file + ":" + std::to_string(line));
+}
+
+void fail_cublas(cublasStatus_t st, const char* what, const char* file, int line) {
+    fail(st == CUBLAS_STATUS_ALLOC_FAILED ? PYR_ERR_OUT_OF_MEMORY : PYR_ERR_INTERNAL,
+         std::string("cuBLAS error ") + cublasGetStatusString(st) + " in " + what + " at " +
+             file + ":" + std::to_string(line));
+}
+
+int device_count() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+std::shared_ptr<Context> Context::open(int index, uint64_t max_bytes) {
+    const int n = device_count();
+    if (index < 0 || index >= n)
+        fail(PYR_ERR_UNSUPPORTED, "device cuda:" + std::to_string(index) + ": " +
+                                      (n == 0 ? std::string("no CUDA device is present (or no driver)")
+                                              : "only " + std::to_string(n) + " CUDA device(s) found"));
+    auto ctx = std::shared_ptr<Context>(new Context());
+    ctx->device_ = index;
+    PYR_CUDA_CHECK(cudaSetDevice(index));
+    cudaDeviceProp prop{};
+    PYR_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
+    if (prop.major < 7)
+        fail(PYR_ERR_UNSUPPORTED, std::string("device cuda:") + std::to_string(index) + " (" +
+                                      prop.name + ") has compute capability " +
+                                      std::to_string(prop.major) + "." + std::to_string(prop.minor) +
+                                      "; pyramid needs 7.0 or newer");
+    ctx->name_ = prop.name;
+    size_t free_b = 0, total_b = 0;
+    PYR_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    ctx->budget_ = max_bytes ? max_bytes : uint64_t(total_b);
+    // Keep freed blocks in the stream-ordered pool instead of returning them at each sync:
+    // KV compaction and growing scratch allocate and free every few steps.
+    cudaMemPool_t pool = nullptr;
+    PYR_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, index));
+    uint64_t keep_all = UINT64_MAX;
+    PYR_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+    PYR_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->stream_, cudaStreamNonBlocking));
+    PYR_CUBLAS_CHECK(cublasCreate(&ctx->cublas_));
+    PYR_CUBLAS_CHECK(cublasSetStream(ctx->cublas_, ctx->stream_));
+    PYR_LOG_INFO("cuda:" + std::to_string(index) + " " + ctx->name_ + ", " +
+                 std::to_string(free_b >> 20) + " MiB free, budget " +
+                 std::to_string(ctx->budget_ >> 20) + " MiB");
+    return ctx;
+}
+
+Context::~Context() {
+    cudaSetDevice(device_);
+    if (stream_) cudaStreamSynchronize(stream_);
+    if (cublas_) cublasDestroy(cublas_);
+    if (stream_) cudaStreamDestroy(stream_);
+}
+
+void Context::make_current() const { PYR_CUDA_CHECK(cudaSetDevice(device_)); }
+
+void Context::sync() const { PYR_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+MemoryUse Context::memory() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return use_;
+}
+
+static uint64_t& counter(MemoryUse& u, Use use) {
+    return use == Use::Weights ? u.weights : use == Use::Kv ? u.kv : u.scratch;
+}
+
+void* Context::raw_alloc(size_t bytes, Use use) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (use_.total() + bytes > budget_)
+            fail(PYR_ERR_OUT_OF_MEMORY,
+                 "device memory budget exceeded: " + std::to_string(bytes) + " more bytes for " +
+                     (use == Use::Weights ? "weights" : use == Use::Kv ? "the KV cache" : "scratch") +
+                     " on top of " + std::to_string(use_.total()) + " in use (weights " +
+                     std::to_string(use_.weights) + ", KV " + std::to_string(use_.kv) +
+                     ", scratch " + std::to_string(use_.scratch) + ") would pass the budget of " +
+                     std::to_string(budget_) + " (max_device_bytes)");
+        counter(use_, use) += bytes;
+        use_.peak = std::max(use_.peak, use_.total());
+    }
+    void* p = nullptr;
+    // Stream-ordered: freeing does not stall the device, and a freed block is reused in order.
+    const cudaError_t err = cudaMallocAsync(&p, bytes, stream_);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        std::lock_guard<std::mutex> lock(mutex_);
+        counter(use_, use) -= bytes;
+        fail(err == cudaErrorMemoryAllocation ? PYR_ERR_OUT_OF_MEMORY : PYR_ERR_INTERNAL,
+             "cudaMallocAsync of " + std::to_string(bytes) + " bytes failed: " +
+                 cudaGetErrorString(err));
+    }
+    return p;
+}
+
+void Context::raw_free(void* p, size_t bytes, Use use) noexcept {
+    cudaSetDevice(device_);
+    cudaFreeAsync(p, stream_);
+    std::lock_guard<std::mutex> lock(mutex_);
+    counter(use_, use) -= bytes;
+}
+
+DeviceBuffer::DeviceBuffer(std::shared_ptr<Context> ctx, size_t bytes, Use use)
+    : ctx_(std::move(ctx)), bytes_(bytes), use_(use) {
+    if (bytes_ > 0) ptr_ = ctx_->raw_alloc(bytes_, use_);
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+        reset();
+        ctx_ = std::move(o.ctx_);
+        ptr_ = o.ptr_;
+        bytes_ = o.bytes_;
+        use_ = o.use_;
+        o.ptr_ = nullptr;
+        o.bytes_ = 0;
+    }
+    return *this;
+}
+
+void DeviceBuffer::reset() {
+    if (ptr_) ctx_->raw_free(ptr_, bytes_, use_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+}
+
+}  // namespace pyr::cuda

@@ -1,0 +1,101 @@
+// The CUDA side of an engine: its device, its one stream, its cuBLAS handle and the device
+// allocator that enforces the memory budget. Every CUDA and cuBLAS call goes through
+// PYR_CUDA_CHECK / PYR_CUBLAS_CHECK, which throw pyr::Error (never exit: this is a library).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "common/error.h"
+
+namespace pyr::cuda {
+
+[[noreturn]] void fail_cuda(cudaError_t err, const char* what, const char* file, int line);
+[[noreturn]] void fail_cublas(cublasStatus_t st, const char* what, const char* file, int line);
+
+#define PYR_CUDA_CHECK(call)                                                           \
+    do {                                                                               \
+        const cudaError_t pyr_err_ = (call);                                           \
+        if (pyr_err_ != cudaSuccess) ::pyr::cuda::fail_cuda(pyr_err_, #call, __FILE__, __LINE__); \
+    } while (0)
+#define PYR_CUBLAS_CHECK(call)                                                         \
+    do {                                                                               \
+        const cublasStatus_t pyr_st_ = (call);                                         \
+        if (pyr_st_ != CUBLAS_STATUS_SUCCESS)                                          \
+            ::pyr::cuda::fail_cublas(pyr_st_, #call, __FILE__, __LINE__);              \
+    } while (0)
+
+// What device memory is used for, for the budget report.
+enum class Use { Weights, Kv, Scratch };
+
+struct MemoryUse {
+    uint64_t weights = 0, kv = 0, scratch = 0, peak = 0;
+    uint64_t total() const { return weights + kv + scratch; }
+};
+
+class Context;
+
+// A device allocation, freed (stream-ordered) when destroyed. Move-only.
+class DeviceBuffer {
+public:
+    DeviceBuffer() = default;
+    DeviceBuffer(std::shared_ptr<Context> ctx, size_t bytes, Use use);
+    DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+    DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    ~DeviceBuffer() { reset(); }
+
+    void reset();
+    void* get() const { return ptr_; }
+    template <typename T> T* as() const { return static_cast<T*>(ptr_); }
+    size_t bytes() const { return bytes_; }
+
+private:
+    std::shared_ptr<Context> ctx_;
+    void* ptr_ = nullptr;
+    size_t bytes_ = 0;
+    Use use_ = Use::Scratch;
+};
+
+class Context : public std::enable_shared_from_this<Context> {
+public:
+    // Opens device `index` with a budget of max_bytes (0 = what the device has).
+    static std::shared_ptr<Context> open(int index, uint64_t max_bytes);
+    ~Context();
+
+    int device() const { return device_; }
+    cudaStream_t stream() const { return stream_; }
+    cublasHandle_t cublas() const { return cublas_; }
+    const std::string& name() const { return name_; }
+    // Makes this context's device current on the calling thread (CUDA state is per thread).
+    void make_current() const;
+
+    DeviceBuffer alloc(size_t bytes, Use use) { return DeviceBuffer(shared_from_this(), bytes, use); }
+    MemoryUse memory() const;
+    void sync() const;
+
+private:
+    friend class DeviceBuffer;
+    Context() = default;
+    void* raw_alloc(size_t bytes, Use use);
+    void raw_free(void* p, size_t bytes, Use use) noexcept;
+
+    int device_ = 0;
+    std::string name_;
+    cudaStream_t stream_ = nullptr;
+    cublasHandle_t cublas_ = nullptr;
+    uint64_t budget_ = 0;
+    mutable std::mutex mutex_;  // guards the counters (KV storage is touched by session threads)
+    MemoryUse use_;
+};
+
+// Number of usable CUDA devices; 0 when there is no driver or no device.
+int device_count();
+
+}  // namespace pyr::cuda

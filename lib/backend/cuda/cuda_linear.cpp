@@ -1,0 +1,33 @@
+#include "backend/cuda/cuda_linear.h"
+
+#include <cstdlib>
+
+namespace pyr::cuda {
+
+// PYRAMID_CUDA_GEMV_MAX=0 sends every product to cuBLAS (for comparing the two paths).
+static int gemv_max_tokens() {
+    static const int n = [] {
+        const char* env = std::getenv("PYRAMID_CUDA_GEMV_MAX");
+        const int v = env ? std::atoi(env) : kernels::kGemvMaxTokens;
+        return v < 0 ? 0 : (v > kernels::kGemvMaxTokens ? kernels::kGemvMaxTokens : v);
+    }();
+    return n;
+}
+
+void linear(Context& ctx, kernels::Dt dt, const void* W, int32_t rows, int32_t cols,
+            const void* a, int32_t n, float* y, int32_t ld, bool accumulate) {
+    if (n <= 0) return;
+    if (n <= gemv_max_tokens()) {
+        PYR_CUDA_CHECK(kernels::gemv(dt, W, rows, cols, a, n, y, ld, accumulate ? 1.0f : 0.0f,
+                                     ctx.stream()));
+        return;
+    }
+    // Row-major y (n, rows) = a (n, cols) W^T is column-major y^T = W^T(col-major (cols, rows))^T a^T.
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    const cudaDataType_t t = dt == kernels::Dt::F16 ? CUDA_R_16F : CUDA_R_16BF;
+    PYR_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &alpha,
+                                  W, t, cols, a, t, cols, &beta, y, CUDA_R_32F, ld,
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace pyr::cuda
