@@ -2,6 +2,8 @@
 // contract, the memory estimate, seeded sampling across reset, device selection.
 #include <doctest/doctest.h>
 
+#include "backend/backend.h"
+
 #include <string>
 #include <vector>
 
@@ -67,8 +69,10 @@ TEST_CASE("memory estimate and stats agree with the layout") {
     pyr_session_params sp;
     pyr_session_params_init(&sp);
     sp.n_ctx = 100;
-    // 10 layers x 100 tokens x (K + V) x 2 kv heads x 64 dims x 4 bytes (fp32 on the CPU)
-    CHECK(pyr_engine_session_bytes_estimate(engine, &sp) == 10ull * 100 * 2 * 2 * 64 * 4);
+    // 10 layers x 100 tokens x (K + V) x 2 kv heads x 64 dims x 4 bytes (fp32 on the CPU;
+    // 2 bytes on a GPU, where "auto" opens the engine)
+    const uint64_t elem = std::string(pyr_engine_device(engine)) == "cpu" ? 4 : 2;
+    CHECK(pyr_engine_session_bytes_estimate(engine, &sp) == 10ull * 100 * 2 * 2 * 64 * elem);
     sp.temperature = 0.0f;
     sp.max_tokens = 5;
     pyr_session* s = nullptr;
@@ -77,7 +81,7 @@ TEST_CASE("memory estimate and stats agree with the layout") {
     // 4 prompt tokens (BOS + 3) and 5 generated, of which the last is not processed yet.
     int32_t processed = pyr_session_layer_tokens(s, 0);
     CHECK(pyr_session_n_tokens(s) == processed + 1);
-    CHECK(pyr_session_kv_bytes(s) == uint64_t(processed) * 10 * 2 * 2 * 64 * 4);
+    CHECK(pyr_session_kv_bytes(s) == uint64_t(processed) * 10 * 2 * 2 * 64 * elem);
     CHECK(pyr_session_layer_tokens(s, 10) == 0);  // out of range
     CHECK(pyr_session_layer_bytes(s, -1) == 0);
     pyr_session_destroy(s);
@@ -108,9 +112,13 @@ TEST_CASE("device selection and engine params are checked") {
     pyr_engine_params ep;
     pyr_engine_params_init(&ep);
     pyr_engine* engine = nullptr;
-    ep.device = "cuda:0";
+    const bool gpu = pyr::cuda_device_count() > 0;
+    ep.device = "cuda:7";  // past the devices of any machine this runs on
     CHECK(pyr_engine_open(PYR_TEST_MODEL_DIR, &ep, &engine) == PYR_ERR_UNSUPPORTED);
     CHECK(std::string(pyr_engine_errmsg(engine)).find("CUDA") != std::string::npos);
+    pyr_engine_close(engine);
+    ep.device = "cuda:0";
+    CHECK(pyr_engine_open(PYR_TEST_MODEL_DIR, &ep, &engine) == (gpu ? PYR_OK : PYR_ERR_UNSUPPORTED));
     pyr_engine_close(engine);
     ep.device = "cpu";
     ep.n_threads = -2;
@@ -120,6 +128,6 @@ TEST_CASE("device selection and engine params are checked") {
     ep.n_threads = 1;
     ep.device = nullptr;  // NULL means auto
     REQUIRE(pyr_engine_open(PYR_TEST_MODEL_DIR, &ep, &engine) == PYR_OK);
-    CHECK(std::string(pyr_engine_device(engine)) == "cpu");
+    CHECK(std::string(pyr_engine_device(engine)) == (gpu ? "cuda:0" : "cpu"));
     pyr_engine_close(engine);
 }

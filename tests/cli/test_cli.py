@@ -24,7 +24,8 @@ def check(cond, what):
 
 
 def run(*args):
-    return subprocess.run([cli, *args], capture_output=True, text=True, timeout=300)
+    # on the CPU: the expectations are the fp32 reference's (tests/cuda covers the GPU)
+    return subprocess.run([cli, "--device", "cpu", *args], capture_output=True, text=True, timeout=300)
 
 
 def rel_close(a, b, rel=1e-3):

@@ -23,7 +23,8 @@ def check(cond, what):
 
 
 def run(*args):
-    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=300)
+    # on the CPU: the expectations are the fp32 reference's (tests/cuda covers the GPU)
+    return subprocess.run([tool, "--device", "cpu", *args], capture_output=True, text=True, timeout=300)
 
 
 def run_json(*args):

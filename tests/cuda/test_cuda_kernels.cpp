@@ -1,0 +1,875 @@
+// The CUDA kernels (kernels/kernels.h) against slow, obvious host references in double.
+// Every test draws fresh random inputs (the seed is printed on failure; PYR_TEST_SEED
+// replays one), poisons its outputs with NaN bytes first so that an element the kernel
+// never wrote cannot pass, and feeds the reference the same 16-bit-rounded inputs as the
+// device, so that only output rounding and accumulation order separate the two.
+#include <cuda_runtime.h>
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "kernels/kernels.h"
+
+namespace {
+
+namespace K = pyr::kernels;
+using K::Dt;
+
+const Dt kDts[] = {Dt::F16, Dt::BF16};
+
+// ---- CUDA plumbing ----------------------------------------------------------------------
+
+bool have_gpu() {
+    int n = 0;
+    const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+    cudaGetLastError();  // a failed query must not leak into the next check
+    return ok;
+}
+
+#define GPU_OR_SKIP()                     \
+    do {                                  \
+        if (!have_gpu()) {                \
+            MESSAGE("no CUDA device");    \
+            return;                       \
+        }                                 \
+    } while (0)
+
+#define CUDA_OK(call)                                                                  \
+    do {                                                                               \
+        const cudaError_t cuda_ok_err = (call);                                        \
+        REQUIRE_MESSAGE(cuda_ok_err == cudaSuccess,                                    \
+                        #call " -> " << cudaGetErrorString(cuda_ok_err));              \
+    } while (0)
+
+// A launch function's status, then the kernel's own (faults surface at the sync).
+#define LAUNCH_OK(call)                         \
+    do {                                        \
+        CUDA_OK(call);                          \
+        CUDA_OK(cudaDeviceSynchronize());       \
+    } while (0)
+
+// Device memory of n elements of T, freed on scope exit.
+template <typename T>
+class DeviceArray {
+public:
+    explicit DeviceArray(size_t n) : n_(n) {
+        CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&p_), std::max<size_t>(bytes(), 1)));
+    }
+    explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) { upload(host); }
+    DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; }
+    DeviceArray(const DeviceArray&) = delete;
+    DeviceArray& operator=(const DeviceArray&) = delete;
+    DeviceArray& operator=(DeviceArray&&) = delete;
+    ~DeviceArray() { cudaFree(p_); }
+
+    T* get() const { return p_; }
+    size_t size() const { return n_; }
+    size_t bytes() const { return n_ * sizeof(T); }
+
+    void upload(const std::vector<T>& host) {
+        REQUIRE(host.size() == n_);
+        CUDA_OK(cudaMemcpy(p_, host.data(), bytes(), cudaMemcpyHostToDevice));
+    }
+    std::vector<T> download() const {
+        std::vector<T> host(n_);
+        CUDA_OK(cudaMemcpy(host.data(), p_, bytes(), cudaMemcpyDeviceToHost));
+        return host;
+    }
+    // All bytes 0xFF: NaN as fp32, fp16 and bf16, -1 as int32.
+    void poison() { CUDA_OK(cudaMemset(p_, 0xFF, bytes())); }
+    void zero() { CUDA_OK(cudaMemset(p_, 0, bytes())); }
+
+private:
+    T* p_ = nullptr;
+    size_t n_ = 0;
+};
+
+// ---- 16-bit values on the host ----------------------------------------------------------
+
+// fp32 -> IEEE half bits, round to nearest even, with subnormals, overflow to inf and NaN.
+uint16_t f32_to_f16_bits(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return uint16_t(sign | 0x7e00u);
+    if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520 rounds to inf
+    if (ax >= 0x38800000u) {                                  // normal half (>= 2^-14)
+        uint32_t h = ((ax >> 23) - 112) << 10 | ((ax & 0x7fffffu) >> 13);
+        const uint32_t rem = ax & 0x1fffu;
+        if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) ++h;
+        return uint16_t(sign | h);
+    }
+    if (ax <= 0x33000000u) return uint16_t(sign);  // <= 2^-25: ties to even zero
+    // subnormal half: the value in units of 2^-24, rounded
+    const uint32_t mant = (ax & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126 - (ax >> 23);
+    uint32_t h = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (h & 1))) ++h;
+    return uint16_t(sign | h);
+}
+
+// fp32 -> bf16 bits, round to nearest even, NaN kept NaN.
+uint16_t f32_to_bf16_bits(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return uint16_t((x >> 16) | 0x40u);
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return uint16_t(x >> 16);
+}
+
+uint16_t to_bits(Dt dt, float f) { return dt == Dt::F16 ? f32_to_f16_bits(f) : f32_to_bf16_bits(f); }
+float from_bits(Dt dt, uint16_t h) { return dt == Dt::F16 ? pyr::f16_to_f32(h) : pyr::bf16_to_f32(h); }
+const char* dt_name(Dt dt) { return dt == Dt::F16 ? "F16" : "BF16"; }
+
+// Relative-norm tolerance of a 16-bit output: a few of its rounding steps.
+double tol16(Dt dt) { return dt == Dt::F16 ? 2e-3 : 1.5e-2; }
+
+std::vector<double> widen(Dt dt, const std::vector<uint16_t>& bits) {
+    std::vector<double> out(bits.size());
+    for (size_t i = 0; i < bits.size(); ++i) out[i] = from_bits(dt, bits[i]);
+    return out;
+}
+std::vector<double> widen(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+// ---- random inputs ----------------------------------------------------------------------
+
+uint64_t pick_seed() {
+    if (const char* s = std::getenv("PYR_TEST_SEED")) return std::strtoull(s, nullptr, 10);
+    std::random_device rd;
+    return (uint64_t(rd()) << 32) ^ rd();
+}
+
+struct Rng {
+    uint64_t seed = pick_seed();
+    std::mt19937_64 gen{seed};
+
+    float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(gen); }
+    int32_t index(int32_t n) { return std::uniform_int_distribution<int32_t>(0, n - 1)(gen); }
+    std::vector<float> floats(size_t n, float lo, float hi) {
+        std::vector<float> v(n);
+        for (float& x : v) x = uniform(lo, hi);
+        return v;
+    }
+    // 16-bit values (bits) drawn uniformly in [lo, hi) and rounded to dt.
+    std::vector<uint16_t> bits16(Dt dt, size_t n, float lo, float hi) {
+        std::vector<uint16_t> v(n);
+        for (uint16_t& x : v) x = to_bits(dt, uniform(lo, hi));
+        return v;
+    }
+};
+
+// Declares `rng` and reports its seed with any failure of the enclosing scope.
+#define SEEDED_RNG()                                                       \
+    Rng rng;                                                               \
+    INFO("random seed " << rng.seed << " (replay: PYR_TEST_SEED=" << rng.seed << ")")
+
+// ---- comparisons ------------------------------------------------------------------------
+
+// ||out - ref|| / ||ref|| below tol, and every output finite (they all start as NaN).
+void check_close(const std::vector<double>& out, const std::vector<double>& ref, double tol) {
+    REQUIRE(out.size() == ref.size());
+    size_t non_finite = 0;
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < out.size(); ++i) {
+        if (!std::isfinite(out[i])) {
+            ++non_finite;
+            continue;
+        }
+        num += (out[i] - ref[i]) * (out[i] - ref[i]);
+        den += ref[i] * ref[i];
+    }
+    CHECK_MESSAGE(non_finite == 0, non_finite << " of " << out.size() << " outputs not finite");
+    const double rel = std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
+    CHECK_MESSAGE(rel < tol, "relative error " << rel << " >= " << tol);
+}
+
+template <typename T>
+size_t count_bit_mismatches(const std::vector<T>& a, const std::vector<T>& b) {
+    REQUIRE(a.size() == b.size());
+    size_t n = 0;
+    for (size_t i = 0; i < a.size(); ++i) n += std::memcmp(&a[i], &b[i], sizeof(T)) != 0;
+    return n;
+}
+
+}  // namespace
+
+// ---- element-wise and row-wise kernels --------------------------------------------------
+
+TEST_CASE("embed: rows of the 16-bit table, exactly, as fp32") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int32_t n_vocab = 50, n_embd = 4100;  // not a multiple of the block
+    std::vector<int32_t> tokens = {0, n_vocab - 1, 7, 7};  // both ends and a repeat
+    for (int i = 0; i < 33; ++i) tokens.push_back(rng.index(n_vocab));
+    const int32_t n = int32_t(tokens.size());
+    for (Dt dt : kDts) {
+        INFO("dt " << dt_name(dt));
+        const std::vector<uint16_t> table = rng.bits16(dt, size_t(n_vocab) * n_embd, -2.0f, 2.0f);
+        DeviceArray<uint16_t> d_table(table);
+        DeviceArray<int32_t> d_tokens(tokens);
+        DeviceArray<float> d_x(size_t(n) * n_embd);
+        d_x.poison();
+        LAUNCH_OK(K::embed(dt, d_table.get(), d_tokens.get(), n, n_embd, d_x.get(), nullptr));
+        std::vector<float> ref(size_t(n) * n_embd);
+        for (int32_t t = 0; t < n; ++t)
+            for (int32_t i = 0; i < n_embd; ++i)
+                ref[size_t(t) * n_embd + i] = from_bits(dt, table[size_t(tokens[t]) * n_embd + i]);
+        CHECK(count_bit_mismatches(d_x.download(), ref) == 0);
+    }
+}
+
+TEST_CASE("rmsnorm: x / rms(x) * w, rounded to the 16-bit type") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int32_t n = 5;
+    const float eps = 1e-5f;
+    for (Dt dt : kDts)
+        for (int32_t dim : {64, 4096, 77, 5000}) {
+            INFO("dt " << dt_name(dt) << ", dim " << dim);
+            std::vector<float> x = rng.floats(size_t(n) * dim, -3.0f, 3.0f);
+            // rows of very different magnitudes: the norm must be per row
+            for (int32_t t = 0; t < n; ++t)
+                for (int32_t i = 0; i < dim; ++i) x[size_t(t) * dim + i] *= std::pow(10.0f, float(t - 2));
+            const std::vector<uint16_t> w = rng.bits16(dt, size_t(dim), 0.5f, 1.5f);
+            DeviceArray<float> d_x(x);
+            DeviceArray<uint16_t> d_w(w), d_out(size_t(n) * dim);
+            d_out.poison();
+            LAUNCH_OK(K::rmsnorm(dt, d_x.get(), n, dim, d_w.get(), eps, d_out.get(), nullptr));
+            std::vector<double> ref(size_t(n) * dim);
+            for (int32_t t = 0; t < n; ++t) {
+                double ss = 0.0;
+                for (int32_t i = 0; i < dim; ++i) ss += double(x[size_t(t) * dim + i]) * x[size_t(t) * dim + i];
+                const double scale = 1.0 / std::sqrt(ss / dim + eps);
+                for (int32_t i = 0; i < dim; ++i)
+                    ref[size_t(t) * dim + i] = x[size_t(t) * dim + i] * scale * from_bits(dt, w[i]);
+            }
+            check_close(widen(dt, d_out.download()), ref, tol16(dt));
+        }
+}
+
+TEST_CASE("add_bias: y[t, :ncols] += b in rows ld apart, nothing else touched") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int32_t n = 6, ncols = 300, ld = 320;
+    for (Dt dt : kDts) {
+        INFO("dt " << dt_name(dt));
+        // one row more than n: the row after the last must stay as it was
+        const std::vector<float> y = rng.floats(size_t(n + 1) * ld, -4.0f, 4.0f);
+        const std::vector<uint16_t> b = rng.bits16(dt, size_t(ncols), -1.0f, 1.0f);
+        DeviceArray<float> d_y(y);
+        DeviceArray<uint16_t> d_b(b);
+        LAUNCH_OK(K::add_bias(dt, d_y.get(), n, ncols, ld, d_b.get(), nullptr));
+        std::vector<float> ref = y;
+        for (int32_t t = 0; t < n; ++t)
+            for (int32_t i = 0; i < ncols; ++i) ref[size_t(t) * ld + i] += from_bits(dt, b[i]);
+        // one fp32 addition per element: the device's IEEE result is the host's
+        CHECK(count_bit_mismatches(d_y.download(), ref) == 0);
+    }
+}
+
+TEST_CASE("silu_mul: silu(gate) * up of the fused gate|up rows") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int32_t n = 4, n_ff = 1000;
+    for (Dt dt : kDts) {
+        INFO("dt " << dt_name(dt));
+        std::vector<float> gu = rng.floats(size_t(n) * 2 * n_ff, -8.0f, 8.0f);
+        // gates far out in both tails: exp overflows there and must not turn into NaN
+        gu[3] = -100.0f;
+        gu[5] = 100.0f;
+        gu[size_t(2 * n_ff) + 11] = -60.0f;
+        DeviceArray<float> d_gu(gu);
+        DeviceArray<uint16_t> d_out(size_t(n) * n_ff);
+        d_out.poison();
+        LAUNCH_OK(K::silu_mul(dt, d_gu.get(), n, n_ff, d_out.get(), nullptr));
+        std::vector<double> ref(size_t(n) * n_ff);
+        for (int32_t t = 0; t < n; ++t)
+            for (int32_t i = 0; i < n_ff; ++i) {
+                const double g = gu[size_t(t) * 2 * n_ff + i], u = gu[size_t(t) * 2 * n_ff + n_ff + i];
+                ref[size_t(t) * n_ff + i] = g / (1.0 + std::exp(-g)) * u;
+            }
+        check_close(widen(dt, d_out.download()), ref, tol16(dt));
+    }
+}
+
+TEST_CASE("convert_f32: round to nearest even, bit for bit") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    // More elements than the grid-stride launch has threads (65536 blocks of 256).
+    const int64_t n = 65536LL * 256 + 4099;
+    std::vector<float> in(static_cast<size_t>(n));
+    // magnitudes 2^-40..2^40: fp16 underflow, subnormals, normals and overflow to inf
+    for (float& x : in)
+        x = std::ldexp(rng.uniform(1.0f, 2.0f), rng.index(81) - 40) * (rng.index(2) ? 1.0f : -1.0f);
+    const std::vector<float> specials = {
+        0.0f, -0.0f, INFINITY, -INFINITY, 65504.0f, 65519.99f, 65520.0f, -65520.0f,
+        std::ldexp(1.0f, -24), std::ldexp(1.0f, -25), std::ldexp(1.0001f, -25), 1e-8f,
+        FLT_MAX, -FLT_MAX, FLT_MIN, FLT_MIN / 4,  // the last an fp32 subnormal
+        1.0f + std::ldexp(1.0f, -11), 1.0f + 3 * std::ldexp(1.0f, -11),  // fp16 ties
+        1.0f + std::ldexp(1.0f, -8), 1.0f + 3 * std::ldexp(1.0f, -8)};   // bf16 ties
+    std::copy(specials.begin(), specials.end(), in.begin());
+    in[specials.size()] = std::numeric_limits<float>::quiet_NaN();
+    DeviceArray<float> d_in(in);
+    for (Dt dt : kDts) {
+        INFO("dt " << dt_name(dt));
+        DeviceArray<uint16_t> d_out(static_cast<size_t>(n));
+        d_out.poison();
+        LAUNCH_OK(K::convert_f32(dt, d_in.get(), n, d_out.get(), nullptr));
+        std::vector<uint16_t> out = d_out.download(), ref(in.size());
+        for (size_t i = 0; i < ref.size(); ++i) ref[i] = to_bits(dt, in[i]);
+        // NaN payloads may differ: NaN only has to stay NaN
+        CHECK(std::isnan(from_bits(dt, out[specials.size()])));
+        out[specials.size()] = ref[specials.size()];
+        for (size_t i = 0; i < specials.size(); ++i) {
+            INFO("special input " << specials[i]);
+            CHECK(out[i] == ref[i]);
+        }
+        // no input is NaN, so an unwritten (0xFFFF) element cannot match
+        CHECK(count_bit_mismatches(out, ref) == 0);
+    }
+}
+
+TEST_CASE("fill_random: uniform in [offset - scale, offset + scale], a function of (seed, i)") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int64_t n = 65536LL * 256 + 12345;  // beyond one grid-stride pass
+    const float scale = 0.5f, offset = 0.25f;  // both bounds exact in fp16 and bf16
+    const uint64_t seed = rng.gen();
+    for (Dt dt : kDts) {
+        INFO("dt " << dt_name(dt) << ", seed " << seed);
+        DeviceArray<uint16_t> d_a(static_cast<size_t>(n)), d_b(static_cast<size_t>(n));
+        d_a.poison();
+        d_b.poison();
+        LAUNCH_OK(K::fill_random(dt, d_a.get(), n, seed, scale, offset, nullptr));
+        LAUNCH_OK(K::fill_random(dt, d_b.get(), n, seed, scale, offset, nullptr));
+        const std::vector<uint16_t> a = d_a.download();
+        CHECK(count_bit_mismatches(a, d_b.download()) == 0);  // same seed, same values
+
+        size_t out_of_range = 0;
+        double sum = 0.0, sum2 = 0.0;
+        int64_t hist[8] = {};
+        for (uint16_t h : a) {
+            const double v = from_bits(dt, h);
+            if (!(v >= offset - scale && v <= offset + scale)) {  // NaN counts as out
+                ++out_of_range;
+                continue;
+            }
+            sum += v;
+            sum2 += (v - offset) * (v - offset);
+            ++hist[std::min(7, int((v - (offset - scale)) / (2 * scale) * 8))];
+        }
+        CHECK(out_of_range == 0);
+        // uniform: mean offset, variance scale^2 / 3, flat histogram (statistical noise is
+        // ~1e-4 here; the margins cover the rounding of the values to 16 bits)
+        CHECK(std::abs(sum / double(n) - offset) < 2e-3);
+        CHECK(std::abs(sum2 / double(n) / (scale * scale / 3.0) - 1.0) < 0.02);
+        for (int64_t count : hist) CHECK(std::abs(double(count) / (double(n) / 8) - 1.0) < 0.1);
+
+        // another seed: other values (equal ones only by the chance of the rounding grid)
+        LAUNCH_OK(K::fill_random(dt, d_b.get(), n, seed + 1, scale, offset, nullptr));
+        CHECK(count_bit_mismatches(a, d_b.download()) > size_t(n) * 95 / 100);
+
+        // element i depends on (seed, i) alone, not on n
+        DeviceArray<uint16_t> d_c(1000);
+        d_c.poison();
+        LAUNCH_OK(K::fill_random(dt, d_c.get(), 1000, seed, scale, offset, nullptr));
+        CHECK(count_bit_mismatches(d_c.download(), std::vector<uint16_t>(a.begin(), a.begin() + 1000)) == 0);
+    }
+}
+
+TEST_CASE("gather_rows: dst[i] = src[index[i]], 16-byte and 4-byte row copies") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int32_t n_src = 50, n = 70;  // more rows out than in: indices repeat
+    std::vector<int32_t> index(n);
+    for (int32_t& i : index) i = rng.index(n_src);
+    index[0] = n_src - 1;
+    index[1] = 0;
+    struct Shape {
+        size_t row_bytes, dst_offset;
+    };
+    // 16-multiple rows aligned (uint4 copies), misaligned by 4 bytes (word copies), rows of
+    // a 4-multiple only, the smallest row, and rows wider than one pass of the block.
+    const Shape shapes[] = {{64, 0}, {48, 4}, {12, 0}, {4, 0}, {4112, 0}};
+    const size_t guard = 64;  // bytes after the last row that must stay untouched
+    for (const Shape& sh : shapes) {
+        INFO("row_bytes " << sh.row_bytes << ", dst offset " << sh.dst_offset);
+        std::vector<uint8_t> src(sh.row_bytes * n_src);
+        for (uint8_t& b : src) b = uint8_t(rng.index(256));
+        DeviceArray<uint8_t> d_src(src), d_dst(sh.dst_offset + sh.row_bytes * n + guard);
+        DeviceArray<int32_t> d_index(index);
+        d_dst.poison();
+        LAUNCH_OK(K::gather_rows(d_src.get(), sh.row_bytes, d_index.get(), n,
+                                 d_dst.get() + sh.dst_offset, nullptr));
+        std::vector<uint8_t> ref(d_dst.size(), 0xFF);
+        for (int32_t i = 0; i < n; ++i)
+            std::memcpy(&ref[sh.dst_offset + size_t(i) * sh.row_bytes],
+                        &src[size_t(index[i]) * sh.row_bytes], sh.row_bytes);
+        CHECK(count_bit_mismatches(d_dst.download(), ref) == 0);
+    }
+    {  // rows that are not whole 4-byte words are refused
+        DeviceArray<uint8_t> d_src(6 * 4), d_dst(6 * 4);
+        DeviceArray<int32_t> d_index(std::vector<int32_t>{0, 1});
+        CHECK(K::gather_rows(d_src.get(), 6, d_index.get(), 2, d_dst.get(), nullptr) ==
+              cudaErrorInvalidValue);
+    }
+}
+
+TEST_CASE("argmax_rows: index of the row maximum, the lowest one on ties") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int32_t n_rows = 9;
+    for (int32_t n_vocab : {1, 10, 1000, 32003}) {
+        INFO("n_vocab " << n_vocab);
+        std::vector<float> logits(size_t(n_rows) * n_vocab);
+        for (int32_t r = 0; r < n_rows; ++r) {
+            float* row = &logits[size_t(r) * n_vocab];
+            for (int32_t i = 0; i < n_vocab; ++i) row[i] = rng.uniform(-10.0f, 10.0f);
+            const int32_t p = rng.index(n_vocab);
+            auto set = [&](int64_t i, float v) {
+                if (i >= 0 && i < n_vocab) row[i] = v;
+            };
+            switch (r) {
+                case 0: set(p, 20.0f); break;  // one clear maximum
+                case 1:                        // ties at random positions
+                    for (int k = 0; k < 4; ++k) set(rng.index(n_vocab), 20.0f);
+                    break;
+                case 2: std::fill(row, row + n_vocab, 3.5f); break;  // all equal
+                case 3: set(n_vocab - 1, 20.0f); break;              // the last index
+                case 4: set(p, 20.0f), set(p + 1024, 20.0f); break;  // one thread's two keys
+                case 5: set(p, 20.0f), set(p + 1, 20.0f); break;     // neighbouring lanes
+                case 6: set(p, 20.0f), set(p + 32 * 5, 20.0f); break;  // different warps
+                case 7:  // far negative with -inf entries
+                    for (int32_t i = 0; i < n_vocab; ++i)
+                        row[i] = i % 3 == 0 ? -INFINITY : rng.uniform(-3e38f, -1e38f);
+                    set(p, -5e37f);
+                    break;
+                default: set(0, 20.0f), set(n_vocab - 1, 20.0f); break;  // first and last
+            }
+        }
+        DeviceArray<float> d_logits(logits);
+        DeviceArray<int32_t> d_out(n_rows);
+        d_out.poison();
+        LAUNCH_OK(K::argmax_rows(d_logits.get(), n_rows, n_vocab, d_out.get(), nullptr));
+        const std::vector<int32_t> out = d_out.download();
+        for (int32_t r = 0; r < n_rows; ++r) {
+            const float* row = &logits[size_t(r) * n_vocab];
+            int32_t best = 0;
+            for (int32_t i = 1; i < n_vocab; ++i)
+                if (row[i] > row[best]) best = i;
+            INFO("row " << r);
+            CHECK(out[r] == best);
+        }
+    }
+}
+
+// ---- gemv ---------------------------------------------------------------------------------
+
+TEST_CASE("gemv: y = W a + beta y for 1..8 tokens") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int32_t rows = 300, ld = rows + 13;  // rows not a multiple of the block's 8 warps
+    // cols: the 4-load unrolled loop plus a tail, 16-byte loads only, element by element
+    for (Dt dt : kDts)
+        for (int32_t cols : {2056, 512, 77}) {
+            const std::vector<uint16_t> W = rng.bits16(dt, size_t(rows) * cols, -1.0f, 1.0f);
+            const std::vector<uint16_t> a = rng.bits16(dt, size_t(K::kGemvMaxTokens) * cols, -1.0f, 1.0f);
+            DeviceArray<uint16_t> d_W(W), d_a(a);
+            for (int32_t n = 1; n <= K::kGemvMaxTokens; ++n)
+                for (float beta : {0.0f, 1.0f}) {
+                    INFO("dt " << dt_name(dt) << ", cols " << cols << ", n " << n << ", beta " << beta);
+                    // n + 1 rows of ld: the padding columns and the extra row must survive
+                    std::vector<float> y = rng.floats(size_t(n + 1) * ld, -2.0f, 2.0f);
+                    if (beta == 0.0f)  // beta = 0 must not read y (0 * NaN would show)
+                        for (int32_t t = 0; t < n; ++t)
+                            std::fill_n(&y[size_t(t) * ld], rows, std::numeric_limits<float>::quiet_NaN());
+                    DeviceArray<float> d_y(y);
+                    LAUNCH_OK(K::gemv(dt, d_W.get(), rows, cols, d_a.get(), n, d_y.get(), ld, beta, nullptr));
+                    const std::vector<float> out = d_y.download();
+                    std::vector<double> got, ref;
+                    std::vector<float> untouched_got, untouched_ref;
+                    for (int32_t t = 0; t <= n; ++t)
+                        for (int32_t r = 0; r < ld; ++r) {
+                            const size_t i = size_t(t) * ld + r;
+                            if (t == n || r >= rows) {
+                                untouched_got.push_back(out[i]);
+                                untouched_ref.push_back(y[i]);
+                                continue;
+                            }
+                            double s = beta * double(y[i]);
+                            if (beta == 0.0f) s = 0.0;
+                            for (int32_t c = 0; c < cols; ++c)
+                                s += double(from_bits(dt, W[size_t(r) * cols + c])) *
+                                     from_bits(dt, a[size_t(t) * cols + c]);
+                            got.push_back(out[i]);
+                            ref.push_back(s);
+                        }
+                    check_close(got, ref, 1e-5);
+                    CHECK(count_bit_mismatches(untouched_got, untouched_ref) == 0);
+                }
+        }
+    {  // more tokens than kGemvMaxTokens are refused
+        DeviceArray<uint16_t> d_W(64 * 64), d_a(64 * 9);
+        DeviceArray<float> d_y(64 * 9);
+        CHECK(K::gemv(Dt::F16, d_W.get(), 64, 64, d_a.get(), K::kGemvMaxTokens + 1, d_y.get(),
+                      64, 0.0f, nullptr) == cudaErrorInvalidValue);
+    }
+}
+
+// ---- rope_store -------------------------------------------------------------------------
+
+TEST_CASE("rope_store: q rotated in place, rotated k and v appended to each cache") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int32_t n_head = 4, n_head_kv = 2;
+    // ragged batch, one sequence with no new tokens; caches written from nonzero slots
+    const std::vector<int32_t> tokens = {1, 5, 0, 17};
+    const std::vector<int32_t> slot0 = {3, 11, 4, 2};
+    const int32_t n_seq = int32_t(tokens.size());
+    for (int32_t hd : {64, 80})
+        for (Dt dt : kDts) {
+            INFO("dt " << dt_name(dt) << ", head_dim " << hd);
+            const int32_t half = hd / 2, q_dim = n_head * hd, kv_dim = n_head_kv * hd;
+            const int32_t width = q_dim + 2 * kv_dim;
+            K::RopeStoreBatch batch;
+            batch.n_seq = n_seq;
+            for (int32_t s = 0; s < n_seq; ++s) batch.row0[s + 1] = batch.row0[s] + tokens[s];
+            const int32_t N = batch.row0[n_seq];
+            const std::vector<float> qkv = rng.floats(size_t(N) * width, -2.0f, 2.0f);
+            std::vector<float> cos(size_t(N) * half), sin(size_t(N) * half);
+            for (size_t i = 0; i < cos.size(); ++i) {
+                const float angle = rng.uniform(-3.2f, 3.2f);
+                cos[i] = std::cos(angle);
+                sin[i] = std::sin(angle);
+            }
+            DeviceArray<float> d_qkv(qkv), d_cos(cos), d_sin(sin);
+            std::vector<DeviceArray<uint16_t>> k_cache, v_cache;
+            std::vector<int32_t> capacity(n_seq);
+            for (int32_t s = 0; s < n_seq; ++s) {
+                capacity[s] = slot0[s] + tokens[s] + 3;  // rows after the new ones too
+                k_cache.emplace_back(size_t(capacity[s]) * kv_dim);
+                v_cache.emplace_back(size_t(capacity[s]) * kv_dim);
+                k_cache.back().poison();
+                v_cache.back().poison();
+                batch.k_cache[s] = k_cache.back().get();
+                batch.v_cache[s] = v_cache.back().get();
+                batch.slot0[s] = slot0[s];
+            }
+            LAUNCH_OK(K::rope_store(dt, d_qkv.get(), batch, n_head, n_head_kv, hd, d_cos.get(),
+                                    d_sin.get(), nullptr));
+
+            // rotate-half of head x (hd values at x) of row t, in double
+            auto rotated = [&](const float* x, int32_t t, int32_t i) {
+                const double c = cos[size_t(t) * half + i % half], s = sin[size_t(t) * half + i % half];
+                return i < half ? x[i] * c - x[i + half] * s : x[i] * c + x[i - half] * s;
+            };
+            const std::vector<float> out = d_qkv.download();
+            std::vector<double> q_got, q_ref;
+            std::vector<float> kv_got, kv_ref;
+            for (int32_t t = 0; t < N; ++t) {
+                const float* row = &qkv[size_t(t) * width];
+                for (int32_t c = 0; c < width; ++c) {
+                    const float o = out[size_t(t) * width + c];
+                    if (c < q_dim) {
+                        q_got.push_back(o);
+                        q_ref.push_back(rotated(row + c / hd * hd, t, c % hd));
+                    } else {  // k and v of the projection are inputs only
+                        kv_got.push_back(o);
+                        kv_ref.push_back(row[c]);
+                    }
+                }
+            }
+            check_close(q_got, q_ref, 1e-5);
+            CHECK(count_bit_mismatches(kv_got, kv_ref) == 0);
+
+            for (int32_t s = 0; s < n_seq; ++s) {
+                INFO("sequence " << s);
+                const std::vector<uint16_t> kc = k_cache[s].download(), vc = v_cache[s].download();
+                std::vector<double> k_got, k_ref;
+                std::vector<uint16_t> v_ref(vc.size(), 0xFFFF), k_untouched;
+                for (int32_t slot = 0; slot < capacity[s]; ++slot) {
+                    const int32_t t = batch.row0[s] + slot - slot0[s];  // its token row
+                    const bool written = slot >= slot0[s] && slot < slot0[s] + tokens[s];
+                    for (int32_t c = 0; c < kv_dim; ++c) {
+                        const uint16_t k_bits = kc[size_t(slot) * kv_dim + c];
+                        if (!written) {
+                            k_untouched.push_back(k_bits);
+                            continue;
+                        }
+                        const float* k_row = &qkv[size_t(t) * width + q_dim];
+                        k_got.push_back(from_bits(dt, k_bits));
+                        k_ref.push_back(rotated(k_row + c / hd * hd, t, c % hd));
+                        v_ref[size_t(slot) * kv_dim + c] = to_bits(dt, k_row[kv_dim + c]);
+                    }
+                }
+                check_close(k_got, k_ref, tol16(dt));
+                CHECK(k_untouched == std::vector<uint16_t>(k_untouched.size(), 0xFFFF));
+                CHECK(count_bit_mismatches(vc, v_ref) == 0);  // v: one rounding, bit-exact
+            }
+        }
+}
+
+// ---- attention ----------------------------------------------------------------------------
+
+namespace {
+
+// One sequence of an attention batch: host inputs as the kernel sees them.
+struct HostAttnSeq {
+    int32_t n_q = 0, n_kv = 0, q_stride = 0;
+    int32_t scores_from = -1;         // raw scores wanted for queries scores_from..; -1: none
+    std::vector<float> q;             // (n_q, q_stride) fp32
+    std::vector<uint16_t> k, v;       // (n_kv, kv_dim) 16-bit bits
+};
+
+HostAttnSeq random_attn_seq(Rng& rng, Dt dt, int32_t n_q, int32_t n_kv, int32_t n_head,
+                            int32_t n_head_kv, int32_t hd, int32_t scores_from) {
+    HostAttnSeq s;
+    s.n_q = n_q;
+    s.n_kv = n_kv;
+    s.scores_from = scores_from;
+    // queries are rows of the fused q|k|v projection: their stride is wider than q
+    s.q_stride = (n_head + 2 * n_head_kv) * hd;
+    s.q = rng.floats(size_t(n_q) * s.q_stride, -2.0f, 2.0f);
+    s.k = rng.bits16(dt, size_t(n_kv) * n_head_kv * hd, -2.0f, 2.0f);
+    s.v = rng.bits16(dt, size_t(n_kv) * n_head_kv * hd, -1.0f, 1.0f);
+    return s;
+}
+
+// Its device buffers. The caches get rows beyond n_kv filled with NaN: reading (and
+// weighting by zero) a key or value the sequence does not have would show in the output.
+struct DeviceAttnSeq {
+    static constexpr int32_t kSpareRows = 3;
+    DeviceArray<float> q;
+    DeviceArray<uint16_t> k, v, out;
+    DeviceArray<float> lse, scores;
+
+    DeviceAttnSeq(const HostAttnSeq& h, int32_t n_head, int32_t n_head_kv, int32_t hd)
+        : q(h.q),
+          k(size_t(h.n_kv + kSpareRows) * n_head_kv * hd),
+          v(size_t(h.n_kv + kSpareRows) * n_head_kv * hd),
+          out(size_t(h.n_q) * n_head * hd),
+          lse(size_t(h.n_q) * n_head),
+          scores(h.scores_from < 0 ? 0 : size_t(h.n_q - h.scores_from) * n_head * h.n_kv) {
+        k.poison();
+        v.poison();
+        CUDA_OK(cudaMemcpy(k.get(), h.k.data(), h.k.size() * 2, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemcpy(v.get(), h.v.data(), h.v.size() * 2, cudaMemcpyHostToDevice));
+        out.poison();
+        lse.poison();
+        scores.poison();
+    }
+    K::AttnSeq view(const HostAttnSeq& h) const {
+        K::AttnSeq s;
+        s.q = q.get();
+        s.q_stride = h.q_stride;
+        s.n_q = h.n_q;
+        s.k = k.get();
+        s.v = v.get();
+        s.n_kv = h.n_kv;
+        s.out = out.get();
+        s.lse = lse.get();
+        if (h.scores_from >= 0) {
+            s.scores = scores.get();
+            s.scores_from = h.scores_from;
+        }
+        return s;
+    }
+};
+
+// The reference in double: scores (n_q, n_head, n_kv) = q.k log2(e) / sqrt(hd) and the
+// probabilities of their causal softmax (both 0 for keys a query cannot see), out
+// (n_q, n_head * hd) and lse (n_q, n_head) = log2 sum_j 2^score_j.
+struct AttnRef {
+    std::vector<double> scores, probs, out, lse;
+};
+
+AttnRef attention_ref(Dt dt, const HostAttnSeq& s, int32_t n_head, int32_t n_head_kv, int32_t hd) {
+    const int32_t group = n_head / n_head_kv, kv_dim = n_head_kv * hd;
+    const double log2e = 1.0 / std::log(2.0);
+    AttnRef ref;
+    ref.scores.assign(size_t(s.n_q) * n_head * s.n_kv, 0.0);
+    ref.probs.assign(size_t(s.n_q) * n_head * s.n_kv, 0.0);
+    ref.out.assign(size_t(s.n_q) * n_head * hd, 0.0);
+    ref.lse.assign(size_t(s.n_q) * n_head, 0.0);
+    const std::vector<double> k = widen(dt, s.k), v = widen(dt, s.v);
+    for (int32_t i = 0; i < s.n_q; ++i)
+        for (int32_t h = 0; h < n_head; ++h) {
+            const int32_t last = s.n_kv - s.n_q + i;  // the last key query i sees
+            const float* q = &s.q[size_t(i) * s.q_stride + size_t(h) * hd];
+            const size_t kv_off = size_t(h / group) * hd;
+            double* score = &ref.scores[(size_t(i) * n_head + h) * s.n_kv];
+            double mx = -INFINITY;
+            for (int32_t j = 0; j <= last; ++j) {
+                double dot = 0.0;
+                for (int32_t d = 0; d < hd; ++d) dot += q[d] * k[size_t(j) * kv_dim + kv_off + d];
+                score[j] = dot * log2e / std::sqrt(double(hd));
+                mx = std::max(mx, score[j]);
+            }
+            double sum = 0.0;
+            for (int32_t j = 0; j <= last; ++j) sum += std::exp2(score[j] - mx);
+            ref.lse[size_t(i) * n_head + h] = mx + std::log2(sum);
+            double* p = &ref.probs[(size_t(i) * n_head + h) * s.n_kv];
+            double* o = &ref.out[size_t(i) * n_head * hd + size_t(h) * hd];
+            for (int32_t j = 0; j <= last; ++j) {
+                p[j] = std::exp2(score[j] - mx) / sum;
+                for (int32_t d = 0; d < hd; ++d) o[d] += p[j] * v[size_t(j) * kv_dim + kv_off + d];
+            }
+        }
+    return ref;
+}
+
+// Checks what attention() wrote for one sequence against the reference: out, lse and the
+// raw scores of the keys each observed query sees (the others are unspecified).
+void check_attention(Dt dt, const HostAttnSeq& h, const DeviceAttnSeq& d, const AttnRef& ref,
+                     int32_t n_head) {
+    check_close(widen(dt, d.out.download()), ref.out, tol16(dt));
+    const std::vector<float> lse = d.lse.download();
+    double worst = 0.0;
+    for (size_t i = 0; i < lse.size(); ++i)
+        worst = std::isfinite(lse[i]) ? std::max(worst, std::abs(lse[i] - ref.lse[i])) : INFINITY;
+    CHECK_MESSAGE(worst < 1e-3, "lse off by " << worst);
+    if (h.scores_from < 0) return;
+    const std::vector<float> scores = d.scores.download();
+    std::vector<double> got, want;
+    for (int32_t i = h.scores_from; i < h.n_q; ++i)
+        for (int32_t hh = 0; hh < n_head; ++hh)
+            for (int32_t j = 0; j <= h.n_kv - h.n_q + i; ++j) {
+                const size_t r = (size_t(i - h.scores_from) * n_head + hh) * h.n_kv + j;
+                got.push_back(scores[r]);
+                want.push_back(ref.scores[(size_t(i) * n_head + hh) * h.n_kv + j]);
+            }
+    INFO("raw scores of queries " << h.scores_from << "..");
+    check_close(got, want, 1e-5);
+}
+
+struct SeqShape {
+    int32_t n_q, n_kv;
+};
+
+}  // namespace
+
+TEST_CASE("attention: causal softmax(q k / sqrt(d)) v of a ragged batch, lse and scores") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    struct Heads {
+        int32_t n_head, n_head_kv;
+    };
+    const Heads heads[] = {{8, 2}, {4, 4}};  // GQA, MHA
+    struct Batch {
+        const char* name;
+        std::vector<SeqShape> seqs;
+    };
+    // attention() takes its decode kernel when every sequence has fewer than 8 queries
+    const Batch batches[] = {
+        {"decode", {{1, 1}, {1, 300}, {3, 40}, {7, 7}, {2, 129}}},
+        {"prefill", {{37, 37}, {20, 133}, {8, 8}, {9, 300}}},
+        {"mixed", {{1, 1}, {1, 300}, {3, 40}, {37, 37}, {20, 133}}},
+    };
+    // 36 is not a multiple of 8 (element-wise dot products), 80 not of 32 (partial lanes)
+    for (int32_t hd : {32, 36, 64, 80, 128, 256})
+        for (const Heads& hs : heads)
+            for (const Batch& b : batches)
+                for (Dt dt : kDts) {
+                    INFO("dt " << dt_name(dt) << ", head_dim " << hd << ", heads " << hs.n_head
+                               << "/" << hs.n_head_kv << ", batch " << b.name);
+                    std::vector<HostAttnSeq> host;
+                    std::vector<DeviceAttnSeq> dev;
+                    dev.reserve(b.seqs.size());
+                    K::AttnBatch batch;
+                    batch.n_seq = int32_t(b.seqs.size());
+                    for (size_t s = 0; s < b.seqs.size(); ++s) {
+                        // raw scores from every other sequence, of its second half of queries
+                        const int32_t scores_from = s % 2 ? b.seqs[s].n_q / 2 : -1;
+                        host.push_back(random_attn_seq(rng, dt, b.seqs[s].n_q, b.seqs[s].n_kv,
+                                                       hs.n_head, hs.n_head_kv, hd, scores_from));
+                        dev.emplace_back(host.back(), hs.n_head, hs.n_head_kv, hd);
+                        batch.seq[s] = dev.back().view(host.back());
+                    }
+                    LAUNCH_OK(K::attention(dt, batch, hs.n_head, hs.n_head_kv, hd, nullptr));
+                    for (size_t s = 0; s < host.size(); ++s) {
+                        INFO("sequence " << s << " (n_q " << host[s].n_q << ", n_kv " << host[s].n_kv << ")");
+                        check_attention(dt, host[s], dev[s],
+                                        attention_ref(dt, host[s], hs.n_head, hs.n_head_kv, hd),
+                                        hs.n_head);
+                    }
+                }
+}
+
+TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for KV policies") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int32_t n_q = 50, n_kv = 70, rows_from = 40, n_rows = n_q - rows_from;
+    struct Config {
+        int32_t n_head, n_head_kv, hd;
+    };
+    const Config configs[] = {{8, 2, 64}, {4, 4, 80}, {8, 2, 36}};
+    const double tol = 1e-3;
+    for (const Config& cf : configs)
+        for (Dt dt : kDts) {
+            INFO("dt " << dt_name(dt) << ", heads " << cf.n_head << "/" << cf.n_head_kv
+                       << ", head_dim " << cf.hd);
+            // attention() first: the observations are computed from its lse and scores
+            const HostAttnSeq host =
+                random_attn_seq(rng, dt, n_q, n_kv, cf.n_head, cf.n_head_kv, cf.hd, rows_from);
+            const DeviceAttnSeq dev(host, cf.n_head, cf.n_head_kv, cf.hd);
+            K::AttnBatch batch;
+            batch.n_seq = 1;
+            batch.seq[0] = dev.view(host);
+            LAUNCH_OK(K::attention(dt, batch, cf.n_head, cf.n_head_kv, cf.hd, nullptr));
+            const AttnRef ref = attention_ref(dt, host, cf.n_head, cf.n_head_kv, cf.hd);
+            check_attention(dt, host, dev, ref, cf.n_head);
+
+            std::vector<double> rows_ref(size_t(n_rows) * n_kv, 0.0), cols_ref(size_t(n_kv), 0.0);
+            for (int32_t i = 0; i < n_q; ++i)
+                for (int32_t h = 0; h < cf.n_head; ++h)
+                    for (int32_t j = 0; j < n_kv; ++j) {
+                        const double p = ref.probs[(size_t(i) * cf.n_head + h) * n_kv + j] / cf.n_head;
+                        cols_ref[j] += p;
+                        if (i >= rows_from) rows_ref[size_t(i - rows_from) * n_kv + j] += p;
+                    }
+
+            {  // rows of the last queries, from the scores and their lse
+                DeviceArray<float> d_rows(size_t(n_rows) * n_kv);
+                d_rows.poison();
+                const int32_t first_limit = n_kv - n_q + rows_from;
+                LAUNCH_OK(K::attention_rows(dev.scores.get(), dev.lse.get() + size_t(rows_from) * cf.n_head,
+                                            n_rows, cf.n_head, n_kv, first_limit, d_rows.get(), nullptr));
+                const std::vector<float> rows = d_rows.download();
+                check_close(widen(rows), rows_ref, tol);
+                // exact zeros where a query cannot see the key (the softmax is causal)
+                size_t nonzero_masked = 0;
+                for (int32_t r = 0; r < n_rows; ++r)
+                    for (int32_t j = first_limit + r + 1; j < n_kv; ++j)
+                        nonzero_masked += rows[size_t(r) * n_kv + j] != 0.0f;
+                CHECK(nonzero_masked == 0);
+            }
+            {  // column sums over all queries, zeroed beforehand
+                DeviceArray<float> d_cols(static_cast<size_t>(n_kv));
+                d_cols.zero();
+                LAUNCH_OK(K::attention_col_sums(dt, batch.seq[0], cf.n_head, cf.n_head_kv, cf.hd,
+                                                d_cols.get(), nullptr));
+                check_close(widen(d_cols.download()), cols_ref, tol);
+
+                // they add to what is there (the sums of earlier steps)
+                const std::vector<float> before = rng.floats(size_t(n_kv), 0.0f, 3.0f);
+                d_cols.upload(before);
+                LAUNCH_OK(K::attention_col_sums(dt, batch.seq[0], cf.n_head, cf.n_head_kv, cf.hd,
+                                                d_cols.get(), nullptr));
+                std::vector<double> expect(cols_ref);
+                for (int32_t j = 0; j < n_kv; ++j) expect[j] += before[j];
+                check_close(widen(d_cols.download()), expect, tol);
+            }
+        }
+}
