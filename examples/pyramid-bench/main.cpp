@@ -1,0 +1,869 @@
+// pyramid-bench: prefill and decode throughput of a backend, with and without KV compression.
+//
+// B sequences run together, as the engine would batch them: one batched forward for all B
+// prompts, then G decode steps of one token per sequence, each step one batched forward.
+// Each sequence has its own KvCache and KV policy, driven the way Session drives them
+// (begin_step -> forward -> set_n_processed -> after_step). Weights are random (--shape,
+// no checkpoint needed) or a real checkpoint (--model). The policies are wrapped in a
+// decorator that clocks their host-side keep/drop decisions ("selection overhead").
+//
+// Links the internal static library: it uses Backend, KvCache and KvPolicy directly.
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
+#include "common/error.h"
+#include "kv/kv_cache.h"
+#include "kv/kv_params.h"
+#include "kv/kv_policy.h"
+#include "kv_flags.h"
+#include "model/model.h"
+#include "pyramid.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// ---- options --------------------------------------------------------------------------
+
+struct Options {
+    std::string shape = "llama2-7b";
+    std::string model;            // --model DIR: a checkpoint instead of random weights
+    std::string device = "auto";
+    std::string dtype = "f16";
+    bool dtype_given = false;
+    int32_t batch = 1, prompt = 512, gen = 256;
+    int32_t warmup = 1, repeat = 1, threads = 0;
+    uint64_t seed = 42;
+    uint64_t max_device_bytes = 0;
+    double bandwidth_gbs = 0;     // --bandwidth-gbs: measured copy bandwidth, 0 = not given
+    bool json = false;
+    pyr_examples::KvFlags kv;
+};
+
+const char* const kUsage =
+    "usage: pyramid-bench [options]\n"
+    "Runs B sequences together: one batched prefill of B prompts of P random tokens, then G\n"
+    "greedy decode steps (one token per sequence per step, one batched forward per step).\n"
+    "\n"
+    "  --shape NAME         random weights of a model shape: llama2-7b (default), llama2-13b,\n"
+    "                       tiny (512 wide, 8 layers: for smoke tests)\n"
+    "  --model DIR          an HF LLaMA checkpoint instead of random weights\n"
+    "  --device D           auto (default: cuda:0 if there is a GPU, else cpu) | cpu | cuda[:N]\n"
+    "  --dtype T            f16 (default) | bf16: the random weights' type\n"
+    "  --batch B            sequences decoded together (default 1)\n"
+    "  --prompt P           prompt tokens per sequence (default 512)\n"
+    "  --gen G              decode steps, one token per sequence each (default 256)\n"
+    "  --seed S             seed of the random weights and prompt tokens (default 42)\n"
+    "  --warmup N           untimed runs first, the same shape with G = min(G, 4) (default 1):\n"
+    "                       loads kernels and cuBLAS, sizes the scratch buffers\n"
+    "  --repeat N           timed runs; the medians are reported (default 1)\n"
+    "  --threads N          CPU threads (default 0 = all)\n"
+    "  --max-device-bytes N GPU memory budget, bytes, or with a K/M/G/T suffix (binary);\n"
+    "                       default 0 = the whole device\n"
+    "  --bandwidth-gbs X    measured device copy bandwidth in GB/s (1e9 bytes/s): reports the\n"
+    "                       fraction of it that decode achieves under the bandwidth model\n"
+    "  --json               one JSON object on stdout instead of the table\n"
+    "  --help\n"
+    "\n"
+    "What is measured (wall clock, std::chrono::steady_clock):\n"
+    "  prefill_ms           the whole prefill step of all B sequences: begin_step, ONE\n"
+    "                       batched forward (synchronous: it returns logits), after_step\n"
+    "  prefill_tokens_per_s B * P / prefill time\n"
+    "  decode_ms            the G decode steps: host argmax, begin_step, batched forward,\n"
+    "                       after_step (generation-phase compression happens there)\n"
+    "  decode_tokens_per_s  B * G / decode time;  decode_ms_per_step = decode time / G\n"
+    "  total_tokens_per_s   B * (P + G) / (prefill time + decode time)\n"
+    "  *_forward_ms         the backend's forward calls alone, within those\n"
+    "  selection overhead   wall time inside the policies' on_layer and after_step, and its\n"
+    "                       fraction of the phase time: the keep/drop decisions, plus the\n"
+    "                       cache compactions after_step triggers (KvCache::retain moves the\n"
+    "                       bytes on the device); the attention measurements the policies\n"
+    "                       use run inside the forward and are not counted here\n"
+    "  kv bytes             KvCache::bytes() summed over the B sequences, after prefill and\n"
+    "                       at the end; retention = bytes / bytes_full (uncompressed)\n"
+    "  bytes_per_step       decode bandwidth model: weight bytes (read once per step for the\n"
+    "                       whole batch) + the KV bytes the step's attention reads (summed\n"
+    "                       over the sequences, averaged over the steps); achieved_gbs =\n"
+    "                       bytes_per_step / decode_ms_per_step\n"
+    "\n"
+    "KV cache policy (one policy per sequence):\n";
+
+[[noreturn]] void usage_error(const std::string& msg) {
+    std::fprintf(stderr, "pyramid-bench: %s (see --help)\n", msg.c_str());
+    std::exit(2);
+}
+
+// A whole-string integer in [lo, hi]; anything else is a usage error naming the flag.
+int64_t parse_int(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
+    char* end = nullptr;
+    errno = 0;
+    long long x = std::strtoll(v.c_str(), &end, 10);
+    if (v.empty() || *end != '\0' || errno != 0 || x < lo || x > hi)
+        usage_error(flag + " expects an integer in [" + std::to_string(lo) + ", " +
+                    std::to_string(hi) + "], got '" + v + "'");
+    return int64_t(x);
+}
+
+uint64_t parse_u64(const std::string& flag, const std::string& v) {
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long x = std::strtoull(v.c_str(), &end, 10);
+    if (v.empty() || v[0] == '-' || *end != '\0' || errno != 0)
+        usage_error(flag + " expects a non-negative integer, got '" + v + "'");
+    return uint64_t(x);
+}
+
+// "40G", "512M", "1073741824": binary suffixes, as budgets are usually thought of in GiB.
+uint64_t parse_bytes(const std::string& flag, const std::string& v) {
+    static const char suffixes[] = "KMGT";
+    const char* s = v.empty() ? nullptr : std::strchr(suffixes, std::toupper(v.back()));
+    if (!s || v.size() < 2) return parse_u64(flag, v);
+    const int shift = 10 * int(s - suffixes + 1);
+    const uint64_t n = parse_u64(flag, v.substr(0, v.size() - 1));
+    if (n > (UINT64_MAX >> shift)) usage_error(flag + " is too large: '" + v + "'");
+    return n << shift;
+}
+
+double parse_positive(const std::string& flag, const std::string& v) {
+    double d = 0;
+    if (!pyr_examples::kv_parse_double(v, &d) || !(d > 0))
+        usage_error(flag + " expects a number > 0, got '" + v + "'");
+    return d;
+}
+
+// Checks --device and returns it with "auto" and "cuda" resolved: "cpu" or "cuda:N".
+std::string resolve_device(const std::string& d) {
+    if (d == "auto") return pyr::cuda_device_count() > 0 ? "cuda:0" : "cpu";
+    if (d == "cpu") return d;
+    if (d == "cuda") return "cuda:0";
+    const std::string n = d.rfind("cuda:", 0) == 0 ? d.substr(5) : "";
+    if (!n.empty() && n.size() <= 4 && std::all_of(n.begin(), n.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
+        return "cuda:" + std::to_string(std::stoi(n));
+    usage_error("--device expects auto, cpu, cuda or cuda:N, got '" + d + "'");
+}
+
+bool takes_value(const std::string& flag) {
+    static const char* const flags[] = {
+        "--shape",   "--model",  "--device", "--dtype",   "--batch",            "--prompt",
+        "--gen",     "--warmup", "--repeat", "--threads", "--seed",             "--max-device-bytes",
+        "--bandwidth-gbs"};
+    for (const char* f : flags)
+        if (flag == f) return true;
+    return pyr_examples::kv_flag_takes_value(flag);
+}
+
+Options parse_args(int argc, char** argv) {
+    Options o;
+    bool shape_given = false;
+    const int32_t kMaxTokens = 1 << 20;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a == "--help" || a == "-h") {
+            std::printf("%s%s", kUsage, pyr_examples::kKvUsage);
+            std::exit(0);
+        }
+        if (a == "--json") {
+            o.json = true;
+            continue;
+        }
+        if (!takes_value(a))
+            usage_error(a.rfind("-", 0) == 0 ? "unknown option '" + a + "'"
+                                             : "unexpected argument '" + a + "'");
+        if (i + 1 >= argc) usage_error(a + " needs a value");
+        const std::string v = argv[i + 1];
+        if (pyr_examples::kv_flag_takes_value(a)) {
+            const std::string err = o.kv.set(a, v);
+            if (!err.empty()) usage_error(err);
+        } else if (a == "--shape") {
+            if (v != "llama2-7b" && v != "llama2-13b" && v != "tiny")
+                usage_error("--shape expects llama2-7b, llama2-13b or tiny, got '" + v + "'");
+            o.shape = v;
+            shape_given = true;
+        } else if (a == "--model") {
+            o.model = v;
+        } else if (a == "--device") {
+            o.device = v;
+        } else if (a == "--dtype") {
+            if (v != "f16" && v != "bf16") usage_error("--dtype expects f16 or bf16, got '" + v + "'");
+            o.dtype = v;
+            o.dtype_given = true;
+        } else if (a == "--batch") {
+            o.batch = int32_t(parse_int(a, v, 1, 4096));
+        } else if (a == "--prompt") {
+            o.prompt = int32_t(parse_int(a, v, 1, kMaxTokens));
+        } else if (a == "--gen") {
+            o.gen = int32_t(parse_int(a, v, 0, kMaxTokens));
+        } else if (a == "--warmup") {
+            o.warmup = int32_t(parse_int(a, v, 0, 100));
+        } else if (a == "--repeat") {
+            o.repeat = int32_t(parse_int(a, v, 1, 1000));
+        } else if (a == "--threads") {
+            o.threads = int32_t(parse_int(a, v, 0, 4096));
+        } else if (a == "--seed") {
+            o.seed = parse_u64(a, v);
+        } else if (a == "--max-device-bytes") {
+            o.max_device_bytes = parse_bytes(a, v);
+        } else if (a == "--bandwidth-gbs") {
+            o.bandwidth_gbs = parse_positive(a, v);
+        } else {
+            usage_error("unknown option '" + a + "'");
+        }
+        ++i;
+    }
+    if (shape_given && !o.model.empty()) usage_error("--shape and --model exclude each other");
+    o.device = resolve_device(o.device);
+    return o;
+}
+
+// The pyr::KvParams the flags describe (KvFlags holds them as the C API's kv_* fields).
+pyr::KvParams kv_params(const pyr_examples::KvFlags& f) {
+    pyr::KvParams p;
+    p.policy = f.policy;
+    p.retention = f.defaults.kv_retention;
+    p.rho = f.defaults.kv_rho;
+    p.gamma = f.defaults.kv_gamma;
+    p.recent_ratio = f.defaults.kv_recent_ratio;
+    p.min_context = f.defaults.kv_min_context;
+    p.sinks = f.defaults.kv_sinks;
+    p.gen_e = f.defaults.kv_gen_e;
+    p.prefill_shrink = f.defaults.kv_prefill_shrink;
+    p.shrink_start = f.defaults.kv_shrink_start;
+    p.obs_window = f.defaults.kv_obs_window;
+    p.pool = f.defaults.kv_pool;
+    return p;
+}
+
+// ---- model shapes and random host weights ---------------------------------------------
+
+pyr::ModelConfig shape_config(const std::string& shape) {
+    pyr::ModelConfig c;
+    c.n_vocab = 32000;
+    c.n_ctx_train = 4096;
+    c.rms_norm_eps = 1e-5f;
+    c.rope_theta = 10000.0f;
+    c.head_dim = 128;
+    if (shape == "llama2-7b") {
+        c.n_embd = 4096, c.n_ff = 11008, c.n_layer = 32, c.n_head = 32, c.n_head_kv = 32;
+    } else if (shape == "llama2-13b") {
+        c.n_embd = 5120, c.n_ff = 13824, c.n_layer = 40, c.n_head = 40, c.n_head_kv = 40;
+    } else {  // tiny: grouped-query attention, so that path is exercised too
+        c.n_embd = 512, c.n_ff = 1376, c.n_layer = 8, c.n_head = 8, c.n_head_kv = 4;
+        c.head_dim = 64;
+    }
+    c.dtype = pyr::DType::F16;
+    return c;
+}
+
+uint64_t splitmix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+// float -> IEEE half, round to nearest even. Magnitudes below the smallest normal half
+// (6.1e-5) become 0: harmless for random weights, and it keeps this short.
+uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const int32_t exp = int32_t((x >> 23) & 0xff) - 127 + 15;
+    const uint32_t mant = x & 0x7fffffu;
+    if (exp <= 0) return uint16_t(sign);
+    if (exp >= 31) return uint16_t(sign | 0x7c00u);
+    uint32_t h = sign | (uint32_t(exp) << 10) | (mant >> 13);
+    const uint32_t rest = mant & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry rounds into the exponent
+    return uint16_t(h);
+}
+
+uint16_t f32_to_bf16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    return uint16_t((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// Random weights in host memory for the CPU backend (the CUDA backend makes its own on the
+// device). Same distribution as CudaBackend::randomize: uniform, scaled by 1/sqrt(fan-in)
+// so that activations stay O(1), norms near 1 -- so the CPU runs the same kind of numbers.
+struct HostWeights {
+    std::deque<std::vector<uint16_t>> buffers;  // a deque: adding one never moves the others
+    pyr::ModelWeights weights;
+    uint64_t bytes = 0;
+};
+
+std::shared_ptr<HostWeights> make_host_weights(const pyr::ModelConfig& c, bool bf16, uint64_t seed) {
+    auto hw = std::make_shared<HostWeights>();
+    const pyr::DType dt = bf16 ? pyr::DType::BF16 : pyr::DType::F16;
+    uint64_t stream = 0;
+    auto make = [&](int64_t rows, int64_t cols, float scale, float offset) {
+        std::vector<uint16_t>& buf = hw->buffers.emplace_back(size_t(rows * cols));
+        const uint64_t s = seed + 1000003ull * ++stream;
+        for (size_t i = 0; i < buf.size(); ++i) {
+            const uint64_t r = splitmix64(s ^ splitmix64(uint64_t(i)));
+            const float u = float(r >> 40) * (2.0f / 16777216.0f) - 1.0f;  // 24 bits -> [-1, 1)
+            const float w = offset + scale * u;
+            buf[i] = bf16 ? f32_to_bf16(w) : f32_to_f16(w);
+        }
+        hw->bytes += buf.size() * 2;
+        return pyr::Tensor{dt, rows, cols, buf.data()};
+    };
+    auto matrix = [&](int64_t rows, int64_t cols) {
+        return make(rows, cols, 1.0f / std::sqrt(float(cols)), 0.0f);
+    };
+    auto norm = [&](int64_t n) { return make(n, 1, 0.1f, 1.0f); };
+    const int64_t q_dim = int64_t(c.n_head) * c.head_dim, kv_dim = int64_t(c.n_head_kv) * c.head_dim;
+    pyr::ModelWeights& w = hw->weights;
+    w.tok_embd = make(c.n_vocab, c.n_embd, 1.0f, 0.0f);
+    w.output_norm = norm(c.n_embd);
+    w.output = matrix(c.n_vocab, c.n_embd);
+    for (int il = 0; il < c.n_layer; ++il) {
+        pyr::LayerWeights L;
+        L.attn_norm = norm(c.n_embd);
+        L.wq = matrix(q_dim, c.n_embd);
+        L.wk = matrix(kv_dim, c.n_embd);
+        L.wv = matrix(kv_dim, c.n_embd);
+        L.wo = matrix(c.n_embd, q_dim);
+        L.ffn_norm = norm(c.n_embd);
+        L.w_gate = matrix(c.n_ff, c.n_embd);
+        L.w_up = matrix(c.n_ff, c.n_embd);
+        L.w_down = matrix(c.n_embd, c.n_ff);
+        w.layers.push_back(L);
+    }
+    return hw;
+}
+
+// ---- the backend under test -----------------------------------------------------------
+
+struct Target {
+    pyr::ModelConfig config;
+    std::string shape;              // the --shape name or the checkpoint directory
+    std::string dtype;              // of the weights the backend computes with
+    std::shared_ptr<const pyr::Model> model;  // with --model
+    std::unique_ptr<pyr::Backend> backend;
+    uint64_t host_weight_bytes = 0;  // the weights' size where the backend is the CPU
+};
+
+int cuda_index(const std::string& device) {
+    return device == "cpu" ? -1 : std::atoi(device.c_str() + 5);
+}
+
+// Fails before any weights are made when the device is not there.
+void check_device(const std::string& device) {
+    const int idx = cuda_index(device), n = pyr::cuda_device_count();
+    if (idx >= n)
+        pyr::fail(PYR_ERR_UNSUPPORTED,
+                  "device '" + device + "': " +
+                      (n > 0 ? "this machine has " + std::to_string(n) + " CUDA device(s)"
+                             : std::string("no CUDA device (no GPU, no driver, or a build "
+                                           "without CUDA)")) +
+                      "; use --device cpu");
+}
+
+std::string lower(std::string s) {
+    for (char& ch : s) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+    return s;
+}
+
+// The model's config (and the checkpoint with --model), before any weights are made, so
+// that the flags can be checked against it cheaply.
+Target describe_target(const Options& o) {
+    Target t;
+    if (o.model.empty()) {
+        t.config = shape_config(o.shape);
+        t.shape = o.shape;
+        t.dtype = o.dtype;
+    } else {
+        std::fprintf(stderr, "pyramid-bench: loading %s...\n", o.model.c_str());
+        t.model = pyr::Model::load(o.model);
+        t.config = t.model->config();
+        t.shape = o.model;
+        const pyr::DType dt = t.model->weights().tok_embd.dtype;
+        // The CUDA backend keeps F16 and BF16 as they are and narrows F32 to F16.
+        t.dtype = o.device != "cpu" && dt == pyr::DType::F32 ? "f16" : lower(pyr::dtype_name(dt));
+        t.host_weight_bytes = t.model->weights_bytes();
+    }
+    return t;
+}
+
+void open_backend(const Options& o, Target& t) {
+    const bool bf16 = o.dtype == "bf16";
+    if (o.device == "cpu") {
+        if (t.model) {
+            t.backend = pyr::make_cpu_backend(t.model, o.threads);
+            return;
+        }
+        std::fprintf(stderr, "pyramid-bench: making random %s weights (%s) on the host...\n",
+                     t.shape.c_str(), o.dtype.c_str());
+        std::shared_ptr<HostWeights> hw = make_host_weights(t.config, bf16, o.seed);
+        t.host_weight_bytes = hw->bytes;
+        const pyr::ModelWeights& w = hw->weights;
+        // The backend holds views into hw; passing it as the owner keeps it alive as long.
+        t.backend = std::make_unique<pyr::CpuBackend>(t.config, w, o.threads, std::move(hw));
+        return;
+    }
+    if (t.model) {
+        std::fprintf(stderr, "pyramid-bench: uploading weights to %s...\n", o.device.c_str());
+        t.backend = pyr::make_cuda_backend(t.model, cuda_index(o.device), o.max_device_bytes);
+    } else {
+        std::fprintf(stderr, "pyramid-bench: making random %s weights (%s) on %s...\n",
+                     t.shape.c_str(), o.dtype.c_str(), o.device.c_str());
+        t.backend = pyr::make_cuda_backend_random(t.config, bf16, o.seed, cuda_index(o.device),
+                                                  o.max_device_bytes);
+    }
+}
+
+// ---- the timed policy -----------------------------------------------------------------
+
+// Forwards every call to the real policy and adds up the wall time spent in on_layer and
+// after_step: the host-side keep/drop decisions, which sit on the critical path (on_layer
+// runs between layers in a first prefill, at the end of the forward later on the CUDA
+// backend; after_step between steps). after_step's time also holds the compactions it
+// makes through KvCache::retain: the storage cannot be wrapped to tell them apart, since
+// the backends downcast it to their own type.
+class TimedPolicy final : public pyr::KvPolicy {
+public:
+    explicit TimedPolicy(std::unique_ptr<pyr::KvPolicy> inner) : inner_(std::move(inner)) {}
+
+    const char* name() const override { return inner_->name(); }
+    void begin_step(int32_t n_tokens, bool first_prefill) override {
+        inner_->begin_step(n_tokens, first_prefill);
+    }
+    pyr::ObservationRequest observe(int il) const override { return inner_->observe(il); }
+    std::optional<std::vector<int32_t>> on_layer(int il, const pyr::Observation& obs,
+                                                 const pyr::KvCache& cache) override {
+        const Clock::time_point t0 = Clock::now();
+        auto keep = inner_->on_layer(il, obs, cache);
+        seconds_ += seconds_since(t0);
+        return keep;
+    }
+    bool shrink_prefill(int il) const override { return inner_->shrink_prefill(il); }
+    void after_step(pyr::KvCache& cache) override {
+        const Clock::time_point t0 = Clock::now();
+        inner_->after_step(cache);
+        seconds_ += seconds_since(t0);
+    }
+    void abort_step() override { inner_->abort_step(); }
+    double param(const std::string& name) const override { return inner_->param(name); }
+
+    // The time accumulated since the last call.
+    double take_seconds() {
+        const double s = seconds_;
+        seconds_ = 0;
+        return s;
+    }
+
+private:
+    std::unique_ptr<pyr::KvPolicy> inner_;
+    double seconds_ = 0;
+};
+
+// ---- one run --------------------------------------------------------------------------
+
+struct Sequence {
+    std::unique_ptr<pyr::KvCache> cache;
+    std::unique_ptr<TimedPolicy> policy;
+    std::vector<int32_t> prompt;
+    std::vector<float> logits;  // of the last token fed
+};
+
+struct KvBytes {
+    uint64_t bytes = 0, full = 0;
+    double retention() const { return full ? double(bytes) / double(full) : 1.0; }
+};
+
+struct RunResult {
+    double prefill_s = 0, prefill_forward_s = 0, prefill_select_s = 0;
+    double decode_s = 0, decode_forward_s = 0, decode_select_s = 0;
+    std::vector<double> step_s;      // each decode step
+    KvBytes kv_prefill, kv_end;      // summed over the sequences
+    double mean_kv_read = 0;         // KV bytes the attention read per decode step
+    pyr::DeviceMemory memory;        // with the run's caches still alive
+    nlohmann::json params;           // the first sequence's policy parameters as used
+};
+
+KvBytes kv_bytes(const std::vector<Sequence>& seqs) {
+    KvBytes k;
+    for (const Sequence& s : seqs) k.bytes += s.cache->bytes(), k.full += s.cache->bytes_full();
+    return k;
+}
+
+int32_t argmax(const std::vector<float>& v) {
+    return int32_t(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+std::vector<Sequence> new_sequences(pyr::Backend& backend, const pyr::ModelConfig& c,
+                                    const pyr::KvParams& kv, int32_t batch, int32_t n_prompt,
+                                    int32_t n_ctx, std::mt19937_64& rng) {
+    // Ids 0..2 are usually <unk>, <s>, </s>: leave them out of the prompts.
+    std::uniform_int_distribution<int32_t> token(3, c.n_vocab - 1);
+    std::vector<Sequence> seqs(static_cast<size_t>(batch));
+    for (Sequence& s : seqs) {
+        s.cache = std::make_unique<pyr::KvCache>(c.n_layer, backend.new_kv_storage(n_ctx));
+        s.policy = std::make_unique<TimedPolicy>(pyr::make_kv_policy(kv, c.n_layer));
+        s.prompt.resize(size_t(n_prompt));
+        for (int32_t& t : s.prompt) t = token(rng);
+        s.logits.assign(size_t(c.n_vocab), 0.0f);
+    }
+    return seqs;
+}
+
+double take_selection_seconds(std::vector<Sequence>& seqs) {
+    double s = 0;
+    for (Sequence& q : seqs) s += q.policy->take_seconds();
+    return s;
+}
+
+// The first prefill of every sequence in one batched forward, as Session::prefill does it
+// for one.
+void run_prefill(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_prompt,
+                 RunResult& r) {
+    std::vector<int32_t> positions(static_cast<size_t>(n_prompt));
+    for (int32_t i = 0; i < n_prompt; ++i) positions[size_t(i)] = i;
+    std::vector<pyr::SequenceStep> steps(seqs.size());
+    for (size_t i = 0; i < seqs.size(); ++i) {
+        Sequence& s = seqs[i];
+        steps[i] = {s.prompt.data(), positions.data(), n_prompt, s.cache.get(), s.policy.get(),
+                    s.logits.data()};
+    }
+    const Clock::time_point t0 = Clock::now();
+    for (Sequence& s : seqs) s.policy->begin_step(n_prompt, true);
+    const Clock::time_point tf = Clock::now();
+    backend.forward(steps.data(), int(steps.size()), nullptr);
+    r.prefill_forward_s = seconds_since(tf);
+    for (Sequence& s : seqs) {
+        s.cache->set_n_processed(n_prompt);
+        s.policy->after_step(*s.cache);
+    }
+    r.prefill_s = seconds_since(t0);
+    r.prefill_select_s = take_selection_seconds(seqs);
+    r.kv_prefill = kv_bytes(seqs);
+}
+
+// n_gen greedy steps, all sequences in one batched forward per step.
+void run_decode(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_prompt,
+                int32_t n_gen, RunResult& r) {
+    const size_t n = seqs.size();
+    std::vector<int32_t> tokens(n), positions(n);
+    std::vector<pyr::SequenceStep> steps(n);
+    double kv_read = 0;
+    const Clock::time_point t0 = Clock::now();
+    for (int32_t g = 0; g < n_gen; ++g) {
+        const Clock::time_point ts = Clock::now();
+        for (size_t i = 0; i < n; ++i) {
+            Sequence& s = seqs[i];
+            tokens[i] = argmax(s.logits);
+            positions[i] = n_prompt + g;
+            steps[i] = {&tokens[i], &positions[i], 1, s.cache.get(), s.policy.get(), s.logits.data()};
+            s.policy->begin_step(1, false);
+        }
+        const Clock::time_point tf = Clock::now();
+        backend.forward(steps.data(), int(n), nullptr);
+        r.decode_forward_s += seconds_since(tf);
+        // Before after_step compresses: the cache as this step's attention read it.
+        kv_read += double(kv_bytes(seqs).bytes);
+        for (Sequence& s : seqs) {
+            s.cache->set_n_processed(n_prompt + g + 1);
+            s.policy->after_step(*s.cache);
+        }
+        r.step_s.push_back(seconds_since(ts));
+    }
+    r.decode_s = seconds_since(t0);
+    r.decode_select_s = take_selection_seconds(seqs);
+    r.mean_kv_read = n_gen > 0 ? kv_read / n_gen : 0.0;
+    r.kv_end = kv_bytes(seqs);
+}
+
+// A knob for JSON: integral values as integers, the others to 7 significant digits (the
+// knobs are floats: 0.2f written as a double would read 0.20000000298023224).
+nlohmann::json tidy(double v) {
+    if (!std::isfinite(v)) return nullptr;
+    if (v == std::floor(v) && std::fabs(v) < 1e15) return int64_t(v);
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.7g", v);
+    return std::strtod(buf, nullptr);
+}
+
+// The policy's parameters as it used them (what pyr_session_kv_param reports).
+nlohmann::json policy_params(const pyr::KvPolicy& p) {
+    nlohmann::json j = nlohmann::json::object();
+    for (const char* name : pyr_examples::kKvParamNames) {
+        const double v = p.param(name);
+        if (!std::isnan(v)) j[name] = tidy(v);
+    }
+    return j;
+}
+
+RunResult run_once(Target& t, const pyr::KvParams& kv, int32_t batch, int32_t n_prompt,
+                   int32_t n_gen, std::mt19937_64& rng) {
+    std::vector<Sequence> seqs =
+        new_sequences(*t.backend, t.config, kv, batch, n_prompt, n_prompt + n_gen, rng);
+    RunResult r;
+    run_prefill(*t.backend, seqs, n_prompt, r);
+    run_decode(*t.backend, seqs, n_prompt, n_gen, r);
+    r.memory = t.backend->device_memory();
+    r.params = policy_params(*seqs.front().policy);
+    return r;
+}
+
+// ---- report ---------------------------------------------------------------------------
+
+double median(std::vector<double> v) {
+    if (v.empty()) return 0;
+    std::sort(v.begin(), v.end());
+    const size_t m = v.size() / 2;
+    return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+double ratio(double a, double b) { return b > 0 ? a / b : NAN; }
+
+// The numbers reported: every time is the median over the timed runs, each on its own
+// (the decode rate is the median rate, as --repeat promises); the byte counts come from
+// the last run (they differ between runs only through the random prompts).
+struct Summary {
+    double prefill_ms = 0, prefill_forward_ms = 0, prefill_select_ms = 0, prefill_tok_s = 0;
+    double decode_ms = 0, decode_forward_ms = 0, decode_select_ms = 0, decode_tok_s = 0;
+    double decode_ms_per_step = 0, total_tok_s = 0;
+    double weight_bytes = 0, bytes_per_step = 0, achieved_gbs = 0;
+};
+
+template <class F>
+double median_of(const std::vector<RunResult>& runs, F field) {
+    std::vector<double> v;
+    for (const RunResult& r : runs) v.push_back(field(r));
+    return median(std::move(v));
+}
+
+Summary summarize(const Options& o, const Target& t, const std::vector<RunResult>& runs) {
+    const double tokens_prefill = double(o.batch) * o.prompt, tokens_decode = double(o.batch) * o.gen;
+    Summary s;
+    const double prefill_s = median_of(runs, [](const RunResult& r) { return r.prefill_s; });
+    s.prefill_ms = 1e3 * prefill_s;
+    s.prefill_forward_ms = 1e3 * median_of(runs, [](const RunResult& r) { return r.prefill_forward_s; });
+    s.prefill_select_ms = 1e3 * median_of(runs, [](const RunResult& r) { return r.prefill_select_s; });
+    s.prefill_tok_s = ratio(tokens_prefill, prefill_s);
+    s.decode_tok_s = o.gen > 0 ? median_of(runs, [&](const RunResult& r) {
+        return ratio(tokens_decode, r.decode_s);
+    }) : NAN;
+    const double decode_s = o.gen > 0 ? tokens_decode / s.decode_tok_s : 0.0;  // the median rate's
+    s.decode_ms = 1e3 * decode_s;
+    s.decode_forward_ms = 1e3 * median_of(runs, [](const RunResult& r) { return r.decode_forward_s; });
+    s.decode_select_ms = 1e3 * median_of(runs, [](const RunResult& r) { return r.decode_select_s; });
+    s.decode_ms_per_step = o.gen > 0 ? s.decode_ms / o.gen : NAN;
+    s.total_tok_s = ratio(tokens_prefill + tokens_decode, prefill_s + decode_s);
+    const RunResult& last = runs.back();
+    s.weight_bytes = double(last.memory.weights ? last.memory.weights : t.host_weight_bytes);
+    s.bytes_per_step = s.weight_bytes + last.mean_kv_read;
+    s.achieved_gbs = o.gen > 0 ? s.bytes_per_step / (s.decode_ms_per_step * 1e-3) / 1e9 : NAN;
+    return s;
+}
+
+nlohmann::json null_if_nan(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(); }
+
+nlohmann::json kv_json(const KvBytes& k) {
+    return {{"bytes", k.bytes}, {"bytes_full", k.full}, {"retention", k.retention()}};
+}
+
+nlohmann::json run_json(const RunResult& r) {
+    std::vector<double> steps_ms;
+    for (double s : r.step_s) steps_ms.push_back(1e3 * s);
+    return {{"prefill_ms", 1e3 * r.prefill_s},
+            {"prefill_forward_ms", 1e3 * r.prefill_forward_s},
+            {"prefill_selection_ms", 1e3 * r.prefill_select_s},
+            {"decode_ms", 1e3 * r.decode_s},
+            {"decode_forward_ms", 1e3 * r.decode_forward_s},
+            {"decode_selection_ms", 1e3 * r.decode_select_s},
+            {"decode_step_ms",
+             {{"min", steps_ms.empty() ? 0.0 : *std::min_element(steps_ms.begin(), steps_ms.end())},
+              {"median", median(steps_ms)},
+              {"max", steps_ms.empty() ? 0.0 : *std::max_element(steps_ms.begin(), steps_ms.end())}}}};
+}
+
+nlohmann::json report_json(const Options& o, const Target& t, const pyr::KvParams& kv,
+                           const std::vector<RunResult>& runs, const Summary& s) {
+    const RunResult& last = runs.back();
+    nlohmann::json runs_j = nlohmann::json::array();
+    for (const RunResult& r : runs) runs_j.push_back(run_json(r));
+    nlohmann::json bw = {{"weight_bytes", s.weight_bytes},
+                         {"mean_kv_bytes_per_step", last.mean_kv_read},
+                         {"bytes_per_step", s.bytes_per_step},
+                         {"achieved_gbs", null_if_nan(s.achieved_gbs)}};
+    if (o.bandwidth_gbs > 0) {
+        bw["bandwidth_gbs"] = o.bandwidth_gbs;
+        bw["fraction"] = null_if_nan(s.achieved_gbs / o.bandwidth_gbs);
+    }
+    return {
+        {"device", t.backend->device_name()},
+        {"shape", t.shape},
+        {"dtype", t.dtype},
+        {"batch", o.batch},
+        {"prompt", o.prompt},
+        {"gen", o.gen},
+        {"repeat", o.repeat},
+        {"warmup", o.warmup},
+        {"seed", o.seed},
+        {"policy", kv.policy},
+        {"retention", kv.retention > 0 ? tidy(kv.retention) : nlohmann::json()},
+        {"kv_params", last.params},
+        {"prefill_ms", s.prefill_ms},
+        {"prefill_forward_ms", s.prefill_forward_ms},
+        {"prefill_tokens_per_s", s.prefill_tok_s},
+        {"decode_ms", s.decode_ms},
+        {"decode_forward_ms", s.decode_forward_ms},
+        {"decode_tokens_per_s", null_if_nan(s.decode_tok_s)},
+        {"decode_ms_per_step", null_if_nan(s.decode_ms_per_step)},
+        {"total_tokens_per_s", null_if_nan(s.total_tok_s)},
+        {"selection",
+         {{"prefill_ms", s.prefill_select_ms},
+          {"prefill_fraction", null_if_nan(ratio(s.prefill_select_ms, s.prefill_ms))},
+          {"decode_ms", s.decode_select_ms},
+          {"decode_fraction", null_if_nan(ratio(s.decode_select_ms, s.decode_ms))}}},
+        {"kv_after_prefill", kv_json(last.kv_prefill)},
+        {"kv_end", kv_json(last.kv_end)},
+        {"device_memory",
+         {{"weights", last.memory.weights},
+          {"kv", last.memory.kv},
+          {"scratch", last.memory.scratch},
+          {"peak", last.memory.peak}}},
+        {"bandwidth", bw},
+        {"bytes_per_step", s.bytes_per_step},
+        {"runs", runs_j},
+    };
+}
+
+std::string human_bytes(double b) {
+    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (b >= 1024.0 && u < 4) b /= 1024.0, ++u;
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.2f %s", b, units[u]);
+    return buf;
+}
+
+void print_table(const Options& o, const Target& t, const pyr::KvParams& kv,
+                 const std::vector<RunResult>& runs, const Summary& s) {
+    const RunResult& last = runs.back();
+    std::printf("pyramid-bench: %s, %s %s, batch %d, prompt %d, gen %d, kv %s",
+                t.backend->device_name().c_str(), t.shape.c_str(), t.dtype.c_str(), o.batch,
+                o.prompt, o.gen, kv.policy.c_str());
+    if (kv.retention > 0) std::printf(" (retention %.3g)", double(kv.retention));
+    std::printf("%s\n", o.repeat > 1 ? (", median of " + std::to_string(o.repeat) + " runs").c_str() : "");
+    std::printf("  %-9s %12s %14s\n", "phase", "time", "tokens/s");
+    std::printf("  %-9s %9.1f ms %14.1f   (forward %.1f ms)\n", "prefill", s.prefill_ms,
+                s.prefill_tok_s, s.prefill_forward_ms);
+    if (o.gen > 0)
+        std::printf("  %-9s %9.1f ms %14.1f   (%.3f ms/step; forward %.1f ms)\n", "decode",
+                    s.decode_ms, s.decode_tok_s, s.decode_ms_per_step, s.decode_forward_ms);
+    std::printf("  %-9s %9.1f ms %14.1f\n", "total", s.prefill_ms + s.decode_ms, s.total_tok_s);
+    std::printf("  selection overhead: prefill %.3f ms (%.2f%%), decode %.3f ms (%.2f%%)\n",
+                s.prefill_select_ms, 100 * ratio(s.prefill_select_ms, s.prefill_ms),
+                s.decode_select_ms, 100 * ratio(s.decode_select_ms, s.decode_ms));
+    std::printf("  kv cache, %d sequence(s): after prefill %s of %s (retention %.3f), end %s of %s "
+                "(retention %.3f)\n",
+                o.batch, human_bytes(double(last.kv_prefill.bytes)).c_str(),
+                human_bytes(double(last.kv_prefill.full)).c_str(), last.kv_prefill.retention(),
+                human_bytes(double(last.kv_end.bytes)).c_str(),
+                human_bytes(double(last.kv_end.full)).c_str(), last.kv_end.retention());
+    const pyr::DeviceMemory& m = last.memory;
+    if (m.weights || m.peak)
+        std::printf("  device memory: weights %s, kv %s, scratch %s, peak %s\n",
+                    human_bytes(double(m.weights)).c_str(), human_bytes(double(m.kv)).c_str(),
+                    human_bytes(double(m.scratch)).c_str(), human_bytes(double(m.peak)).c_str());
+    if (o.gen > 0) {
+        std::printf("  decode bandwidth model: %s per step (weights %s + kv %s) -> %.1f GB/s",
+                    human_bytes(s.bytes_per_step).c_str(), human_bytes(s.weight_bytes).c_str(),
+                    human_bytes(last.mean_kv_read).c_str(), s.achieved_gbs);
+        if (o.bandwidth_gbs > 0)
+            std::printf(", %.1f%% of %.1f GB/s", 100 * s.achieved_gbs / o.bandwidth_gbs,
+                        o.bandwidth_gbs);
+        std::printf("\n");
+    }
+}
+
+// ---- main -----------------------------------------------------------------------------
+
+// Checks what depends on the model: the KV knobs (make_kv_policy validates them against
+// n_layer), the vocabulary and the context. Bad flags are usage errors (exit 2).
+void check_against_model(const Options& o, const Target& t, const pyr::KvParams& kv) {
+    try {
+        pyr::make_kv_policy(kv, t.config.n_layer);
+    } catch (const pyr::Error& e) {
+        usage_error(e.what());
+    }
+    if (t.config.n_vocab <= 3)
+        pyr::fail(PYR_ERR_INVALID_ARGUMENT, "the model's vocabulary is too small for random prompts");
+    if (t.config.n_ctx_train > 0 && o.prompt + o.gen > t.config.n_ctx_train)
+        std::fprintf(stderr, "pyramid-bench: note: prompt + gen = %d exceeds the model's %d "
+                             "trained positions (fine for timing)\n",
+                     o.prompt + o.gen, t.config.n_ctx_train);
+}
+
+int run(const Options& o) {
+    const pyr::KvParams kv = kv_params(o.kv);
+    if (!o.model.empty() && o.dtype_given)
+        std::fprintf(stderr, "pyramid-bench: note: --dtype applies to random weights; the "
+                             "checkpoint's type is used\n");
+    if (o.device != "cpu") check_device(o.device);  // before loading anything
+    if (o.device == "cpu" && o.model.empty() && o.shape != "tiny")
+        std::fprintf(stderr, "pyramid-bench: note: random %s weights on the CPU take much memory "
+                             "and time; --shape tiny is the smoke-test size\n",
+                     o.shape.c_str());
+    Target t = describe_target(o);
+    check_against_model(o, t, kv);
+    open_backend(o, t);
+
+    std::mt19937_64 rng(o.seed);
+    // Warm-up at the timed prompt length: besides loading kernels and cuBLAS, the backend's
+    // scratch grows to B * P rows here rather than inside the timed prefill.
+    for (int i = 0; i < o.warmup; ++i) {
+        std::fprintf(stderr, "pyramid-bench: warming up (%d/%d)...\n", i + 1, o.warmup);
+        run_once(t, kv, o.batch, o.prompt, std::min(o.gen, 4), rng);
+    }
+    std::vector<RunResult> runs;
+    for (int i = 0; i < o.repeat; ++i) {
+        std::fprintf(stderr, "pyramid-bench: run %d/%d: prefill %d x %d tokens, decode %d steps...\n",
+                     i + 1, o.repeat, o.batch, o.prompt, o.gen);
+        runs.push_back(run_once(t, kv, o.batch, o.prompt, o.gen, rng));
+    }
+    const Summary s = summarize(o, t, runs);
+    if (o.json)
+        std::printf("%s\n", report_json(o, t, kv, runs, s).dump().c_str());
+    else
+        print_table(o, t, kv, runs, s);
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const Options o = parse_args(argc, argv);
+    try {
+        return run(o);
+    } catch (const pyr::Error& e) {
+        std::fprintf(stderr, "pyramid-bench: %s (%s)\n", e.what(), pyr_status_str(e.status()));
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "pyramid-bench: %s\n", e.what());
+    }
+    return 1;
+}
