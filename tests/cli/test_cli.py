@@ -5,27 +5,17 @@ fields (per-layer kept positions, mean retention, policy parameters), --kv-map, 
 Usage: test_cli.py PATH/TO/pyramid-cli TESTS_DATA_DIR. Prints 'N passed, N failed'."""
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
+from harness import check, finish, run_tool
+
 cli, data_dir = sys.argv[1], sys.argv[2]
-passed = failed = 0
-
-
-def check(cond, what):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAILED:", what, file=sys.stderr)
 
 
 def run(*args):
-    # on the CPU: the expectations are the fp32 reference's (tests/cuda covers the GPU)
-    return subprocess.run([cli, "--device", "cpu", *args], capture_output=True, text=True, timeout=300)
+    return run_tool(cli, *args)
 
 
 def rel_close(a, b, rel=1e-3):
@@ -149,5 +139,4 @@ check(r.returncode == 2 and "--kv-policy" in r.stderr, "unknown --kv-policy")
 r = run("--kv-pool", "4")
 check(r.returncode == 2 and "--kv-pool" in r.stderr, "even --kv-pool")
 
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

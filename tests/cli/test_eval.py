@@ -5,26 +5,16 @@ full cache, the policy flags reported back, reproducibility, and errors.
 Usage: test_eval.py PATH/TO/pyramid-eval TESTS_DATA_DIR. Prints 'N passed, N failed'."""
 import json
 import math
-import subprocess
 import sys
+
+from harness import check, finish, run_tool
 
 tool, data_dir = sys.argv[1], sys.argv[2]
 text = f"{data_dir}/eval_sample.txt"
-passed = failed = 0
-
-
-def check(cond, what):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAILED:", what, file=sys.stderr)
 
 
 def run(*args):
-    # on the CPU: the expectations are the fp32 reference's (tests/cuda covers the GPU)
-    return subprocess.run([tool, "--device", "cpu", *args], capture_output=True, text=True, timeout=300)
+    return run_tool(tool, *args)
 
 
 def run_json(*args):
@@ -99,5 +89,4 @@ check(r.returncode == 1 and "/nonexistent/text.txt" in r.stderr, "missing text f
 r = run("--text", text, "--prompt-len", "100000", "--eval-len", "10", "--windows", "1")
 check(r.returncode == 1 and "fewer than one window" in r.stderr, "windows longer than the text")
 
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()
