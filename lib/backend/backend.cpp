@@ -20,4 +20,8 @@ void check_sequence_step(const ModelConfig& config, const SequenceStep& step, co
     }
 }
 
+void check_cancel(const std::atomic<bool>* cancel) {
+    if (cancel && cancel->load(std::memory_order_relaxed)) fail(PYR_CANCELLED, "cancelled");
+}
+
 }  // namespace pyr

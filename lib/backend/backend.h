@@ -53,6 +53,10 @@ public:
 // depth); throws PYR_ERR_INVALID_ARGUMENT naming `who` and the bad value.
 void check_sequence_step(const ModelConfig& config, const SequenceStep& step, const char* who);
 
+// Throws pyr::Error(PYR_CANCELLED) when `cancel` (may be null) is set: the backends call it
+// at every layer boundary.
+void check_cancel(const std::atomic<bool>* cancel);
+
 // The CPU backend over `model` with n_threads workers (0 = hardware threads).
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_threads);
 

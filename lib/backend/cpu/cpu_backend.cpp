@@ -115,10 +115,6 @@ CpuKvStorage& cpu_storage(KvCache& cache) {
     return *storage;
 }
 
-void check_cancel(const std::atomic<bool>* cancel) {
-    if (cancel && cancel->load(std::memory_order_relaxed)) fail(PYR_CANCELLED, "cancelled");
-}
-
 }  // namespace
 
 CpuBackend::CpuBackend(const ModelConfig& config, const ModelWeights& weights, int n_threads,
