@@ -72,7 +72,7 @@ struct AttnSeq {
     float* lse = nullptr;      // (n_q, n_head) log2-sum-exp2 of the scaled scores, for observe
     float* scores = nullptr;   // optional: raw scores (log2 units) of queries scores_from..,
     int32_t scores_from = 0;   // (n_q - scores_from, n_head, n_kv); keys a query cannot see
-                               // are left unwritten
+                               // hold -inf or are left unwritten (read only the visible ones)
 };
 struct AttnBatch {
     int32_t n_seq = 0;

@@ -28,10 +28,6 @@ CudaKvStorage& cuda_storage(KvCache& cache) {
     return *s;
 }
 
-void check_cancel(const std::atomic<bool>* cancel) {
-    if (cancel && cancel->load(std::memory_order_relaxed)) fail(PYR_CANCELLED, "cancelled");
-}
-
 }  // namespace
 
 // ---- KV storage -----------------------------------------------------------------------
@@ -360,23 +356,22 @@ void CudaBackend::forward_batch(SequenceStep* steps, int n_seq, const std::atomi
         size_t score_floats = 0;
         std::vector<size_t> score_off(static_cast<size_t>(n_seq), 0);
         for (int s = 0; s < n_seq; ++s) {
+            kernels::AttnSeq& a = ab.seq[s];
+            a.scores_from = a.n_q;  // no rows observed unless the policy asks
             if (!steps[s].policy) continue;
             reqs[size_t(s)] = steps[s].policy->observe(il);
-            const int32_t n_obs = std::min(reqs[size_t(s)].last_rows, seqs[size_t(s)].n);
+            a.scores_from = a.n_q - std::min(reqs[size_t(s)].last_rows, a.n_q);
             score_off[size_t(s)] = score_floats;
-            score_floats += size_t(std::max(n_obs, 0)) * size_t(c.n_head) * size_t(ab.seq[s].n_kv);
+            score_floats += size_t(a.n_q - a.scores_from) * size_t(c.n_head) * size_t(a.n_kv);
         }
         if (score_floats > s_.score_floats) {
             s_.scores = DeviceBuffer();
             s_.scores = ctx.alloc(score_floats * 4, Use::Scratch);
             s_.score_floats = score_floats;
         }
-        for (int s = 0; s < n_seq; ++s) {
-            const int32_t n_obs = std::min(reqs[size_t(s)].last_rows, seqs[size_t(s)].n);
-            if (n_obs <= 0) continue;
-            ab.seq[s].scores = s_.scores.as<float>() + score_off[size_t(s)];
-            ab.seq[s].scores_from = seqs[size_t(s)].n - n_obs;
-        }
+        for (int s = 0; s < n_seq; ++s)
+            if (ab.seq[s].scores_from < ab.seq[s].n_q)
+                ab.seq[s].scores = s_.scores.as<float>() + score_off[size_t(s)];
         PYR_CUDA_CHECK(kernels::rope_store(dt_, s_.qkv.as<float>(), rb, c.n_head, c.n_head_kv,
                                            c.head_dim, s_.cos.as<float>(), s_.sin.as<float>(), st));
         PYR_CUDA_CHECK(kernels::attention(dt_, ab, c.n_head, c.n_head_kv, c.head_dim, st));
@@ -456,10 +451,10 @@ void CudaBackend::observe_layer(int il, SequenceStep* steps, const kernels::Attn
         const kernels::AttnSeq& a = ab.seq[s];
         const int32_t n_kv = cache.size(il);
         PYR_ASSERT(n_kv == a.n_kv);
-        const int32_t n_obs = std::min(req.last_rows, f.n);
-        const size_t need = size_t(std::max(n_obs, 0)) * size_t(n_kv) + (req.column_sums ? size_t(n_kv) : 0);
+        const int32_t n_obs = a.scores ? a.n_q - a.scores_from : 0;  // rows asked for (forward_batch)
+        const size_t need = size_t(n_obs) * size_t(n_kv) + (req.column_sums ? size_t(n_kv) : 0);
         ensure_obs(obs_used + need, obs_used);  // after what earlier layers left for later
-        Deferred d{int(s), il, std::max(n_obs, 0), n_kv, SIZE_MAX, SIZE_MAX};
+        Deferred d{int(s), il, n_obs, n_kv, SIZE_MAX, SIZE_MAX};
         float* base = s_.obs.as<float>();
         if (n_obs > 0) {
             d.rows_off = obs_used;
@@ -468,7 +463,7 @@ void CudaBackend::observe_layer(int il, SequenceStep* steps, const kernels::Attn
                                                    base + d.rows_off, ctx.stream()));
         }
         if (req.column_sums) {
-            d.sums_off = obs_used + size_t(std::max(n_obs, 0)) * size_t(n_kv);
+            d.sums_off = obs_used + size_t(n_obs) * size_t(n_kv);
             PYR_CUDA_CHECK(cudaMemsetAsync(base + d.sums_off, 0, size_t(n_kv) * 4, ctx.stream()));
             PYR_CUDA_CHECK(kernels::attention_col_sums(dt_, a, c.n_head, c.n_head_kv, c.head_dim,
                                                        base + d.sums_off, ctx.stream()));
@@ -478,7 +473,6 @@ void CudaBackend::observe_layer(int il, SequenceStep* steps, const kernels::Attn
             obs_used += need;
             continue;
         }
-        const int32_t n_obs_rows = std::max(n_obs, 0);
         std::vector<float> host(need);
         if (need > 0) {
             PYR_CUDA_CHECK(cudaMemcpyAsync(host.data(), s_.obs.as<float>() + obs_used, need * 4,
@@ -487,9 +481,9 @@ void CudaBackend::observe_layer(int il, SequenceStep* steps, const kernels::Attn
         }
         Observation obs;
         obs.n_keys = n_kv;
-        obs.n_rows = n_obs_rows;
-        obs.rows = n_obs_rows > 0 ? host.data() : nullptr;
-        obs.column_sums = req.column_sums ? host.data() + size_t(n_obs_rows) * size_t(n_kv) : nullptr;
+        obs.n_rows = n_obs;
+        obs.rows = n_obs > 0 ? host.data() : nullptr;
+        obs.column_sums = req.column_sums ? host.data() + size_t(n_obs) * size_t(n_kv) : nullptr;
         auto keep = policy->on_layer(il, obs, cache);
         if (!keep) continue;
         const int32_t first_new = n_kv - f.n;
