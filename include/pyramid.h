@@ -6,7 +6,12 @@
  *   pyr_engine   a loaded model (weights, tokenizer, backend). Thread-safe: any thread may
  *                create sessions on it or query it. Reference-counted: every session holds
  *                a reference, so pyr_engine_close() may be called before the sessions are
- *                destroyed; the memory is freed when the last of them goes.
+ *                destroyed; the memory is freed when the last of them goes. Sessions that
+ *                step on different threads at the same time share the engine's forward
+ *                passes: steps that arrive while one runs go through the model together in
+ *                the next (batching; on a GPU it multiplies throughput). Each still gets
+ *                its own results; on a GPU they may differ from a lone run within float
+ *                rounding, as a batch takes other kernels.
  *   pyr_session  one conversation: its token history, sampler and KV cache. Use a session
  *                from one thread at a time; pyr_session_cancel() and the memory getters
  *                (pyr_session_kv_*, pyr_session_layer_*) may be called from any thread

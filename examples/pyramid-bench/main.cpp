@@ -550,7 +550,7 @@ void run_prefill(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_p
     const Clock::time_point t0 = Clock::now();
     for (Sequence& s : seqs) s.policy->begin_step(n_prompt, true);
     const Clock::time_point tf = Clock::now();
-    backend.forward(steps.data(), int(steps.size()), nullptr);
+    backend.forward(steps.data(), int(steps.size()));
     r.prefill_forward_s = seconds_since(tf);
     for (Sequence& s : seqs) {
         s.cache->set_n_processed(n_prompt);
@@ -579,7 +579,7 @@ void run_decode(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_pr
             s.policy->begin_step(1, false);
         }
         const Clock::time_point tf = Clock::now();
-        backend.forward(steps.data(), int(n), nullptr);
+        backend.forward(steps.data(), int(n));
         r.decode_forward_s += seconds_since(tf);
         // Before after_step compresses: the cache as this step's attention read it.
         kv_read += double(kv_bytes(seqs).bytes);

@@ -23,6 +23,7 @@ struct SequenceStep {
     KvPolicy* policy = nullptr;          // measures and prunes per layer (kv_policy.h); may be null
     float* logits = nullptr;             // out: (n_vocab) logits of the last token; null: skip
                                          // the output head
+    const std::atomic<bool>* cancel = nullptr;  // the owner's cancel flag; may be null
 };
 
 // Device memory a backend holds, by use (0 on the CPU backend).
@@ -43,19 +44,20 @@ public:
     // (after RoPE) to each cache and writing the last token's logits. After each layer's
     // attention it measures what step.policy->observe(il) asks, calls on_layer and applies
     // the returned keep set (and, with shrink_prefill, drops the dropped tokens' hidden
-    // states so that deeper layers compute on the kept ones only). Checks `cancel` at
-    // every layer boundary and throws pyr::Error(PYR_CANCELLED) when it is set; then the
-    // caches may hold partial appends, which the caller rolls back with KvCache::truncate.
-    virtual void forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) = 0;
+    // states so that deeper layers compute on the kept ones only). Checks the steps' cancel
+    // flags at every layer boundary and throws pyr::Error(PYR_CANCELLED) when any is set;
+    // then the caches may hold partial appends, which the caller rolls back with
+    // KvCache::truncate.
+    virtual void forward(SequenceStep* batch, int n_seq) = 0;
 };
 
 // Checks one step of a batch against the model (token ids, positions, a cache of the right
 // depth); throws PYR_ERR_INVALID_ARGUMENT naming `who` and the bad value.
 void check_sequence_step(const ModelConfig& config, const SequenceStep& step, const char* who);
 
-// Throws pyr::Error(PYR_CANCELLED) when `cancel` (may be null) is set: the backends call it
-// at every layer boundary.
-void check_cancel(const std::atomic<bool>* cancel);
+// Throws pyr::Error(PYR_CANCELLED) when the cancel flag of any step of the batch is set: the
+// backends call it at every layer boundary.
+void check_cancel(const SequenceStep* batch, int n_seq);
 
 // The CPU backend over `model` with n_threads workers (0 = hardware threads).
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_threads);

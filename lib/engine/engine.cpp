@@ -1,6 +1,8 @@
 #include "engine/engine.h"
 
+#include <algorithm>
 #include <cctype>
+#include <exception>
 
 #include "common/error.h"
 #include "common/log.h"
@@ -49,9 +51,84 @@ std::shared_ptr<Engine> Engine::open(const std::string& dir, const EngineParams&
     return engine;
 }
 
-void Engine::forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) {
-    std::lock_guard<std::mutex> lock(forward_mutex_);
-    backend_->forward(batch, n_seq, cancel);
+// ---- the batching scheduler ------------------------------------------------------------
+
+// A step waiting for its forward; lives on the submitting thread's stack until done.
+struct Engine::Request {
+    const SequenceStep* step = nullptr;
+    bool alone = false;
+    bool done = false;
+    bool batch_failed = false;  // a merged forward failed: roll back and resubmit alone
+    std::exception_ptr error;
+};
+
+// Merged forwards wait for their longest member, so a cap keeps one step's latency bounded.
+constexpr size_t kMaxStepsPerForward = 256;
+
+void Engine::forward(const SequenceStep& step, bool alone) {
+    Request req;
+    req.step = &step;
+    req.alone = alone;
+    std::unique_lock<std::mutex> lock(queue_mutex_);
+    queue_.push_back(&req);
+    while (!req.done) {
+        if (running_) {
+            queue_changed_.wait(lock);
+            continue;
+        }
+        // Lead the next forward: the steps at the head of the queue, in order; a step that
+        // must run alone goes by itself.
+        std::vector<Request*> batch;
+        while (!queue_.empty() && batch.size() < kMaxStepsPerForward) {
+            Request* r = queue_.front();
+            if (!batch.empty() && r->alone) break;
+            batch.push_back(r);
+            queue_.pop_front();
+            if (r->alone) break;
+        }
+        running_ = true;
+        lock.unlock();
+        run_batch(batch);
+        lock.lock();
+        running_ = false;
+        stats_.forwards += 1;
+        stats_.steps += batch.size();
+        stats_.max_batch = std::max(stats_.max_batch, int32_t(batch.size()));
+        for (Request* r : batch) r->done = true;
+        queue_changed_.notify_all();
+    }
+    lock.unlock();
+    if (req.batch_failed) throw BatchFailed{};
+    if (req.error) std::rethrow_exception(req.error);
+}
+
+// Runs one forward. A failure of a merged forward is only known to be a step's own when its
+// cancel flag is set; the others are told to retry alone (Session rolls them back first).
+void Engine::run_batch(const std::vector<Request*>& batch) {
+    try {
+        std::vector<SequenceStep> steps;
+        for (const Request* r : batch) steps.push_back(*r->step);
+        backend_->forward(steps.data(), int(steps.size()));
+    } catch (...) {
+        if (batch.size() == 1) {
+            batch[0]->error = std::current_exception();
+            return;
+        }
+        for (Request* r : batch) {
+            const std::atomic<bool>* cancel = r->step->cancel;
+            if (cancel && cancel->load())
+                r->error = std::make_exception_ptr(Error(PYR_CANCELLED, "cancelled"));
+            else
+                r->batch_failed = true;
+        }
+    }
+}
+
+Engine::BatchStats Engine::batch_stats() const {
+    std::lock_guard<std::mutex> lock(queue_mutex_);
+    BatchStats s = stats_;
+    s.waiting = int32_t(queue_.size());
+    return s;
 }
 
 std::unique_ptr<KvStorage> Engine::new_kv_storage(int32_t n_ctx) {

@@ -2,10 +2,13 @@
 // by every session (sessions hold a shared_ptr, so the engine outlives its last session).
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "backend/backend.h"
 #include "model/model.h"
@@ -27,19 +30,42 @@ public:
     const ModelConfig& config() const { return model_->config(); }
     const std::string& device() const { return device_; }
 
-    // Runs one step batch on the backend. Steps of different sessions run one at a time
-    // for now (the batching scheduler of DESIGN.md section 7 will merge them here).
-    void forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel);
+    // Runs one session's step. Steps that other threads submit while a forward is running
+    // wait and then go through the backend together, in one batched forward (continuous
+    // batching, DESIGN.md section 7): sessions join and leave between steps. With alone,
+    // the step gets a forward of its own. Throws pyr::Error when the step fails (its cancel
+    // flag gives PYR_CANCELLED), or BatchFailed when a merged forward failed and the cause
+    // may be another step's: the caller rolls the step back and submits it alone.
+    struct BatchFailed {};
+    void forward(const SequenceStep& step, bool alone = false);
+
+    // Counts since open: forwards run and steps they carried (steps / forwards is the
+    // mean batch), the largest batch, and the steps waiting now. Any thread.
+    struct BatchStats {
+        uint64_t forwards = 0, steps = 0;
+        int32_t max_batch = 0, waiting = 0;
+    };
+    BatchStats batch_stats() const;
+
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx);
 
     // KV bytes one token takes in one layer, uncompressed, on this engine's backend.
     uint64_t kv_bytes_per_token_layer() const { return kv_bytes_per_token_; }
 
 private:
+    struct Request;
+    void run_batch(const std::vector<Request*>& batch);
+
     std::shared_ptr<const Model> model_;
     std::unique_ptr<Backend> backend_;
     std::string device_;
-    std::mutex forward_mutex_;
+    // the scheduler: a submitting thread finding no forward running leads the next one,
+    // taking the waiting steps in order
+    mutable std::mutex queue_mutex_;
+    std::condition_variable queue_changed_;
+    std::deque<Request*> queue_;
+    bool running_ = false;
+    BatchStats stats_;
     uint64_t kv_bytes_per_token_ = 0;
 };
 

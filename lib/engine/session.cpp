@@ -77,24 +77,36 @@ void Session::prefill() {
     step.cache = cache_.get();
     step.policy = policy_.get();
     step.logits = logits_.data();
+    step.cancel = &cancel_requested_;
 
     const bool first_prefill = start == 0;
-    std::vector<int32_t> sizes_before = cache_->sizes();
-    try {
-        {
-            std::lock_guard<std::mutex> lock(memory_mutex_);  // kv_param() reads the policy
-            policy_->begin_step(n, first_prefill);
-        }
-        engine_->forward(&step, 1, &cancel_requested_);
-    } catch (...) {
-        // Leave the session as before the call: no partial appends or prunes (a first
-        // prefill starts from an empty cache, so truncating undoes its pruning too), the
-        // policy forgets the step, the input stays queued.
+    const std::vector<int32_t> sizes_before = cache_->sizes();
+    // Leaves the session as before the call: no partial appends or prunes (a first prefill
+    // starts from an empty cache, so truncating undoes its pruning too); the policy forgets
+    // the step.
+    auto roll_back = [&] {
         cache_->truncate(sizes_before);
+        std::lock_guard<std::mutex> lock(memory_mutex_);
         policy_->abort_step();
-        cancel_requested_.store(false);
-        have_logits_ = false;
-        throw;
+    };
+    bool alone = false;
+    for (;;) {
+        try {
+            {
+                std::lock_guard<std::mutex> lock(memory_mutex_);  // kv_param() reads the policy
+                policy_->begin_step(n, first_prefill);
+            }
+            engine_->forward(step, alone);
+            break;
+        } catch (const Engine::BatchFailed&) {
+            roll_back();  // another session's step may have failed the merged forward
+            alone = true;
+        } catch (...) {
+            roll_back();  // the input stays queued
+            cancel_requested_.store(false);
+            have_logits_ = false;
+            throw;
+        }
     }
     cache_->set_n_processed(int32_t(tokens_.size()));
     have_logits_ = true;

@@ -36,7 +36,8 @@ std::vector<float> run_step(pyr::Backend& backend, pyr::KvCache& cache,
     step.n_tokens = int32_t(tokens.size());
     step.cache = &cache;
     step.logits = logits.data();
-    backend.forward(&step, 1, cancel);
+    step.cancel = cancel;
+    backend.forward(&step, 1);
     return logits;
 }
 
@@ -142,7 +143,7 @@ TEST_CASE("forward: a batch of two sequences; logits == nullptr skips the head")
     pyr::SequenceStep steps[2];
     steps[0] = {p1.data(), pos.data(), 5, c1.get(), nullptr, l1.data()};
     steps[1] = {p2.data(), pos.data(), 3, c2.get(), nullptr, nullptr};
-    backend.forward(steps, 2, nullptr);
+    backend.forward(steps, 2);
     check_logits(l1, ref_forward(m, p1).back(), 1e-4);
     CHECK(c2->size(1) == 3);
     const std::vector<int32_t> next{7};
@@ -170,6 +171,22 @@ TEST_CASE("forward: a set cancel flag throws PYR_CANCELLED; bad input is rejecte
     cancel = false;
     const std::vector<float> resumed = run_step(backend, *cache, {3}, 2, &cancel);
     check_logits(resumed, ref_forward(m, {1, 2, 3}).back(), 1e-4);
+
+    // in a batch, any step's flag stops the whole forward (the engine retries the others)
+    {
+        auto c1 = new_cache(backend, 2), c2 = new_cache(backend, 2);
+        const std::vector<int32_t> p1{1, 2, 3}, pos{0, 1, 2};
+        std::atomic<bool> flag1{false}, flag2{true};
+        pyr::SequenceStep steps[2];
+        steps[0] = {p1.data(), pos.data(), 3, c1.get(), nullptr, nullptr, &flag1};
+        steps[1] = {p1.data(), pos.data(), 3, c2.get(), nullptr, nullptr, &flag2};
+        try {
+            backend.forward(steps, 2);
+            FAIL("forward did not throw");
+        } catch (const pyr::Error& e) {
+            CHECK(e.status() == PYR_CANCELLED);
+        }
+    }
 
     try {
         run_step(backend, *cache, {50}, 3);

@@ -152,10 +152,10 @@ void CpuBackend::resize_scratch(int32_t n_tokens) {
     grow(s_.sin, n * size_t(c.head_dim / 2));
 }
 
-void CpuBackend::forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) {
+void CpuBackend::forward(SequenceStep* batch, int n_seq) {
     std::lock_guard<std::mutex> lock(mutex_);
     for (int i = 0; i < n_seq; ++i) check_step(batch[i]);
-    for (int i = 0; i < n_seq; ++i) forward_sequence(batch[i], cancel);
+    for (int i = 0; i < n_seq; ++i) forward_sequence(batch[i], batch, n_seq);
 }
 
 // ---- the forward pass -----------------------------------------------------------------
@@ -164,7 +164,8 @@ void CpuBackend::forward(SequenceStep* batch, int n_seq, const std::atomic<bool>
 // and the last token's logits are written. With a KV policy, each layer's attention is
 // observed and the policy may prune that layer's cache -- and, when it shrinks the prefill,
 // drop the pruned tokens from the sequence so that deeper layers compute on fewer tokens.
-void CpuBackend::forward_sequence(const SequenceStep& step, const std::atomic<bool>* cancel) {
+void CpuBackend::forward_sequence(const SequenceStep& step, const SequenceStep* batch,
+                                  int n_seq) {
     const ModelConfig& c = config_;
     const ModelWeights& w = weights_;
     int32_t n = step.n_tokens;  // tokens still in flight (fewer after a shrinking layer)
@@ -192,7 +193,7 @@ void CpuBackend::forward_sequence(const SequenceStep& step, const std::atomic<bo
 
     cpu::embed(w.tok_embd, step.tokens, n, x);
     for (int il = 0; il < c.n_layer; ++il) {
-        check_cancel(cancel);
+        check_cancel(batch, n_seq);  // a cancel anywhere in the batch stops it (Engine)
         const LayerWeights& L = w.layers[size_t(il)];
 
         // attention block: x += o_proj(attention(rope(q), cache + rope(k), v))

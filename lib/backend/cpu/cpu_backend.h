@@ -51,7 +51,7 @@ public:
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) override;
     // As Backend::forward; a step with logits == nullptr skips the output head (a prefill
     // chunk whose logits nobody needs). Callers may be on any thread; calls serialise.
-    void forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) override;
+    void forward(SequenceStep* batch, int n_seq) override;
 
 private:
     struct Scratch {
@@ -62,7 +62,8 @@ private:
     };
     void check_step(const SequenceStep& step) const;
     void resize_scratch(int32_t n_tokens);
-    void forward_sequence(const SequenceStep& step, const std::atomic<bool>* cancel);
+    // `step` is one of the batch's steps; the batch's cancel flags are checked per layer.
+    void forward_sequence(const SequenceStep& step, const SequenceStep* batch, int n_seq);
     void prepare_observation(const ObservationRequest& req, int32_t n, cpu::AttentionArgs& args);
     Observation finish_observation(const ObservationRequest& req, int32_t n_rows, int32_t n_kv);
     int32_t shrink_rows(const std::vector<int32_t>& keep, int32_t first_new, int32_t n);

@@ -259,7 +259,7 @@ void CudaBackend::ensure_obs(size_t floats, size_t keep) {
 
 // ---- the forward pass -----------------------------------------------------------------
 
-void CudaBackend::forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) {
+void CudaBackend::forward(SequenceStep* batch, int n_seq) {
     std::lock_guard<std::mutex> lock(mutex_);
     ctx_->make_current();
     for (int i = 0; i < n_seq; ++i) {
@@ -267,14 +267,14 @@ void CudaBackend::forward(SequenceStep* batch, int n_seq, const std::atomic<bool
         PYR_ASSERT(cuda_storage(*batch[i].cache).kv_dim() == kv_dim_);
     }
     for (int i = 0; i < n_seq; i += kernels::kMaxBatch)
-        forward_batch(batch + i, std::min(n_seq - i, kernels::kMaxBatch), cancel);
+        forward_batch(batch + i, std::min(n_seq - i, kernels::kMaxBatch));
 }
 
 // The sequences' tokens go through the layers together: one projection per weight matrix
 // for all rows of the batch, one RoPE/append launch and one attention launch per layer over
 // the ragged caches. KV policies observe and prune per sequence as on the CPU backend
 // (CpuBackend::forward_sequence is the reference narrative).
-void CudaBackend::forward_batch(SequenceStep* steps, int n_seq, const std::atomic<bool>* cancel) {
+void CudaBackend::forward_batch(SequenceStep* steps, int n_seq) {
     const ModelConfig& c = config_;
     Context& ctx = *ctx_;
     const cudaStream_t st = ctx.stream();
@@ -312,7 +312,7 @@ void CudaBackend::forward_batch(SequenceStep* steps, int n_seq, const std::atomi
     std::vector<Deferred> deferred;
     size_t obs_used = 0;
     for (int il = 0; il < c.n_layer; ++il) {
-        check_cancel(cancel);
+        check_cancel(steps, n_seq);
         const LayerWeights& L = w_.layers[size_t(il)];
 
         // attention block: x += o_proj(attention(rope(q), cache + rope(k), v))

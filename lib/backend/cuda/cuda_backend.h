@@ -55,7 +55,7 @@ public:
 
     std::string device_name() const override { return "cuda:" + std::to_string(ctx_->device()); }
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) override;
-    void forward(SequenceStep* batch, int n_seq, const std::atomic<bool>* cancel) override;
+    void forward(SequenceStep* batch, int n_seq) override;
     DeviceMemory device_memory() const override;
 
 private:
@@ -92,7 +92,7 @@ private:
     DeviceBuffer upload_concat(std::initializer_list<const Tensor*> parts);
     void ensure_scratch(int32_t n_rows, int n_seq);
     void ensure_obs(size_t floats, size_t keep);
-    void forward_batch(SequenceStep* steps, int n_seq, const std::atomic<bool>* cancel);
+    void forward_batch(SequenceStep* steps, int n_seq);
     void observe_layer(int il, SequenceStep* steps, const kernels::AttnBatch& ab,
                        const std::vector<ObservationRequest>& reqs, std::vector<InFlight>& seqs,
                        std::vector<Deferred>& deferred, size_t& obs_used);
