@@ -237,6 +237,46 @@ static void test_cancel_from_thread(pyr_engine* engine) {
     free(prompt);
 }
 
+/* ---- sessions on several threads share the engine's forwards (batching) ------------- */
+
+typedef struct {
+    pyr_engine* engine;
+    const char* prompt;
+    collected out;
+    pyr_status status;
+} generate_job;
+
+static void* generate_on_thread(void* arg) {
+    generate_job* job = (generate_job*)arg;
+    pyr_session* session = greedy_session(job->engine, 20, 0);
+    job->status = pyr_session_generate(session, job->prompt, collect, &job->out);
+    pyr_session_destroy(session);
+    return NULL;
+}
+
+static void test_concurrent_sessions(pyr_engine* engine) {
+    const char* prompts[3] = {"def fibonacci(n):", "import os\nimport sys\n\ndef main():",
+                              "class Stack:\n    def __init__(self):"};
+    generate_job together[3], alone[3];
+    memset(together, 0, sizeof together);
+    memset(alone, 0, sizeof alone);
+    pthread_t threads[3];
+    for (int i = 0; i < 3; ++i) {
+        together[i].engine = alone[i].engine = engine;
+        together[i].prompt = alone[i].prompt = prompts[i];
+        pthread_create(&threads[i], NULL, generate_on_thread, &together[i]);
+    }
+    for (int i = 0; i < 3; ++i) pthread_join(threads[i], NULL);
+    for (int i = 0; i < 3; ++i) {
+        generate_on_thread(&alone[i]);
+        CHECK(together[i].status == PYR_OK);
+        CHECK(together[i].out.n == alone[i].out.n);
+        CHECK(memcmp(together[i].out.tokens, alone[i].out.tokens,
+                     sizeof(int32_t) * (size_t)alone[i].out.n) == 0);
+        CHECK(strcmp(together[i].out.text, alone[i].out.text) == 0);
+    }
+}
+
 /* Closing the engine before its sessions is allowed: sessions keep it alive. */
 static void test_close_order(void) {
     pyr_engine* engine = open_bundled();
@@ -255,6 +295,7 @@ int main(void) {
     test_session_errors(engine);
     test_streaming(engine);
     test_cancel_from_thread(engine);
+    test_concurrent_sessions(engine);
     pyr_engine_close(engine);
     test_close_order();
     printf("%d passed, %d failed\n", g_passed, g_failed);
