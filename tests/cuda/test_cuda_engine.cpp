@@ -13,29 +13,17 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/error.h"
 #include "engine/engine.h"
 #include "engine/session.h"
-#include "common/error.h"
+#include "support/engine_util.h"
 
 using nlohmann::json;
+using pyr_test::kFixtures;
+using pyr_test::open_engine;
+using pyr_test::read_json;
 
 namespace {
-
-const std::string kFixtures = std::string(PYR_TEST_DATA_DIR) + "/fixtures";
-
-json read_json(const std::string& path) {
-    std::ifstream in(path);
-    REQUIRE_MESSAGE(in.good(), "cannot read " << path);
-    return json::parse(in);
-}
-
-std::shared_ptr<pyr::Engine> open_engine(const std::string& dir, const std::string& device,
-                                         uint64_t max_device_bytes = 0) {
-    pyr::EngineParams ep;
-    ep.device = device;
-    ep.max_device_bytes = max_device_bytes;
-    return pyr::Engine::open(dir, ep);
-}
 
 std::unique_ptr<pyr::Session> greedy_session(std::shared_ptr<pyr::Engine> engine, int max_tokens,
                                              const pyr::KvParams& kv = {}, int32_t n_ctx = 2048) {

@@ -8,30 +8,20 @@
 #include <condition_variable>
 #include <mutex>
 #include <numeric>
-#include <random>
 #include <thread>
 
 #include "common/error.h"
 #include "engine/engine.h"
 #include "engine/session.h"
+#include "support/engine_util.h"
 
 namespace {
 
+using pyr_test::random_tokens;
+
 const std::string kGqa = std::string(PYR_TEST_DATA_DIR) + "/fixtures/gqa_f16";  // 3 layers
 
-std::shared_ptr<pyr::Engine> cpu_engine() {
-    pyr::EngineParams ep;
-    ep.device = "cpu";
-    ep.n_threads = 2;
-    return pyr::Engine::open(kGqa, ep);
-}
-
-std::vector<int32_t> random_tokens(int32_t n, int32_t vocab, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::vector<int32_t> ids{1};
-    while (int32_t(ids.size()) < n) ids.push_back(3 + int32_t(rng() % uint32_t(vocab - 3)));
-    return ids;
-}
+std::shared_ptr<pyr::Engine> cpu_engine() { return pyr_test::open_engine(kGqa); }
 
 // Holds the forward that runs it at its first layer until release(): the test can then
 // queue other steps behind it, deterministically.

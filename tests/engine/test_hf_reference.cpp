@@ -4,32 +4,19 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
-#include <fstream>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "engine/engine.h"
 #include "engine/session.h"
+#include "support/engine_util.h"
 
 using nlohmann::json;
+using pyr_test::kFixtures;
+using pyr_test::open_engine;
+using pyr_test::read_json;
 
 namespace {
-
-const std::string kFixtures = std::string(PYR_TEST_DATA_DIR) + "/fixtures";
-
-json read_json(const std::string& path) {
-    std::ifstream in(path);
-    REQUIRE_MESSAGE(in.good(), "cannot read " << path);
-    return json::parse(in);
-}
-
-std::shared_ptr<pyr::Engine> open_engine(const std::string& dir) {
-    pyr::EngineParams ep;
-    ep.device = "cpu";
-    return pyr::Engine::open(dir, ep);
-}
 
 std::unique_ptr<pyr::Session> greedy_session(std::shared_ptr<pyr::Engine> engine, int max_tokens) {
     pyr::SessionParams sp;

@@ -14,23 +14,12 @@
 #include "engine/engine.h"
 #include "engine/session.h"
 #include "kv/kv_select.h"
+#include "support/engine_util.h"
 
 namespace {
 
 const std::string kGqa = std::string(PYR_TEST_DATA_DIR) + "/fixtures/gqa_f16";  // 3 layers
 
-std::shared_ptr<pyr::Engine> engine_for(const std::string& dir) {
-    pyr::EngineParams ep;
-    ep.device = "cpu";
-    return pyr::Engine::open(dir, ep);
-}
-
-std::vector<int32_t> random_prompt(int32_t n, int32_t vocab, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::vector<int32_t> ids{1};
-    while (int32_t(ids.size()) < n) ids.push_back(3 + int32_t(rng() % uint32_t(vocab - 3)));
-    return ids;
-}
 
 std::unique_ptr<pyr::Session> session_with(std::shared_ptr<pyr::Engine> engine, pyr::KvParams kv,
                                            int max_tokens = 0) {
@@ -57,7 +46,7 @@ bool contains_all(const std::vector<int32_t>& positions, int32_t from, int32_t t
 
 // Teacher-forces n random tokens through the decode path, one per step.
 void decode(pyr::Session& s, int n, int32_t vocab) {
-    const auto tokens = random_prompt(n + 1, vocab, 99);
+    const auto tokens = pyr_test::random_tokens(n + 1, vocab, 99);
     for (int i = 1; i <= n; ++i) {
         s.feed_tokens({tokens[size_t(i)]});
         s.prefill();
@@ -88,9 +77,9 @@ TEST_CASE("selection helpers") {
 }
 
 TEST_CASE("peers keep exactly their budget after prefill and through generation") {
-    auto engine = engine_for(kGqa);
+    auto engine = pyr_test::open_engine(kGqa);
     const int32_t P = 200, budget = 100, n_layer = engine->config().n_layer;
-    const auto prompt = random_prompt(P, 396, 7);
+    const auto prompt = pyr_test::random_tokens(P, 396, 7);
     for (const char* name : {"streaming", "h2o", "snapkv", "pyramidkv", "snapshrink"}) {
         CAPTURE(name);
         pyr::KvParams kv = policy(name, 0.5f);
@@ -147,19 +136,19 @@ TEST_CASE("peers keep exactly their budget after prefill and through generation"
 }
 
 TEST_CASE("pyramid: generation compresses every E tokens and never touches the window") {
-    auto engine = engine_for(kGqa);
+    auto engine = pyr_test::open_engine(kGqa);
     pyr::KvParams kv = policy("pyramid", 0.5f);
     kv.gen_e = 4;
     kv.min_context = 8;
     auto s = session_with(engine, kv);
     const int32_t P = 120;
-    s->feed_tokens(random_prompt(P, 396, 11));
+    s->feed_tokens(pyr_test::random_tokens(P, 396, 11));
     s->prefill();
     const int32_t W = int32_t(s->kv_param("window"));
     CHECK(W == int32_t(std::floor(s->kv_param("recent_ratio") * P)) + 1);
     const auto after_prefill = s->memory().layer_tokens;  // C_l + W per layer
     const int n_layer = engine->config().n_layer;
-    const auto tokens = random_prompt(21, 396, 12);
+    const auto tokens = pyr_test::random_tokens(21, 396, 12);
     for (int step = 1; step <= 20; ++step) {
         s->feed_tokens({tokens[size_t(step)]});
         s->prefill();
@@ -181,7 +170,7 @@ TEST_CASE("pyramid: generation compresses every E tokens and never touches the w
 }
 
 TEST_CASE("pyramid at retention 1 reproduces full token for token") {
-    auto engine = engine_for(PYR_TEST_MODEL_DIR);
+    auto engine = pyr_test::open_engine(PYR_TEST_MODEL_DIR);
     auto full = session_with(engine, policy("full", 0.0f), 24);
     auto pyramid = session_with(engine, policy("pyramid", 1.0f), 24);
     for (auto* s : {full.get(), pyramid.get()}) s->feed_text("def fibonacci(n):");
@@ -193,7 +182,7 @@ TEST_CASE("pyramid at retention 1 reproduces full token for token") {
 }
 
 TEST_CASE("bad knobs are rejected with the knob's name") {
-    auto engine = engine_for(kGqa);
+    auto engine = pyr_test::open_engine(kGqa);
     auto expect_bad = [&](pyr::KvParams kv, const std::string& needle) {
         try {
             session_with(engine, kv);
@@ -218,8 +207,8 @@ TEST_CASE("bad knobs are rejected with the knob's name") {
 }
 
 TEST_CASE("a cancelled shrinking prefill leaves the session as before, and then completes") {
-    auto engine = engine_for(PYR_TEST_MODEL_DIR);
-    const auto prompt = random_prompt(1200, 4096, 5);
+    auto engine = pyr_test::open_engine(PYR_TEST_MODEL_DIR);
+    const auto prompt = pyr_test::random_tokens(1200, 4096, 5);
     auto reference = session_with(engine, policy("pyramid", 0.5f));
     reference->feed_tokens(prompt);
     reference->prefill();

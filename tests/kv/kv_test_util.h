@@ -15,10 +15,10 @@
 #include "../model/model_test_util.h"
 #include "engine/engine.h"
 #include "engine/session.h"
+#include "support/engine_util.h"
 
 namespace pyr_test {
 
-const std::string kFixtures = std::string(PYR_TEST_DATA_DIR) + "/fixtures";
 
 // A random F32 LLaMA with default RoPE and the fixture tokenizer (vocab 396).
 struct TinySpec {
@@ -78,22 +78,6 @@ inline void write_random_llama(const std::string& dir, const TinySpec& s) {
     std::fill(head.bytes.begin(), head.bytes.begin() + 3 * s.n_embd * 4, '\0');
     add("lm_head.weight", std::move(head));
     write_file(dir + "/model.safetensors", safetensors_bytes(ts));
-}
-
-inline std::shared_ptr<pyr::Engine> open_cpu_engine(const std::string& dir) {
-    pyr::EngineParams ep;
-    ep.device = "cpu";
-    ep.n_threads = 2;
-    return pyr::Engine::open(dir, ep);
-}
-
-// BOS then n - 1 ids drawn from [3, n_vocab) (no BOS/EOS inside), reproducible by seed.
-inline std::vector<int32_t> random_prompt(int32_t n, int32_t n_vocab, uint32_t seed) {
-    std::mt19937 gen(seed);
-    std::uniform_int_distribution<int32_t> d(3, n_vocab - 1);
-    std::vector<int32_t> ids{1};
-    while (int32_t(ids.size()) < n) ids.push_back(d(gen));
-    return ids;
 }
 
 // A greedy session with the given KV knobs and room for the prompt plus n_gen tokens.

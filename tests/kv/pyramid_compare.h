@@ -141,7 +141,7 @@ inline CaseOutcome run_case(const std::shared_ptr<pyr::Engine>& engine,
     CaseOutcome out;
     const int n_layer = engine->config().n_layer;
     const std::vector<int32_t> prompt =
-        cs.prompt.empty() ? random_prompt(cs.n_prompt, engine->config().n_vocab, cs.seed) : cs.prompt;
+        cs.prompt.empty() ? random_tokens(cs.n_prompt, engine->config().n_vocab, cs.seed) : cs.prompt;
     const int32_t n_prompt = int32_t(prompt.size());
     auto session = greedy_session(engine, kv_params(cs), n_prompt + cs.n_gen + 1, cs.n_gen);
     session->feed_tokens(prompt);

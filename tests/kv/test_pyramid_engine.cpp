@@ -21,7 +21,7 @@ struct Totals {
 
 // Runs each case (failures name it); reports near-ties and how much was compared.
 void run_model_cases(const std::string& dir, const std::vector<CaseSpec>& cases) {
-    auto engine = pyr_test::open_cpu_engine(dir);
+    auto engine = pyr_test::open_engine(dir);
     const pyr_ref::RefModel model = pyr_ref::RefModel::load(dir);
     Totals t;
     for (const CaseSpec& cs : cases) {
@@ -124,7 +124,7 @@ TEST_CASE("pyramid vs reference: random 10-layer GQA 4/2") {
 // The bundled model on code it was trained for (a trained model's attention has real sinks
 // and heavy hitters, unlike random weights).
 TEST_CASE("pyramid vs reference: bundled tiny-code-llama, P about 300") {
-    auto engine = pyr_test::open_cpu_engine(PYR_TEST_MODEL_DIR);
+    auto engine = pyr_test::open_engine(PYR_TEST_MODEL_DIR);
     std::vector<int32_t> prompt =
         engine->model().tokenizer().encode(pyr_test::kCodeText, /*add_bos=*/true);
     REQUIRE(prompt.size() >= 250);

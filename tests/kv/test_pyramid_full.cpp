@@ -80,9 +80,9 @@ TEST_CASE("reference forward: HF fixtures' logits and greedy tokens") {
 TEST_CASE("reference forward: the engine's full policy, prefill and decode logits") {
     pyr_test::TempDir dir;
     pyr_test::write_random_llama(dir.path(), {6, 48, 4, 2, 96, 71});
-    auto engine = pyr_test::open_cpu_engine(dir.path());
+    auto engine = pyr_test::open_engine(dir.path());
     const pyr_ref::RefModel model = pyr_ref::RefModel::load(dir.path());
-    const std::vector<int32_t> prompt = pyr_test::random_prompt(150, 396, 5);
+    const std::vector<int32_t> prompt = pyr_test::random_tokens(150, 396, 5);
     auto session = pyr_test::greedy_session(engine, pyr::KvParams{}, 200, 20);
     session->feed_tokens(prompt);
     session->prefill();
@@ -106,7 +106,7 @@ TEST_CASE("reference forward: the engine's full policy, prefill and decode logit
 // prefill drops nothing; pyramid.h adds "1 keeps everything (generation too)". So the session
 // is `full`, token for token and position for position, at the default E 16 and at E 0.
 TEST_CASE("pyramid at retention 1.0 reproduces full (bundled model, greedy, 32 tokens)") {
-    auto engine = pyr_test::open_cpu_engine(PYR_TEST_MODEL_DIR);
+    auto engine = pyr_test::open_engine(PYR_TEST_MODEL_DIR);
     std::vector<int32_t> prompt =
         engine->model().tokenizer().encode(pyr_test::kCodeText, /*add_bos=*/true);
     prompt.resize(200);
@@ -152,14 +152,14 @@ TEST_CASE("pyramid at retention 1.0 reproduces full (bundled model, greedy, 32 t
 TEST_CASE("generation-phase compression fires every E tokens per layer, never in the last W") {
     pyr_test::TempDir dir;
     pyr_test::write_random_llama(dir.path(), {6, 48, 4, 2, 96, 72});
-    auto engine = pyr_test::open_cpu_engine(dir.path());
+    auto engine = pyr_test::open_engine(dir.path());
     const int n_layer = 6;
     for (int32_t gen_e : {0, 1, 4, 5, 16}) {
         CAPTURE(gen_e);
         pyr_test::CaseSpec cs;
         cs.n_prompt = 90, cs.rho = 0.3f, cs.min_context = 8, cs.gen_e = gen_e;
         const int32_t n_gen = 50;
-        const std::vector<int32_t> prompt = pyr_test::random_prompt(cs.n_prompt, 396, 9);
+        const std::vector<int32_t> prompt = pyr_test::random_tokens(cs.n_prompt, 396, 9);
         auto s = pyr_test::greedy_session(engine, pyr_test::kv_params(cs), 200, n_gen);
         s->feed_tokens(prompt);
         s->prefill();
