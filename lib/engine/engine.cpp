@@ -1,6 +1,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <exception>
 
@@ -77,24 +78,26 @@ void Engine::forward(const SequenceStep& step, bool alone) {
             continue;
         }
         // Lead the next forward: the steps at the head of the queue, in order; a step that
-        // must run alone goes by itself.
-        std::vector<Request*> batch;
-        while (!queue_.empty() && batch.size() < kMaxStepsPerForward) {
+        // must run alone goes by itself. (No allocation here: nothing may throw while other
+        // threads' requests are out of the queue.)
+        std::array<Request*, kMaxStepsPerForward> taken;
+        size_t n = 0;
+        while (!queue_.empty() && n < taken.size()) {
             Request* r = queue_.front();
-            if (!batch.empty() && r->alone) break;
-            batch.push_back(r);
+            if (n > 0 && r->alone) break;
+            taken[n++] = r;
             queue_.pop_front();
             if (r->alone) break;
         }
         running_ = true;
         lock.unlock();
-        run_batch(batch);
+        run_batch(taken.data(), n);
         lock.lock();
         running_ = false;
         stats_.forwards += 1;
-        stats_.steps += batch.size();
-        stats_.max_batch = std::max(stats_.max_batch, int32_t(batch.size()));
-        for (Request* r : batch) r->done = true;
+        stats_.steps += n;
+        stats_.max_batch = std::max(stats_.max_batch, int32_t(n));
+        for (size_t i = 0; i < n; ++i) taken[i]->done = true;
         queue_changed_.notify_all();
     }
     lock.unlock();
@@ -102,21 +105,33 @@ void Engine::forward(const SequenceStep& step, bool alone) {
     if (req.error) std::rethrow_exception(req.error);
 }
 
-// Runs one forward. A failure of a merged forward is only known to be a step's own when its
-// cancel flag is set; the others are told to retry alone (Session rolls them back first).
-void Engine::run_batch(const std::vector<Request*>& batch) {
+// Runs one forward. Steps cancelled while they waited are answered without running. A failure
+// of a merged forward is only known to be a step's own when its cancel flag is set; the others
+// are told to retry alone (Session rolls them back first). Throws nothing: the submitting
+// threads wait on this.
+void Engine::run_batch(Request* const* batch, size_t n) noexcept {
+    auto cancelled = [](const Request* r) { return r->step->cancel && r->step->cancel->load(); };
+    Request* only = n == 1 ? batch[0] : nullptr;  // a lone step's failure is its own
     try {
         std::vector<SequenceStep> steps;
-        for (const Request* r : batch) steps.push_back(*r->step);
+        for (size_t i = 0; i < n; ++i) {
+            if (cancelled(batch[i]))
+                batch[i]->error = std::make_exception_ptr(Error(PYR_CANCELLED, "cancelled"));
+            else
+                steps.push_back(*batch[i]->step);
+        }
+        if (steps.empty()) return;
+        if (steps.size() == 1)
+            for (size_t i = 0; i < n; ++i)
+                if (!batch[i]->error) only = batch[i];
         backend_->forward(steps.data(), int(steps.size()));
     } catch (...) {
-        if (batch.size() == 1) {
-            batch[0]->error = std::current_exception();
-            return;
-        }
-        for (Request* r : batch) {
-            const std::atomic<bool>* cancel = r->step->cancel;
-            if (cancel && cancel->load())
+        for (size_t i = 0; i < n; ++i) {
+            Request* r = batch[i];
+            if (r->error) continue;  // cancelled while it waited
+            if (r == only)
+                r->error = std::current_exception();
+            else if (cancelled(r))
                 r->error = std::make_exception_ptr(Error(PYR_CANCELLED, "cancelled"));
             else
                 r->batch_failed = true;

@@ -39,8 +39,9 @@ public:
     struct BatchFailed {};
     void forward(const SequenceStep& step, bool alone = false);
 
-    // Counts since open: forwards run and steps they carried (steps / forwards is the
-    // mean batch), the largest batch, and the steps waiting now. Any thread.
+    // Counts since open: batches taken (forwards; a batch whose steps were all cancelled
+    // while they waited runs nothing) and the steps in them (steps / forwards is the mean
+    // batch), the largest batch, and the steps waiting now. Any thread.
     struct BatchStats {
         uint64_t forwards = 0, steps = 0;
         int32_t max_batch = 0, waiting = 0;
@@ -54,7 +55,7 @@ public:
 
 private:
     struct Request;
-    void run_batch(const std::vector<Request*>& batch);
+    void run_batch(Request* const* batch, size_t n) noexcept;
 
     std::shared_ptr<const Model> model_;
     std::unique_ptr<Backend> backend_;

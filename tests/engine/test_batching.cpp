@@ -53,6 +53,21 @@ private:
     bool released_ = false;
 };
 
+// Sets its step's cancel flag when the forward reaches the step's first layer: a cancel
+// that arrives while a merged forward runs.
+class CancelInFlight : public pyr::KvPolicy {
+public:
+    explicit CancelInFlight(std::atomic<bool>* flag) : flag_(flag) {}
+    const char* name() const override { return "cancel-in-flight"; }
+    pyr::ObservationRequest observe(int il) const override {
+        if (il == 0) flag_->store(true);
+        return {};
+    }
+
+private:
+    std::atomic<bool>* flag_;
+};
+
 // One prefill step of `tokens` into a fresh cache of its own.
 struct OwnStep {
     std::vector<int32_t> tokens, positions;
@@ -123,24 +138,22 @@ TEST_CASE("steps queued behind a forward run as one batch and each gets its own 
     }
 }
 
-TEST_CASE("a cancel in a merged forward: that step is cancelled, the others are told to retry") {
-    auto engine = cpu_engine();
-    const int32_t vocab = engine->config().n_vocab;
-    GatePolicy gate;
-    OwnStep holder(*engine, random_tokens(5, vocab, 1), &gate);
-    std::atomic<bool> flags[3] = {{false}, {true}, {false}};  // the middle one is cancelled
-    std::vector<std::unique_ptr<OwnStep>> queued;
-    for (uint32_t i = 0; i < 3; ++i)
-        queued.push_back(std::make_unique<OwnStep>(*engine, random_tokens(6, vocab, 20 + i), nullptr, &flags[i]));
+namespace {
 
-    std::thread lead([&] { engine->forward(holder.step); });
+// Runs `steps` queued behind a held forward, all together; returns what each got: "ok",
+// "retry" (Engine::BatchFailed) or the status name.
+std::vector<std::string> run_merged(pyr::Engine& engine, std::vector<std::unique_ptr<OwnStep>>& steps,
+                                    std::atomic<bool>* cancel_while_waiting = nullptr) {
+    GatePolicy gate;
+    OwnStep holder(engine, random_tokens(5, engine.config().n_vocab, 1), &gate);
+    std::thread lead([&] { engine.forward(holder.step); });
     gate.wait_entered();
+    std::vector<std::string> outcome(steps.size());
     std::vector<std::thread> threads;
-    std::vector<std::string> outcome(3);
-    for (size_t i = 0; i < 3; ++i)
+    for (size_t i = 0; i < steps.size(); ++i)
         threads.emplace_back([&, i] {
             try {
-                engine->forward(queued[i]->step);
+                engine.forward(steps[i]->step);
                 outcome[i] = "ok";
             } catch (const pyr::Engine::BatchFailed&) {
                 outcome[i] = "retry";
@@ -148,13 +161,42 @@ TEST_CASE("a cancel in a merged forward: that step is cancelled, the others are 
                 outcome[i] = pyr_status_str(e.status());
             }
         });
-    wait_for_waiting(*engine, 3);
+    wait_for_waiting(engine, int32_t(steps.size()));
+    if (cancel_while_waiting) cancel_while_waiting->store(true);
     gate.release();
     lead.join();
     for (auto& t : threads) t.join();
-    CHECK(outcome[0] == "retry");
-    CHECK(outcome[1] == pyr_status_str(PYR_CANCELLED));
-    CHECK(outcome[2] == "retry");
+    return outcome;
+}
+
+}  // namespace
+
+TEST_CASE("a step cancelled while it waits is answered without running; the others run") {
+    auto engine = cpu_engine();
+    const int32_t vocab = engine->config().n_vocab;
+    std::atomic<bool> flags[3] = {{false}, {false}, {false}};
+    std::vector<std::unique_ptr<OwnStep>> steps;
+    for (uint32_t i = 0; i < 3; ++i)
+        steps.push_back(std::make_unique<OwnStep>(*engine, random_tokens(6, vocab, 20 + i), nullptr, &flags[i]));
+    const std::vector<std::string> got = run_merged(*engine, steps, &flags[1]);
+    CHECK(got == std::vector<std::string>{"ok", pyr_status_str(PYR_CANCELLED), "ok"});
+    CHECK(steps[1]->cache->size(0) == 0);  // never ran
+    CHECK(steps[0]->logits == alone_logits(steps[0]->tokens));
+    CHECK(steps[2]->logits == alone_logits(steps[2]->tokens));
+    CHECK(engine->batch_stats().forwards == 2);  // the holder's and the merged one
+}
+
+TEST_CASE("a cancel during a merged forward: that step is cancelled, the others are told to retry") {
+    auto engine = cpu_engine();
+    const int32_t vocab = engine->config().n_vocab;
+    std::atomic<bool> flags[3] = {{false}, {false}, {false}};
+    CancelInFlight canceller(&flags[1]);
+    std::vector<std::unique_ptr<OwnStep>> steps;
+    for (uint32_t i = 0; i < 3; ++i)
+        steps.push_back(std::make_unique<OwnStep>(*engine, random_tokens(6, vocab, 20 + i),
+                                                  i == 1 ? &canceller : nullptr, &flags[i]));
+    const std::vector<std::string> got = run_merged(*engine, steps);
+    CHECK(got == std::vector<std::string>{"retry", pyr_status_str(PYR_CANCELLED), "retry"});
 
     // alone, a failure is the step's own: an out-of-range token is reported, not retried
     OwnStep bad(*engine, {1, vocab});
@@ -166,18 +208,21 @@ TEST_CASE("a cancel in a merged forward: that step is cancelled, the others are 
     }
 }
 
-TEST_CASE("sessions: a cancel in a merged prefill rolls back that session only") {
+TEST_CASE("sessions: another step's failure in a merged prefill is rolled back and rerun alone") {
     auto engine = cpu_engine();
     const int32_t vocab = engine->config().n_vocab;
     GatePolicy gate;
     OwnStep holder(*engine, random_tokens(5, vocab, 1), &gate);
+    std::atomic<bool> flag{false};
+    CancelInFlight canceller(&flag);
+    OwnStep failing(*engine, random_tokens(8, vocab, 2), &canceller, &flag);
     pyr::SessionParams sp;
     sp.sampling.temperature = 0.0f;
     sp.kv.policy = "pyramid";  // prunes in the first prefill: the rollback must undo it
     sp.kv.retention = 0.5f;
     std::vector<std::unique_ptr<pyr::Session>> sessions;
     std::vector<std::vector<int32_t>> prompts;
-    for (uint32_t i = 0; i < 3; ++i) {
+    for (uint32_t i = 0; i < 2; ++i) {
         sessions.push_back(std::make_unique<pyr::Session>(engine, sp));
         prompts.push_back(random_tokens(40, vocab, 30 + i));
         sessions.back()->feed_tokens(prompts.back());
@@ -186,8 +231,8 @@ TEST_CASE("sessions: a cancel in a merged prefill rolls back that session only")
     std::thread lead([&] { engine->forward(holder.step); });
     gate.wait_entered();
     std::vector<std::thread> threads;
-    std::vector<pyr_status> status(3, PYR_OK);
-    for (size_t i = 0; i < 3; ++i)
+    std::vector<pyr_status> status(2, PYR_OK);
+    for (size_t i = 0; i < 2; ++i)
         threads.emplace_back([&, i] {
             try {
                 sessions[i]->prefill();
@@ -195,20 +240,26 @@ TEST_CASE("sessions: a cancel in a merged prefill rolls back that session only")
                 status[i] = e.status();
             }
         });
+    pyr_status failing_status = PYR_OK;
+    threads.emplace_back([&] {
+        try {
+            engine->forward(failing.step);
+        } catch (const pyr::Error& e) {
+            failing_status = e.status();
+        }
+    });
     wait_for_waiting(*engine, 3);
-    sessions[1]->cancel();
     gate.release();
     lead.join();
     for (auto& t : threads) t.join();
 
+    CHECK(failing_status == PYR_CANCELLED);
     CHECK(status[0] == PYR_OK);
-    CHECK(status[1] == PYR_CANCELLED);
-    CHECK(status[2] == PYR_OK);
-    CHECK(sessions[1]->memory().kv_bytes == 0);  // as before the call, input still queued
-    sessions[1]->prefill();                      // and it completes afterwards
-
+    CHECK(status[1] == PYR_OK);
+    // the holder's forward, the failed merged one, each session's rerun alone
+    CHECK(engine->batch_stats().forwards == 4);
     // each session holds what it would hold had it run alone
-    for (size_t i = 0; i < 3; ++i) {
+    for (size_t i = 0; i < 2; ++i) {
         CAPTURE(i);
         pyr::Session alone(cpu_engine(), sp);
         alone.feed_tokens(prompts[i]);
@@ -216,8 +267,40 @@ TEST_CASE("sessions: a cancel in a merged prefill rolls back that session only")
         CHECK(std::equal(alone.logits(), alone.logits() + vocab, sessions[i]->logits()));
         CHECK(alone.memory().layer_positions == sessions[i]->memory().layer_positions);
     }
-    // the holder, the failed merged forward, the two retries alone, the later prefill
-    CHECK(engine->batch_stats().forwards == 5);
+}
+
+TEST_CASE("sessions: a session cancelled while its prefill waits keeps its input and runs later") {
+    auto engine = cpu_engine();
+    const int32_t vocab = engine->config().n_vocab;
+    GatePolicy gate;
+    OwnStep holder(*engine, random_tokens(5, vocab, 1), &gate);
+    pyr::SessionParams sp;
+    sp.sampling.temperature = 0.0f;
+    auto s = std::make_unique<pyr::Session>(engine, sp);
+    const std::vector<int32_t> prompt = random_tokens(20, vocab, 7);
+    s->feed_tokens(prompt);
+    std::thread lead([&] { engine->forward(holder.step); });
+    gate.wait_entered();
+    pyr_status status = PYR_OK;
+    std::thread t([&] {
+        try {
+            s->prefill();
+        } catch (const pyr::Error& e) {
+            status = e.status();
+        }
+    });
+    wait_for_waiting(*engine, 1);
+    s->cancel();
+    gate.release();
+    lead.join();
+    t.join();
+    CHECK(status == PYR_CANCELLED);
+    CHECK(s->memory().kv_bytes == 0);  // as before the call, the input still queued
+    s->prefill();
+    pyr::Session alone(cpu_engine(), sp);
+    alone.feed_tokens(prompt);
+    alone.prefill();
+    CHECK(std::equal(alone.logits(), alone.logits() + vocab, s->logits()));
 }
 
 TEST_CASE("concurrent sessions generate the tokens they generate one at a time") {
