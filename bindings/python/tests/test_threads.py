@@ -63,3 +63,24 @@ def test_close_from_another_thread_interrupts_generation(model):
             pass
     timer.join()
     assert session.closed
+
+
+def test_sessions_on_threads_generate_what_they_generate_alone(model):
+    # The engine batches steps that arrive together; each session keeps its own tokens.
+    prompts = [FIBONACCI, "import os\nimport sys\n\ndef main():", "class Stack:\n    def __init__(self):"]
+
+    def run(prompt):
+        with pyramid.Session(model, temperature=0, max_tokens=16) as session:
+            return [piece.token for piece in session.generate_tokens(prompt)]
+
+    together = [None] * len(prompts)
+
+    def worker(i):
+        together[i] = run(prompts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == [run(p) for p in prompts]
