@@ -7,31 +7,10 @@ import static org.junit.Assert.assertTrue;
 import java.util.ArrayList;
 import java.util.Iterator;
 import java.util.List;
-import org.junit.AfterClass;
-import org.junit.BeforeClass;
 import org.junit.Test;
 
 /** cancel() and close() from another thread stop a running generation. */
-public class CancelTest {
-    private static Model model;
-
-    @BeforeClass
-    public static void open() {
-        model = Reference.openModel();
-    }
-
-    @AfterClass
-    public static void close() {
-        model.close();
-    }
-
-    private static Session unlimited() {
-        return new Session(model, p -> {
-            p.setTemperature(0);
-            p.setMaxTokens(0);
-        });
-    }
-
+public class CancelTest extends WithModel {
     private static Thread after(long millis, Runnable action) {
         Thread thread = new Thread(() -> {
             try {
@@ -47,7 +26,7 @@ public class CancelTest {
 
     @Test
     public void cancelStopsALongPrefill() throws Exception {
-        try (Session session = unlimited()) {
+        try (Session session = greedy(0)) {
             List<Piece> pieces = new ArrayList<>();
             long start = System.nanoTime();
             Thread canceller = after(100, session::cancel);
@@ -65,7 +44,7 @@ public class CancelTest {
 
     @Test
     public void cancelAfterTheFirstPiece() throws Exception {
-        try (Session session = unlimited()) {
+        try (Session session = greedy(0)) {
             Iterator<Piece> stream = session.generateTokens(Reference.FIBONACCI).iterator();
             assertTrue(stream.hasNext());
             stream.next();
@@ -82,7 +61,7 @@ public class CancelTest {
 
     @Test
     public void closeFromAnotherThreadInterruptsGeneration() throws Exception {
-        Session session = unlimited();
+        Session session = greedy(0);
         Thread closer = after(100, session::close);
         PyramidException e = assertThrows(PyramidException.class, () -> {
             for (String piece : session.generate(Reference.LONG_PROMPT)) {

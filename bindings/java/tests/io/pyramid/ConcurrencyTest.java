@@ -1,53 +1,32 @@
 package io.pyramid;
 
-import static org.junit.Assert.assertEquals;
+import static org.junit.Assert.assertArrayEquals;
 
 import java.util.ArrayList;
 import java.util.List;
-import org.junit.AfterClass;
-import org.junit.BeforeClass;
 import org.junit.Test;
 
 /** Sessions on threads share the engine's forwards (it batches their steps) and each still
  * produces what it produces alone. */
-public class ConcurrencyTest {
-    private static Model model;
-
-    @BeforeClass
-    public static void open() {
-        model = Reference.openModel();
-    }
-
-    @AfterClass
-    public static void close() {
-        model.close();
-    }
-
-    private static List<Integer> generate(String prompt) {
-        List<Integer> ids = new ArrayList<>();
-        try (Session session = new Session(model, p -> {
-                 p.setTemperature(0);
-                 p.setMaxTokens(16);
-             })) {
-            for (Piece piece : session.generateTokens(prompt))
-                if (piece.token() >= 0) ids.add(piece.token());
+public class ConcurrencyTest extends WithModel {
+    private static int[] generate(String prompt) {
+        try (Session session = greedy(16)) {
+            return Reference.tokensOf(session.generateTokens(prompt), new StringBuilder());
         }
-        return ids;
     }
 
     @Test
     public void sessionsOnThreadsGenerateWhatTheyGenerateAlone() throws Exception {
-        String[] prompts = {"def fibonacci(n):", "import os\nimport sys\n\ndef main():",
+        String[] prompts = {Reference.FIBONACCI, "import os\nimport sys\n\ndef main():",
                             "class Stack:\n    def __init__(self):"};
-        List<List<Integer>> together = new ArrayList<>();
+        int[][] together = new int[prompts.length][];
         List<Thread> threads = new ArrayList<>();
         RuntimeException[] failure = new RuntimeException[1];
-        for (String prompt : prompts) {
-            List<Integer> out = new ArrayList<>();
-            together.add(out);
+        for (int i = 0; i < prompts.length; ++i) {
+            final int k = i;
             Thread thread = new Thread(() -> {
                 try {
-                    out.addAll(generate(prompt));
+                    together[k] = generate(prompts[k]);
                 } catch (RuntimeException e) {
                     failure[0] = e;
                 }
@@ -58,6 +37,6 @@ public class ConcurrencyTest {
         for (Thread thread : threads) thread.join();
         if (failure[0] != null) throw failure[0];
         for (int i = 0; i < prompts.length; ++i)
-            assertEquals(prompts[i], generate(prompts[i]), together.get(i));
+            assertArrayEquals(prompts[i], generate(prompts[i]), together[i]);
     }
 }

@@ -6,25 +6,11 @@ import static org.junit.Assert.assertTrue;
 
 import java.util.Iterator;
 import java.util.function.Consumer;
-import org.junit.AfterClass;
-import org.junit.BeforeClass;
 import org.junit.Test;
 
 /** Failures throw PyramidException with the status and the library's message; closed
  *  objects throw instead of crashing. */
-public class ErrorsTest {
-    private static Model model;
-
-    @BeforeClass
-    public static void open() {
-        model = Reference.openModel();
-    }
-
-    @AfterClass
-    public static void close() {
-        model.close();
-    }
-
+public class ErrorsTest extends WithModel {
     @Test
     public void missingModelDirectory() {
         PyramidException e = assertThrows(PyramidException.class,

@@ -7,31 +7,10 @@ import static org.junit.Assert.assertTrue;
 
 import java.util.ArrayList;
 import java.util.List;
-import org.junit.AfterClass;
-import org.junit.BeforeClass;
 import org.junit.Test;
 
 /** Streaming: the same greedy tokens and text as the C library, memory, parameters. */
-public class GenerateTest {
-    private static Model model;
-
-    @BeforeClass
-    public static void open() {
-        model = Reference.openModel();
-    }
-
-    @AfterClass
-    public static void close() {
-        model.close();
-    }
-
-    private static Session greedy(int maxTokens) {
-        return new Session(model, p -> {
-            p.setTemperature(0);
-            p.setMaxTokens(maxTokens);
-        });
-    }
-
+public class GenerateTest extends WithModel {
     @Test
     public void greedyTokensMatchTheReferenceAndTheCli() throws Exception {
         StringBuilder text = new StringBuilder();

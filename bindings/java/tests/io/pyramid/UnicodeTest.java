@@ -5,24 +5,10 @@ import static org.junit.Assert.assertEquals;
 import static org.junit.Assert.assertThrows;
 import static org.junit.Assert.assertTrue;
 
-import org.junit.AfterClass;
-import org.junit.BeforeClass;
 import org.junit.Test;
 
 /** Emoji and CJK text cross JNI unchanged, both ways (UTF-8 bytes, not modified UTF-8). */
-public class UnicodeTest {
-    private static Model model;
-
-    @BeforeClass
-    public static void open() {
-        model = Reference.openModel();
-    }
-
-    @AfterClass
-    public static void close() {
-        model.close();
-    }
-
+public class UnicodeTest extends WithModel {
     @Test
     public void tokenizeSeesTheExactText() {
         int[] withBos = new int[Reference.EMOJI_CJK_IDS.length + 1];
