@@ -22,8 +22,7 @@ void check_sequence_step(const ModelConfig& config, const SequenceStep& step, co
 
 void check_cancel(const SequenceStep* batch, int n_seq) {
     for (int i = 0; i < n_seq; ++i)
-        if (batch[i].cancel && batch[i].cancel->load(std::memory_order_relaxed))
-            fail(PYR_CANCELLED, "cancelled");
+        if (cancel_requested(batch[i])) fail(PYR_CANCELLED, "cancelled");
 }
 
 }  // namespace pyr

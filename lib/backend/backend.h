@@ -55,6 +55,10 @@ public:
 // depth); throws PYR_ERR_INVALID_ARGUMENT naming `who` and the bad value.
 void check_sequence_step(const ModelConfig& config, const SequenceStep& step, const char* who);
 
+// Whether the step's owner asked to cancel it.
+inline bool cancel_requested(const SequenceStep& step) {
+    return step.cancel && step.cancel->load(std::memory_order_relaxed);
+}
 // Throws pyr::Error(PYR_CANCELLED) when the cancel flag of any step of the batch is set: the
 // backends call it at every layer boundary.
 void check_cancel(const SequenceStep* batch, int n_seq);

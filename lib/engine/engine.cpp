@@ -110,13 +110,14 @@ void Engine::forward(const SequenceStep& step, bool alone) {
 // are told to retry alone (Session rolls them back first). Throws nothing: the submitting
 // threads wait on this.
 void Engine::run_batch(Request* const* batch, size_t n) noexcept {
-    auto cancelled = [](const Request* r) { return r->step->cancel && r->step->cancel->load(); };
+    auto cancelled = [](const Request* r) { return cancel_requested(*r->step); };
+    auto cancelled_error = [] { return std::make_exception_ptr(Error(PYR_CANCELLED, "cancelled")); };
     Request* only = n == 1 ? batch[0] : nullptr;  // a lone step's failure is its own
     try {
         std::vector<SequenceStep> steps;
         for (size_t i = 0; i < n; ++i) {
             if (cancelled(batch[i]))
-                batch[i]->error = std::make_exception_ptr(Error(PYR_CANCELLED, "cancelled"));
+                batch[i]->error = cancelled_error();
             else
                 steps.push_back(*batch[i]->step);
         }
@@ -132,7 +133,7 @@ void Engine::run_batch(Request* const* batch, size_t n) noexcept {
             if (r == only)
                 r->error = std::current_exception();
             else if (cancelled(r))
-                r->error = std::make_exception_ptr(Error(PYR_CANCELLED, "cancelled"));
+                r->error = cancelled_error();
             else
                 r->batch_failed = true;
         }
