@@ -107,6 +107,17 @@ std::vector<float> alone_logits(const std::vector<int32_t>& tokens) {
     return s.logits;
 }
 
+// After its prefill of `prompt`, `s` holds what a lone session with the same parameters
+// holds on a fresh engine: the same logits bit for bit, the same cached positions per layer.
+void check_as_alone(const pyr::Session& s, const pyr::SessionParams& sp,
+                    const std::vector<int32_t>& prompt) {
+    pyr::Session alone(cpu_engine(), sp);
+    alone.feed_tokens(prompt);
+    alone.prefill();
+    CHECK(std::equal(alone.logits(), alone.logits() + alone.n_vocab(), s.logits()));
+    CHECK(alone.memory().layer_positions == s.memory().layer_positions);
+}
+
 }  // namespace
 
 TEST_CASE("steps queued behind a forward run as one batch and each gets its own logits") {
@@ -261,11 +272,7 @@ TEST_CASE("sessions: another step's failure in a merged prefill is rolled back a
     // each session holds what it would hold had it run alone
     for (size_t i = 0; i < 2; ++i) {
         CAPTURE(i);
-        pyr::Session alone(cpu_engine(), sp);
-        alone.feed_tokens(prompts[i]);
-        alone.prefill();
-        CHECK(std::equal(alone.logits(), alone.logits() + vocab, sessions[i]->logits()));
-        CHECK(alone.memory().layer_positions == sessions[i]->memory().layer_positions);
+        check_as_alone(*sessions[i], sp, prompts[i]);
     }
 }
 
@@ -297,10 +304,7 @@ TEST_CASE("sessions: a session cancelled while its prefill waits keeps its input
     CHECK(status == PYR_CANCELLED);
     CHECK(s->memory().kv_bytes == 0);  // as before the call, the input still queued
     s->prefill();
-    pyr::Session alone(cpu_engine(), sp);
-    alone.feed_tokens(prompt);
-    alone.prefill();
-    CHECK(std::equal(alone.logits(), alone.logits() + vocab, s->logits()));
+    check_as_alone(*s, sp, prompt);
 }
 
 TEST_CASE("concurrent sessions generate the tokens they generate one at a time") {
