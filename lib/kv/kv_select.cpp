@@ -5,11 +5,20 @@
 
 namespace pyr {
 
+namespace {
+
+// PyramidInfer's row weights (linspace 1.0 -> 1.2, oldest row first), or 1.
+double row_weight(int32_t i, int32_t n_rows, bool weighted) {
+    return weighted && n_rows > 1 ? 1.0 + 0.2 * i / (n_rows - 1) : 1.0;
+}
+
+}  // namespace
+
 std::vector<double> window_scores(const float* rows, int32_t n_rows, int32_t n_keys,
                                   int32_t key_begin, int32_t key_end, bool weighted) {
     std::vector<double> s(size_t(key_end - key_begin), 0.0);
     for (int32_t i = 0; i < n_rows; ++i) {
-        const double w = weighted && n_rows > 1 ? 1.0 + 0.2 * i / (n_rows - 1) : 1.0;
+        const double w = row_weight(i, n_rows, weighted);
         const float* row = rows + int64_t(i) * n_keys;
         for (int32_t j = key_begin; j < key_end; ++j) s[size_t(j - key_begin)] += w * row[j];
     }
@@ -40,29 +49,33 @@ std::vector<int32_t> top_k_in_order(const std::vector<double>& scores, int32_t k
     return idx;
 }
 
-void RecentRows::push(const float* rows, int32_t n_rows, int32_t n_keys) {
-    for (int32_t i = 0; i < n_rows; ++i) {
+void RecentRows::push(const float* rows, int32_t n_rows, int32_t n_keys, int32_t first) {
+    first = std::min(first, n_keys);
+    // Rows that would leave again at once are not copied.
+    for (int32_t i = std::max(0, n_rows - capacity_); i < n_rows; ++i) {
         const float* r = rows + int64_t(i) * n_keys;
-        rows_.emplace_back(r, r + n_keys);
+        rows_.emplace_back(r + first, r + n_keys);
         if (int32_t(rows_.size()) > capacity_) rows_.pop_front();
     }
 }
 
-void RecentRows::retain(const std::vector<int32_t>& keep) {
-    for (auto& row : rows_) {
-        std::vector<float> kept;
-        kept.reserve(keep.size());
-        for (int32_t j : keep) kept.push_back(size_t(j) < row.size() ? row[size_t(j)] : 0.0f);
-        row = std::move(kept);
+// The same sums, in the same order, as window_scores() over the 0-padded matrix (a padded
+// zero adds nothing), so selections match it bit for bit.
+std::vector<double> RecentRows::scores(int32_t begin, int32_t end, bool weighted) const {
+    std::vector<double> s(size_t(end - begin), 0.0);
+    const int32_t n_rows = size();
+    for (int32_t i = 0; i < n_rows; ++i) {
+        const double w = row_weight(i, n_rows, weighted);
+        const std::vector<float>& row = rows_[size_t(i)];
+        for (int32_t j = begin; j < std::min(end, int32_t(row.size())); ++j)
+            s[size_t(j - begin)] += w * row[size_t(j)];
     }
+    for (double& v : s) v /= n_rows > 0 ? n_rows : 1;
+    return s;
 }
 
-std::vector<float> RecentRows::matrix(int32_t n_keys) const {
-    std::vector<float> m(rows_.size() * size_t(n_keys), 0.0f);
-    for (size_t i = 0; i < rows_.size(); ++i)
-        std::copy_n(rows_[i].begin(), std::min(rows_[i].size(), size_t(n_keys)),
-                    m.begin() + std::ptrdiff_t(i * size_t(n_keys)));
-    return m;
+void RecentRows::drop_front(int32_t n) {
+    for (auto& row : rows_) row.erase(row.begin(), row.begin() + std::min<std::ptrdiff_t>(n, std::ptrdiff_t(row.size())));
 }
 
 }  // namespace pyr

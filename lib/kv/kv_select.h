@@ -21,24 +21,26 @@ std::vector<double> max_pool(const std::vector<double>& scores, int32_t kernel);
 // Indices of the k best scores, in ascending index order. Ties go to the earlier index.
 std::vector<int32_t> top_k_in_order(const std::vector<double>& scores, int32_t k);
 
-// The attention rows of a layer's most recent queries, over its cache slots: what
-// generation-phase compression scores with. New keys get column 0 in older rows.
+// The attention rows of a layer's most recent queries, over the cache slots generation may
+// still compress: a window of columns starting at a slot the caller tracks (the layer's
+// first uncompressed slot; older slots are final and never scored again, so their columns
+// are not kept). Column c of the window is that slot + c. A key newer than a row has 0 in it.
 class RecentRows {
 public:
     explicit RecentRows(int32_t capacity = 0) : capacity_(capacity) {}
     int32_t capacity() const { return capacity_; }
     int32_t size() const { return int32_t(rows_.size()); }
-    // Adds rows (n_rows, n_keys) over the current n_keys slots, dropping the oldest beyond
-    // capacity.
-    void push(const float* rows, int32_t n_rows, int32_t n_keys);
-    // The layer kept only slots `keep` (ascending): drop the other columns.
-    void retain(const std::vector<int32_t>& keep);
-    // The rows as one (size, n_keys) matrix, oldest first, padded with 0 to n_keys.
-    std::vector<float> matrix(int32_t n_keys) const;
+    // Adds rows (n_rows, n_keys) over all n_keys slots, keeping their columns from slot
+    // `first` on (the window's start); the oldest rows beyond capacity leave.
+    void push(const float* rows, int32_t n_rows, int32_t n_keys, int32_t first);
+    // window_scores() of window columns [begin, end) over the rows, oldest first.
+    std::vector<double> scores(int32_t begin, int32_t end, bool weighted) const;
+    // The window's first n columns leave it (their slots became final or were dropped).
+    void drop_front(int32_t n);
 
 private:
     int32_t capacity_;
-    std::deque<std::vector<float>> rows_;
+    std::deque<std::vector<float>> rows_;  // each row's window columns (shorter: zeros follow)
 };
 
 }  // namespace pyr

@@ -39,14 +39,12 @@ std::optional<std::vector<int32_t>> WindowPolicy::on_layer(int il, const Observa
     }
     std::vector<int32_t> keep = select_prefill(il, obs);
     Layer& layer = layers_[size_t(il)];
-    layer.rows.push(obs.rows, obs.n_rows, obs.n_keys);
+    // Everything before the recent window is final now; the window's r slots are the last
+    // r kept ones, so generation scores them (and later keys) with the rows from here on.
     const int32_t n = obs.n_keys, r = std::min(recent(il), n);
-    if (int32_t(keep.size()) == n) {
-        layer.n_compressed = n - r;
-        return std::nullopt;
-    }
-    layer.rows.retain(keep);
+    layer.rows.push(obs.rows, obs.n_rows, n, n - r);
     layer.n_compressed = int32_t(keep.size()) - r;
+    if (int32_t(keep.size()) == n) return std::nullopt;
     return keep;
 }
 
@@ -77,8 +75,9 @@ void WindowPolicy::after_step(KvCache& cache) {
         auto& staged = staged_[size_t(il)];
         if (!staged.empty()) {
             const int32_t n_keys = staged_keys_[size_t(il)];
-            layers_[size_t(il)].rows.push(staged.data(), int32_t(staged.size() / size_t(n_keys)),
-                                          n_keys);
+            Layer& layer = layers_[size_t(il)];
+            layer.rows.push(staged.data(), int32_t(staged.size() / size_t(n_keys)), n_keys,
+                            layer.n_compressed);
             staged.clear();
         }
         compress_blocks(il, cache);
@@ -88,6 +87,7 @@ void WindowPolicy::after_step(KvCache& cache) {
 
 // Generation: cache = [compressed | pending | recent]; every E pending tokens, keep the
 // block_keep best of the oldest E (scored by the recent rows) and count them compressed.
+// The rows' window starts at the first pending slot (n_compressed).
 void WindowPolicy::compress_blocks(int il, KvCache& cache) {
     const int32_t e = gen_e();
     Layer& layer = layers_[size_t(il)];
@@ -96,17 +96,14 @@ void WindowPolicy::compress_blocks(int il, KvCache& cache) {
         const int32_t pending = len - std::min(recent(il), len) - layer.n_compressed;
         if (pending < e) break;
         const int32_t first = layer.n_compressed;
-        const std::vector<float> rows = layer.rows.matrix(len);
-        std::vector<double> s = max_pool(
-            window_scores(rows.data(), layer.rows.size(), len, first, first + e, weighted_),
-            pool_);
+        std::vector<double> s = max_pool(layer.rows.scores(0, e, weighted_), pool_);
         const int32_t k = std::clamp(block_keep(il), 1, e);
         std::vector<int32_t> keep;
         for (int32_t j = 0; j < first; ++j) keep.push_back(j);
         for (int32_t j : top_k_in_order(s, k)) keep.push_back(first + j);
         for (int32_t j = first + e; j < len; ++j) keep.push_back(j);
         cache.retain(il, keep);
-        layer.rows.retain(keep);
+        layer.rows.drop_front(e);  // the block's kept slots are final, the rest are gone
         layer.n_compressed += k;
     }
 }

@@ -66,14 +66,27 @@ TEST_CASE("selection helpers") {
     CHECK(s[0] == doctest::Approx((1.0 + 1.1 + 1.2) / 3));
     CHECK(s[1] == doctest::Approx(1.2 / 3));
     CHECK(s[2] == doctest::Approx(0.0));
+    // RecentRows: a window of columns from a slot on; newer keys are 0 in older rows.
     pyr::RecentRows recent(2);
     const float r1[] = {0.5f, 0.5f}, r2[] = {0.2f, 0.3f, 0.5f}, r3[] = {0.1f, 0.1f, 0.1f, 0.7f};
-    recent.push(r1, 1, 2);
-    recent.push(r2, 1, 3);
-    CHECK(recent.matrix(3) == std::vector<float>{0.5f, 0.5f, 0.0f, 0.2f, 0.3f, 0.5f});
-    recent.push(r3, 1, 4);  // capacity 2: the oldest row leaves
-    recent.retain({0, 3});
-    CHECK(recent.matrix(2) == std::vector<float>{0.2f, 0.0f, 0.1f, 0.7f});
+    recent.push(r1, 1, 2, /*first=*/1);
+    recent.push(r2, 1, 3, 1);
+    auto s2 = recent.scores(0, 2, false);
+    CHECK(s2[0] == doctest::Approx((0.5 + 0.3) / 2));
+    CHECK(s2[1] == doctest::Approx(0.5 / 2));
+    recent.push(r3, 1, 4, 1);  // capacity 2: the oldest row leaves
+    CHECK(recent.size() == 2);
+    auto s3 = recent.scores(1, 3, false);
+    CHECK(s3[0] == doctest::Approx((0.5 + 0.1) / 2));
+    CHECK(s3[1] == doctest::Approx(0.7 / 2));
+    recent.drop_front(2);  // window now starts at slot 3: r2 has nothing left there
+    CHECK(recent.scores(0, 1, true)[0] == doctest::Approx(1.2 * 0.7 / 2));
+    // The same numbers as window_scores over the 0-padded matrix.
+    const float padded[] = {0.3f, 0.5f, 0.0f, 0.1f, 0.1f, 0.7f};
+    pyr::RecentRows again(3);
+    again.push(r2, 1, 3, 1);
+    again.push(r3, 1, 4, 1);
+    CHECK(again.scores(0, 3, true) == pyr::window_scores(padded, 2, 3, 0, 3, true));
 }
 
 TEST_CASE("peers keep exactly their budget after prefill and through generation") {
