@@ -38,12 +38,27 @@ std::vector<double> max_pool(const std::vector<double>& scores, int32_t kernel) 
 }
 
 std::vector<int32_t> top_k_in_order(const std::vector<double>& scores, int32_t k) {
-    std::vector<int32_t> idx(scores.size());
-    std::iota(idx.begin(), idx.end(), 0);
-    k = std::max(0, std::min(k, int32_t(idx.size())));
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+    const int32_t n = int32_t(scores.size());
+    k = std::max(0, std::min(k, n));
+    auto better = [&](int32_t a, int32_t b) {
         return scores[size_t(a)] > scores[size_t(b)] || (scores[size_t(a)] == scores[size_t(b)] && a < b);
-    });
+    };
+    std::vector<int32_t> idx(static_cast<size_t>(n));
+    std::iota(idx.begin(), idx.end(), 0);
+    if (n - k < k) {
+        // Fewer to drop than to keep (H2O drops one a step): find the n - k worst in the
+        // same total order, and keep the rest, already in index order.
+        std::partial_sort(idx.begin(), idx.begin() + (n - k), idx.end(),
+                          [&](int32_t a, int32_t b) { return better(b, a); });
+        std::vector<bool> dropped(size_t(n), false);
+        for (int32_t i = 0; i < n - k; ++i) dropped[size_t(idx[size_t(i)])] = true;
+        std::vector<int32_t> keep;
+        keep.reserve(size_t(k));
+        for (int32_t j = 0; j < n; ++j)
+            if (!dropped[size_t(j)]) keep.push_back(j);
+        return keep;
+    }
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), better);
     idx.resize(size_t(k));
     std::sort(idx.begin(), idx.end());
     return idx;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <set>
 #include <thread>
@@ -87,6 +88,32 @@ TEST_CASE("selection helpers") {
     again.push(r2, 1, 3, 1);
     again.push(r3, 1, 4, 1);
     CHECK(again.scores(0, 3, true) == pyr::window_scores(padded, 2, 3, 0, 3, true));
+}
+
+TEST_CASE("top_k_in_order equals the obvious selection for every k, ties included") {
+    // The obvious way: order all indices best first (ties: earlier index), take k, sort.
+    auto obvious = [](const std::vector<double>& s, int32_t k) {
+        std::vector<int32_t> idx(s.size());
+        for (size_t i = 0; i < idx.size(); ++i) idx[i] = int32_t(i);
+        std::stable_sort(idx.begin(), idx.end(),
+                         [&](int32_t a, int32_t b) { return s[size_t(a)] > s[size_t(b)]; });
+        idx.resize(size_t(std::max(0, std::min<int32_t>(k, int32_t(s.size())))));
+        std::sort(idx.begin(), idx.end());
+        return idx;
+    };
+    const uint32_t seed = std::random_device{}();
+    CAPTURE(seed);
+    std::mt19937 gen(seed);
+    for (int32_t n : {0, 1, 2, 7, 40, 129}) {
+        std::vector<double> s(static_cast<size_t>(n));
+        std::uniform_int_distribution<int> level(0, 5);  // few distinct values: many ties
+        for (double& v : s) v = level(gen) == 5 ? std::numeric_limits<double>::infinity() : level(gen) * 0.25;
+        for (int32_t k = -1; k <= n + 1; ++k) {
+            CAPTURE(n);
+            CAPTURE(k);
+            CHECK(pyr::top_k_in_order(s, k) == obvious(s, k));
+        }
+    }
 }
 
 TEST_CASE("peers keep exactly their budget after prefill and through generation") {
