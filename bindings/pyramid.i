@@ -68,7 +68,6 @@ static const char* pyr_swig_intern(const char* s) {
 %ignore pyr_session_logits;          /* n_vocab floats by raw pointer: pyr_session_logit reads one */
 %immutable pyr_engine_params::struct_size;
 %immutable pyr_session_params::struct_size;
-%ignore pyr_engine_params::reserved0;
 %ignore pyr_session_params::reserved0;
 
 /* SWIG skips the #define (it cannot evaluate UINT64_MAX); the C compiler can. */

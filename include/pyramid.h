@@ -138,7 +138,12 @@ typedef struct pyr_engine_params {
     const char* device;        /* "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:N".
                                   NULL means "auto". Copied; need not outlive the call. */
     int32_t n_threads;         /* CPU worker threads; 0 = all hardware threads */
-    int32_t reserved0;
+    int32_t prefill_chunk;     /* prefill tokens per forward (default 512): longer input is
+                                  processed in chunks of this size, so that other sessions'
+                                  decode steps, which join every forward, wait at most one
+                                  chunk. A session's first prefill under a compressing KV
+                                  policy is never split (its selection needs the whole
+                                  prompt). 0 = no limit. */
     uint64_t max_device_bytes; /* device memory budget for weights + KV + scratch; 0 = none */
 } pyr_engine_params;
 
@@ -281,8 +286,10 @@ PYR_API pyr_status pyr_session_feed_tokens(pyr_session* session, const int32_t* 
 
 /* Runs the model over the fed input that has not been processed yet, so that its KV cache
  * is filled and the logits of the last token are available. Returns PYR_OK (also when
- * there was nothing to do), PYR_CANCELLED (the session is as before the call; the input
- * stays queued) or an error. pyr_session_next() calls it implicitly. */
+ * there was nothing to do), PYR_CANCELLED or an error; then the history and the queued
+ * input are as before the call, and the next call goes on from where this one stopped:
+ * input longer than the engine's prefill_chunk runs in chunks, and those that completed
+ * stay in the cache. pyr_session_next() calls it implicitly. */
 PYR_API pyr_status pyr_session_prefill(pyr_session* session);
 
 /* Produces the next token: processes pending input, samples one token and returns
@@ -290,7 +297,8 @@ PYR_API pyr_status pyr_session_prefill(pyr_session* session);
  *   PYR_DONE       end-of-sequence was sampled, max_tokens were produced or the context is
  *                  full; pyr_session_text() holds the flushed tail of the text (maybe "");
  *                  further calls keep returning PYR_DONE until more input is fed;
- *   PYR_CANCELLED  pyr_session_cancel() was called; the session is as before the call;
+ *   PYR_CANCELLED  pyr_session_cancel() was called; no token was produced (completed chunks
+ *                  of pending input stay processed, as in pyr_session_prefill);
  *   an error       the message is on the session.
  * The sampled token becomes part of the history (it is computed by the following call).
  * The end-of-sequence token is part of the history too but has no text. */

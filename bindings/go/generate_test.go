@@ -21,6 +21,24 @@ func TestGreedyTokensMatchReferenceAndCLI(t *testing.T) {
 	}
 }
 
+func TestPrefillChunkIsAnEngineSetter(t *testing.T) {
+	// Chunks of 7 tokens: the same greedy tokens as one prefill (default policy: full).
+	chunked, err := pyramid.Open("", cpu, func(p pyramid.EngineParams) { p.SetPrefillChunk(7) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer chunked.Close()
+	s, err := chunked.NewSession(greedy(24))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ids, _ := generateAll(t, s, fibonacci)
+	if want := referenceGreedy(t); !equalIDs(ids, want) {
+		t.Fatalf("tokens %v, HF reference %v", ids, want)
+	}
+}
+
 func TestGenerateStreamsTextAndStopsWhenAsked(t *testing.T) {
 	var pieces []string
 	err := newSession(t, greedy(24)).Generate(context.Background(), fibonacci, func(piece string) bool {

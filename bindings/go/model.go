@@ -7,8 +7,8 @@ import (
 )
 
 // EngineParams is the SWIG proxy of pyr_engine_params, with a setter per field of the
-// header's struct (SetDevice, SetNThreads, SetMaxDeviceBytes). Options receive it after
-// pyr_engine_params_init has filled in the defaults.
+// header's struct (SetDevice, SetNThreads, SetMaxDeviceBytes, SetPrefillChunk). Options
+// receive it after pyr_engine_params_init has filled in the defaults.
 type EngineParams = capi.EngineParams
 
 // EngineOption sets engine parameters:

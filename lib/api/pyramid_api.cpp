@@ -167,6 +167,7 @@ void pyr_engine_params_init(pyr_engine_params* p) {
     std::memset(p, 0, sizeof(*p));
     p->struct_size = sizeof(*p);
     p->device = "auto";
+    p->prefill_chunk = pyr::EngineParams().prefill_chunk;
 }
 
 const char* pyr_default_model_dir(void) {
@@ -190,6 +191,7 @@ pyr_status pyr_engine_open(const char* model_dir, const pyr_engine_params* param
                 ep.device = params->device ? params->device : "auto";
                 ep.n_threads = params->n_threads;
                 ep.max_device_bytes = params->max_device_bytes;
+                ep.prefill_chunk = params->prefill_chunk;
             }
             e->engine = pyr::Engine::open(model_dir, ep);
             return PYR_OK;

@@ -30,6 +30,10 @@ std::shared_ptr<Engine> Engine::open(const std::string& dir, const EngineParams&
         fail(PYR_ERR_INVALID_ARGUMENT,
              "n_threads must be >= 0 (0 = all hardware threads), got " +
                  std::to_string(params.n_threads));
+    if (params.prefill_chunk < 0)
+        fail(PYR_ERR_INVALID_ARGUMENT,
+             "prefill_chunk must be >= 0 (0 = no limit), got " +
+                 std::to_string(params.prefill_chunk));
     const int n_cuda = cuda_device_count();
     if (device == "auto") device = n_cuda > 0 ? "cuda:0" : "cpu";
     const int cuda_index = device == "cpu" ? -1 : std::stoi(device.substr(5));
@@ -48,6 +52,7 @@ std::shared_ptr<Engine> Engine::open(const std::string& dir, const EngineParams&
         engine->backend_ = make_cuda_backend(engine->model_, cuda_index, params.max_device_bytes);
     engine->device_ = engine->backend_->device_name();
     engine->kv_bytes_per_token_ = engine->backend_->new_kv_storage(1)->bytes_per_token();
+    engine->prefill_chunk_ = params.prefill_chunk;
     PYR_LOG_INFO("engine ready on " + engine->device_ + ": " + dir);
     return engine;
 }
@@ -77,16 +82,28 @@ void Engine::forward(const SequenceStep& step, bool alone) {
             queue_changed_.wait(lock);
             continue;
         }
-        // Lead the next forward: the steps at the head of the queue, in order; a step that
-        // must run alone goes by itself. (No allocation here: nothing may throw while other
-        // threads' requests are out of the queue.)
+        // Lead the next forward over the waiting steps, in order: every decode step, and the
+        // prefill steps while their tokens fit in prefill_chunk (a prefill that does not fit
+        // stays first in the queue for the next forward). A step that must run alone goes by
+        // itself when it reaches the head, and nothing overtakes it. (No allocation here:
+        // nothing may throw while other threads' requests are out of the queue.)
         std::array<Request*, kMaxStepsPerForward> taken;
         size_t n = 0;
-        while (!queue_.empty() && n < taken.size()) {
-            Request* r = queue_.front();
-            if (n > 0 && r->alone) break;
+        int64_t tokens = 0, prefill_tokens = 0;
+        for (auto it = queue_.begin(); it != queue_.end() && n < taken.size();) {
+            Request* r = *it;
+            if (r->alone && n > 0) break;
+            const int32_t t = r->step->n_tokens;
+            const bool fits = t <= 1 || prefill_tokens == 0 || prefill_chunk_ == 0 ||
+                              prefill_tokens + t <= prefill_chunk_;
+            if (!fits) {
+                ++it;
+                continue;
+            }
             taken[n++] = r;
-            queue_.pop_front();
+            tokens += t;
+            if (t > 1) prefill_tokens += t;
+            it = queue_.erase(it);
             if (r->alone) break;
         }
         running_ = true;
@@ -97,6 +114,7 @@ void Engine::forward(const SequenceStep& step, bool alone) {
         stats_.forwards += 1;
         stats_.steps += n;
         stats_.max_batch = std::max(stats_.max_batch, int32_t(n));
+        stats_.max_tokens = int32_t(std::max<int64_t>(stats_.max_tokens, tokens));
         for (size_t i = 0; i < n; ++i) taken[i]->done = true;
         queue_changed_.notify_all();
     }

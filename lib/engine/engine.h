@@ -18,6 +18,10 @@ struct EngineParams {
     std::string device = "auto";  // "auto" | "cpu" | "cuda" | "cuda:N"
     int32_t n_threads = 0;        // 0: hardware threads
     uint64_t max_device_bytes = 0;
+    // Tokens of prefill per forward: a longer prefill runs in chunks of this size (where its
+    // KV policy allows), and a forward takes waiting prefills up to this many tokens, so that
+    // decode steps riding along are not held up long. 0: no limit, no chunks.
+    int32_t prefill_chunk = 512;
 };
 
 class Engine {
@@ -31,8 +35,10 @@ public:
 
     // Runs one session's step. Steps that other threads submit while a forward is running
     // wait and then go through the backend together, in one batched forward (continuous
-    // batching, DESIGN.md section 7): sessions join and leave between steps. With alone,
-    // the step gets a forward of its own. Throws pyr::Error when the step fails (its cancel
+    // batching, DESIGN.md section 7): sessions join and leave between steps. A forward takes
+    // every waiting decode step (one token) and, in order, the waiting prefill steps that
+    // fit in prefill_chunk tokens together (at least one). With alone, the step gets a
+    // forward of its own. Throws pyr::Error when the step fails (its cancel
     // flag gives PYR_CANCELLED), or BatchFailed when a merged forward failed and the cause
     // may be another step's: the caller rolls the step back and submits it alone.
     struct BatchFailed {};
@@ -40,14 +46,17 @@ public:
 
     // Counts since open: batches taken (forwards; a batch whose steps were all cancelled
     // while they waited runs nothing) and the steps in them (steps / forwards is the mean
-    // batch), the largest batch, and the steps waiting now. Any thread.
+    // batch), the largest batch in steps and in tokens, and the steps waiting now. Any thread.
     struct BatchStats {
         uint64_t forwards = 0, steps = 0;
-        int32_t max_batch = 0, waiting = 0;
+        int32_t max_batch = 0, max_tokens = 0, waiting = 0;
     };
     BatchStats batch_stats() const;
 
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx);
+
+    // EngineParams::prefill_chunk as given (0: none).
+    int32_t prefill_chunk() const { return prefill_chunk_; }
 
     // KV bytes one token takes in one layer, uncompressed, on this engine's backend.
     uint64_t kv_bytes_per_token_layer() const { return kv_bytes_per_token_; }
@@ -67,6 +76,7 @@ private:
     bool running_ = false;
     BatchStats stats_;
     uint64_t kv_bytes_per_token_ = 0;
+    int32_t prefill_chunk_ = 0;
 };
 
 // Parses a device string; returns the canonical name ("cpu", "cuda:0") and throws

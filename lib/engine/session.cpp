@@ -63,11 +63,35 @@ void Session::check_cancel() {
     if (cancel_requested_.exchange(false)) fail(PYR_CANCELLED, "cancelled");
 }
 
+// Runs the queued input through the model. Input longer than the engine's prefill_chunk
+// goes as several steps of at most that many tokens when the policy allows it (its result
+// must not depend on seeing the whole input at once: see KvPolicy::chunked_prefill), so
+// that other sessions' steps join the forwards in between (DESIGN.md section 7).
 void Session::prefill() {
     check_cancel();
-    int32_t start = cache_->n_processed();
-    int32_t n = int32_t(tokens_.size()) - start;
+    const int32_t start = cache_->n_processed();
+    const int32_t n = int32_t(tokens_.size()) - start;
     if (n <= 0) return;
+    const int32_t chunk = engine_->prefill_chunk();
+    const bool chunked = chunk > 0 && policy_->chunked_prefill(start == 0);
+    have_logits_ = false;
+    for (int32_t done = 0; done < n;) {
+        const int32_t m = chunked ? std::min(chunk, n - done) : n - done;
+        run_step(start + done, m, /*want_logits=*/done + m == n);  // throws; earlier chunks stay
+        done += m;
+        if (done == n && prefill_positions_.empty()) {  // the first prefill has completed
+            for (int il = 0; il < cache_->n_layer(); ++il)
+                prefill_positions_.push_back(cache_->positions(il));
+        }
+        publish_memory();  // memory() follows a long prefill chunk by chunk
+    }
+    have_logits_ = true;
+}
+
+// One forward over tokens [start, start + n) of the history (with the last one's logits if
+// want_logits). On failure or cancel the session is as before the step (the tokens stay
+// queued) and the error is thrown.
+void Session::run_step(int32_t start, int32_t n, bool want_logits) {
     std::vector<int32_t> positions(static_cast<size_t>(n));
     std::iota(positions.begin(), positions.end(), start);
     SequenceStep step;
@@ -76,12 +100,12 @@ void Session::prefill() {
     step.n_tokens = n;
     step.cache = cache_.get();
     step.policy = policy_.get();
-    step.logits = logits_.data();
+    step.logits = want_logits ? logits_.data() : nullptr;
     step.cancel = &cancel_requested_;
 
     const bool first_prefill = start == 0;
     const std::vector<int32_t> sizes_before = cache_->sizes();
-    // Leaves the session as before the call: no partial appends or prunes (a first prefill
+    // Leaves the session as before the step: no partial appends or prunes (a first prefill
     // starts from an empty cache, so truncating undoes its pruning too); the policy forgets
     // the step.
     auto roll_back = [&] {
@@ -102,24 +126,16 @@ void Session::prefill() {
             roll_back();  // another session's step may have failed the merged forward
             alone = true;
         } catch (...) {
-            roll_back();  // the input stays queued
+            roll_back();  // the chunks before this one stay processed
             cancel_requested_.store(false);
-            have_logits_ = false;
             throw;
         }
     }
-    cache_->set_n_processed(int32_t(tokens_.size()));
-    have_logits_ = true;
+    cache_->set_n_processed(start + n);
     {
         std::lock_guard<std::mutex> lock(memory_mutex_);
         policy_->after_step(*cache_);
     }
-    if (first_prefill) {
-        prefill_positions_.clear();
-        for (int il = 0; il < cache_->n_layer(); ++il)
-            prefill_positions_.push_back(cache_->positions(il));
-    }
-    publish_memory();
 }
 
 bool Session::is_eos(int32_t token) const {

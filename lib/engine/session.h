@@ -45,7 +45,9 @@ public:
     void feed_text(const std::string& text);
     void feed_tokens(const std::vector<int32_t>& tokens);
 
-    // Processes queued input; throws PYR_CANCELLED (state rolled back) or an error.
+    // Processes queued input; throws PYR_CANCELLED or an error. Either way the history and
+    // the queued input are unchanged, and so is the cache except for the chunks of a long
+    // input that completed (the next call goes on after them).
     void prefill();
     // Produces one token (Token) or finishes (Done); see pyr_session_next.
     StepResult next();
@@ -65,6 +67,7 @@ public:
 
 private:
     void append_input(const std::vector<int32_t>& tokens);
+    void run_step(int32_t start, int32_t n, bool want_logits);
     void check_cancel();
     bool is_eos(int32_t token) const;
     StepResult finish();

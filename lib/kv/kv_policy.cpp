@@ -18,6 +18,7 @@ namespace {
 class FullKvPolicy final : public KvPolicy {
 public:
     const char* name() const override { return "full"; }
+    bool chunked_prefill(bool) const override { return true; }  // chunks change nothing
 };
 
 void check_knobs(const KvParams& p) {

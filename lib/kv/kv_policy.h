@@ -51,6 +51,10 @@ public:
     }
     // Whether layer il's keep set also drops tokens from the rest of the first prefill.
     virtual bool shrink_prefill(int il) const { return false; }
+    // Whether a long prefill may run as several steps (chunks), each a step of this protocol.
+    // A first prefill's selection needs the whole prompt, so by default only later ones are
+    // chunked; their generation-phase compression then runs after each chunk.
+    virtual bool chunked_prefill(bool first_prefill) const { return !first_prefill; }
     virtual void after_step(KvCache& cache) {}
     virtual void abort_step() {}
 

@@ -126,6 +126,12 @@ TEST_CASE("device selection and engine params are checked") {
     CHECK(std::string(pyr_engine_errmsg(engine)).find("n_threads") != std::string::npos);
     pyr_engine_close(engine);
     ep.n_threads = 1;
+    CHECK(ep.prefill_chunk == 512);  // the default from pyr_engine_params_init
+    ep.prefill_chunk = -1;
+    CHECK(pyr_engine_open(PYR_TEST_MODEL_DIR, &ep, &engine) == PYR_ERR_INVALID_ARGUMENT);
+    CHECK(std::string(pyr_engine_errmsg(engine)).find("prefill_chunk") != std::string::npos);
+    pyr_engine_close(engine);
+    ep.prefill_chunk = 0;  // no chunks
     ep.device = nullptr;  // NULL means auto
     REQUIRE(pyr_engine_open(PYR_TEST_MODEL_DIR, &ep, &engine) == PYR_OK);
     CHECK(std::string(pyr_engine_device(engine)) == (gpu ? "cuda:0" : "cpu"));

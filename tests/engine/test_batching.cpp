@@ -21,7 +21,13 @@ using pyr_test::random_tokens;
 
 const std::string kGqa = std::string(PYR_TEST_DATA_DIR) + "/fixtures/gqa_f16";  // 3 layers
 
-std::shared_ptr<pyr::Engine> cpu_engine() { return pyr_test::open_engine(kGqa); }
+// prefill_chunk: the engine's default, or small for the chunking tests (prompts here are short).
+std::shared_ptr<pyr::Engine> cpu_engine(int32_t prefill_chunk = pyr::EngineParams().prefill_chunk) {
+    pyr::EngineParams ep;
+    ep.device = "cpu";
+    ep.prefill_chunk = prefill_chunk;
+    return pyr::Engine::open(kGqa, ep);
+}
 
 // Holds the forward that runs it at its first layer until release(): the test can then
 // queue other steps behind it, deterministically.
@@ -108,10 +114,12 @@ std::vector<float> alone_logits(const std::vector<int32_t>& tokens) {
 }
 
 // After its prefill of `prompt`, `s` holds what a lone session with the same parameters
-// holds on a fresh engine: the same logits bit for bit, the same cached positions per layer.
+// holds on a fresh engine (with the same prefill_chunk): the same logits bit for bit, the
+// same cached positions per layer.
 void check_as_alone(const pyr::Session& s, const pyr::SessionParams& sp,
-                    const std::vector<int32_t>& prompt) {
-    pyr::Session alone(cpu_engine(), sp);
+                    const std::vector<int32_t>& prompt,
+                    int32_t prefill_chunk = pyr::EngineParams().prefill_chunk) {
+    pyr::Session alone(cpu_engine(prefill_chunk), sp);
     alone.feed_tokens(prompt);
     alone.prefill();
     CHECK(std::equal(alone.logits(), alone.logits() + alone.n_vocab(), s.logits()));
@@ -350,4 +358,144 @@ TEST_CASE("concurrent sessions generate the tokens they generate one at a time")
     CHECK(st.steps == expected_steps);
     MESSAGE("5 concurrent sessions: " << st.steps << " steps in " << st.forwards
                                       << " forwards, largest batch " << st.max_batch);
+}
+
+// ---- long prefills in chunks -----------------------------------------------------------
+
+TEST_CASE("a long prefill runs in chunks of prefill_chunk and gives what one step gives") {
+    const int32_t chunk = 8;
+    auto chunked = cpu_engine(chunk);
+    auto whole = cpu_engine(0);
+    const int32_t vocab = chunked->config().n_vocab;
+    const std::vector<int32_t> prompt = random_tokens(30, vocab, 3);
+    pyr::SessionParams sp;
+    sp.sampling.temperature = 0.0f;
+    sp.max_tokens = 6;
+    pyr::Session a(chunked, sp), b(whole, sp);
+    a.feed_tokens(prompt);
+    b.feed_tokens(prompt);
+    a.prefill();
+    b.prefill();
+    CHECK(chunked->batch_stats().forwards == 4);  // 8 + 8 + 8 + 6
+    CHECK(chunked->batch_stats().max_tokens == chunk);
+    CHECK(whole->batch_stats().forwards == 1);
+    // the same attention over the same keys, only in pieces: equal up to float rounding
+    float max_diff = 0;
+    for (int32_t i = 0; i < vocab; ++i) max_diff = std::max(max_diff, std::abs(a.logits()[i] - b.logits()[i]));
+    CHECK(max_diff < 1e-3f);
+    CHECK(a.memory().layer_positions == b.memory().layer_positions);
+    CHECK(a.memory().prefill_layer_positions == b.memory().prefill_layer_positions);
+    std::vector<int32_t> ta, tb;
+    while (a.next() == pyr::StepResult::Token) ta.push_back(a.token());
+    while (b.next() == pyr::StepResult::Token) tb.push_back(b.token());
+    CHECK(ta == tb);
+}
+
+TEST_CASE("a compressing policy's first prefill is not split; its later prefills are") {
+    const int32_t chunk = 8;
+    auto engine = cpu_engine(chunk);
+    const int32_t vocab = engine->config().n_vocab;
+    pyr::SessionParams sp;
+    sp.kv.policy = "pyramid";
+    sp.kv.retention = 0.5f;
+    pyr::Session s(engine, sp);
+    s.feed_tokens(random_tokens(30, vocab, 4));
+    s.prefill();
+    CHECK(engine->batch_stats().forwards == 1);  // the selection needs the whole prompt
+    CHECK(engine->batch_stats().max_tokens == 30);
+    const std::vector<int32_t> more = random_tokens(21, vocab, 5);
+    s.feed_tokens(std::vector<int32_t>(more.begin() + 1, more.end()));  // 20 tokens, no BOS
+    s.prefill();
+    CHECK(engine->batch_stats().forwards == 4);  // + 8 + 8 + 4
+    const pyr::MemoryStats m = s.memory();
+    CHECK(m.n_tokens == 50);
+    for (const auto& positions : m.layer_positions) {
+        REQUIRE(!positions.empty());
+        CHECK(positions.back() == 49);  // the newest token is cached in every layer
+    }
+}
+
+TEST_CASE("decode steps join a forward with a prefill chunk; a prefill that does not fit waits") {
+    const int32_t chunk = 8;
+    auto engine = cpu_engine(chunk);
+    const int32_t vocab = engine->config().n_vocab;
+    GatePolicy gate, gate_b;
+    OwnStep holder(*engine, random_tokens(5, vocab, 1), &gate);
+    OwnStep prefill_a(*engine, random_tokens(8, vocab, 11));
+    OwnStep prefill_b(*engine, random_tokens(8, vocab, 12), &gate_b);
+    OwnStep decode(*engine, random_tokens(1, vocab, 13));
+
+    std::thread lead([&] { engine->forward(holder.step); });
+    gate.wait_entered();
+    std::vector<std::thread> threads;
+    std::atomic<int> done[3] = {{0}, {0}, {0}};
+    int32_t queued = 0;
+    for (OwnStep* st : {&prefill_a, &prefill_b, &decode}) {  // queued in this order
+        std::atomic<int>* flag = &done[queued];
+        threads.emplace_back([&engine, st, flag] {
+            engine->forward(st->step);
+            flag->store(1);
+        });
+        wait_for_waiting(*engine, ++queued);
+    }
+    gate.release();
+    lead.join();
+    gate_b.wait_entered();  // prefill_b runs in a forward after prefill_a's, held here...
+    CHECK(done[0] == 1);
+    CHECK(done[2] == 1);    // ...and the decode step has overtaken it, with prefill_a
+    gate_b.release();
+    for (auto& t : threads) t.join();
+
+    const pyr::Engine::BatchStats st = engine->batch_stats();
+    CHECK(st.forwards == 3);     // the holder's; prefill_a + decode; prefill_b
+    CHECK(st.max_batch == 2);
+    CHECK(st.max_tokens == 9);
+    for (OwnStep* q : {&prefill_a, &prefill_b, &decode}) CHECK(q->logits == alone_logits(q->tokens));
+}
+
+TEST_CASE("sessions: a cancel between chunks keeps the chunks done; the next prefill goes on") {
+    const int32_t chunk = 8;
+    auto engine = cpu_engine(chunk);
+    const int32_t vocab = engine->config().n_vocab;
+    pyr::SessionParams sp;
+    sp.sampling.temperature = 0.0f;
+    pyr::Session s(engine, sp);
+    const std::vector<int32_t> prompt = random_tokens(30, vocab, 6);
+    s.feed_tokens(prompt);
+
+    // Hold the engine; queue the session's first chunk, then a second held step behind it
+    // that does not fit with it (5 + 8 > 8 prefill tokens): the chunk runs alone, the held
+    // step leads the next forward, and the session's second chunk waits behind that.
+    GatePolicy gate1, gate2;
+    OwnStep holder1(*engine, random_tokens(5, vocab, 1), &gate1);
+    OwnStep holder2(*engine, random_tokens(5, vocab, 2), &gate2);
+    std::thread lead([&] { engine->forward(holder1.step); });
+    gate1.wait_entered();
+    pyr_status status = PYR_OK;
+    std::thread t([&] {
+        try {
+            s.prefill();
+        } catch (const pyr::Error& e) {
+            status = e.status();
+        }
+    });
+    wait_for_waiting(*engine, 1);
+    std::thread second([&] { engine->forward(holder2.step); });
+    wait_for_waiting(*engine, 2);
+    gate1.release();
+    gate2.wait_entered();            // holder2 runs, held
+    wait_for_waiting(*engine, 1);    // the session's second chunk waits
+    CHECK(s.memory().layer_tokens[0] == chunk);
+    s.cancel();
+    gate2.release();
+    lead.join();
+    second.join();
+    t.join();
+    CHECK(status == PYR_CANCELLED);
+    CHECK(s.memory().layer_tokens[0] == chunk);  // the first chunk stays
+    CHECK(s.history() == prompt);                // the input is all still there
+    CHECK(s.logits() == nullptr);
+    s.prefill();                                 // goes on from token 8
+    CHECK(s.memory().layer_tokens[0] == 30);
+    check_as_alone(s, sp, prompt, chunk);
 }

@@ -16,8 +16,9 @@ class Model(Closeable):
     """Loads the HF LLaMA checkpoint in directory `path` (default: the bundled model).
 
     Engine parameters are the fields of pyr_engine_params by name: `device` ("auto", "cpu",
-    "cuda", "cuda:N"), `n_threads` (0 = all), `max_device_bytes`. Thread-safe. Sessions keep
-    the native engine alive, so closing a Model before its Sessions is fine.
+    "cuda", "cuda:N"), `n_threads` (0 = all), `max_device_bytes`, `prefill_chunk` (prefill
+    tokens per forward, default 512; 0 = no limit). Thread-safe. Sessions keep the native
+    engine alive, so closing a Model before its Sessions is fine.
     """
 
     def __init__(self, path: Optional[str] = None, device: str = "auto", n_threads: int = 0,

@@ -19,6 +19,11 @@ def test_bad_device():
         pyramid.Model(device="tpu:7")
 
 
+def test_bad_engine_parameter():
+    with pytest.raises(pyramid.InvalidArgumentError, match="prefill_chunk"):
+        pyramid.Model(device="cpu", prefill_chunk=-1)
+
+
 @pytest.mark.parametrize("params, needle", [
     ({"top_p": 0.0}, "top_p"),
     ({"kv_policy": "nope"}, "nope"),

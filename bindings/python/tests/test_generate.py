@@ -70,3 +70,11 @@ def test_feed_tokens_continues_like_text(model):
 def test_version_and_abi():
     assert pyramid.ABI_VERSION == pyramid.capi.pyr_abi_version()
     assert pyramid.__version__.count(".") == 2
+
+
+def test_prefill_chunk_is_an_engine_parameter(reference_greedy):
+    # Chunks of 7 tokens: the same greedy tokens as one prefill (default policy: full).
+    with pyramid.Model(device="cpu", prefill_chunk=7) as chunked:
+        with pyramid.Session(chunked, temperature=0, max_tokens=24) as session:
+            tokens = [p.token for p in session.generate_tokens(FIBONACCI) if p.token >= 0]
+    assert tokens == reference_greedy

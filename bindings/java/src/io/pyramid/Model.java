@@ -26,7 +26,7 @@ public final class Model implements AutoCloseable {
     /**
      * Loads the HF LLaMA checkpoint in directory {@code path} ({@code null}: the bundled
      * model). {@code configure} sets fields of the engine params after their defaults
-     * (setDevice, setNThreads, setMaxDeviceBytes).
+     * (setDevice, setNThreads, setMaxDeviceBytes, setPrefillChunk).
      *
      * @throws PyramidException with the library's message, e.g. ERR_IO naming the file
      */
