@@ -25,6 +25,23 @@ public class GenerateTest extends WithModel {
     }
 
     @Test
+    public void prefillChunkIsAnEngineSetter() {
+        // Chunks of 7 tokens: the same greedy tokens as one prefill (default policy: full).
+        int[] tokens;
+        try (Model chunked = new Model(null, p -> {
+                 p.setDevice("cpu");
+                 p.setPrefillChunk(7);
+             });
+             Session session = new Session(chunked, p -> {
+                 p.setTemperature(0);
+                 p.setMaxTokens(24);
+             })) {
+            tokens = Reference.tokensOf(session.generateTokens(Reference.FIBONACCI), new StringBuilder());
+        }
+        assertArrayEquals(Reference.FIBONACCI_GREEDY_24, tokens);
+    }
+
+    @Test
     public void iterableAndConsumerGiveTheSameText() {
         StringBuilder iterated = new StringBuilder();
         StringBuilder consumed = new StringBuilder();
