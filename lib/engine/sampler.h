@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -29,16 +30,20 @@ public:
     int32_t sample(const float* logits, int32_t n_vocab, const std::vector<int32_t>& history);
 
 private:
-    struct Candidate {
-        int32_t id;
-        float value;  // logit, then probability
-    };
-    void apply_repeat_penalty(std::vector<float>& logits,
-                              const std::vector<int32_t>& history) const;
+    const float* penalized(const float* raw, int32_t n_vocab, const std::vector<int32_t>& history);
+    const float* without_nan(const float* l, int32_t n_vocab);
+    std::optional<int32_t> draw_from_prefix(bool complete, double u);
     double uniform01();
 
     SamplingParams params_;
     std::mt19937_64 rng_;
+    // Working buffers, kept between calls: a vocabulary-sized allocation per token costs
+    // more than greedy decoding itself.
+    std::vector<float> logits_;
+    std::vector<double> weights_;
+    std::vector<int32_t> ids_;    // candidates, best first
+    std::vector<double> probs_;   // their probabilities
+    std::vector<bool> seen_;
 };
 
 }  // namespace pyr

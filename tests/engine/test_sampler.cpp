@@ -1,8 +1,10 @@
 // Sampler: greedy, determinism per seed, and that each filter removes exactly what it says.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
+#include <random>
 #include <vector>
 
 #include "engine/sampler.h"
@@ -114,4 +116,109 @@ TEST_CASE("repetition penalty lowers recent tokens") {
     CHECK(s.sample(l.data(), 3, {1, 2, 2}) == 1);  // 1 is outside the last 2
     std::vector<float> neg = {-1.0f, -1.2f};
     CHECK(s.sample(neg.data(), 2, {0}) == 1);     // -1 * 2 = -2 < -1.2
+}
+
+namespace {
+
+// The pipeline written the obvious way: sort every candidate, softmax over them summed best
+// first, cut, draw. The Sampler sorts only what it needs; both draw one number per token.
+int32_t obvious_sample(const SamplingParams& p, std::mt19937_64& rng, std::vector<float> l,
+                       const std::vector<int32_t>& history) {
+    if (p.repeat_penalty != 1.0f) {
+        const size_t first = p.repeat_last_n > 0 && size_t(p.repeat_last_n) < history.size()
+                                 ? history.size() - size_t(p.repeat_last_n) : 0;
+        std::vector<bool> seen(l.size(), false);
+        for (size_t i = first; i < history.size(); ++i) {
+            const auto t = size_t(history[i]);
+            if (seen[t]) continue;
+            seen[t] = true;
+            l[t] = l[t] > 0 ? l[t] / p.repeat_penalty : l[t] * p.repeat_penalty;
+        }
+    }
+    std::vector<int32_t> ids(l.size());
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = int32_t(i);
+    std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return l[size_t(a)] > l[size_t(b)]; });
+    if (p.temperature <= 0.0f) return ids[0];
+    if (p.top_k > 0 && size_t(p.top_k) < ids.size()) ids.resize(size_t(p.top_k));
+    std::vector<double> prob;
+    double sum = 0.0;
+    for (int32_t id : ids) {
+        prob.push_back(std::exp((double(l[size_t(id)]) - double(l[size_t(ids[0])])) / p.temperature));
+        sum += prob.back();
+    }
+    for (double& x : prob) x /= sum;
+    size_t n = prob.size();
+    if (p.min_p > 0.0f)
+        while (n > 1 && prob[n - 1] < double(p.min_p) * prob[0]) --n;
+    double mass = 0.0;
+    if (p.top_p < 1.0f)
+        for (size_t i = 0; i < n; ++i)
+            if ((mass += prob[i]) >= double(p.top_p)) n = i + 1;
+    double total = 0.0;
+    for (size_t i = 0; i < n; ++i) total += prob[i];
+    double r = double(rng() >> 11) * (1.0 / 9007199254740992.0) * total;
+    for (size_t i = 0; i < n; ++i)
+        if ((r -= prob[i]) < 0.0) return ids[i];
+    return ids[n - 1];
+}
+
+}  // namespace
+
+TEST_CASE("the Sampler draws what the obvious full sort draws, for every filter setting") {
+    const uint64_t seed = std::random_device{}();
+    CAPTURE(seed);
+    std::mt19937_64 gen(seed);
+    int compared = 0;
+    for (int32_t n_vocab : {1, 2, 7, 300, 5000}) {
+        for (float spread : {0.05f, 1.0f, 4.0f}) {
+            std::normal_distribution<float> d(0.0f, spread);
+            std::vector<float> logits(static_cast<size_t>(n_vocab));
+            // coarse values: many exact ties between ids
+            for (float& x : logits) x = std::round(d(gen) * 8.0f) / 8.0f;
+            std::vector<int32_t> history(40);
+            for (int32_t& t : history) t = int32_t(gen() % uint64_t(n_vocab));
+            for (float temperature : {0.0f, 0.4f, 1.0f, 2.5f})
+                for (int32_t top_k : {0, 1, 5, 40})
+                    for (float top_p : {1.0f, 0.95f, 0.5f})
+                        for (float min_p : {0.0f, 0.05f, 0.4f})
+                            for (float penalty : {1.0f, 1.3f}) {
+                                SamplingParams p;
+                                p.temperature = temperature, p.top_k = top_k, p.top_p = top_p;
+                                p.min_p = min_p, p.repeat_penalty = penalty, p.repeat_last_n = 16;
+                                p.seed = gen();
+                                Sampler s(p);
+                                std::mt19937_64 rng(p.seed);
+                                for (int draw = 0; draw < 3; ++draw, ++compared) {
+                                    CAPTURE(n_vocab);
+                                    CAPTURE(spread);
+                                    CAPTURE(temperature);
+                                    CAPTURE(top_k);
+                                    CAPTURE(top_p);
+                                    CAPTURE(min_p);
+                                    CAPTURE(penalty);
+                                    REQUIRE(s.sample(logits.data(), n_vocab, history) ==
+                                            obvious_sample(p, rng, logits, history));
+                                }
+                            }
+        }
+    }
+    MESSAGE(compared << " draws compared");
+}
+
+TEST_CASE("NaN or infinite logits (a broken checkpoint) give some id in range, never a crash") {
+    const float nan = std::nanf(""), inf = INFINITY;
+    for (std::vector<float> l : {std::vector<float>{nan, nan, nan}, {1.0f, nan, 2.0f}, {inf, 1.0f, inf}, {-inf, -inf}}) {
+        for (int32_t top_k : {0, 1}) {
+            for (float temperature : {0.0f, 1.0f}) {
+                SamplingParams p = plain(temperature);
+                p.top_k = top_k;
+                p.min_p = 0.1f;
+                p.top_p = 0.9f;
+                Sampler s(p);
+                const int32_t t = s.sample(l.data(), int32_t(l.size()), {});
+                CHECK(t >= 0);
+                CHECK(t < int32_t(l.size()));
+            }
+        }
+    }
 }
