@@ -144,7 +144,11 @@ typedef struct pyr_engine_params {
                                   chunk. A session's first prefill under a compressing KV
                                   policy is never split (its selection needs the whole
                                   prompt). 0 = no limit. */
-    uint64_t max_device_bytes; /* device memory budget for weights + KV + scratch; 0 = none */
+    uint64_t max_device_bytes; /* memory budget, 0 = none: on a CUDA device for weights + KV
+                                  + scratch; on the CPU for the sessions' KV caches (the
+                                  weights are mapped from the checkpoint). A step that would
+                                  pass it fails with PYR_ERR_OUT_OF_MEMORY and leaves its
+                                  session as before the step; other sessions go on. */
 } pyr_engine_params;
 
 /* Fills `params` with defaults (struct_size set). NULL is a harmless no-op. Any thread. */

@@ -63,8 +63,11 @@ inline bool cancel_requested(const SequenceStep& step) {
 // backends call it at every layer boundary.
 void check_cancel(const SequenceStep* batch, int n_seq);
 
-// The CPU backend over `model` with n_threads workers (0 = hardware threads).
-std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_threads);
+// The CPU backend over `model` with n_threads workers (0 = hardware threads); the sessions'
+// KV caches may hold at most max_kv_bytes together (0 = no limit; past it a step fails with
+// PYR_ERR_OUT_OF_MEMORY). The weights are mapped from the checkpoint and not counted.
+std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_threads,
+                                          uint64_t max_kv_bytes = 0);
 
 // CUDA devices usable by this build: 0 without a device, a driver, or CUDA support compiled in.
 int cuda_device_count();

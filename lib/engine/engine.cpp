@@ -47,7 +47,7 @@ std::shared_ptr<Engine> Engine::open(const std::string& dir, const EngineParams&
     auto engine = std::shared_ptr<Engine>(new Engine());
     engine->model_ = Model::load(dir);
     if (device == "cpu")
-        engine->backend_ = make_cpu_backend(engine->model_, params.n_threads);
+        engine->backend_ = make_cpu_backend(engine->model_, params.n_threads, params.max_device_bytes);
     else
         engine->backend_ = make_cuda_backend(engine->model_, cuda_index, params.max_device_bytes);
     engine->device_ = engine->backend_->device_name();

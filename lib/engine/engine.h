@@ -17,7 +17,7 @@ namespace pyr {
 struct EngineParams {
     std::string device = "auto";  // "auto" | "cpu" | "cuda" | "cuda:N"
     int32_t n_threads = 0;        // 0: hardware threads
-    uint64_t max_device_bytes = 0;
+    uint64_t max_device_bytes = 0;  // 0: none; CUDA: weights + KV + scratch; CPU: KV caches
     // Tokens of prefill per forward: a longer prefill runs in chunks of this size (where its
     // KV policy allows), and a forward takes waiting prefills up to this many tokens, so that
     // decode steps riding along are not held up long. 0: no limit, no chunks.

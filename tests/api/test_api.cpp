@@ -88,6 +88,35 @@ TEST_CASE("memory estimate and stats agree with the layout") {
     pyr_engine_close(engine);
 }
 
+TEST_CASE("max_device_bytes on the CPU: a prompt past the budget is refused, a short one runs") {
+    pyr_engine_params ep;
+    pyr_engine_params_init(&ep);
+    ep.device = "cpu";
+    pyr_session_params sp;
+    pyr_session_params_init(&sp);
+    sp.n_ctx = 16;
+    pyr_engine* probe = nullptr;
+    REQUIRE(pyr_engine_open(PYR_TEST_MODEL_DIR, &ep, &probe) == PYR_OK);
+    ep.max_device_bytes = pyr_engine_session_bytes_estimate(probe, &sp);  // 16 tokens' KV
+    pyr_engine_close(probe);
+    pyr_engine* engine = nullptr;
+    REQUIRE(pyr_engine_open(PYR_TEST_MODEL_DIR, &ep, &engine) == PYR_OK);
+    sp.n_ctx = 0;
+    sp.temperature = 0.0f;
+    sp.max_tokens = 8;  // "import os" is 4 tokens: 12 fit
+    pyr_session* s = nullptr;
+    REQUIRE(pyr_session_create(engine, &sp, &s) == PYR_OK);
+    REQUIRE(pyr_session_feed_text(s, "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n") == PYR_OK);
+    CHECK(pyr_session_n_tokens(s) > 16);
+    CHECK(pyr_session_prefill(s) == PYR_ERR_OUT_OF_MEMORY);
+    CHECK(std::string(pyr_session_errmsg(s)).find("max_device_bytes") != std::string::npos);
+    CHECK(pyr_session_kv_bytes(s) == 0);
+    REQUIRE(pyr_session_reset(s) == PYR_OK);
+    CHECK(!generate(s, "import os").empty());
+    pyr_session_destroy(s);
+    pyr_engine_close(engine);
+}
+
 TEST_CASE("a seed repeats its tokens, also after reset") {
     pyr_engine* engine = open_bundled();
     pyr_session_params sp;

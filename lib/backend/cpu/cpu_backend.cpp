@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include "backend/cpu/cpu_ops.h"
@@ -12,27 +13,96 @@ namespace pyr {
 
 // ---- KV storage -----------------------------------------------------------------------
 
-CpuKvStorage::CpuKvStorage(int n_layer, int32_t n_ctx, int32_t kv_dim)
-    : layers_(size_t(n_layer)), n_ctx_(n_ctx), kv_dim_(kv_dim) {
+bool KvBudget::try_take(uint64_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (limit_ > 0 && used_ + bytes > limit_) return false;
+    used_ += bytes;
+    return true;
+}
+
+void KvBudget::take(uint64_t bytes) {
+    if (try_take(bytes)) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    fail(PYR_ERR_OUT_OF_MEMORY,
+         "memory budget exceeded: " + std::to_string(bytes) + " more bytes for the KV cache on "
+         "top of " + std::to_string(used_) + " held by the engine's sessions would pass the "
+         "budget of " + std::to_string(limit_) + " (max_device_bytes)");
+}
+
+void KvBudget::give_back(uint64_t bytes) noexcept {
+    std::lock_guard<std::mutex> lock(mutex_);
+    used_ -= std::min(used_, bytes);
+}
+
+uint64_t KvBudget::used() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return used_;
+}
+
+CpuKvStorage::CpuKvStorage(int n_layer, int32_t n_ctx, int32_t kv_dim,
+                           std::shared_ptr<KvBudget> budget)
+    : layers_(size_t(n_layer)), n_ctx_(n_ctx), kv_dim_(kv_dim), budget_(std::move(budget)) {
     PYR_ASSERT(n_layer > 0 && n_ctx > 0 && kv_dim > 0);
 }
+
+CpuKvStorage::~CpuKvStorage() {
+    if (budget_) budget_->give_back(held_bytes());
+}
+
+int32_t CpuKvStorage::capacity(int il) const {
+    return int32_t(layers_[size_t(il)].k.capacity() / size_t(kv_dim_));
+}
+
+uint64_t CpuKvStorage::held_bytes() const {
+    uint64_t bytes = 0;
+    for (const Layer& l : layers_) bytes += (l.k.capacity() + l.v.capacity()) * sizeof(float);
+    return bytes;
+}
+
+void CpuKvStorage::make_room(int first, int last, int32_t n_new) {
+    const size_t row = size_t(kv_dim_);
+    std::vector<int32_t> want(size_t(last - first), 0);
+    // Room for `need` tokens per layer, geometric (never past n_ctx) or exact.
+    auto plan = [&](bool geometric) {
+        uint64_t more = 0;
+        for (int il = first; il < last; ++il) {
+            const int32_t need = size(il) + n_new, cap = capacity(il);
+            PYR_ASSERT(n_new >= 0 && need <= n_ctx_);
+            int32_t& w = want[size_t(il - first)];
+            w = need <= cap ? 0 : geometric ? std::min(n_ctx_, std::max({need, 2 * cap, 16})) : need;
+            if (w > 0) more += 2 * uint64_t(w - cap) * row * sizeof(float);
+        }
+        return more;
+    };
+    uint64_t more = plan(true);
+    if (more == 0) return;
+    const uint64_t before = held_bytes();
+    // Near the budget, grow by what is needed only.
+    if (budget_ && !budget_->try_take(more)) budget_->take(more = plan(false));
+    try {
+        for (int il = first; il < last; ++il)
+            if (const int32_t w = want[size_t(il - first)]) {
+                layers_[size_t(il)].k.reserve(size_t(w) * row);
+                layers_[size_t(il)].v.reserve(size_t(w) * row);
+            }
+    } catch (const std::bad_alloc&) {
+        if (budget_) budget_->give_back(before + more - held_bytes());  // what did not grow
+        fail(PYR_ERR_OUT_OF_MEMORY, "out of memory growing the KV cache by " +
+                                        std::to_string(more) + " bytes");
+    }
+}
+
+void CpuKvStorage::reserve(int32_t n_new) { make_room(0, int(layers_.size()), n_new); }
 
 uint64_t CpuKvStorage::bytes_per_token() const {
     return 2 * uint64_t(kv_dim_) * sizeof(float);
 }
 
 void CpuKvStorage::append(int il, const float* k, const float* v, int32_t n) {
+    PYR_ASSERT(n >= 0 && size(il) + n <= n_ctx_);
+    make_room(il, il + 1, n);
     Layer& layer = layers_[size_t(il)];
-    const int32_t have = size(il);
-    PYR_ASSERT(n >= 0 && have + n <= n_ctx_);
     const size_t row = size_t(kv_dim_);
-    const size_t cap_tokens = layer.k.capacity() / row;
-    if (size_t(have + n) > cap_tokens) {  // grow geometrically, never past n_ctx
-        size_t want = std::max({size_t(have + n), 2 * cap_tokens, size_t(16)});
-        want = std::min(want, size_t(n_ctx_));
-        layer.k.reserve(want * row);
-        layer.v.reserve(want * row);
-    }
     layer.k.insert(layer.k.end(), k, k + size_t(n) * row);
     layer.v.insert(layer.v.end(), v, v + size_t(n) * row);
 }
@@ -49,6 +119,21 @@ void CpuKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     }
     layer.k.resize(keep.size() * row);
     layer.v.resize(keep.size() * row);
+    // A cache that shrank well below its room gives memory back (keeping room to grow), so
+    // that compression shows in the budget.
+    const int32_t n = int32_t(keep.size());
+    if (n < capacity(il) / 2) {
+        const uint64_t before = held_bytes();
+        const size_t room = size_t(std::min(n_ctx_, std::max(16, 2 * n))) * row;
+        std::vector<float> k, v;
+        k.reserve(room);
+        v.reserve(room);
+        k.assign(layer.k.begin(), layer.k.end());
+        v.assign(layer.v.begin(), layer.v.end());
+        layer.k.swap(k);
+        layer.v.swap(v);
+        if (budget_) budget_->give_back(before - held_bytes());
+    }
 }
 
 void CpuKvStorage::truncate(int il, int32_t n) {
@@ -118,14 +203,15 @@ CpuKvStorage& cpu_storage(KvCache& cache) {
 }  // namespace
 
 CpuBackend::CpuBackend(const ModelConfig& config, const ModelWeights& weights, int n_threads,
-                       std::shared_ptr<const void> owner)
-    : owner_(std::move(owner)), config_(config), weights_(weights), pool_(n_threads) {
+                       std::shared_ptr<const void> owner, uint64_t max_kv_bytes)
+    : owner_(std::move(owner)), config_(config), weights_(weights), pool_(n_threads),
+      kv_budget_(std::make_shared<KvBudget>(max_kv_bytes)) {
     check_weights(config_, weights_);
 }
 
 std::unique_ptr<KvStorage> CpuBackend::new_kv_storage(int32_t n_ctx) {
     return std::make_unique<CpuKvStorage>(config_.n_layer, n_ctx,
-                                          config_.n_head_kv * config_.head_dim);
+                                          config_.n_head_kv * config_.head_dim, kv_budget_);
 }
 
 void CpuBackend::check_step(const SequenceStep& step) const {
@@ -155,6 +241,8 @@ void CpuBackend::resize_scratch(int32_t n_tokens) {
 void CpuBackend::forward(SequenceStep* batch, int n_seq) {
     std::lock_guard<std::mutex> lock(mutex_);
     for (int i = 0; i < n_seq; ++i) check_step(batch[i]);
+    // admission by memory: each step's cache room first, all layers at once
+    for (int i = 0; i < n_seq; ++i) cpu_storage(*batch[i].cache).reserve(batch[i].n_tokens);
     for (int i = 0; i < n_seq; ++i) forward_sequence(batch[i], batch, n_seq);
 }
 
@@ -315,11 +403,12 @@ int32_t CpuBackend::shrink_rows(const std::vector<int32_t>& keep, int32_t first_
 
 // ---- factory --------------------------------------------------------------------------
 
-std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_threads) {
+std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_threads,
+                                          uint64_t max_kv_bytes) {
     PYR_ASSERT(model != nullptr);
     const ModelConfig& config = model->config();
     const ModelWeights& weights = model->weights();
-    return std::make_unique<CpuBackend>(config, weights, n_threads, std::move(model));
+    return std::make_unique<CpuBackend>(config, weights, n_threads, std::move(model), max_kv_bytes);
 }
 
 }  // namespace pyr

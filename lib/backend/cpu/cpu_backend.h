@@ -12,18 +12,45 @@
 
 namespace pyr {
 
+// The bytes the sessions' KV caches hold on the CPU backend, against max_device_bytes
+// (0 = no limit): admission by memory. Any thread.
+class KvBudget {
+public:
+    explicit KvBudget(uint64_t limit) : limit_(limit) {}
+    // Counts `bytes` more if that stays within the limit.
+    bool try_take(uint64_t bytes);
+    // The same, or throws PYR_ERR_OUT_OF_MEMORY (nothing counted) past the limit.
+    void take(uint64_t bytes);
+    void give_back(uint64_t bytes) noexcept;
+    uint64_t used() const;
+
+private:
+    mutable std::mutex mutex_;
+    const uint64_t limit_;
+    uint64_t used_ = 0;
+};
+
 // Keys and values of one session, per layer, fp32, token-major: k, v (n_tokens, kv_dim)
-// with kv_dim = n_head_kv * head_dim. Grows geometrically up to n_ctx tokens per layer.
+// with kv_dim = n_head_kv * head_dim. Grows geometrically up to n_ctx tokens per layer; the
+// memory it reserves counts against the backend's KvBudget until the storage is destroyed.
 class CpuKvStorage final : public KvStorage {
 public:
-    CpuKvStorage(int n_layer, int32_t n_ctx, int32_t kv_dim);
+    // budget null: no limit, nothing counted.
+    CpuKvStorage(int n_layer, int32_t n_ctx, int32_t kv_dim,
+                 std::shared_ptr<KvBudget> budget = nullptr);
+    ~CpuKvStorage() override;
+    CpuKvStorage(const CpuKvStorage&) = delete;
+    CpuKvStorage& operator=(const CpuKvStorage&) = delete;
 
     uint64_t bytes_per_token() const override;
     void retain(int il, const std::vector<int32_t>& keep) override;
     void truncate(int il, int32_t n) override;
 
-    // Appends n tokens to layer il: k, v (n, kv_dim). Past n_ctx is an internal error
-    // (the engine checks the context first).
+    // Makes room for n_new more tokens in every layer, all or nothing: past the budget it
+    // throws PYR_ERR_OUT_OF_MEMORY with nothing changed (admission of a step by memory).
+    void reserve(int32_t n_new);
+    // Appends n tokens to layer il: k, v (n, kv_dim), making room if reserve() did not.
+    // Past n_ctx is an internal error (the engine checks the context first).
     void append(int il, const float* k, const float* v, int32_t n);
     int32_t size(int il) const { return int32_t(layers_[size_t(il)].k.size() / size_t(kv_dim_)); }
     const float* keys(int il) const { return layers_[size_t(il)].k.data(); }    // (size, kv_dim)
@@ -34,9 +61,15 @@ private:
     struct Layer {
         std::vector<float> k, v;  // (n_tokens, kv_dim)
     };
+    int32_t capacity(int il) const;
+    uint64_t held_bytes() const;  // the layers' room, as counted in budget_
+    // Grows layers [first, last) to hold n_new more tokens each, counting the bytes first.
+    void make_room(int first, int last, int32_t n_new);
+
     std::vector<Layer> layers_;
     int32_t n_ctx_;
     int32_t kv_dim_;
+    std::shared_ptr<KvBudget> budget_;
 };
 
 // The reference backend. `config` and `weights` are views whose data must outlive the
@@ -45,7 +78,7 @@ private:
 class CpuBackend final : public Backend {
 public:
     CpuBackend(const ModelConfig& config, const ModelWeights& weights, int n_threads,
-               std::shared_ptr<const void> owner = nullptr);
+               std::shared_ptr<const void> owner = nullptr, uint64_t max_kv_bytes = 0);
 
     std::string device_name() const override { return "cpu"; }
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) override;
@@ -74,6 +107,7 @@ private:
     ThreadPool pool_;
     std::mutex mutex_;  // one forward at a time: the scratch is shared
     Scratch s_;
+    std::shared_ptr<KvBudget> kv_budget_;
 };
 
 }  // namespace pyr
