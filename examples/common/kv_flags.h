@@ -8,11 +8,13 @@
 #ifndef PYRAMID_EXAMPLES_KV_FLAGS_H
 #define PYRAMID_EXAMPLES_KV_FLAGS_H
 
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -60,6 +62,23 @@ inline bool kv_parse_int(const std::string& s, int32_t* out) {
     double v = 0;
     if (!kv_parse_double(s, &v) || v != std::floor(v) || std::fabs(v) > 2e9) return false;
     *out = int32_t(v);
+    return true;
+}
+
+// A byte count: digits, optionally with a binary suffix K, M, G or T ("40G" = 40 GiB), as
+// memory budgets are usually thought of; false on junk or overflow.
+inline bool parse_byte_count(const std::string& s, uint64_t* out) {
+    static const char suffixes[] = "KMGT";
+    const char* suffix = s.size() >= 2 ? std::strchr(suffixes, std::toupper(s.back())) : nullptr;
+    const std::string digits = suffix ? s.substr(0, s.size() - 1) : s;
+    const int shift = suffix ? 10 * int(suffix - suffixes + 1) : 0;
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long n = std::strtoull(digits.c_str(), &end, 10);
+    if (digits.empty() || digits[0] == '-' || *end != '\0' || errno != 0 ||
+        n > (UINT64_MAX >> shift))
+        return false;
+    *out = uint64_t(n) << shift;
     return true;
 }
 

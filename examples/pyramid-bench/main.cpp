@@ -136,13 +136,10 @@ uint64_t parse_u64(const std::string& flag, const std::string& v) {
 
 // "40G", "512M", "1073741824": binary suffixes, as budgets are usually thought of in GiB.
 uint64_t parse_bytes(const std::string& flag, const std::string& v) {
-    static const char suffixes[] = "KMGT";
-    const char* s = v.empty() ? nullptr : std::strchr(suffixes, std::toupper(v.back()));
-    if (!s || v.size() < 2) return parse_u64(flag, v);
-    const int shift = 10 * int(s - suffixes + 1);
-    const uint64_t n = parse_u64(flag, v.substr(0, v.size() - 1));
-    if (n > (UINT64_MAX >> shift)) usage_error(flag + " is too large: '" + v + "'");
-    return n << shift;
+    uint64_t n = 0;
+    if (!pyr_examples::parse_byte_count(v, &n))
+        usage_error(flag + " expects a byte count (digits, optionally K/M/G/T), got '" + v + "'");
+    return n;
 }
 
 double parse_positive(const std::string& flag, const std::string& v) {

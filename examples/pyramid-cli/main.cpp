@@ -51,6 +51,9 @@ const char* const kUsage =
     "  --threads N          CPU threads (default: all)\n"
     "  --n-ctx N            context length (default: the model's)\n"
     "  --device D           auto | cpu | cuda[:N] (default auto)\n"
+    "  --max-device-bytes N memory budget, bytes or with a K/M/G/T suffix: on a GPU for\n"
+    "                       weights + KV + scratch, on the CPU for the KV cache (default 0 = none)\n"
+    "  --prefill-chunk N    prompt tokens per forward (default 512; 0 = the whole prompt)\n"
     "  --json               print one JSON object instead of streaming; with the KV policy,\n"
     "                       per-layer kept positions and the mean retention\n"
     "  --kv-map FILE.svg    draw which prompt positions each layer keeps after prefill\n"
@@ -115,6 +118,11 @@ Options parse_args(int argc, char** argv) {
         {"--threads", [&](const std::string& v) { o.engine.n_threads = parse_number<int32_t>("--threads", v); }},
         {"--n-ctx", [&](const std::string& v) { o.session.n_ctx = parse_number<int32_t>("--n-ctx", v); }},
         {"--device", [&](const std::string& v) { device = v; }},
+        {"--max-device-bytes", [&](const std::string& v) {
+             if (!pyr_examples::parse_byte_count(v, &o.engine.max_device_bytes))
+                 usage_error("--max-device-bytes expects a byte count (digits, optionally K/M/G/T), got '" + v + "'");
+         }},
+        {"--prefill-chunk", [&](const std::string& v) { o.engine.prefill_chunk = parse_number<int32_t>("--prefill-chunk", v); }},
         {"--kv-map", [&](const std::string& v) { o.kv_map = v; }},
     };
     for (int i = 1; i < argc; ++i) {

@@ -64,6 +64,19 @@ a = run("--temperature", "0.9", "--seed", "5", "--max-tokens", "20", "--json")
 b = run("--temperature", "0.9", "--seed", "5", "--max-tokens", "20", "--json")
 check(json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"], "seeded sampling repeats")
 
+# Prompt chunks of 3 tokens: the same greedy tokens (the default policy keeps everything).
+r = run("--prompt", p["text"], "--temperature", "0", "--max-tokens", "8", "--json", "--prefill-chunk", "3")
+check(r.returncode == 0 and json.loads(r.stdout)["tokens"] == p["greedy"][:8], "--prefill-chunk 3")
+
+# A memory budget (the CPU's KV caches; a GPU's whole use): refused with the budget named.
+r = run("--device", "cpu", "--max-device-bytes", "100K", "--temperature", "0", "--max-tokens", "300")
+check(r.returncode == 1 and "max_device_bytes" in r.stderr, f"--max-device-bytes 100K: {r.stderr}")
+r = run("--device", "cpu", "--max-device-bytes", "1M", "--prompt", p["text"], "--temperature", "0",
+        "--max-tokens", "8", "--json")
+check(r.returncode == 0 and json.loads(r.stdout)["tokens"] == p["greedy"][:8], "--max-device-bytes 1M")
+r = run("--max-device-bytes", "10Q")
+check(r.returncode == 2 and "--max-device-bytes" in r.stderr, "bad --max-device-bytes")
+
 # Errors: non-zero exit, a message on stderr naming the problem.
 r = run("--model", "/nonexistent/model-dir")
 check(r.returncode == 1 and "/nonexistent/model-dir" in r.stderr, "missing model dir")
