@@ -22,14 +22,19 @@ std::vector<int32_t> greedy_tokens(pyr::Session& s) {
     return out;
 }
 
+// A CPU engine whose budget is the KV room of `tokens` tokens in every layer.
+std::shared_ptr<pyr::Engine> engine_with_room_for(int32_t tokens) {
+    auto probe = pyr_test::open_engine(kGqa);
+    const uint64_t per_token = probe->kv_bytes_per_token_layer() * uint64_t(probe->config().n_layer);
+    return pyr_test::open_engine(kGqa, "cpu", uint64_t(tokens) * per_token);
+}
+
 }  // namespace
 
 TEST_CASE("max_device_bytes on the CPU: a step past the budget fails cleanly, the others go on") {
-    auto probe = pyr_test::open_engine(kGqa);
-    const uint64_t per_token = probe->kv_bytes_per_token_layer() * uint64_t(probe->config().n_layer);
-    const int32_t vocab = probe->config().n_vocab;
     // Room for 60 tokens in every layer (a cache grows by doubling, from 16 tokens).
-    auto engine = pyr_test::open_engine(kGqa, "cpu", 60 * per_token);
+    auto engine = engine_with_room_for(60);
+    const int32_t vocab = engine->config().n_vocab;
     pyr::SessionParams sp;
     sp.sampling.temperature = 0.0f;
     sp.max_tokens = 8;
@@ -80,10 +85,8 @@ TEST_CASE("max_device_bytes on the CPU: a step past the budget fails cleanly, th
 }
 
 TEST_CASE("max_device_bytes on the CPU: compressed caches give room back") {
-    auto probe = pyr_test::open_engine(kGqa);
-    const uint64_t per_token = probe->kv_bytes_per_token_layer() * uint64_t(probe->config().n_layer);
-    const int32_t vocab = probe->config().n_vocab;
-    auto engine = pyr_test::open_engine(kGqa, "cpu", 100 * per_token);
+    auto engine = engine_with_room_for(100);
+    const int32_t vocab = engine->config().n_vocab;
     pyr::SessionParams sp;
     sp.kv.policy = "streaming";  // keeps 25 of 100 tokens in every layer after the prefill
     sp.kv.retention = 0.25f;
