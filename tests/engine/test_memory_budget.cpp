@@ -22,11 +22,12 @@ std::vector<int32_t> greedy_tokens(pyr::Session& s) {
     return out;
 }
 
-// A CPU engine whose budget is the KV room of `tokens` tokens in every layer.
-std::shared_ptr<pyr::Engine> engine_with_room_for(int32_t tokens) {
+// A CPU engine whose budget is the KV room of `tokens` tokens in every layer, less `less`
+// bytes.
+std::shared_ptr<pyr::Engine> engine_with_room_for(int32_t tokens, uint64_t less = 0) {
     auto probe = pyr_test::open_engine(kGqa);
     const uint64_t per_token = probe->kv_bytes_per_token_layer() * uint64_t(probe->config().n_layer);
-    return pyr_test::open_engine(kGqa, "cpu", uint64_t(tokens) * per_token);
+    return pyr_test::open_engine(kGqa, "cpu", uint64_t(tokens) * per_token - less);
 }
 
 }  // namespace
@@ -97,4 +98,17 @@ TEST_CASE("max_device_bytes on the CPU: compressed caches give room back") {
     b.feed_tokens(pyr_test::random_tokens(45, vocab, 4));
     b.prefill();  // fits only because a gave room back: 50 + 45 <= 100
     CHECK(b.memory().n_tokens == 45);
+}
+
+TEST_CASE("max_device_bytes on the CPU: a shrinking prefill needs room only for what reaches a layer") {
+    // pyramid drops prompt tokens at layers 1 and 2 of 3 and deeper layers never see them:
+    // 100 prompt tokens fit in less than 100 tokens' room in every layer.
+    auto engine = engine_with_room_for(100, 1);
+    pyr::SessionParams sp;
+    sp.kv.policy = "pyramid";
+    sp.kv.retention = 0.5f;
+    pyr::Session s(engine, sp);
+    s.feed_tokens(pyr_test::random_tokens(100, engine->config().n_vocab, 5));
+    s.prefill();
+    CHECK(s.memory().kv_bytes < s.memory().kv_bytes_full);
 }

@@ -46,53 +46,57 @@ CpuKvStorage::CpuKvStorage(int n_layer, int32_t n_ctx, int32_t kv_dim,
 }
 
 CpuKvStorage::~CpuKvStorage() {
-    if (budget_) budget_->give_back(held_bytes());
+    if (!budget_) return;
+    for (int il = 0; il < int(layers_.size()); ++il) budget_->give_back(held_bytes(il));
 }
 
 int32_t CpuKvStorage::capacity(int il) const {
     return int32_t(layers_[size_t(il)].k.capacity() / size_t(kv_dim_));
 }
 
-uint64_t CpuKvStorage::held_bytes() const {
-    uint64_t bytes = 0;
-    for (const Layer& l : layers_) bytes += (l.k.capacity() + l.v.capacity()) * sizeof(float);
-    return bytes;
+uint64_t CpuKvStorage::held_bytes(int il) const {
+    const Layer& l = layers_[size_t(il)];
+    return (l.k.capacity() + l.v.capacity()) * sizeof(float);
 }
 
-void CpuKvStorage::make_room(int first, int last, int32_t n_new) {
+void CpuKvStorage::make_room(int il, int32_t n_new) {
+    Layer& layer = layers_[size_t(il)];
     const size_t row = size_t(kv_dim_);
-    std::vector<int32_t> want(size_t(last - first), 0);
-    // Room for `need` tokens per layer, geometric (never past n_ctx) or exact.
-    auto plan = [&](bool geometric) {
-        uint64_t more = 0;
-        for (int il = first; il < last; ++il) {
-            const int32_t need = size(il) + n_new, cap = capacity(il);
-            PYR_ASSERT(n_new >= 0 && need <= n_ctx_);
-            int32_t& w = want[size_t(il - first)];
-            w = need <= cap ? 0 : geometric ? std::min(n_ctx_, std::max({need, 2 * cap, 16})) : need;
-            if (w > 0) more += 2 * uint64_t(w - cap) * row * sizeof(float);
-        }
-        return more;
-    };
-    uint64_t more = plan(true);
-    if (more == 0) return;
-    const uint64_t before = held_bytes();
-    // Near the budget, grow by what is needed only.
-    if (budget_ && !budget_->try_take(more)) budget_->take(more = plan(false));
+    const int32_t need = size(il) + n_new, cap = capacity(il);
+    PYR_ASSERT(n_new >= 0 && need <= n_ctx_);
+    if (need <= cap) return;
+    // Geometric growth (never past n_ctx); near the budget, what is needed only.
+    int32_t want = std::min(n_ctx_, std::max({need, 2 * cap, 16}));
+    auto bytes = [&](int32_t tokens) { return 2 * uint64_t(tokens - cap) * row * sizeof(float); };
+    if (budget_ && !budget_->try_take(bytes(want))) budget_->take(bytes(want = need));
+    const uint64_t before = held_bytes(il);
     try {
-        for (int il = first; il < last; ++il)
-            if (const int32_t w = want[size_t(il - first)]) {
-                layers_[size_t(il)].k.reserve(size_t(w) * row);
-                layers_[size_t(il)].v.reserve(size_t(w) * row);
-            }
+        layer.k.reserve(size_t(want) * row);
+        layer.v.reserve(size_t(want) * row);
     } catch (const std::bad_alloc&) {
-        if (budget_) budget_->give_back(before + more - held_bytes());  // what did not grow
-        fail(PYR_ERR_OUT_OF_MEMORY, "out of memory growing the KV cache by " +
-                                        std::to_string(more) + " bytes");
+        if (budget_) budget_->give_back(bytes(want) - (held_bytes(il) - before));  // not grown
+        fail(PYR_ERR_OUT_OF_MEMORY, "out of memory growing the KV cache to " +
+                                        std::to_string(want) + " tokens");
     }
 }
 
-void CpuKvStorage::reserve(int32_t n_new) { make_room(0, int(layers_.size()), n_new); }
+// A layer well below its room gives memory back, keeping room to grow (2x its size), so that
+// compression and rolled-back steps free budget for other sessions.
+void CpuKvStorage::release_spare_room(int il) {
+    Layer& layer = layers_[size_t(il)];
+    const int32_t n = size(il);
+    if (n >= capacity(il) / 2) return;
+    const uint64_t before = held_bytes(il);
+    const size_t room = size_t(std::min(n_ctx_, std::max(16, 2 * n))) * size_t(kv_dim_);
+    std::vector<float> k, v;
+    k.reserve(room);
+    v.reserve(room);
+    k.assign(layer.k.begin(), layer.k.end());
+    v.assign(layer.v.begin(), layer.v.end());
+    layer.k.swap(k);
+    layer.v.swap(v);
+    if (budget_) budget_->give_back(before - held_bytes(il));
+}
 
 uint64_t CpuKvStorage::bytes_per_token() const {
     return 2 * uint64_t(kv_dim_) * sizeof(float);
@@ -100,7 +104,7 @@ uint64_t CpuKvStorage::bytes_per_token() const {
 
 void CpuKvStorage::append(int il, const float* k, const float* v, int32_t n) {
     PYR_ASSERT(n >= 0 && size(il) + n <= n_ctx_);
-    make_room(il, il + 1, n);
+    make_room(il, n);
     Layer& layer = layers_[size_t(il)];
     const size_t row = size_t(kv_dim_);
     layer.k.insert(layer.k.end(), k, k + size_t(n) * row);
@@ -119,27 +123,14 @@ void CpuKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     }
     layer.k.resize(keep.size() * row);
     layer.v.resize(keep.size() * row);
-    // A cache that shrank well below its room gives memory back (keeping room to grow), so
-    // that compression shows in the budget.
-    const int32_t n = int32_t(keep.size());
-    if (n < capacity(il) / 2) {
-        const uint64_t before = held_bytes();
-        const size_t room = size_t(std::min(n_ctx_, std::max(16, 2 * n))) * row;
-        std::vector<float> k, v;
-        k.reserve(room);
-        v.reserve(room);
-        k.assign(layer.k.begin(), layer.k.end());
-        v.assign(layer.v.begin(), layer.v.end());
-        layer.k.swap(k);
-        layer.v.swap(v);
-        if (budget_) budget_->give_back(before - held_bytes());
-    }
+    release_spare_room(il);
 }
 
 void CpuKvStorage::truncate(int il, int32_t n) {
     PYR_ASSERT(n >= 0 && n <= size(il));
     layers_[size_t(il)].k.resize(size_t(n) * size_t(kv_dim_));
     layers_[size_t(il)].v.resize(size_t(n) * size_t(kv_dim_));
+    release_spare_room(il);
 }
 
 // ---- construction and checks ----------------------------------------------------------
@@ -241,8 +232,6 @@ void CpuBackend::resize_scratch(int32_t n_tokens) {
 void CpuBackend::forward(SequenceStep* batch, int n_seq) {
     std::lock_guard<std::mutex> lock(mutex_);
     for (int i = 0; i < n_seq; ++i) check_step(batch[i]);
-    // admission by memory: each step's cache room first, all layers at once
-    for (int i = 0; i < n_seq; ++i) cpu_storage(*batch[i].cache).reserve(batch[i].n_tokens);
     for (int i = 0; i < n_seq; ++i) forward_sequence(batch[i], batch, n_seq);
 }
 

@@ -31,8 +31,9 @@ private:
 };
 
 // Keys and values of one session, per layer, fp32, token-major: k, v (n_tokens, kv_dim)
-// with kv_dim = n_head_kv * head_dim. Grows geometrically up to n_ctx tokens per layer; the
-// memory it reserves counts against the backend's KvBudget until the storage is destroyed.
+// with kv_dim = n_head_kv * head_dim. Grows geometrically up to n_ctx tokens per layer (a
+// layer only as far as the tokens that reach it: a shrinking prefill gives deeper layers
+// fewer); the room it holds counts against the backend's KvBudget until it is destroyed.
 class CpuKvStorage final : public KvStorage {
 public:
     // budget null: no limit, nothing counted.
@@ -46,11 +47,10 @@ public:
     void retain(int il, const std::vector<int32_t>& keep) override;
     void truncate(int il, int32_t n) override;
 
-    // Makes room for n_new more tokens in every layer, all or nothing: past the budget it
-    // throws PYR_ERR_OUT_OF_MEMORY with nothing changed (admission of a step by memory).
-    void reserve(int32_t n_new);
-    // Appends n tokens to layer il: k, v (n, kv_dim), making room if reserve() did not.
-    // Past n_ctx is an internal error (the engine checks the context first).
+    // Appends n tokens to layer il: k, v (n, kv_dim). Past the budget it throws
+    // PYR_ERR_OUT_OF_MEMORY with the layer unchanged (the step is then rolled back, and
+    // truncate() gives the room the step took back). Past n_ctx is an internal error (the
+    // engine checks the context first).
     void append(int il, const float* k, const float* v, int32_t n);
     int32_t size(int il) const { return int32_t(layers_[size_t(il)].k.size() / size_t(kv_dim_)); }
     const float* keys(int il) const { return layers_[size_t(il)].k.data(); }    // (size, kv_dim)
@@ -62,9 +62,10 @@ private:
         std::vector<float> k, v;  // (n_tokens, kv_dim)
     };
     int32_t capacity(int il) const;
-    uint64_t held_bytes() const;  // the layers' room, as counted in budget_
-    // Grows layers [first, last) to hold n_new more tokens each, counting the bytes first.
-    void make_room(int first, int last, int32_t n_new);
+    uint64_t held_bytes(int il) const;  // the layer's room, as counted in budget_
+    // Grows layer il to hold n_new more tokens, counting the bytes first.
+    void make_room(int il, int32_t n_new);
+    void release_spare_room(int il);
 
     std::vector<Layer> layers_;
     int32_t n_ctx_;
