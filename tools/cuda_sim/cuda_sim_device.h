@@ -5,8 +5,9 @@
 // Model: the blocks of a launch run one after another on each of a few worker threads
 // (in parallel across workers); the threads of a block are fibers on their worker, switched
 // only at __syncthreads and the warp operations, which are therefore real barriers. Hence
-// __shared__ variables are `static thread_local': every fiber of the running block sees
-// the same object, and the block running on another worker has its own.
+// __shared__ variables are per worker thread (block_shared below; `static thread_local'
+// where the rewrite does not recognise the declaration): every fiber of the running block
+// sees the same object, and the block running on another worker has its own.
 #pragma once
 
 // Defined before the toolkit headers: their crt/host_defines.h keeps definitions it finds.
@@ -79,6 +80,19 @@ Launcher<P...> launch(void (*kernel)(P...), const char* name, dim3 grid, dim3 bl
 
 // The running block's dynamic shared memory (extern __shared__), 16-byte aligned.
 void* dynamic_smem();
+
+// A __shared__ variable (the rewrite names each declaration by its __COUNTER__): one object
+// per worker thread, registered so that every block starts with it full of 0xFF bytes, as
+// shared memory starts as garbage on the device. (Equal ids in different files share the
+// object: harmless, one kernel runs on a worker at a time.)
+void register_shared(void* p, size_t bytes);
+template <typename T, int Id>
+T& block_shared() {
+    alignas(16) static thread_local T object;
+    static thread_local const bool registered = (register_shared(&object, sizeof(T)), true);
+    (void)registered;
+    return object;
+}
 
 // ---- warps -----------------------------------------------------------------------------
 

@@ -5,6 +5,10 @@
       -> ::pyr_sim::launch(kernel, "kernel", grid, block[, smem[, stream]])(args)
   extern __shared__ T name[];
       -> T* name = static_cast<T*>(::pyr_sim::dynamic_smem());
+  __shared__ T name[N][M];
+      -> auto& name = ::pyr_sim::block_shared<T[N][M], __COUNTER__>();
+         (storage the runtime fills with 0xFF bytes at every block start; declarations of
+         other forms stay `static thread_local', unpoisoned, with a warning)
 
 `kernel' is a name, possibly qualified and with template arguments (k<T, 4>). Comments and
 string literals are left alone. Line numbers are kept (and a #line points at the original),
@@ -81,6 +85,10 @@ EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([\w:]+)\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?(\w+)\s*\[\s*\]\s*;")
 
 
+SHARED = re.compile(
+    r"__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([A-Za-z_][\w:\s<>*]*?)\s*\b(\w+)\s*((?:\[[^\]]+\]\s*)*);")
+
+
 def rewrite(src):
     code = code_mask(src)
     edits = []  # (start, end, replacement), non-overlapping
@@ -101,6 +109,17 @@ def rewrite(src):
     for m in EXTERN_SHARED.finditer(code):
         t, name = m.group(1), m.group(2)
         edits.append((m.start(), m.end(), f"{t}* {name} = static_cast<{t}*>(::pyr_sim::dynamic_smem());"))
+    for m in re.finditer(r"\b__shared__\b", code):
+        if any(a <= m.start() < b for a, b, _ in edits):  # extern __shared__
+            continue
+        d = SHARED.match(code, m.start())
+        if not d:
+            line = src.count("\n", 0, m.start()) + 1
+            print(f"warning: line {line}: __shared__ declaration left unpoisoned", file=sys.stderr)
+            continue
+        t, name, dims = d.group(1).strip(), d.group(2), "".join(d.group(3).split())
+        edits.append((d.start(), d.end(),
+                      f"auto& {name} = ::pyr_sim::block_shared<{t}{dims}, __COUNTER__>();"))
     edits.sort()
     out, pos = [], 0
     for a, b, text in edits:

@@ -156,6 +156,7 @@ struct Worker {
     std::vector<Warp> warps;
     std::vector<char*> free_stacks;
     std::vector<uint4> smem;  // dynamic shared memory
+    std::vector<std::pair<void*, size_t>> shared_vars;  // block_shared objects
     Launch* launch = nullptr;
     Fiber* cur = nullptr;
     int live = 0, at_syncthreads = 0;
@@ -335,6 +336,7 @@ bool run_block(Launch& L, uint64_t linear) {
     // shared memory starts as garbage on the device; NaN bytes here, so that a read
     // before the write shows
     if (L.spec->smem) std::memset(tw.smem.data(), 0xFF, L.spec->smem);
+    for (const auto& [p, bytes] : tw.shared_vars) std::memset(p, 0xFF, bytes);
     // Odd blocks run their fibers in reverse order: a missing barrier between a write and a
     // read in another thread shows whichever thread the order puts first.
     const size_t n = tw.fibers.size();
@@ -548,6 +550,11 @@ Exchange warp_exchange(unsigned mask, uint64_t v) {
 }
 
 void* dynamic_smem() { return tw.smem.data(); }
+
+void register_shared(void* p, size_t bytes) {
+    std::memset(p, 0xFF, bytes);  // this block too
+    tw.shared_vars.emplace_back(p, bytes);
+}
 
 void run_launch(const LaunchSpec& spec, void (*body)(const void*), const void* closure) {
     const dim3 g = spec.grid, b = spec.block;
