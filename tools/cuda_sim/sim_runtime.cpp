@@ -29,6 +29,7 @@
 
 #ifdef __SANITIZE_ADDRESS__
 #include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
 #endif
 
 // The hand-written switch on x86-64 (PYR_SIM_UCONTEXT forces the portable one, to test it).
@@ -466,32 +467,44 @@ Pool& pool() {
 
 // ---- crash reports -----------------------------------------------------------------------
 
-// A fault in a kernel (bad pointer, misaligned vector access, fiber stack overflow) kills
-// the process as on the host, but first says which kernel, block and thread it was.
+// A fault in a kernel (bad pointer, misaligned vector access, fiber stack overflow; an
+// ASan report) kills the process as on the host, but first says which kernel, block and
+// thread it was.
+void say_where(const char* what, const char* why) {
+    if (!tw.launch || !tw.cur) return;
+    const Fiber& f = *tw.cur;
+    char msg[512];
+    const int n = std::snprintf(msg, sizeof msg,
+                                "cuda-sim: %s in kernel %s, block (%u,%u,%u), thread (%u,%u,%u)%s\n",
+                                what, tw.launch->spec->name, blockIdx.x, blockIdx.y, blockIdx.z,
+                                f.tid.x, f.tid.y, f.tid.z, why);
+    if (n > 0) (void)!write(2, msg, size_t(n));
+}
+
+#ifdef __SANITIZE_ADDRESS__
+void install_crash_report() {
+    static std::once_flag once;
+    std::call_once(once, [] { __sanitizer_set_death_callback([] { say_where("the error above", ""); }); });
+}
+#else
+const int kFatal[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
+struct sigaction previous_action[4];  // doctest's: it names the test case that crashed
+
 void on_fatal_signal(int sig, siginfo_t* info, void*) {
-    if (tw.launch && tw.cur) {
-        const Fiber& f = *tw.cur;
-        const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
-        const auto guard = reinterpret_cast<uintptr_t>(f.stack) - kGuard;
-        char msg[512];
-        const int n = std::snprintf(
-            msg, sizeof msg,
-            "cuda-sim: signal %d (%s) at %p in kernel %s, block (%u,%u,%u), thread (%u,%u,%u)%s\n",
-            sig, strsignal(sig), info->si_addr, tw.launch->spec->name, blockIdx.x, blockIdx.y,
-            blockIdx.z, f.tid.x, f.tid.y, f.tid.z,
-            f.stack && addr >= guard && addr < guard + kGuard
-                ? ": fiber stack overflow, raise PYR_SIM_STACK_KB"
-                : "");
-        if (n > 0) (void)!write(2, msg, size_t(n));
-    }
-    signal(sig, SIG_DFL);
+    const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
+    const auto guard = tw.cur ? reinterpret_cast<uintptr_t>(tw.cur->stack) - kGuard : 0;
+    char what[96];
+    std::snprintf(what, sizeof what, "signal %d (%s) at %p", sig, strsignal(sig), info->si_addr);
+    say_where(what, guard && addr >= guard && addr < guard + kGuard
+                        ? ": fiber stack overflow, raise PYR_SIM_STACK_KB" : "");
+    // the previous handler gets the signal once this one returns
+    for (size_t i = 0; i < 4; ++i)
+        if (kFatal[i] == sig) sigaction(sig, &previous_action[i], nullptr);
     raise(sig);
 }
 
-// Handlers run on an alternate stack: a fiber stack overflow leaves none to run on. Not
-// under AddressSanitizer, whose own reports say more.
+// Handlers run on an alternate stack: a fiber stack overflow leaves none to run on.
 void install_crash_report() {
-#ifndef __SANITIZE_ADDRESS__
     thread_local bool installed = false;
     if (installed) return;
     installed = true;
@@ -504,10 +517,10 @@ void install_crash_report() {
         struct sigaction sa {};
         sa.sa_sigaction = on_fatal_signal;
         sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-        for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL}) sigaction(sig, &sa, nullptr);
+        for (size_t i = 0; i < 4; ++i) sigaction(kFatal[i], &sa, &previous_action[i]);
     });
-#endif
 }
+#endif
 
 std::atomic<uint64_t> launch_serial{0};
 std::mutex launch_mutex;  // one launch at a time, as on one stream
@@ -627,15 +640,11 @@ const char* cudaGetErrorString(cudaError_t err) {
 }
 
 cudaError_t cudaMalloc(void** ptr, size_t bytes) {
-    // 256-byte aligned as cudaMalloc's, and filled with 0xFF bytes (NaN in fp32, fp16 and
-    // bf16) where the device would leave garbage
-    const size_t rounded = (bytes + 255) / 256 * 256;
-    void* p = std::aligned_alloc(256, rounded ? rounded : 256);
-    if (!p) return fail(cudaErrorMemoryAllocation);
-    std::memset(p, 0xFF, rounded);
-#ifdef __SANITIZE_ADDRESS__
-    __asan_poison_memory_region(static_cast<char*>(p) + bytes, rounded - bytes);  // past the end
-#endif
+    // 256-byte aligned as cudaMalloc's, exactly `bytes' long (ASan reports reads past it),
+    // and filled with 0xFF bytes (NaN in fp32, fp16 and bf16) where the device leaves garbage
+    void* p = nullptr;
+    if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) return fail(cudaErrorMemoryAllocation);
+    std::memset(p, 0xFF, bytes);
     {
         std::lock_guard<std::mutex> lock(alloc_mutex);
         allocations[reinterpret_cast<uintptr_t>(p)] = bytes;
