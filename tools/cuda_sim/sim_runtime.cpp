@@ -1,13 +1,14 @@
 // cuda-sim runtime: the CUDA runtime calls on host memory, and kernel launches run on the
-// CPU. See include/cuda_sim_device.h for the execution model and README.md for its limits.
+// CPU. See cuda_sim_device.h for the execution model and README.md for its limits.
 //
 // A launch hands its blocks out to a pool of worker threads (PYR_SIM_WORKERS, default: the
 // CPU count). A worker runs a block as one fiber per CUDA thread, cooperatively: a fiber
 // runs until it exits or waits at a barrier (__syncthreads, or the per-warp barrier of a
 // shuffle), and the last one to arrive releases the others. Fibers rather than OS threads:
-// the kernel tests run ~10^8 CUDA threads and ~10^8 warp shuffles, which need switches of
-// nanoseconds (swapcontext makes a syscall per switch; a hand-written switch is used on
+// the kernel tests run ~10^8 CUDA threads and millions of warp shuffles, which need switches
+// of nanoseconds (swapcontext makes a syscall per switch; a hand-written switch is used on
 // x86-64, swapcontext elsewhere).
+
 // first: it defines __shared__ & co. before the toolkit headers would
 #include "cuda_sim_device.h"
 
@@ -387,9 +388,9 @@ void run_blocks(Launch& L) {
     gridDim = uint3{g.x, g.y, g.z};
     tw.launch = &L;
     for (;;) {
-        const uint64_t b = L.next_block.fetch_add(1);
-        if (b >= L.n_blocks || L.failed.load()) break;
-        if (!run_block(L, b)) {
+        const uint64_t block = L.next_block.fetch_add(1);
+        if (block >= L.n_blocks || L.failed.load()) break;
+        if (!run_block(L, block)) {
             std::lock_guard<std::mutex> lock(L.fault_mutex);
             if (!L.failed.exchange(true)) {
                 char where[96];
@@ -411,8 +412,6 @@ public:
     explicit Pool(int helpers) {
         for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { loop(); });
     }
-    int workers() const { return int(threads_.size()) + 1; }
-
     // The calling thread works too; returns when every worker is done with L.
     void run(Launch& L) {
         {
