@@ -55,10 +55,16 @@ def kernel_start(code, end):
         depth = 0
         while i > 0:
             i -= 1
+            if code[i] == ")":  # a parenthesised argument may hold < or >
+                parens = 1
+                while parens and i > 0:
+                    i -= 1
+                    parens += {")": 1, "(": -1}.get(code[i], 0)
+                continue
             depth += {">": 1, "<": -1}.get(code[i], 0)
             if depth == 0:
                 break
-        else:
+        if depth != 0:
             raise ValueError("unbalanced template arguments before <<<")
     while i > 0 and (code[i - 1].isalnum() or code[i - 1] in "_:"):
         i -= 1
@@ -81,12 +87,13 @@ def config_end(code, start):
     raise ValueError("launch configuration without >>>")
 
 
+ALIGN = r"(?:__align__\s*\(\s*\d+\s*\)\s*)?"
 EXTERN_SHARED = re.compile(
-    r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([\w:]+)\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?(\w+)\s*\[\s*\]\s*;")
+    r"extern\s+__shared__\s+" + ALIGN + r"([A-Za-z_][\w:\s]*?)\s*" + ALIGN + r"\b(\w+)\s*\[\s*\]\s*;")
 
 
 SHARED = re.compile(
-    r"__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([A-Za-z_][\w:\s<>*]*?)\s*\b(\w+)\s*((?:\[[^\]]+\]\s*)*);")
+    r"__shared__\s+" + ALIGN + r"([A-Za-z_][\w:\s<>*]*?)\s*" + ALIGN + r"\b(\w+)\s*((?:\[[^\]]+\]\s*)*);")
 
 
 def rewrite(src):
@@ -107,7 +114,7 @@ def rewrite(src):
         # macro body)
         edits.append((k0, gt + 3, f'::pyr_sim::launch({src[k0:lt]}, "{name}", {config})'))
     for m in EXTERN_SHARED.finditer(code):
-        t, name = m.group(1), m.group(2)
+        t, name = " ".join(m.group(1).split()), m.group(2)
         edits.append((m.start(), m.end(), f"{t}* {name} = static_cast<{t}*>(::pyr_sim::dynamic_smem());"))
     for m in re.finditer(r"\b__shared__\b", code):
         if any(a <= m.start() < b for a, b, _ in edits):  # extern __shared__
