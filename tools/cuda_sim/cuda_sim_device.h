@@ -1,0 +1,246 @@
+// cuda-sim: what a .cu file sees of the device, on the host. run.sh force-includes this
+// header (-include) in every kernel file, whose launches `k<<<g, b, smem, s>>>(args)' it has
+// rewritten into `::pyr_sim::launch(k, "k", g, b, smem, s)(args)'.
+//
+// Model: the blocks of a launch run one after another on each of a few worker threads
+// (in parallel across workers); the threads of a block are fibers on their worker, switched
+// only at __syncthreads and the warp operations, which are therefore real barriers. Hence
+// __shared__ variables are per worker thread (block_shared below; `static thread_local'
+// where the rewrite does not recognise the declaration): every fiber of the running block
+// sees the same object, and the block running on another worker has its own.
+#pragma once
+
+// Defined before the toolkit headers: their crt/host_defines.h keeps definitions it finds.
+#define __global__
+#define __device__
+#define __host__
+#define __shared__ static thread_local
+#define __constant__
+#define __launch_bounds__(...)
+
+#include <algorithm>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+// The toolkit's own runtime header: its declarations compile as host code (cuda_fp16.h
+// pulls them in anyway); sim_runtime.cpp defines the calls the kernels and tests make.
+#include <cuda_runtime.h>
+
+// Per worker thread; the scheduler sets threadIdx before it resumes a fiber.
+extern thread_local uint3 threadIdx, blockIdx, blockDim, gridDim;
+constexpr int warpSize = 32;
+
+namespace pyr_sim {
+
+// ---- launches --------------------------------------------------------------------------
+
+struct LaunchSpec {
+    const char* name;
+    dim3 grid, block;
+    size_t smem;
+};
+// Runs every thread of every block of the launch (each calls body(closure)) and returns when
+// all are done; a bad configuration or a fault in a kernel becomes the last error.
+void run_launch(const LaunchSpec& spec, void (*body)(const void*), const void* closure);
+
+template <typename... P>
+struct Launcher {
+    void (*kernel)(P...);
+    LaunchSpec spec;
+
+    template <typename... A>
+    void operator()(A&&... args) const {
+        static_assert(sizeof...(A) == sizeof...(P), "kernel launched with the wrong argument count");
+        // Kernel arguments are copied once, converted to the parameter types, as CUDA does;
+        // each thread then gets its own copy of them through the call.
+        using Args = std::tuple<std::decay_t<P>...>;
+        const Args copied(std::forward<A>(args)...);
+        struct Closure {
+            void (*kernel)(P...);
+            const Args* args;
+        } closure{kernel, &copied};
+        run_launch(spec, [](const void* c) {
+            const Closure* cl = static_cast<const Closure*>(c);
+            std::apply(cl->kernel, *cl->args);
+        }, &closure);
+    }
+};
+
+template <typename... P>
+Launcher<P...> launch(void (*kernel)(P...), const char* name, dim3 grid, dim3 block,
+                      size_t smem = 0, cudaStream_t = nullptr) {
+    return {kernel, {name, grid, block, smem}};
+}
+
+// The running block's dynamic shared memory (extern __shared__), 16-byte aligned.
+void* dynamic_smem();
+
+// A __shared__ variable (the rewrite names each declaration by its __COUNTER__): one object
+// per worker thread, registered so that every block starts with it full of 0xFF bytes, as
+// shared memory starts as garbage on the device. (Equal ids in different files share the
+// object: harmless, one kernel runs on a worker at a time.)
+void register_shared(void* p, size_t bytes);
+template <typename T, int Id>
+T& block_shared() {
+    alignas(16) static thread_local T object;
+    static thread_local const bool registered = (register_shared(&object, sizeof(T)), true);
+    (void)registered;
+    return object;
+}
+
+// ---- warps -----------------------------------------------------------------------------
+
+struct Exchange {
+    const uint64_t* slots;  // the value each lane of the warp put in, by lane
+    int lane;               // the caller's lane
+};
+// Puts v in the caller's slot and waits until every lane of the warp has done the same:
+// the barrier behind every warp operation. `mask' must name all lanes of the warp, all
+// still running (the kernels' only use; anything else is reported as a fault).
+Exchange warp_exchange(unsigned mask, uint64_t v);
+
+template <typename T>
+uint64_t to_slot(T v) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of a wide type");
+    uint64_t s = 0;
+    std::memcpy(&s, &v, sizeof(T));
+    return s;
+}
+template <typename T>
+T from_slot(uint64_t s) {
+    T v;
+    std::memcpy(&v, &s, sizeof(T));
+    return v;
+}
+
+}  // namespace pyr_sim
+
+void __syncthreads();
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) { pyr_sim::warp_exchange(mask, 0); }
+
+// Shuffles within segments of `width' lanes (a power of two), as the PTX shfl modes: a
+// source past the caller's segment returns the caller's own value.
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src, int width = warpSize) {
+    const pyr_sim::Exchange e = pyr_sim::warp_exchange(mask, pyr_sim::to_slot(v));
+    const int base = e.lane & ~(width - 1);
+    return pyr_sim::from_slot<T>(e.slots[base + (src & (width - 1))]);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize) {
+    const pyr_sim::Exchange e = pyr_sim::warp_exchange(mask, pyr_sim::to_slot(v));
+    const int src = e.lane ^ lane_mask, end = (e.lane & ~(width - 1)) + width;
+    return src < end ? pyr_sim::from_slot<T>(e.slots[src]) : v;
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = warpSize) {
+    const pyr_sim::Exchange e = pyr_sim::warp_exchange(mask, pyr_sim::to_slot(v));
+    const int src = e.lane + int(delta), end = (e.lane & ~(width - 1)) + width;
+    return src < end ? pyr_sim::from_slot<T>(e.slots[src]) : v;
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = warpSize) {
+    const pyr_sim::Exchange e = pyr_sim::warp_exchange(mask, pyr_sim::to_slot(v));
+    const int src = e.lane - int(delta), base = e.lane & ~(width - 1);
+    return src >= base ? pyr_sim::from_slot<T>(e.slots[src]) : v;
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    const pyr_sim::Exchange e = pyr_sim::warp_exchange(mask, pred != 0);
+    unsigned bits = 0;
+    for (int l = 0; l < warpSize; ++l)
+        if (mask >> l & 1u) bits |= unsigned(e.slots[l] != 0) << l;
+    return bits;
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
+
+// ---- atomics: real ones, since blocks on different workers run at the same time ----------
+// The value operand does not take part in deduction, as with CUDA's overloads
+// (atomicAdd(unsigned*, 1) is fine).
+
+namespace pyr_sim {
+template <typename T>
+struct same {
+    using type = T;
+};
+template <typename T>
+using same_t = typename same<T>::type;
+}  // namespace pyr_sim
+
+template <typename T>
+T atomicAdd(T* p, pyr_sim::same_t<T> v) {
+    if constexpr (std::is_integral_v<T>) {
+        return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+    } else {  // float, double: compare-and-swap on the bits
+        T old, want;
+        __atomic_load(p, &old, __ATOMIC_RELAXED);
+        do want = old + v;
+        while (!__atomic_compare_exchange(p, &old, &want, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        return old;
+    }
+}
+template <typename T>
+T atomicSub(T* p, pyr_sim::same_t<T> v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }
+template <typename T>
+T atomicExch(T* p, pyr_sim::same_t<T> v) {
+    T old;
+    __atomic_exchange(p, &v, &old, __ATOMIC_RELAXED);
+    return old;
+}
+template <typename T>
+T atomicCAS(T* p, pyr_sim::same_t<T> expected, pyr_sim::same_t<T> desired) {
+    __atomic_compare_exchange(p, &expected, &desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    return expected;  // the old value either way
+}
+template <typename T>
+T atomicMax(T* p, pyr_sim::same_t<T> v) {
+    T old;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    while (old < v && !__atomic_compare_exchange(p, &old, &v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+    return old;
+}
+template <typename T>
+T atomicMin(T* p, pyr_sim::same_t<T> v) {
+    T old;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    while (v < old && !__atomic_compare_exchange(p, &old, &v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+    return old;
+}
+
+// ---- device math and loads ------------------------------------------------------------
+// The fast intrinsics are the accurate host functions: the sim is at least as exact.
+
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __log2f(float x) { return std::log2(x); }
+inline float __sinf(float x) { return std::sin(x); }
+inline float __cosf(float x) { return std::cos(x); }
+inline float __powf(float x, float y) { return std::pow(x, y); }
+inline float __fdividef(float x, float y) { return x / y; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __saturatef(float x) { return x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x; }
+template <typename T>
+T __ldg(const T* p) { return *p; }
+
+// CUDA's min and max of mixed arithmetic types, in the global namespace as on the device.
+template <typename A, typename B,
+          typename = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
+std::common_type_t<A, B> min(A a, B b) {
+    using C = std::common_type_t<A, B>;
+    return C(b) < C(a) ? C(b) : C(a);
+}
+template <typename A, typename B,
+          typename = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
+std::common_type_t<A, B> max(A a, B b) {
+    using C = std::common_type_t<A, B>;
+    return C(a) < C(b) ? C(b) : C(a);
+}
