@@ -23,8 +23,10 @@ func TestCancelStopsALongPrefill(t *testing.T) {
 	if n != 0 || time.Since(start) > 30*time.Second {
 		t.Fatalf("%d tokens in %v before the cancel took effect", n, time.Since(start))
 	}
-	if m, _ := s.Memory(); m.KVBytes != 0 || s.NTokens() < 1000 {
-		t.Fatalf("not as before the call: %v", m) // the prompt stays queued, nothing cached
+	// The prompt stays queued; cached are only the prefill chunks that completed (512
+	// tokens by default), maybe none.
+	if m, _ := s.Memory(); m.Layers[0].Tokens%512 != 0 || m.Layers[0].Tokens >= s.NTokens() || s.NTokens() < 1000 {
+		t.Fatalf("not as the cancel left it: %v", m)
 	}
 }
 

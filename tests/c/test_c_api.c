@@ -227,9 +227,11 @@ static void test_cancel_from_thread(pyr_engine* engine) {
     pyr_status st = pyr_session_prefill(session);
     pthread_join(thread, NULL);
     CHECK(st == PYR_CANCELLED);
-    /* As before the call: the input still queued, nothing cached. */
+    /* The input still queued; cached are only the prefill chunks that completed (the
+     * default prefill_chunk: 512 tokens), maybe none. */
     CHECK(pyr_session_n_tokens(session) == n_fed);
-    CHECK(pyr_session_kv_bytes(session) == 0);
+    int32_t done = pyr_session_layer_tokens(session, 0);
+    CHECK(done % 512 == 0 && done < n_fed);
     /* The request was used up: the next call runs to the end. */
     CHECK(pyr_session_next(session) == PYR_OK);
     CHECK(pyr_session_layer_tokens(session, 0) == n_fed);

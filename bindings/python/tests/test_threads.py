@@ -28,8 +28,10 @@ def test_cancel_stops_a_long_prefill(model):
         assert info.value.status == pyramid.Status.CANCELLED
         assert tokens == []
         assert elapsed < 30
-        assert session.memory().kv_bytes == 0  # as before the call
-        assert session.n_tokens > 1000         # the prompt stays queued
+        assert session.n_tokens > 1000  # the prompt stays queued
+        # cached are only the prefill chunks that completed (512 tokens by default), maybe none
+        done = session.memory().layers[0].tokens
+        assert done % 512 == 0 and done < session.n_tokens
 
 
 def test_cancel_after_the_first_piece(model):

@@ -37,8 +37,10 @@ public class CancelTest extends WithModel {
             assertEquals(Status.CANCELLED, e.status());
             assertEquals(0, pieces.size()); // stopped inside the first prefill
             assertTrue((System.nanoTime() - start) / 1e9 < 30);
-            assertEquals(0, session.memory().kvBytes()); // as before the call
-            assertTrue(session.nTokens() > 1000);       // the prompt stays queued
+            assertTrue(session.nTokens() > 1000); // the prompt stays queued
+            // cached are only the prefill chunks that completed (512 tokens by default)
+            int done = session.memory().layers().get(0).tokens();
+            assertTrue(done % 512 == 0 && done < session.nTokens());
         }
     }
 
