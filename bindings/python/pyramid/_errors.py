@@ -65,7 +65,8 @@ class InternalError(Error):
 
 
 class CancelledError(Error):
-    """Session.cancel() stopped the call; the session is as it was before it."""
+    """Session.cancel() stopped the call: no token came of it, the history and queued input
+    are as before it (the finished chunks of a long prompt stay processed)."""
 
 
 _CLASSES = {
