@@ -199,20 +199,7 @@ T atomicCAS(T* p, pyr_sim::same_t<T> expected, pyr_sim::same_t<T> desired) {
     __atomic_compare_exchange(p, &expected, &desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return expected;  // the old value either way
 }
-template <typename T>
-T atomicMax(T* p, pyr_sim::same_t<T> v) {
-    T old;
-    __atomic_load(p, &old, __ATOMIC_RELAXED);
-    while (old < v && !__atomic_compare_exchange(p, &old, &v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
-    return old;
-}
-template <typename T>
-T atomicMin(T* p, pyr_sim::same_t<T> v) {
-    T old;
-    __atomic_load(p, &old, __ATOMIC_RELAXED);
-    while (v < old && !__atomic_compare_exchange(p, &old, &v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
-    return old;
-}
+// Only what the kernels use; atomicMax/Min and friends are left out until one needs them.
 
 // ---- device math and loads ------------------------------------------------------------
 // The fast intrinsics are the accurate host functions: the sim is at least as exact.
