@@ -347,6 +347,9 @@ PYR_API pyr_status pyr_session_generate(pyr_session* session, const char* prompt
 
 /* Tokens in the session's history (fed and generated, processed or not). */
 PYR_API int32_t pyr_session_n_tokens(const pyr_session* session);
+/* Of them, the tokens processed by the model so far. A long prefill advances it chunk by
+ * chunk (prefill_chunk), so another thread can show its progress. */
+PYR_API int32_t pyr_session_n_processed(const pyr_session* session);
 /* KV bytes the session's cache holds now (all layers). */
 PYR_API uint64_t pyr_session_kv_bytes(const pyr_session* session);
 /* KV bytes an uncompressed cache would hold for the same processed tokens. */

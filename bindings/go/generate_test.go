@@ -80,7 +80,8 @@ func TestMemoryReportsEveryLayer(t *testing.T) {
 		sum += layer.Bytes
 	}
 	if len(m.Layers) != model.NLayers() || m.KVBytes == 0 || sum != m.KVBytes ||
-		m.KVBytesFull != m.KVBytes || m.Retention != 1 || m.NTokens != s.NTokens() {
+		m.KVBytesFull != m.KVBytes || m.Retention != 1 || m.NTokens != s.NTokens() ||
+		m.NProcessed != m.NTokens-1 { // the last sampled token is queued
 		t.Fatalf("inconsistent memory: %+v", m)
 	}
 }

@@ -14,6 +14,7 @@ type LayerMemory struct {
 // Memory is what a session's KV cache holds, in total and per layer.
 type Memory struct {
 	NTokens     int     // tokens in the history (fed and generated)
+	NProcessed  int     // of them, processed by the model so far (a prefill's progress)
 	KVBytes     uint64  // KV bytes held now, all layers
 	KVBytesFull uint64  // what an uncompressed cache would hold for the same tokens
 	Retention   float64 // KVBytes / KVBytesFull; 1 for an empty cache

@@ -195,6 +195,7 @@ func (s *Session) NTokens() (n int) {
 func (s *Session) Memory() (m Memory, err error) {
 	err = s.h.quick(func(p capi.Struct_SS_pyr_session) {
 		m.NTokens = capi.Pyr_session_n_tokens(p)
+		m.NProcessed = capi.Pyr_session_n_processed(p)
 		m.KVBytes = capi.Pyr_session_kv_bytes(p)
 		m.KVBytesFull = capi.Pyr_session_kv_bytes_full(p)
 		m.Retention = 1

@@ -375,6 +375,9 @@ pyr_status pyr_session_generate(pyr_session* s, const char* prompt, pyr_token_ca
 /* ---- memory ------------------------------------------------------------------------ */
 
 int32_t pyr_session_n_tokens(const pyr_session* s) { return s ? s->session->memory().n_tokens : 0; }
+int32_t pyr_session_n_processed(const pyr_session* s) {
+    return s ? s->session->memory().n_processed : 0;
+}
 uint64_t pyr_session_kv_bytes(const pyr_session* s) { return s ? s->session->memory().kv_bytes : 0; }
 uint64_t pyr_session_kv_bytes_full(const pyr_session* s) {
     return s ? s->session->memory().kv_bytes_full : 0;

@@ -194,6 +194,7 @@ void Session::reset() {
 void Session::publish_memory() {
     MemoryStats m;
     m.n_tokens = int32_t(tokens_.size());
+    m.n_processed = cache_->n_processed();
     m.kv_bytes = cache_->bytes();
     m.kv_bytes_full = cache_->bytes_full();
     for (int il = 0; il < cache_->n_layer(); ++il) {

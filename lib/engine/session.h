@@ -27,6 +27,7 @@ struct SessionParams {
 // A consistent copy of the memory figures, taken after each completed step.
 struct MemoryStats {
     int32_t n_tokens = 0;
+    int32_t n_processed = 0;  // of them, through the model so far (chunk by chunk in a prefill)
     uint64_t kv_bytes = 0;
     uint64_t kv_bytes_full = 0;
     std::vector<int32_t> layer_tokens;

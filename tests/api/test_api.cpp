@@ -81,6 +81,7 @@ TEST_CASE("memory estimate and stats agree with the layout") {
     // 4 prompt tokens (BOS + 3) and 5 generated, of which the last is not processed yet.
     int32_t processed = pyr_session_layer_tokens(s, 0);
     CHECK(pyr_session_n_tokens(s) == processed + 1);
+    CHECK(pyr_session_n_processed(s) == processed);
     CHECK(pyr_session_kv_bytes(s) == uint64_t(processed) * 10 * 2 * 2 * 64 * elem);
     CHECK(pyr_session_layer_tokens(s, 10) == 0);  // out of range
     CHECK(pyr_session_layer_bytes(s, -1) == 0);

@@ -486,6 +486,7 @@ TEST_CASE("sessions: a cancel between chunks keeps the chunks done; the next pre
     gate2.wait_entered();            // holder2 runs, held
     wait_for_waiting(*engine, 1);    // the session's second chunk waits
     CHECK(s.memory().layer_tokens[0] == chunk);
+    CHECK(s.memory().n_processed == chunk);  // the prefill's progress, seen from here
     s.cancel();
     gate2.release();
     lead.join();
@@ -493,6 +494,7 @@ TEST_CASE("sessions: a cancel between chunks keeps the chunks done; the next pre
     t.join();
     CHECK(status == PYR_CANCELLED);
     CHECK(s.memory().layer_tokens[0] == chunk);  // the first chunk stays
+    CHECK(s.memory().n_processed == chunk);
     CHECK(s.history() == prompt);                // the input is all still there
     CHECK(s.logits() == nullptr);
     s.prefill();                                 // goes on from token 8

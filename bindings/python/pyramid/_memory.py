@@ -14,6 +14,7 @@ class LayerMemory:
 @dataclass(frozen=True)
 class Memory:
     n_tokens: int        # tokens in the history (fed and generated)
+    n_processed: int     # of them, processed by the model so far (a prefill's progress)
     kv_bytes: int        # KV bytes held now, all layers
     kv_bytes_full: int   # what an uncompressed cache would hold for the same tokens
     retention: float     # kv_bytes / kv_bytes_full; 1.0 for an empty cache

@@ -154,7 +154,7 @@ class Session(Closeable):
                                   capi.pyr_session_layer_bytes(s, il))
                       for il in range(self._n_layers)]
             kv, full = capi.pyr_session_kv_bytes(s), capi.pyr_session_kv_bytes_full(s)
-            return Memory(capi.pyr_session_n_tokens(s), kv, full,
+            return Memory(capi.pyr_session_n_tokens(s), capi.pyr_session_n_processed(s), kv, full,
                           kv / full if full else 1.0, layers)
         return self._handle.call(read)
 

@@ -28,6 +28,7 @@ def test_memory_reports_every_layer(model):
         list(session.generate(FIBONACCI))
         memory = session.memory()
         assert memory.n_tokens == session.n_tokens
+        assert memory.n_processed == memory.n_tokens - 1  # the last sampled token is queued
     assert len(memory.layers) == model.n_layers
     assert memory.kv_bytes > 0
     assert memory.kv_bytes == sum(layer.bytes for layer in memory.layers)

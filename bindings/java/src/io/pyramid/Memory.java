@@ -25,12 +25,14 @@ public final class Memory {
     }
 
     private final int nTokens;
+    private final int nProcessed;
     private final long kvBytes;
     private final long kvBytesFull;
     private final List<Layer> layers;
 
-    Memory(int nTokens, long kvBytes, long kvBytesFull, List<Layer> layers) {
+    Memory(int nTokens, int nProcessed, long kvBytes, long kvBytesFull, List<Layer> layers) {
         this.nTokens = nTokens;
+        this.nProcessed = nProcessed;
         this.kvBytes = kvBytes;
         this.kvBytesFull = kvBytesFull;
         this.layers = Collections.unmodifiableList(layers);
@@ -39,6 +41,11 @@ public final class Memory {
     /** Tokens in the history (fed and generated). */
     public int nTokens() {
         return nTokens;
+    }
+
+    /** Of them, the tokens processed by the model so far (a prefill's progress). */
+    public int nProcessed() {
+        return nProcessed;
     }
 
     /** KV bytes held now, all layers. */

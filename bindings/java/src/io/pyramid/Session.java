@@ -208,8 +208,8 @@ public final class Session implements AutoCloseable {
                 layers.add(new Memory.Layer(Capi.pyr_session_layer_tokens(s, il),
                     Capi.pyr_session_layer_bytes(s, il)));
             }
-            return new Memory(Capi.pyr_session_n_tokens(s), Capi.pyr_session_kv_bytes(s),
-                Capi.pyr_session_kv_bytes_full(s), layers);
+            return new Memory(Capi.pyr_session_n_tokens(s), Capi.pyr_session_n_processed(s),
+                Capi.pyr_session_kv_bytes(s), Capi.pyr_session_kv_bytes_full(s), layers);
         });
     }
 

@@ -72,6 +72,7 @@ public class GenerateTest extends WithModel {
             assertEquals(memory.kvBytesFull(), memory.kvBytes());
             assertEquals(1.0, memory.retention(), 0.0);
             assertEquals(session.nTokens(), memory.nTokens());
+            assertEquals(memory.nTokens() - 1, memory.nProcessed()); // the last sampled is queued
         }
     }
 
