@@ -2,6 +2,7 @@
 // JSON object with the tokens, per-step top logits, timings and KV memory (--json), and
 // optionally draw which prompt positions each layer keeps after prefill (--kv-map FILE.svg).
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -13,6 +14,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -21,6 +23,8 @@
 #include "kv_flags.h"
 #include "kv_map.h"
 #include "pyramid.h"
+
+#include <unistd.h>
 
 namespace {
 
@@ -242,6 +246,40 @@ void write_kv_map(const Options& opt, const pyr_engine* engine, const pyr_sessio
     }
 }
 
+// While a prefill runs longer than half a second, shows "[prefill N/M tokens]" on a terminal's
+// standard error (the session publishes its progress chunk by chunk); erased at the end.
+class PrefillProgress {
+public:
+    PrefillProgress(const pyr_session* session, int32_t total, bool enabled) {
+        if (!enabled || !isatty(fileno(stderr))) return;
+        thread_ = std::thread([this, session, total] {
+            auto start = std::chrono::steady_clock::now();
+            int32_t shown = -1;
+            while (!done_.load()) {
+                std::this_thread::sleep_for(std::chrono::milliseconds(100));
+                const int32_t done = pyr_session_n_processed(session);
+                if (done_.load() || done == shown ||
+                    std::chrono::steady_clock::now() - start < std::chrono::milliseconds(500))
+                    continue;
+                std::fprintf(stderr, "\r[prefill %d/%d tokens]", done, total);
+                shown_ = true;
+                shown = done;
+            }
+        });
+    }
+    ~PrefillProgress() {
+        if (!thread_.joinable()) return;
+        done_.store(true);
+        thread_.join();
+        if (shown_) std::fputs("\r\033[K", stderr);
+    }
+
+private:
+    std::atomic<bool> done_{false};
+    bool shown_ = false;  // written by the thread, read after join
+    std::thread thread_;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -267,7 +305,10 @@ int main(int argc, char** argv) {
     if (!opt.json && !opt.use_prompt_tokens) std::fputs(opt.prompt.c_str(), stdout);
     std::fflush(stdout);
     auto t0 = std::chrono::steady_clock::now();
-    st = pyr_session_prefill(session);
+    {
+        PrefillProgress progress(session, prompt_tokens, !opt.json);
+        st = pyr_session_prefill(session);
+    }
     double prefill_ms = ms_since(t0);
 
     nlohmann::json tokens = nlohmann::json::array(), steps = nlohmann::json::array();
