@@ -88,13 +88,17 @@ void CpuKvStorage::release_spare_room(int il) {
     if (n >= capacity(il) / 2) return;
     const uint64_t before = held_bytes(il);
     const size_t room = size_t(std::min(n_ctx_, std::max(16, 2 * n))) * size_t(kv_dim_);
-    std::vector<float> k, v;
-    k.reserve(room);
-    v.reserve(room);
-    k.assign(layer.k.begin(), layer.k.end());
-    v.assign(layer.v.begin(), layer.v.end());
-    layer.k.swap(k);
-    layer.v.swap(v);
+    try {  // a smaller copy; when even that cannot be had, the layer keeps its room
+        std::vector<float> k, v;
+        k.reserve(room);
+        v.reserve(room);
+        k.assign(layer.k.begin(), layer.k.end());
+        v.assign(layer.v.begin(), layer.v.end());
+        layer.k.swap(k);
+        layer.v.swap(v);
+    } catch (const std::bad_alloc&) {
+        return;
+    }
     if (budget_) budget_->give_back(before - held_bytes(il));
 }
 

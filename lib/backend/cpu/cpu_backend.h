@@ -65,7 +65,7 @@ private:
     uint64_t held_bytes(int il) const;  // the layer's room, as counted in budget_
     // Grows layer il to hold n_new more tokens, counting the bytes first.
     void make_room(int il, int32_t n_new);
-    void release_spare_room(int il);
+    void release_spare_room(int il);  // never throws: truncate() runs in rollbacks
 
     std::vector<Layer> layers_;
     int32_t n_ctx_;
