@@ -19,21 +19,12 @@
 #include "support/engine_util.h"
 
 using nlohmann::json;
+using pyr_test::greedy_session;
 using pyr_test::kFixtures;
 using pyr_test::open_engine;
 using pyr_test::read_json;
 
 namespace {
-
-std::unique_ptr<pyr::Session> greedy_session(std::shared_ptr<pyr::Engine> engine, int max_tokens,
-                                             const pyr::KvParams& kv = {}, int32_t n_ctx = 2048) {
-    pyr::SessionParams sp;
-    sp.n_ctx = n_ctx;
-    sp.max_tokens = max_tokens;
-    sp.sampling.temperature = 0.0f;
-    sp.kv = kv;
-    return std::make_unique<pyr::Session>(std::move(engine), sp);
-}
 
 // ||a - b|| / ||b|| over the vocabulary.
 double rel_error(const float* a, const float* b, int32_t n) {

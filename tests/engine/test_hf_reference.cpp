@@ -18,12 +18,9 @@ using pyr_test::read_json;
 
 namespace {
 
+// n_ctx 256: beyond rope_dynamic's 16 trained positions, where its scaling acts.
 std::unique_ptr<pyr::Session> greedy_session(std::shared_ptr<pyr::Engine> engine, int max_tokens) {
-    pyr::SessionParams sp;
-    sp.n_ctx = 256;  // beyond rope_dynamic's 16 trained positions, where its scaling acts
-    sp.max_tokens = max_tokens;
-    sp.sampling.temperature = 0.0f;
-    return std::make_unique<pyr::Session>(std::move(engine), sp);
+    return pyr_test::greedy_session(std::move(engine), max_tokens, {}, 256);
 }
 
 // Stored logits are rounded to 6 significant digits; fp32 math differs from HF's by ~1e-6.

@@ -80,18 +80,6 @@ inline void write_random_llama(const std::string& dir, const TinySpec& s) {
     write_file(dir + "/model.safetensors", safetensors_bytes(ts));
 }
 
-// A greedy session with the given KV knobs and room for the prompt plus n_gen tokens.
-inline std::unique_ptr<pyr::Session> greedy_session(std::shared_ptr<pyr::Engine> engine,
-                                                    const pyr::KvParams& kv, int32_t n_ctx,
-                                                    int32_t n_gen) {
-    pyr::SessionParams sp;
-    sp.n_ctx = n_ctx;
-    sp.max_tokens = n_gen;
-    sp.sampling.temperature = 0.0f;
-    sp.kv = kv;
-    return std::make_unique<pyr::Session>(std::move(engine), sp);
-}
-
 inline std::vector<int32_t> iota_positions(int32_t first, int32_t end) {
     std::vector<int32_t> v;
     for (int32_t p = first; p < end; ++p) v.push_back(p);

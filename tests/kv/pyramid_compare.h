@@ -143,7 +143,7 @@ inline CaseOutcome run_case(const std::shared_ptr<pyr::Engine>& engine,
     const std::vector<int32_t> prompt =
         cs.prompt.empty() ? random_tokens(cs.n_prompt, engine->config().n_vocab, cs.seed) : cs.prompt;
     const int32_t n_prompt = int32_t(prompt.size());
-    auto session = greedy_session(engine, kv_params(cs), n_prompt + cs.n_gen + 1, cs.n_gen);
+    auto session = greedy_session(engine, cs.n_gen, kv_params(cs), n_prompt + cs.n_gen + 1);
     session->feed_tokens(prompt);
     session->prefill();
 

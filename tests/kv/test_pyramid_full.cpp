@@ -83,7 +83,7 @@ TEST_CASE("reference forward: the engine's full policy, prefill and decode logit
     auto engine = pyr_test::open_engine(dir.path());
     const pyr_ref::RefModel model = pyr_ref::RefModel::load(dir.path());
     const std::vector<int32_t> prompt = pyr_test::random_tokens(150, 396, 5);
-    auto session = pyr_test::greedy_session(engine, pyr::KvParams{}, 200, 20);
+    auto session = pyr_test::greedy_session(engine, 20, {}, 200);
     session->feed_tokens(prompt);
     session->prefill();
     pyr_ref::PyramidReference ref(model, keep_all(150, 6));
@@ -115,7 +115,7 @@ TEST_CASE("pyramid at retention 1.0 reproduces full (bundled model, greedy, 32 t
         pyr::MemoryStats mem;
     };
     auto generate = [&](const pyr::KvParams& kv) {
-        auto s = pyr_test::greedy_session(engine, kv, 240, 32);
+        auto s = pyr_test::greedy_session(engine, 32, kv, 240);
         s->feed_tokens(prompt);
         Run run;
         while (s->next() == pyr::StepResult::Token) run.tokens.push_back(s->token());
@@ -160,7 +160,7 @@ TEST_CASE("generation-phase compression fires every E tokens per layer, never in
         cs.n_prompt = 90, cs.rho = 0.3f, cs.min_context = 8, cs.gen_e = gen_e;
         const int32_t n_gen = 50;
         const std::vector<int32_t> prompt = pyr_test::random_tokens(cs.n_prompt, 396, 9);
-        auto s = pyr_test::greedy_session(engine, pyr_test::kv_params(cs), 200, n_gen);
+        auto s = pyr_test::greedy_session(engine, n_gen, pyr_test::kv_params(cs), 200);
         s->feed_tokens(prompt);
         s->prefill();
         const pyr_ref::Plan plan = pyr_test::expected_plan(cs, cs.n_prompt, n_layer);

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/engine.h"
+#include "engine/session.h"
 
 namespace pyr_test {
 
@@ -33,6 +34,19 @@ inline std::shared_ptr<pyr::Engine> open_engine(const std::string& dir,
     ep.device = device;
     ep.max_device_bytes = max_device_bytes;
     return pyr::Engine::open(dir, ep);
+}
+
+// A greedy session (temperature 0) producing at most max_tokens, with the given KV knobs and
+// context length.
+inline std::unique_ptr<pyr::Session> greedy_session(std::shared_ptr<pyr::Engine> engine,
+                                                    int32_t max_tokens, const pyr::KvParams& kv = {},
+                                                    int32_t n_ctx = 2048) {
+    pyr::SessionParams sp;
+    sp.n_ctx = n_ctx;
+    sp.max_tokens = max_tokens;
+    sp.sampling.temperature = 0.0f;
+    sp.kv = kv;
+    return std::make_unique<pyr::Session>(std::move(engine), sp);
 }
 
 // BOS then n - 1 ids drawn from [3, vocab) (no BOS/EOS inside), reproducible by seed.
