@@ -34,11 +34,6 @@ void KvBudget::give_back(uint64_t bytes) noexcept {
     used_ -= std::min(used_, bytes);
 }
 
-uint64_t KvBudget::used() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return used_;
-}
-
 CpuKvStorage::CpuKvStorage(int n_layer, int32_t n_ctx, int32_t kv_dim,
                            std::shared_ptr<KvBudget> budget)
     : layers_(size_t(n_layer)), n_ctx_(n_ctx), kv_dim_(kv_dim), budget_(std::move(budget)) {

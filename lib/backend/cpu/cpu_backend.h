@@ -22,7 +22,6 @@ public:
     // The same, or throws PYR_ERR_OUT_OF_MEMORY (nothing counted) past the limit.
     void take(uint64_t bytes);
     void give_back(uint64_t bytes) noexcept;
-    uint64_t used() const;
 
 private:
     mutable std::mutex mutex_;
