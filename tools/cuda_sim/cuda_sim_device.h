@@ -24,6 +24,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -44,10 +47,25 @@ struct LaunchSpec {
     const char* name;
     dim3 grid, block;
     size_t smem;
+    cudaStream_t stream;
 };
 // Runs every thread of every block of the launch (each calls body(closure)) and returns when
-// all are done; a bad configuration or a fault in a kernel becomes the last error.
-void run_launch(const LaunchSpec& spec, void (*body)(const void*), const void* closure);
+// all are done: cudaSuccess, or cudaErrorLaunchFailure after a fault in the kernel (reported
+// on stderr).
+cudaError_t run_launch(const LaunchSpec& spec, void (*body)(const void*), const void* closure);
+// A launch as the runtime receives it: the configuration is checked now (an invalid one is the
+// launch's error), then the launch runs at once, or, while spec.stream is capturing, becomes a
+// node of the capture's graph that runs at each replay, with these arguments. The outcome is
+// the calling thread's last error (cudaGetLastError), as for a real launch.
+void submit_launch(const LaunchSpec& spec, void (*body)(const void*),
+                   std::shared_ptr<const void> closure);
+
+// Queues `op' on `stream' (the runtime's calls and cuBLAS use it too): runs it now, or while
+// the stream captures records it, to run at each replay of the graph. Returns the call's
+// status, also the thread's last error when it is one.
+cudaError_t enqueue(cudaStream_t stream, std::string what, std::function<cudaError_t()> op);
+// Whether [p, p + bytes) lies inside one cudaMalloc'd block.
+bool is_device_range(const void* p, size_t bytes);
 
 template <typename... P>
 struct Launcher {
@@ -57,25 +75,26 @@ struct Launcher {
     template <typename... A>
     void operator()(A&&... args) const {
         static_assert(sizeof...(A) == sizeof...(P), "kernel launched with the wrong argument count");
-        // Kernel arguments are copied once, converted to the parameter types, as CUDA does;
-        // each thread then gets its own copy of them through the call.
+        // Kernel arguments are copied once, converted to the parameter types, as CUDA does
+        // (a captured launch keeps this copy for its replays); each thread then gets its own
+        // copy of them through the call.
         using Args = std::tuple<std::decay_t<P>...>;
-        const Args copied(std::forward<A>(args)...);
         struct Closure {
             void (*kernel)(P...);
-            const Args* args;
-        } closure{kernel, &copied};
-        run_launch(spec, [](const void* c) {
+            Args args;
+        };
+        auto closure = std::make_shared<const Closure>(Closure{kernel, Args(std::forward<A>(args)...)});
+        submit_launch(spec, [](const void* c) {
             const Closure* cl = static_cast<const Closure*>(c);
-            std::apply(cl->kernel, *cl->args);
-        }, &closure);
+            std::apply(cl->kernel, cl->args);
+        }, std::move(closure));
     }
 };
 
 template <typename... P>
 Launcher<P...> launch(void (*kernel)(P...), const char* name, dim3 grid, dim3 block,
-                      size_t smem = 0, cudaStream_t = nullptr) {
-    return {kernel, {name, grid, block, smem}};
+                      size_t smem = 0, cudaStream_t stream = nullptr) {
+    return {kernel, {name, grid, block, smem, stream}};
 }
 
 // The running block's dynamic shared memory (extern __shared__), 16-byte aligned.

@@ -19,8 +19,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -76,10 +80,11 @@ cudaError_t bad_range(const char* call, const void* p, size_t bytes) {
 // ---- fibers ----------------------------------------------------------------------------
 
 #ifdef PYR_SIM_ASM_SWITCH
-// pyr_sim_switch(save, to): pushes the callee-saved registers and the SSE/x87 control words,
-// stores the stack pointer in *save, and resumes the stack `to' the same way. A new fiber's
-// stack is laid out so that the switch "returns" into pyr_sim_entry, which calls the
-// function in r13.
+// pyr_sim_switch(save, to): pushes the callee-saved registers and the SSE control word
+// (MXCSR), stores the stack pointer in *save, and resumes the stack `to' the same way. A new
+// fiber's stack is laid out so that the switch "returns" into pyr_sim_entry, which calls the
+// function in r13. The x87 control word is left out: nothing here changes it, and its
+// reload (fldcw) was the costliest instruction of a switch.
 extern "C" void pyr_sim_switch(void** save, void* to);
 extern "C" void pyr_sim_entry();
 asm(R"(
@@ -95,11 +100,9 @@ pyr_sim_switch:
     pushq %r15
     subq $8, %rsp
     stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
     ldmxcsr (%rsp)
-    fldcw 4(%rsp)
     addq $8, %rsp
     popq %r15
     popq %r14
@@ -169,7 +172,10 @@ struct Worker {
     ucontext_t sched_uc;
 #endif
 };
-thread_local Worker tw;
+// A pointer, trivially initialised: reaching it is one TLS load, where a thread_local Worker
+// (a dynamic initialiser) costs a call to the TU's TLS init function on every access.
+// run_blocks makes it; it lives as long as the thread.
+thread_local Worker* tw = nullptr;
 
 size_t stack_bytes() {
     static const size_t bytes = [] {
@@ -183,9 +189,9 @@ const size_t kGuard = 4096;
 
 // A stack with an inaccessible page below it: an overflow faults instead of corrupting.
 char* take_stack() {
-    if (!tw.free_stacks.empty()) {
-        char* s = tw.free_stacks.back();
-        tw.free_stacks.pop_back();
+    if (!tw->free_stacks.empty()) {
+        char* s = tw->free_stacks.back();
+        tw->free_stacks.pop_back();
         return s;
     }
     void* p = mmap(nullptr, kGuard + stack_bytes(), PROT_READ | PROT_WRITE,
@@ -203,9 +209,12 @@ void fiber_main();
 void start(Fiber& f) {
     f.stack = take_stack();
 #ifdef PYR_SIM_ASM_SWITCH
-    // the frame pyr_sim_switch pops: control words, r15, r14, r13 (= entry), r12, rbx,
-    // rbp, return address; 16-byte aligned at the call in pyr_sim_entry
-    const uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + stack_bytes()) & ~uintptr_t(15);
+    // the frame pyr_sim_switch pops: MXCSR, r15, r14, r13 (= entry), r12, rbx, rbp, return
+    // address; 16-byte aligned at the call in pyr_sim_entry. Each stack starts at its own
+    // offset below its top ("colour"): stacks are page-aligned, and the hot frames of a
+    // block's fibers would otherwise all fall into the same few cache sets.
+    const uintptr_t colour = (reinterpret_cast<uintptr_t>(f.stack) >> 12) % 61 * 64;
+    const uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + stack_bytes() - colour) & ~uintptr_t(15);
     uint64_t* frame = reinterpret_cast<uint64_t*>(top - 64);
 #ifdef __SANITIZE_ADDRESS__
     // a reused stack still has the shadow of the frames that were left on it; the fiber's
@@ -213,10 +222,8 @@ void start(Fiber& f) {
     __asan_unpoison_memory_region(frame, 64);
 #endif
     uint32_t mxcsr;
-    uint16_t fpucw;
     asm volatile("stmxcsr %0" : "=m"(mxcsr));
-    asm volatile("fnstcw %0" : "=m"(fpucw));
-    frame[0] = mxcsr | uint64_t(fpucw) << 32;
+    frame[0] = mxcsr;
     frame[1] = frame[2] = frame[4] = frame[5] = frame[6] = 0;
     frame[3] = reinterpret_cast<uint64_t>(&fiber_main);
     frame[7] = reinterpret_cast<uint64_t>(&pyr_sim_entry);
@@ -231,44 +238,44 @@ void start(Fiber& f) {
 }
 
 void resume(Fiber& f) {  // scheduler -> fiber
-    tw.cur = &f;
+    tw->cur = &f;
     threadIdx = f.tid;
 #ifdef PYR_SIM_ASM_SWITCH
-    pyr_sim_switch(&tw.sched_sp, f.sp);
+    pyr_sim_switch(&tw->sched_sp, f.sp);
 #else
-    swapcontext(&tw.sched_uc, &f.uc);
+    swapcontext(&tw->sched_uc, &f.uc);
 #endif
 }
 
 void suspend(Fiber& f) {  // fiber -> scheduler
 #ifdef PYR_SIM_ASM_SWITCH
-    pyr_sim_switch(&f.sp, tw.sched_sp);
+    pyr_sim_switch(&f.sp, tw->sched_sp);
 #else
-    swapcontext(&f.uc, &tw.sched_uc);
+    swapcontext(&f.uc, &tw->sched_uc);
 #endif
 }
 
 // Stops the block: records why (with the thread) and never resumes the caller's fiber.
 [[noreturn]] void kernel_fault(const std::string& why) {
-    Fiber& f = *tw.cur;
-    if (tw.fault.empty())
-        tw.fault = why + " (thread " + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) +
+    Fiber& f = *tw->cur;
+    if (tw->fault.empty())
+        tw->fault = why + " (thread " + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) +
                    "," + std::to_string(f.tid.z) + ")";
     suspend(f);
     __builtin_unreachable();
 }
 
 Fiber& current_fiber() {
-    if (!tw.cur) {
+    if (!tw || !tw->cur) {
         std::fprintf(stderr, "cuda-sim: a device function was called outside a kernel\n");
         std::abort();
     }
-    return *tw.cur;
+    return *tw->cur;
 }
 
 void release_syncthreads() {
-    tw.at_syncthreads = 0;
-    for (Fiber& g : tw.fibers)
+    tw->at_syncthreads = 0;
+    for (Fiber& g : tw->fibers)
         if (g.state == Fiber::AtSyncthreads) g.state = Fiber::Ready;
 }
 
@@ -276,21 +283,21 @@ void release_warp(Warp& w, int warp) {
     w.arrived = 0;
     ++w.gen;
     for (int l = 0; l < w.lanes; ++l) {
-        Fiber& g = tw.fibers[size_t(warp) * 32 + size_t(l)];
+        Fiber& g = tw->fibers[size_t(warp) * 32 + size_t(l)];
         if (g.state == Fiber::AtWarp) g.state = Fiber::Ready;
     }
 }
 
 void fiber_main() {
-    Fiber& f = *tw.cur;
-    tw.launch->body(tw.launch->closure);
+    Fiber& f = *tw->cur;
+    tw->launch->body(tw->launch->closure);
     // An exited thread no longer counts at __syncthreads (as on the device); a warp
     // operation needs every lane, so one waiting for this lane is a fault.
-    --tw.live;
-    Warp& w = tw.warps[size_t(f.warp)];
+    --tw->live;
+    Warp& w = tw->warps[size_t(f.warp)];
     --w.live;
     if (w.arrived > 0) kernel_fault("a lane exited while lanes of its warp wait in a warp operation");
-    if (tw.at_syncthreads > 0 && tw.at_syncthreads == tw.live) release_syncthreads();
+    if (tw->at_syncthreads > 0 && tw->at_syncthreads == tw->live) release_syncthreads();
     f.state = Fiber::Done;
     suspend(f);
     __builtin_unreachable();
@@ -300,53 +307,53 @@ void fiber_main() {
 void prepare(Launch& L) {
     const dim3 b = L.spec->block;
     const size_t n = size_t(b.x) * b.y * b.z;
-    tw.fibers.assign(n, Fiber{});
-    tw.warps.assign((n + 31) / 32, Warp{});
+    tw->fibers.assign(n, Fiber{});
+    tw->warps.assign((n + 31) / 32, Warp{});
     for (size_t i = 0; i < n; ++i) {
-        Fiber& f = tw.fibers[i];
+        Fiber& f = tw->fibers[i];
         f.tid = uint3{unsigned(i % b.x), unsigned(i / b.x % b.y), unsigned(i / (size_t(b.x) * b.y))};
         f.lane = int(i % 32);
         f.warp = int(i / 32);
-        Warp& w = tw.warps[i / 32];
+        Warp& w = tw->warps[i / 32];
         w.mask |= 1u << f.lane;
         ++w.lanes;
     }
-    if (tw.smem.size() * sizeof(uint4) < L.spec->smem) tw.smem.resize((L.spec->smem + 15) / 16);
-    tw.prepared_for = L.serial;
+    if (tw->smem.size() * sizeof(uint4) < L.spec->smem) tw->smem.resize((L.spec->smem + 15) / 16);
+    tw->prepared_for = L.serial;
 }
 
 void abandon_block() {
-    for (Fiber& f : tw.fibers)
+    for (Fiber& f : tw->fibers)
         if (f.stack) {
-            tw.free_stacks.push_back(f.stack);
+            tw->free_stacks.push_back(f.stack);
             f.stack = nullptr;
         }
 }
 
-// Runs block `linear' (x fastest) to completion; false on a fault, in tw.fault.
+// Runs block `linear' (x fastest) to completion; false on a fault, in tw->fault.
 bool run_block(Launch& L, uint64_t linear) {
     const dim3 g = L.spec->grid;
     blockIdx = uint3{unsigned(linear % g.x), unsigned(linear / g.x % g.y),
                      unsigned(linear / (uint64_t(g.x) * g.y))};
-    for (Fiber& f : tw.fibers) f.state = Fiber::Fresh;
-    for (Warp& w : tw.warps) {
+    for (Fiber& f : tw->fibers) f.state = Fiber::Fresh;
+    for (Warp& w : tw->warps) {
         w.live = w.lanes;
         w.arrived = 0;
     }
-    tw.live = int(tw.fibers.size());
-    tw.at_syncthreads = 0;
+    tw->live = int(tw->fibers.size());
+    tw->at_syncthreads = 0;
     // shared memory starts as garbage on the device; NaN bytes here, so that a read
     // before the write shows
-    if (L.spec->smem) std::memset(tw.smem.data(), 0xFF, L.spec->smem);
-    for (const auto& [p, bytes] : tw.shared_vars) std::memset(p, 0xFF, bytes);
+    if (L.spec->smem) std::memset(tw->smem.data(), 0xFF, L.spec->smem);
+    for (const auto& [p, bytes] : tw->shared_vars) std::memset(p, 0xFF, bytes);
     // Odd blocks run their fibers in reverse order: a missing barrier between a write and a
     // read in another thread shows whichever thread the order puts first.
-    const size_t n = tw.fibers.size();
+    const size_t n = tw->fibers.size();
     const bool reverse = linear & 1;
     for (;;) {
         bool ran = false;
         for (size_t k = 0; k < n; ++k) {
-            Fiber& f = tw.fibers[reverse ? n - 1 - k : k];
+            Fiber& f = tw->fibers[reverse ? n - 1 - k : k];
             if (f.state == Fiber::Fresh) {
                 start(f);
                 f.state = Fiber::Ready;
@@ -354,23 +361,23 @@ bool run_block(Launch& L, uint64_t linear) {
             if (f.state != Fiber::Ready) continue;
             ran = true;
             resume(f);
-            if (!tw.fault.empty()) {
+            if (!tw->fault.empty()) {
                 abandon_block();
                 return false;
             }
             if (f.state == Fiber::Done) {  // its stack serves the next fiber to start
-                tw.free_stacks.push_back(f.stack);
+                tw->free_stacks.push_back(f.stack);
                 f.stack = nullptr;
             }
         }
-        if (tw.live == 0) return true;
+        if (tw->live == 0) return true;
         if (!ran) {
             int at_sync = 0, at_warp = 0;
-            for (const Fiber& f : tw.fibers) {
+            for (const Fiber& f : tw->fibers) {
                 at_sync += f.state == Fiber::AtSyncthreads;
                 at_warp += f.state == Fiber::AtWarp;
             }
-            tw.fault = "deadlock: " + std::to_string(at_sync) + " threads wait at __syncthreads, " +
+            tw->fault = "deadlock: " + std::to_string(at_sync) + " threads wait at __syncthreads, " +
                        std::to_string(at_warp) + " in warp operations (a barrier not every thread reaches)";
             abandon_block();
             return false;
@@ -382,11 +389,12 @@ void install_crash_report();
 
 void run_blocks(Launch& L) {
     install_crash_report();
-    if (tw.prepared_for != L.serial) prepare(L);
+    if (!tw) tw = new Worker;
+    if (tw->prepared_for != L.serial) prepare(L);
     const dim3 b = L.spec->block, g = L.spec->grid;
     blockDim = uint3{b.x, b.y, b.z};
     gridDim = uint3{g.x, g.y, g.z};
-    tw.launch = &L;
+    tw->launch = &L;
     for (;;) {
         const uint64_t block = L.next_block.fetch_add(1);
         if (block >= L.n_blocks || L.failed.load()) break;
@@ -395,14 +403,14 @@ void run_blocks(Launch& L) {
             if (!L.failed.exchange(true)) {
                 char where[96];
                 std::snprintf(where, sizeof where, "block (%u,%u,%u): ", blockIdx.x, blockIdx.y, blockIdx.z);
-                L.fault = where + tw.fault;
+                L.fault = where + tw->fault;
             }
-            tw.fault.clear();
+            tw->fault.clear();
             break;
         }
     }
-    tw.launch = nullptr;
-    tw.cur = nullptr;
+    tw->launch = nullptr;
+    tw->cur = nullptr;
 }
 
 // ---- worker pool -----------------------------------------------------------------------
@@ -470,12 +478,12 @@ Pool& pool() {
 // ASan report) kills the process as on the host, but first says which kernel, block and
 // thread it was.
 void say_where(const char* what, const char* why) {
-    if (!tw.launch || !tw.cur) return;
-    const Fiber& f = *tw.cur;
+    if (!tw || !tw->launch || !tw->cur) return;
+    const Fiber& f = *tw->cur;
     char msg[512];
     const int n = std::snprintf(msg, sizeof msg,
                                 "cuda-sim: %s in kernel %s, block (%u,%u,%u), thread (%u,%u,%u)%s\n",
-                                what, tw.launch->spec->name, blockIdx.x, blockIdx.y, blockIdx.z,
+                                what, tw->launch->spec->name, blockIdx.x, blockIdx.y, blockIdx.z,
                                 f.tid.x, f.tid.y, f.tid.z, why);
     if (n > 0) (void)!write(2, msg, size_t(n));
 }
@@ -491,7 +499,7 @@ struct sigaction previous_action[4];  // doctest's: it names the test case that 
 
 void on_fatal_signal(int sig, siginfo_t* info, void*) {
     const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
-    const auto guard = tw.cur ? reinterpret_cast<uintptr_t>(tw.cur->stack) - kGuard : 0;
+    const auto guard = tw && tw->cur ? reinterpret_cast<uintptr_t>(tw->cur->stack) - kGuard : 0;
     char what[96];
     std::snprintf(what, sizeof what, "signal %d (%s) at %p", sig, strsignal(sig), info->si_addr);
     say_where(what, guard && addr >= guard && addr < guard + kGuard
@@ -522,7 +530,9 @@ void install_crash_report() {
 #endif
 
 std::atomic<uint64_t> launch_serial{0};
-std::mutex launch_mutex;  // one launch at a time, as on one stream
+// The device: one operation at a time (a launch, a copy, a replayed graph), as if every
+// stream were one queue; recursive, since a replayed graph runs its nodes' launches.
+std::recursive_mutex device_mutex;
 
 }  // namespace
 
@@ -530,7 +540,7 @@ std::mutex launch_mutex;  // one launch at a time, as on one stream
 
 void __syncthreads() {
     Fiber& f = current_fiber();
-    if (++tw.at_syncthreads == tw.live) {  // the last to arrive goes on at once
+    if (++tw->at_syncthreads == tw->live) {  // the last to arrive goes on at once
         release_syncthreads();
         return;
     }
@@ -542,7 +552,7 @@ namespace pyr_sim {
 
 Exchange warp_exchange(unsigned mask, uint64_t v) {
     Fiber& f = current_fiber();
-    Warp& w = tw.warps[size_t(f.warp)];
+    Warp& w = tw->warps[size_t(f.warp)];
     if (mask != w.mask) {
         char why[128];
         std::snprintf(why, sizeof why, "warp operation with mask 0x%08x in a warp of lanes 0x%08x "
@@ -561,27 +571,16 @@ Exchange warp_exchange(unsigned mask, uint64_t v) {
     return {slots, f.lane};
 }
 
-void* dynamic_smem() { return tw.smem.data(); }
+void* dynamic_smem() { return tw->smem.data(); }
 
 void register_shared(void* p, size_t bytes) {
     std::memset(p, 0xFF, bytes);  // this block too
-    tw.shared_vars.emplace_back(p, bytes);
+    tw->shared_vars.emplace_back(p, bytes);
 }
 
-void run_launch(const LaunchSpec& spec, void (*body)(const void*), const void* closure) {
-    const dim3 g = spec.grid, b = spec.block;
-    const uint64_t threads = uint64_t(b.x) * b.y * b.z;
-    // the device's limits (compute capability 8.x/9.x)
-    if (threads == 0 || threads > 1024 || b.z > 64 || g.x == 0 || g.y == 0 || g.z == 0 ||
-        g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) {
-        fail(cudaErrorInvalidConfiguration);
-        return;
-    }
-    if (spec.smem > 48 * 1024) {  // more needs cudaFuncSetAttribute, which is not simulated
-        fail(cudaErrorInvalidValue);
-        return;
-    }
-    std::lock_guard<std::mutex> lock(launch_mutex);
+cudaError_t run_launch(const LaunchSpec& spec, void (*body)(const void*), const void* closure) {
+    const dim3 g = spec.grid;
+    std::lock_guard<std::recursive_mutex> lock(device_mutex);
     Launch L;
     L.spec = &spec;
     L.body = body;
@@ -591,24 +590,575 @@ void run_launch(const LaunchSpec& spec, void (*body)(const void*), const void* c
     pool().run(L);
     if (L.failed) {
         std::fprintf(stderr, "cuda-sim: kernel %s failed: %s\n", spec.name, L.fault.c_str());
-        fail(cudaErrorLaunchFailure);
+        return cudaErrorLaunchFailure;
     }
+    return cudaSuccess;
+}
+
+bool is_device_range(const void* p, size_t bytes) { return ::is_device_range(p, bytes); }
+
+}  // namespace pyr_sim
+
+// ---- streams, events, stream capture, graphs -------------------------------------------
+//
+// Work queued on a stream runs when it is queued (the host waits for it), except on a stream
+// that captures: there it becomes a node of the capture's graph (a copy of the launch's
+// arguments, the copy's or memset's pointers and sizes), run in order at each replay of the
+// graph, reading device memory as it is then. The rules of stream capture are enforced as
+// CUDA documents them (cudaStreamBeginCapture, cudaThreadExchangeStreamCaptureMode, "stream
+// capture" in the programming guide): a refused call returns its error, says why on stderr
+// and invalidates the capture it conflicts with, whose cudaStreamEndCapture then fails.
+
+namespace {
+
+struct Node {  // a captured operation
+    std::string what;
+    std::function<cudaError_t()> run;
+};
+using Nodes = std::vector<std::shared_ptr<const Node>>;
+
+struct Stream;
+
+struct Capture {
+    Stream* stream;  // where it began (the only stream of the capture: no forks are simulated)
+    cudaStreamCaptureMode mode;
+    std::thread::id thread;  // that began it
+    unsigned long long id;
+    std::string invalidated;  // why, once invalidated
+    Nodes nodes;
+};
+
+struct Stream {
+    unsigned flags = cudaStreamDefault;
+    Capture* capture = nullptr;
+};
+
+struct Event {
+    unsigned flags = 0;
+    unsigned long long captured_by = 0;  // the capture it was last recorded in; 0: none
+};
+
+}  // namespace
+
+// The handles' types are the toolkit's opaque structs; the sim defines them.
+struct CUgraph_st {
+    Nodes nodes;
+};
+struct CUgraphExec_st {
+    Nodes nodes;
+};
+
+namespace {
+
+std::mutex state_mutex;  // guards what follows
+std::set<Stream*> live_streams;
+std::set<Event*> live_events;
+std::set<CUgraph_st*> live_graphs;
+std::set<CUgraphExec_st*> live_execs;
+std::vector<Capture*> captures;  // those under way
+unsigned long long capture_ids = 0;
+Stream legacy_stream;                   // stream 0, cudaStreamLegacy: blocking
+thread_local Stream per_thread_stream;  // cudaStreamPerThread: blocking as well
+thread_local cudaStreamCaptureMode thread_mode = cudaStreamCaptureModeGlobal;
+
+const char* mode_name(cudaStreamCaptureMode m) {
+    return m == cudaStreamCaptureModeGlobal ? "global"
+           : m == cudaStreamCaptureModeThreadLocal ? "thread-local" : "relaxed";
+}
+
+// null: not a stream handle (never created, or destroyed)
+Stream* resolve(cudaStream_t s) {
+    if (s == nullptr || s == cudaStreamLegacy) return &legacy_stream;
+    if (s == cudaStreamPerThread) return &per_thread_stream;
+    Stream* p = reinterpret_cast<Stream*>(s);
+    return live_streams.count(p) ? p : nullptr;
+}
+
+cudaError_t bad_stream(const char* call, cudaStream_t s) {
+    std::fprintf(stderr, "cuda-sim: %s: %p is not a live stream\n", call, static_cast<void*>(s));
+    return fail(cudaErrorInvalidResourceHandle);
+}
+
+void invalidate(Capture* c, const std::string& why) {
+    if (c->invalidated.empty()) c->invalidated = why;
+}
+
+// Refuses `call' with `err': says so and invalidates the captures in `hit'.
+cudaError_t refuse(const char* call, cudaError_t err, const std::vector<Capture*>& hit,
+                   const char* why) {
+    for (Capture* c : hit) {
+        std::fprintf(stderr, "cuda-sim: %s %s (capture %llu, %s mode): %s; the capture is "
+                     "invalidated\n", call, why, c->id, mode_name(c->mode), cudaGetErrorName(err));
+        invalidate(c, std::string(call) + " " + why);
+    }
+    return fail(err);
+}
+
+// Work queued on, or a wait for, the legacy stream while a blocking stream captures: the
+// implicit dependency on the capture that CUDA refuses.
+cudaError_t check_legacy(const char* call) {
+    std::vector<Capture*> hit;
+    for (Capture* c : captures)
+        if (!(c->stream->flags & cudaStreamNonBlocking)) hit.push_back(c);
+    if (hit.empty()) return cudaSuccess;
+    return refuse(call, cudaErrorStreamCaptureImplicit, hit,
+                  "uses the legacy stream while a blocking stream captures");
+}
+
+// A "potentially unsafe" call (cudaMalloc, cudaFree, pinned allocations, synchronous copies):
+// refused on a thread that has a capture under way not begun in relaxed mode, and on a thread
+// in global mode (the default) while another thread captures in global mode; never on a
+// thread in relaxed mode (cudaThreadExchangeStreamCaptureMode).
+cudaError_t check_unsafe(const char* call) {
+    if (thread_mode == cudaStreamCaptureModeRelaxed) return cudaSuccess;
+    const std::thread::id me = std::this_thread::get_id();
+    std::vector<Capture*> hit;
+    for (Capture* c : captures)
+        if (c->thread == me ? c->mode != cudaStreamCaptureModeRelaxed
+                            : c->mode == cudaStreamCaptureModeGlobal &&
+                                  thread_mode == cudaStreamCaptureModeGlobal)
+            hit.push_back(c);
+    if (hit.empty()) return cudaSuccess;
+    return refuse(call, cudaErrorStreamCaptureUnsupported, hit,
+                  "while a stream capture is under way that forbids it");
+}
+
+cudaError_t check_unsafe_locked(const char* call) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    return check_unsafe(call);
+}
+
+cudaError_t run_nodes(const Nodes& nodes) {
+    for (size_t i = 0; i < nodes.size(); ++i) {
+        const cudaError_t err = nodes[i]->run();
+        if (err != cudaSuccess) {
+            std::fprintf(stderr, "cuda-sim: graph node %zu of %zu (%s) failed: %s\n", i,
+                         nodes.size(), nodes[i]->what.c_str(), cudaGetErrorName(err));
+            return err;
+        }
+    }
+    return cudaSuccess;
+}
+
+}  // namespace
+
+namespace pyr_sim {
+
+cudaError_t enqueue(cudaStream_t stream, std::string what, std::function<cudaError_t()> op) {
+    {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        Stream* st = resolve(stream);
+        if (!st) return bad_stream(what.c_str(), stream);
+        if (st == &legacy_stream) {
+            const cudaError_t err = check_legacy(what.c_str());
+            if (err != cudaSuccess) return err;
+        }
+        if (Capture* c = st->capture) {
+            if (!c->invalidated.empty()) return fail(cudaErrorStreamCaptureInvalidated);
+            c->nodes.push_back(std::make_shared<const Node>(Node{std::move(what), std::move(op)}));
+            return cudaSuccess;
+        }
+    }
+    std::lock_guard<std::recursive_mutex> lock(device_mutex);
+    const cudaError_t err = op();
+    return err == cudaSuccess ? err : fail(err);
+}
+
+void submit_launch(const LaunchSpec& spec, void (*body)(const void*),
+                   std::shared_ptr<const void> closure) {
+    const dim3 g = spec.grid, b = spec.block;
+    const uint64_t threads = uint64_t(b.x) * b.y * b.z;
+    // the device's limits (compute capability 8.x/9.x); more than 48 KiB of dynamic shared
+    // memory needs cudaFuncSetAttribute, which is not simulated
+    cudaError_t bad = cudaSuccess;
+    if (threads == 0 || threads > 1024 || b.z > 64 || g.x == 0 || g.y == 0 || g.z == 0 ||
+        g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535)
+        bad = cudaErrorInvalidConfiguration;
+    else if (spec.smem > 48 * 1024)
+        bad = cudaErrorInvalidValue;
+    if (bad != cudaSuccess) {
+        // a failed launch into a capturing stream invalidates the capture
+        std::lock_guard<std::mutex> lock(state_mutex);
+        if (Stream* st = resolve(spec.stream))
+            if (st->capture) invalidate(st->capture, std::string("a failed launch of ") + spec.name);
+        fail(bad);
+        return;
+    }
+    enqueue(spec.stream, spec.name, [spec, body, closure] { return run_launch(spec, body, closure.get()); });
 }
 
 }  // namespace pyr_sim
 
-// ---- host API ----------------------------------------------------------------------------
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
+    if (!stream || (flags & ~unsigned(cudaStreamNonBlocking))) return fail(cudaErrorInvalidValue);
+    Stream* s = new Stream;
+    s->flags = flags;
+    std::lock_guard<std::mutex> lock(state_mutex);
+    live_streams.insert(s);
+    *stream = reinterpret_cast<cudaStream_t>(s);
+    return cudaSuccess;
+}
+cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, cudaStreamDefault); }
+cudaError_t cudaStreamCreateWithPriority(cudaStream_t* stream, unsigned int flags, int) {
+    return cudaStreamCreateWithFlags(stream, flags);
+}
+
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Stream* st = resolve(stream);
+    if (!st || st == &legacy_stream || st == &per_thread_stream) return bad_stream("cudaStreamDestroy", stream);
+    if (st->capture) {
+        std::fprintf(stderr, "cuda-sim: cudaStreamDestroy of a stream that captures (end the capture first)\n");
+        return fail(cudaErrorIllegalState);
+    }
+    live_streams.erase(st);
+    delete st;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamGetFlags(cudaStream_t stream, unsigned int* flags) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Stream* st = resolve(stream);
+    if (!st) return bad_stream("cudaStreamGetFlags", stream);
+    if (!flags) return fail(cudaErrorInvalidValue);
+    *flags = st->flags;
+    return cudaSuccess;
+}
+
+// Waiting for a stream: everything queued has run, except on a capturing stream, whose work
+// does not run (CUDA refuses to synchronize or query it, and invalidates the capture).
+static cudaError_t wait_for(const char* call, cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Stream* st = resolve(stream);
+    if (!st) return bad_stream(call, stream);
+    if (st == &legacy_stream) return check_legacy(call);
+    if (st->capture) return refuse(call, cudaErrorStreamCaptureUnsupported, {st->capture}, "of the capturing stream");
+    return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) { return wait_for("cudaStreamSynchronize", stream); }
+cudaError_t cudaStreamQuery(cudaStream_t stream) { return wait_for("cudaStreamQuery", stream); }
+
+cudaError_t cudaDeviceSynchronize() {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    if (!captures.empty())  // the device encompasses the capturing streams
+        return refuse("cudaDeviceSynchronize", cudaErrorStreamCaptureUnsupported, captures,
+                      "while a stream captures");
+    return cudaSuccess;
+}
+
+cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode* mode) {
+    if (!mode || unsigned(*mode) > unsigned(cudaStreamCaptureModeRelaxed)) return fail(cudaErrorInvalidValue);
+    std::swap(*mode, thread_mode);
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Stream* st = resolve(stream);
+    if (!st) return bad_stream("cudaStreamBeginCapture", stream);
+    if (unsigned(mode) > unsigned(cudaStreamCaptureModeRelaxed)) return fail(cudaErrorInvalidValue);
+    if (st == &legacy_stream) {
+        std::fprintf(stderr, "cuda-sim: cudaStreamBeginCapture on the legacy stream\n");
+        return fail(cudaErrorStreamCaptureUnsupported);
+    }
+    if (st->capture) {
+        std::fprintf(stderr, "cuda-sim: cudaStreamBeginCapture on a stream that already captures\n");
+        return fail(cudaErrorIllegalState);
+    }
+    Capture* c = new Capture{st, mode, std::this_thread::get_id(), ++capture_ids, {}, {}};
+    st->capture = c;
+    captures.push_back(c);
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Stream* st = resolve(stream);
+    if (!st) return bad_stream("cudaStreamEndCapture", stream);
+    if (!graph) return fail(cudaErrorInvalidValue);
+    Capture* c = st->capture;
+    if (!c) {
+        std::fprintf(stderr, "cuda-sim: cudaStreamEndCapture on a stream that does not capture\n");
+        return fail(cudaErrorIllegalState);
+    }
+    if (c->mode != cudaStreamCaptureModeRelaxed && c->thread != std::this_thread::get_id()) {
+        std::fprintf(stderr, "cuda-sim: cudaStreamEndCapture of a %s-mode capture from another "
+                     "thread than the one that began it\n", mode_name(c->mode));
+        return fail(cudaErrorStreamCaptureWrongThread);
+    }
+    st->capture = nullptr;
+    captures.erase(std::find(captures.begin(), captures.end(), c));
+    std::unique_ptr<Capture> done(c);
+    *graph = nullptr;
+    if (!c->invalidated.empty()) {
+        std::fprintf(stderr, "cuda-sim: cudaStreamEndCapture: the capture was invalidated (%s)\n",
+                     c->invalidated.c_str());
+        return fail(cudaErrorStreamCaptureInvalidated);
+    }
+    CUgraph_st* g = new CUgraph_st{std::move(c->nodes)};
+    live_graphs.insert(g);
+    *graph = g;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Stream* st = resolve(stream);
+    if (!st) return bad_stream("cudaStreamIsCapturing", stream);
+    if (!status) return fail(cudaErrorInvalidValue);
+    if (st == &legacy_stream)  // refused, but the capture is not invalidated
+        for (Capture* c : captures)
+            if (!(c->stream->flags & cudaStreamNonBlocking)) return fail(cudaErrorStreamCaptureImplicit);
+    *status = !st->capture ? cudaStreamCaptureStatusNone
+              : st->capture->invalidated.empty() ? cudaStreamCaptureStatusActive
+                                                 : cudaStreamCaptureStatusInvalidated;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphGetNodes(cudaGraph_t graph, cudaGraphNode_t* nodes, size_t* n) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    if (!live_graphs.count(graph) || !n) return fail(cudaErrorInvalidValue);
+    const size_t have = graph->nodes.size();
+    if (nodes) {
+        for (size_t i = 0; i < *n; ++i)
+            nodes[i] = i < have ? reinterpret_cast<cudaGraphNode_t>(const_cast<Node*>(graph->nodes[i].get()))
+                                : nullptr;
+        *n = std::min(*n, have);
+    } else {
+        *n = have;
+    }
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    if (!exec || !live_graphs.count(graph)) return fail(cudaErrorInvalidValue);
+    CUgraphExec_st* e = new CUgraphExec_st{graph->nodes};  // later changes to the graph stay out
+    live_execs.insert(e);
+    *exec = e;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+    Nodes nodes;
+    {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        if (!live_execs.count(exec)) {
+            std::fprintf(stderr, "cuda-sim: cudaGraphLaunch of %p: not a live executable graph\n",
+                         static_cast<void*>(exec));
+            return fail(cudaErrorInvalidValue);
+        }
+        nodes = exec->nodes;
+    }
+    // into a capturing stream: the whole graph becomes one node (a child graph)
+    return pyr_sim::enqueue(stream, "graph of " + std::to_string(nodes.size()) + " nodes",
+                            [nodes] { return run_nodes(nodes); });
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    if (!live_graphs.erase(graph)) return fail(cudaErrorInvalidValue);
+    delete graph;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    if (!live_execs.erase(exec)) return fail(cudaErrorInvalidValue);
+    delete exec;
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags) {
+    if (!event || (flags & ~unsigned(cudaEventBlockingSync | cudaEventDisableTiming | cudaEventInterprocess)))
+        return fail(cudaErrorInvalidValue);
+    Event* e = new Event;
+    e->flags = flags;
+    std::lock_guard<std::mutex> lock(state_mutex);
+    live_events.insert(e);
+    *event = reinterpret_cast<cudaEvent_t>(e);
+    return cudaSuccess;
+}
+cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, cudaEventDefault); }
+
+static Event* live_event(cudaEvent_t event) {
+    Event* e = reinterpret_cast<Event*>(event);
+    return live_events.count(e) ? e : nullptr;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Event* e = live_event(event);
+    if (!e) return fail(cudaErrorInvalidResourceHandle);
+    live_events.erase(e);
+    delete e;
+    return cudaSuccess;
+}
+
+// Recorded on a capturing stream, the event becomes part of the capture (a "captured event");
+// elsewhere it completes at once, like everything queued before it.
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Event* e = live_event(event);
+    if (!e) return fail(cudaErrorInvalidResourceHandle);
+    Stream* st = resolve(stream);
+    if (!st) return bad_stream("cudaEventRecord", stream);
+    if (st == &legacy_stream) {
+        const cudaError_t err = check_legacy("cudaEventRecord");
+        if (err != cudaSuccess) return err;
+    }
+    if (st->capture && !st->capture->invalidated.empty()) return fail(cudaErrorStreamCaptureInvalidated);
+    e->captured_by = st->capture ? st->capture->id : 0;
+    return cudaSuccess;
+}
+
+static cudaError_t wait_for_event(const char* call, cudaEvent_t event) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Event* e = live_event(event);
+    if (!e) return fail(cudaErrorInvalidResourceHandle);
+    if (e->captured_by) {
+        std::fprintf(stderr, "cuda-sim: %s of an event last recorded in a capturing stream (capture %llu)\n",
+                     call, e->captured_by);
+        for (Capture* c : captures)
+            if (c->id == e->captured_by) invalidate(c, std::string(call) + " of a captured event");
+        return fail(cudaErrorCapturedEvent);
+    }
+    return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t event) { return wait_for_event("cudaEventSynchronize", event); }
+cudaError_t cudaEventQuery(cudaEvent_t event) { return wait_for_event("cudaEventQuery", event); }
+
+// A wait for work that has run is nothing, outside capture. In a capture, waiting for an event
+// recorded in the same capture is a no-op (one stream, in order); a wait that would join
+// another stream into the capture, or reach out of it, is not simulated.
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Event* e = live_event(event);
+    if (!e) return fail(cudaErrorInvalidResourceHandle);
+    Stream* st = resolve(stream);
+    if (!st) return bad_stream("cudaStreamWaitEvent", stream);
+    if (st == &legacy_stream) {
+        const cudaError_t err = check_legacy("cudaStreamWaitEvent");
+        if (err != cudaSuccess) return err;
+    }
+    const unsigned long long in = st->capture ? st->capture->id : 0;
+    if (e->captured_by != in && !(in && !e->captured_by && (flags & cudaEventWaitExternal))) {
+        std::fprintf(stderr, "cuda-sim: cudaStreamWaitEvent across a capture boundary (forks and "
+                     "joins of captures are not simulated)\n");
+        return fail(cudaErrorNotSupported);
+    }
+    return cudaSuccess;
+}
+
+// ---- device --------------------------------------------------------------------------------
+
+static size_t device_total_bytes() {
+    static const size_t bytes = [] {
+        const char* env = std::getenv("PYR_SIM_DEVICE_MEM_MB");
+        const long long mb = env ? std::atoll(env) : 80 * 1024;
+        return size_t(mb > 0 ? mb : 1) << 20;
+    }();
+    return bytes;
+}
+static size_t device_used = 0;  // under alloc_mutex
 
 cudaError_t cudaGetDeviceCount(int* count) {
     *count = 1;
     return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : fail(cudaErrorInvalidValue); }
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice); }
 cudaError_t cudaGetDevice(int* device) {
     *device = 0;
     return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+// An sm_90-class device as far as the sim's limits go (48 KiB of shared memory per block:
+// cudaFuncSetAttribute is not simulated), with PYR_SIM_DEVICE_MEM_MB of memory (80 GiB).
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+    if (!prop) return fail(cudaErrorInvalidValue);
+    if (device != 0) return fail(cudaErrorInvalidDevice);
+    std::memset(prop, 0, sizeof *prop);
+    std::snprintf(prop->name, sizeof prop->name, "cuda-sim");
+    prop->totalGlobalMem = device_total_bytes();
+    prop->sharedMemPerBlock = prop->sharedMemPerBlockOptin = 48 * 1024;
+    prop->sharedMemPerMultiprocessor = 228 * 1024;
+    prop->regsPerBlock = prop->regsPerMultiprocessor = 65536;
+    prop->warpSize = 32;
+    prop->maxThreadsPerBlock = 1024;
+    prop->maxThreadsDim[0] = prop->maxThreadsDim[1] = 1024;
+    prop->maxThreadsDim[2] = 64;
+    prop->maxGridSize[0] = 0x7fffffff;
+    prop->maxGridSize[1] = prop->maxGridSize[2] = 65535;
+    prop->totalConstMem = 64 * 1024;
+    prop->major = 9;
+    prop->minor = 0;
+    prop->multiProcessorCount = 132;
+    prop->maxThreadsPerMultiProcessor = 2048;
+    prop->maxBlocksPerMultiProcessor = 32;
+    prop->canMapHostMemory = prop->unifiedAddressing = prop->concurrentKernels = 1;
+    prop->memoryPoolsSupported = prop->managedMemory = 1;
+    prop->asyncEngineCount = 2;
+    prop->l2CacheSize = 50 << 20;
+    return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+    if (!value) return fail(cudaErrorInvalidValue);
+    if (device != 0) return fail(cudaErrorInvalidDevice);
+    cudaDeviceProp p;
+    cudaGetDeviceProperties(&p, 0);
+    switch (attr) {
+        case cudaDevAttrMaxThreadsPerBlock: *value = p.maxThreadsPerBlock; break;
+        case cudaDevAttrMaxBlockDimX: *value = p.maxThreadsDim[0]; break;
+        case cudaDevAttrMaxBlockDimY: *value = p.maxThreadsDim[1]; break;
+        case cudaDevAttrMaxBlockDimZ: *value = p.maxThreadsDim[2]; break;
+        case cudaDevAttrMaxGridDimX: *value = p.maxGridSize[0]; break;
+        case cudaDevAttrMaxGridDimY: *value = p.maxGridSize[1]; break;
+        case cudaDevAttrMaxGridDimZ: *value = p.maxGridSize[2]; break;
+        case cudaDevAttrMaxSharedMemoryPerBlock: *value = int(p.sharedMemPerBlock); break;
+        case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(p.sharedMemPerBlockOptin); break;
+        case cudaDevAttrWarpSize: *value = p.warpSize; break;
+        case cudaDevAttrMultiProcessorCount: *value = p.multiProcessorCount; break;
+        case cudaDevAttrComputeCapabilityMajor: *value = p.major; break;
+        case cudaDevAttrComputeCapabilityMinor: *value = p.minor; break;
+        case cudaDevAttrUnifiedAddressing: *value = 1; break;
+        case cudaDevAttrMemoryPoolsSupported: *value = 1; break;
+        default:
+            std::fprintf(stderr, "cuda-sim: cudaDeviceGetAttribute(%d) is not simulated\n", int(attr));
+            return fail(cudaErrorInvalidValue);
+    }
+    return cudaSuccess;
+}
+
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+    if (!free_bytes || !total_bytes) return fail(cudaErrorInvalidValue);
+    std::lock_guard<std::mutex> lock(alloc_mutex);
+    *total_bytes = device_total_bytes();
+    *free_bytes = *total_bytes - std::min(device_used, *total_bytes);
+    return cudaSuccess;
+}
+
+// The default pool: its attributes are accepted (cudaMallocAsync allocates at once here).
+static char default_pool;
+cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
+    if (!pool) return fail(cudaErrorInvalidValue);
+    if (device != 0) return fail(cudaErrorInvalidDevice);
+    *pool = reinterpret_cast<cudaMemPool_t>(&default_pool);
+    return cudaSuccess;
+}
+cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t pool, cudaMemPoolAttr attr, void* value) {
+    if (pool != reinterpret_cast<cudaMemPool_t>(&default_pool) || !value) return fail(cudaErrorInvalidValue);
+    switch (attr) {
+        case cudaMemPoolReuseFollowEventDependencies:
+        case cudaMemPoolReuseAllowOpportunistic:
+        case cudaMemPoolReuseAllowInternalDependencies:
+        case cudaMemPoolAttrReleaseThreshold:
+        case cudaMemPoolAttrReservedMemHigh:  // only resettable to 0
+        case cudaMemPoolAttrUsedMemHigh: return cudaSuccess;
+        default: return fail(cudaErrorInvalidValue);
+    }
+}
+
 cudaError_t cudaGetLastError() {
     const cudaError_t e = last_error;
     last_error = cudaSuccess;
@@ -619,11 +1169,23 @@ cudaError_t cudaPeekAtLastError() { return last_error; }
 // The errors the sim produces; the toolkit's tables live in libcudart.
 const char* cudaGetErrorName(cudaError_t err) {
     switch (err) {
-        case cudaSuccess: return "cudaSuccess";
-        case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
-        case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
-        case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
-        case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+#define PYR_SIM_ERR(e) case e: return #e;
+        PYR_SIM_ERR(cudaSuccess)
+        PYR_SIM_ERR(cudaErrorInvalidValue)
+        PYR_SIM_ERR(cudaErrorMemoryAllocation)
+        PYR_SIM_ERR(cudaErrorInvalidConfiguration)
+        PYR_SIM_ERR(cudaErrorLaunchFailure)
+        PYR_SIM_ERR(cudaErrorIllegalAddress)
+        PYR_SIM_ERR(cudaErrorInvalidDevice)
+        PYR_SIM_ERR(cudaErrorInvalidResourceHandle)
+        PYR_SIM_ERR(cudaErrorNotSupported)
+        PYR_SIM_ERR(cudaErrorIllegalState)
+        PYR_SIM_ERR(cudaErrorStreamCaptureUnsupported)
+        PYR_SIM_ERR(cudaErrorStreamCaptureInvalidated)
+        PYR_SIM_ERR(cudaErrorStreamCaptureImplicit)
+        PYR_SIM_ERR(cudaErrorStreamCaptureWrongThread)
+        PYR_SIM_ERR(cudaErrorCapturedEvent)
+#undef PYR_SIM_ERR
         default: return "cudaError (not produced by cuda-sim)";
     }
 }
@@ -634,15 +1196,38 @@ const char* cudaGetErrorString(cudaError_t err) {
         case cudaErrorMemoryAllocation: return "out of memory";
         case cudaErrorInvalidConfiguration: return "invalid configuration argument";
         case cudaErrorLaunchFailure: return "unspecified launch failure (cuda-sim: see stderr)";
+        case cudaErrorIllegalAddress: return "an illegal memory access was encountered (cuda-sim: see stderr)";
+        case cudaErrorInvalidDevice: return "invalid device ordinal";
+        case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+        case cudaErrorNotSupported: return "operation not supported (cuda-sim: not simulated, see stderr)";
+        case cudaErrorIllegalState: return "the operation cannot be performed in the present state";
+        case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+        case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
+        case cudaErrorStreamCaptureImplicit: return "operation would make the legacy stream depend on a capturing blocking stream";
+        case cudaErrorStreamCaptureWrongThread: return "attempt to terminate a thread-local capture sequence from another thread";
+        case cudaErrorCapturedEvent: return "operation not permitted on an event last recorded in a capturing stream";
         default: return "unknown error (not produced by cuda-sim)";
     }
 }
 
-cudaError_t cudaMalloc(void** ptr, size_t bytes) {
-    // 256-byte aligned as cudaMalloc's, exactly `bytes' long (ASan reports reads past it),
-    // and filled with 0xFF bytes (NaN in fp32, fp16 and bf16) where the device leaves garbage
+// ---- memory --------------------------------------------------------------------------------
+
+// 256-byte aligned as cudaMalloc's, exactly `bytes' long (ASan reports reads past it), and
+// filled with 0xFF bytes (NaN in fp32, fp16 and bf16) where the device leaves garbage.
+static cudaError_t alloc_device(void** ptr, size_t bytes) {
+    if (!ptr) return fail(cudaErrorInvalidValue);
+    {
+        std::lock_guard<std::mutex> lock(alloc_mutex);
+        if (bytes > device_total_bytes() - std::min(device_used, device_total_bytes()))
+            return fail(cudaErrorMemoryAllocation);
+        device_used += bytes;
+    }
     void* p = nullptr;
-    if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) return fail(cudaErrorMemoryAllocation);
+    if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) {
+        std::lock_guard<std::mutex> lock(alloc_mutex);
+        device_used -= bytes;
+        return fail(cudaErrorMemoryAllocation);
+    }
     std::memset(p, 0xFF, bytes);
     {
         std::lock_guard<std::mutex> lock(alloc_mutex);
@@ -652,12 +1237,82 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
     return cudaSuccess;
 }
 
-cudaError_t cudaFree(void* ptr) {
+cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+    const cudaError_t unsafe = check_unsafe_locked("cudaMalloc");
+    return unsafe != cudaSuccess ? unsafe : alloc_device(ptr, bytes);
+}
+
+static cudaError_t free_device(const char* call, void* ptr) {
     if (!ptr) return cudaSuccess;
     {
         std::lock_guard<std::mutex> lock(alloc_mutex);
-        if (allocations.erase(reinterpret_cast<uintptr_t>(ptr)) == 0) {
-            std::fprintf(stderr, "cuda-sim: cudaFree(%p): not a cudaMalloc'd pointer\n", ptr);
+        auto it = allocations.find(reinterpret_cast<uintptr_t>(ptr));
+        if (it == allocations.end()) {
+            std::fprintf(stderr, "cuda-sim: %s(%p): not a cudaMalloc'd pointer\n", call, ptr);
+            return fail(cudaErrorInvalidValue);
+        }
+        device_used -= it->second;
+        allocations.erase(it);
+    }
+    std::free(ptr);
+    return cudaSuccess;
+}
+
+cudaError_t cudaFree(void* ptr) {
+    const cudaError_t unsafe = check_unsafe_locked("cudaFree");  // cudaFree synchronizes
+    return unsafe != cudaSuccess ? unsafe : free_device("cudaFree", ptr);
+}
+
+// Stream-ordered allocations happen at once (the work before them has run). Into a capturing
+// stream they would become allocation nodes, which are not simulated.
+static cudaError_t check_alloc_stream(const char* call, cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Stream* st = resolve(stream);
+    if (!st) return bad_stream(call, stream);
+    if (st == &legacy_stream) {
+        const cudaError_t err = check_legacy(call);
+        if (err != cudaSuccess) return err;
+    }
+    if (st->capture) {
+        std::fprintf(stderr, "cuda-sim: %s into a capturing stream: memory nodes are not simulated\n", call);
+        return fail(cudaErrorNotSupported);
+    }
+    return cudaSuccess;
+}
+cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t stream) {
+    const cudaError_t err = check_alloc_stream("cudaMallocAsync", stream);
+    return err != cudaSuccess ? err : alloc_device(ptr, bytes);
+}
+cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream) {
+    const cudaError_t err = check_alloc_stream("cudaFreeAsync", stream);
+    return err != cudaSuccess ? err : free_device("cudaFreeAsync", ptr);
+}
+
+// Page-locked host memory: host memory here, tracked so that cudaFreeHost can check it.
+static std::map<uintptr_t, size_t> host_allocations;  // under alloc_mutex
+
+cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int flags) {
+    const cudaError_t unsafe = check_unsafe_locked("cudaHostAlloc");
+    if (unsafe != cudaSuccess) return unsafe;
+    if (!ptr || (flags & ~unsigned(cudaHostAllocPortable | cudaHostAllocMapped | cudaHostAllocWriteCombined)))
+        return fail(cudaErrorInvalidValue);
+    void* p = nullptr;
+    if (posix_memalign(&p, 4096, bytes ? bytes : 1) != 0) return fail(cudaErrorMemoryAllocation);
+    std::lock_guard<std::mutex> lock(alloc_mutex);
+    host_allocations[reinterpret_cast<uintptr_t>(p)] = bytes;
+    *ptr = p;
+    return cudaSuccess;
+}
+cudaError_t cudaMallocHost(void** ptr, size_t bytes) { return cudaHostAlloc(ptr, bytes, cudaHostAllocDefault); }
+
+cudaError_t cudaFreeHost(void* ptr) {
+    const cudaError_t unsafe = check_unsafe_locked("cudaFreeHost");  // synchronizes too
+    if (unsafe != cudaSuccess) return unsafe;
+    if (!ptr) return cudaSuccess;
+    {
+        std::lock_guard<std::mutex> lock(alloc_mutex);
+        if (host_allocations.erase(reinterpret_cast<uintptr_t>(ptr)) == 0) {
+            std::fprintf(stderr, "cuda-sim: cudaFreeHost(%p): not from cudaHostAlloc/cudaMallocHost\n", ptr);
             return fail(cudaErrorInvalidValue);
         }
     }
@@ -665,20 +1320,14 @@ cudaError_t cudaFree(void* ptr) {
     return cudaSuccess;
 }
 
-cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t) { return cudaMalloc(ptr, bytes); }
-cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) { return cudaFree(ptr); }
-
-cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
-    *ptr = std::malloc(bytes ? bytes : 1);
-    return *ptr ? cudaSuccess : fail(cudaErrorMemoryAllocation);
-}
-cudaError_t cudaFreeHost(void* ptr) {
-    std::free(ptr);
-    return cudaSuccess;
-}
-
-cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+// The copy itself: device sides must lie inside one cudaMalloc'd block (checked when the copy
+// is queued and again when it runs: a replayed graph may outlive a buffer).
+static cudaError_t copy_now(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
     if (bytes == 0) return cudaSuccess;
+    if (kind == cudaMemcpyDefault) {
+        std::memmove(dst, src, bytes);  // unified addressing: either side may be either
+        return cudaSuccess;
+    }
     const bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
     const bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
     if (dst_dev && !is_device_range(dst, bytes)) return bad_range("cudaMemcpy to", dst, bytes);
@@ -686,24 +1335,59 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind 
     std::memmove(dst, src, bytes);
     return cudaSuccess;
 }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
-                            cudaStream_t) {
-    return cudaMemcpy(dst, src, bytes, kind);
-}
 
-cudaError_t cudaMemset(void* ptr, int value, size_t bytes) {
+static cudaError_t set_now(void* ptr, int value, size_t bytes) {
     if (bytes == 0) return cudaSuccess;
     if (!is_device_range(ptr, bytes)) return bad_range("cudaMemset", ptr, bytes);
     std::memset(ptr, value, bytes);
     return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
-    return cudaMemset(ptr, value, bytes);
+
+static bool valid_kind(cudaMemcpyKind kind) {
+    return unsigned(kind) <= unsigned(cudaMemcpyDefault);
 }
 
-cudaError_t cudaStreamCreate(cudaStream_t* stream) {
-    *stream = reinterpret_cast<cudaStream_t>(uintptr_t(1));  // any non-null handle
-    return cudaSuccess;
+// The synchronous calls go through the legacy stream and block the host: refused while a
+// blocking stream captures (implicit dependency) and where unsafe calls are.
+static cudaError_t check_sync_call(const char* call) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    const cudaError_t err = check_legacy(call);
+    return err != cudaSuccess ? err : check_unsafe(call);
 }
-cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+    const cudaError_t err = check_sync_call("cudaMemcpy");
+    if (err != cudaSuccess) return err;
+    if (!valid_kind(kind)) return fail(cudaErrorInvalidValue);
+    std::lock_guard<std::recursive_mutex> lock(device_mutex);
+    const cudaError_t st = copy_now(dst, src, bytes, kind);
+    return st == cudaSuccess ? st : fail(st);
+}
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t stream) {
+    if (!valid_kind(kind)) return fail(cudaErrorInvalidValue);
+    if (bytes && kind != cudaMemcpyDefault && kind != cudaMemcpyHostToHost) {  // bad pointers fail the call
+        const bool dst_dev = kind != cudaMemcpyDeviceToHost, src_dev = kind != cudaMemcpyHostToDevice;
+        if (dst_dev && !is_device_range(dst, bytes)) return bad_range("cudaMemcpyAsync to", dst, bytes);
+        if (src_dev && !is_device_range(src, bytes)) return bad_range("cudaMemcpyAsync from", src, bytes);
+    }
+    char what[96];
+    std::snprintf(what, sizeof what, "cudaMemcpyAsync of %zu bytes", bytes);
+    return pyr_sim::enqueue(stream, what, [=] { return copy_now(dst, src, bytes, kind); });
+}
+
+cudaError_t cudaMemset(void* ptr, int value, size_t bytes) {
+    const cudaError_t err = check_sync_call("cudaMemset");
+    if (err != cudaSuccess) return err;
+    std::lock_guard<std::recursive_mutex> lock(device_mutex);
+    const cudaError_t st = set_now(ptr, value, bytes);
+    return st == cudaSuccess ? st : fail(st);
+}
+
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream) {
+    if (bytes && !is_device_range(ptr, bytes)) return bad_range("cudaMemsetAsync", ptr, bytes);
+    char what[96];
+    std::snprintf(what, sizeof what, "cudaMemsetAsync of %zu bytes", bytes);
+    return pyr_sim::enqueue(stream, what, [=] { return set_now(ptr, value, bytes); });
+}
