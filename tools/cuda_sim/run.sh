@@ -2,14 +2,23 @@
 # cuda-sim: builds the CUDA kernels (kernels/*.cu) and their tests
 # (tests/cuda/test_cuda_kernels.cpp) with g++ for the CPU and runs them. See README.md.
 #
-#   tools/cuda_sim/run.sh [doctest args...]      e.g. -tc='rmsnorm*'  or  -ltc
+#   tools/cuda_sim/run.sh [doctest args...]           e.g. -tc='rmsnorm*'  or  -ltc
+#   tools/cuda_sim/run.sh --engine [doctest args...]  the library's CUDA backend on the
+#       simulated device: tests/cuda/test_cuda_engine.cpp, test_cuda_context.cpp and the
+#       sim's own tests (tools/cuda_sim/test_sim_runtime.cpp), e.g. -tc='*graph*'
 #
-# Environment: PYR_SIM_BUILD (build folder, default build-cuda-sim/), PYR_SIM_ASAN=1
-# (AddressSanitizer build, in build-cuda-sim-asan/), CUDA_INC (the folder with the toolkit's
-# cuda_fp16.h), PYR_SIM_WORKERS, PYR_SIM_STACK_KB, PYR_TEST_SEED (the tests' random seed),
-# JOBS (parallel compiles, default 2).
+# Environment: PYR_SIM_BUILD (build folder, default build-cuda-sim/, build-cuda-sim-engine/
+# with --engine), PYR_SIM_ASAN=1 (AddressSanitizer build, in build-cuda-sim[-engine]-asan/),
+# CUDA_INC (the folder with the toolkit's cuda_fp16.h), PYR_SIM_WORKERS, PYR_SIM_STACK_KB,
+# PYR_SIM_DEVICE_MEM_MB, PYR_TEST_SEED (the kernel tests' random seed), JOBS (parallel
+# compiles, default 2).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+mode=kernels
+if [[ "${1:-}" == "--engine" ]]; then
+    mode=engine
+    shift
+fi
 
 # The toolkit's half-precision headers are used as they are (they have host code paths);
 # nothing else of the toolkit is needed (no nvcc, no libcudart, no GPU).
@@ -23,22 +32,32 @@ if [[ -z "${CUDA_INC:-}" ]]; then
          "folder (the headers alone suffice, e.g. pip's nvidia-cuda-runtime wheel)" >&2
     exit 77  # ctest shows it as "Skipped"
 fi
+if [[ $mode == engine && ! -f "$CUDA_INC/cublas_v2.h" ]]; then
+    echo "SKIPPED: cuda-sim --engine: no cublas_v2.h next to $CUDA_INC/cuda_fp16.h (the" \
+         "backend's declarations of cuBLAS are needed; pip's nvidia-cublas wheel has them)" >&2
+    exit 77
+fi
 
 extra=()
-if [[ "${PYR_SIM_ASAN:-0}" == 1 ]]; then
-    BUILD="${PYR_SIM_BUILD:-$ROOT/build-cuda-sim-asan}"
-    extra=(OPT="-O1 -fno-omit-frame-pointer" EXTRA_CXXFLAGS="-fsanitize=address")
-else
-    BUILD="${PYR_SIM_BUILD:-$ROOT/build-cuda-sim}"
+folder="$ROOT/build-cuda-sim"
+binary=test_cuda_kernels
+if [[ $mode == engine ]]; then
+    folder="$ROOT/build-cuda-sim-engine"
+    binary=test_cuda_engine
 fi
+if [[ "${PYR_SIM_ASAN:-0}" == 1 ]]; then
+    folder="$folder-asan"
+    extra=(OPT="-O1 -fno-omit-frame-pointer" EXTRA_CXXFLAGS="-fsanitize=address")
+fi
+BUILD="${PYR_SIM_BUILD:-$folder}"
 mkdir -p "$BUILD"
 echo "cuda-sim: building in $BUILD (CUDA headers from $CUDA_INC)"
 make --no-print-directory -f "$ROOT/tools/cuda_sim/Makefile" -j"${JOBS:-2}" \
-    ROOT="$ROOT" BUILD="$BUILD" CUDA_INC="$CUDA_INC" "${extra[@]}"
+    ROOT="$ROOT" BUILD="$BUILD" CUDA_INC="$CUDA_INC" "${extra[@]}" "$BUILD/$binary"
 
-echo "cuda-sim: $BUILD/test_cuda_kernels $*"
+echo "cuda-sim: $BUILD/$binary $*"
 start=$(date +%s)
 status=0
-"$BUILD/test_cuda_kernels" "$@" || status=$?
+"$BUILD/$binary" "$@" || status=$?
 echo "cuda-sim: exit status $status after $(( $(date +%s) - start )) s"
 exit $status

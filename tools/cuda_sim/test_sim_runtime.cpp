@@ -1,0 +1,346 @@
+// cuda-sim's own tests, compiled into the engine-mode binary only (run.sh --engine
+// -tc='cuda-sim*'): its cublasGemmEx against a naive reference, stream capture and graph
+// replay, and the calls CUDA refuses during a capture.
+#include <doctest/doctest.h>
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "kernels/kernels.h"
+
+namespace {
+
+// Device memory for a test, freed at the end.
+struct Dev {
+    void* p = nullptr;
+    explicit Dev(size_t bytes) { REQUIRE(cudaMalloc(&p, bytes) == cudaSuccess); }
+    ~Dev() { cudaFree(p); }
+    template <typename T> T* as() const { return static_cast<T*>(p); }
+};
+
+struct Stream {
+    cudaStream_t s = nullptr;
+    explicit Stream(unsigned flags = cudaStreamNonBlocking) {
+        REQUIRE(cudaStreamCreateWithFlags(&s, flags) == cudaSuccess);
+    }
+    ~Stream() { cudaStreamDestroy(s); }
+};
+
+// Stores x (exactly representable) as `t` at element i of p.
+void store(void* p, cudaDataType t, size_t i, float x) {
+    if (t == CUDA_R_32F) {
+        static_cast<float*>(p)[i] = x;
+    } else if (t == CUDA_R_16F) {
+        const __half h = __float2half_rn(x);
+        std::memcpy(static_cast<char*>(p) + 2 * i, &h, 2);
+    } else {
+        const __nv_bfloat16 h = __float2bfloat16_rn(x);
+        std::memcpy(static_cast<char*>(p) + 2 * i, &h, 2);
+    }
+}
+
+void check_gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, cudaDataType t,
+                int m, int n, int k, float alpha, float beta, int pad, std::mt19937& gen) {
+    CAPTURE(ta);
+    CAPTURE(tb);
+    CAPTURE(int(t));
+    CAPTURE(m);
+    CAPTURE(n);
+    CAPTURE(k);
+    CAPTURE(beta);
+    const int a_rows = ta == CUBLAS_OP_N ? m : k, a_cols = ta == CUBLAS_OP_N ? k : m;
+    const int b_rows = tb == CUBLAS_OP_N ? k : n, b_cols = tb == CUBLAS_OP_N ? n : k;
+    const int lda = a_rows + pad, ldb = b_rows + 2 * pad, ldc = m + pad;
+    const size_t es = t == CUDA_R_32F ? 4 : 2;
+    // values k/64, |k| <= 128: exact in fp16 and bf16, so the reference sees what cuBLAS sees
+    std::uniform_int_distribution<int> d(-128, 128);
+    std::vector<float> a(size_t(lda) * a_cols), b(size_t(ldb) * b_cols), c(size_t(ldc) * n);
+    std::vector<char> ha(a.size() * es), hb(b.size() * es);
+    for (size_t i = 0; i < a.size(); ++i) store(ha.data(), t, i, a[i] = d(gen) / 64.0f);
+    for (size_t i = 0; i < b.size(); ++i) store(hb.data(), t, i, b[i] = d(gen) / 64.0f);
+    for (size_t i = 0; i < c.size(); ++i) c[i] = d(gen) / 64.0f;
+    if (beta == 0.0f)  // C is not read then: NaN must not come through
+        for (size_t i = 0; i < c.size(); ++i)
+            if (int(i % size_t(ldc)) < m) c[i] = NAN;
+    Dev A(ha.size()), B(hb.size()), C(c.size() * 4);
+    REQUIRE(cudaMemcpy(A.p, ha.data(), ha.size(), cudaMemcpyHostToDevice) == cudaSuccess);
+    REQUIRE(cudaMemcpy(B.p, hb.data(), hb.size(), cudaMemcpyHostToDevice) == cudaSuccess);
+    REQUIRE(cudaMemcpy(C.p, c.data(), c.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+    REQUIRE(cublasGemmEx(handle, ta, tb, m, n, k, &alpha, A.p, t, lda, B.p, t, ldb, &beta, C.p,
+                         CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS);
+    std::vector<float> got(c.size());
+    REQUIRE(cudaMemcpy(got.data(), C.p, got.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+    size_t bad = 0;
+    for (int j = 0; j < n; ++j)
+        for (int i = 0; i < ldc; ++i) {
+            const size_t at = size_t(i) + size_t(j) * ldc;
+            if (i >= m) {  // rows past m in C's columns are left alone
+                bad += std::memcmp(&got[at], &c[at], 4) != 0;
+                continue;
+            }
+            double sum = 0, mag = 0;
+            for (int l = 0; l < k; ++l) {
+                const double x = ta == CUBLAS_OP_N ? a[size_t(i) + size_t(l) * lda] : a[size_t(l) + size_t(i) * lda];
+                const double y = tb == CUBLAS_OP_N ? b[size_t(l) + size_t(j) * ldb] : b[size_t(j) + size_t(l) * ldb];
+                sum += x * y;
+                mag += std::fabs(x * y);
+            }
+            const double cterm = beta == 0.0f ? 0.0 : beta * double(c[at]);
+            const double want = alpha * sum + cterm;
+            if (!(std::fabs(got[at] - want) <= 1e-6 * (std::fabs(alpha) * mag + std::fabs(cterm)) + 1e-30)) {
+                if (bad < 5) MESSAGE("C[" << i << "," << j << "] = " << got[at] << ", want " << want);
+                ++bad;
+            }
+        }
+    CHECK(bad == 0);
+}
+
+}  // namespace
+
+TEST_CASE("cuda-sim: cublasGemmEx gives the column-major product of a naive reference") {
+    std::mt19937 gen(7);
+    cublasHandle_t handle = nullptr;
+    REQUIRE(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS);
+    Stream stream;
+    REQUIRE(cublasSetStream(handle, stream.s) == CUBLAS_STATUS_SUCCESS);
+    for (cudaDataType t : {CUDA_R_16F, CUDA_R_16BF, CUDA_R_32F})
+        for (cublasOperation_t ta : {CUBLAS_OP_N, CUBLAS_OP_T})
+            for (cublasOperation_t tb : {CUBLAS_OP_N, CUBLAS_OP_T}) {
+                check_gemm(handle, ta, tb, t, 37, 13, 45, 1.0f, 0.0f, 3, gen);
+                check_gemm(handle, ta, tb, t, 19, 5, 70, 0.5f, 1.0f, 0, gen);
+                check_gemm(handle, ta, tb, t, 8, 3, 0, 1.0f, 1.0f, 1, gen);  // k = 0: C = beta C
+            }
+    // what cuda_linear.cpp asks for, big enough to be split over threads
+    check_gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, CUDA_R_16BF, 600, 70, 130, 1.0f, 1.0f, 5, gen);
+    check_gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, CUDA_R_16F, 257, 129, 384, 1.0f, 0.0f, 0, gen);
+
+    // refused as cuBLAS refuses them
+    Dev A(64 * 64 * 2), C(64 * 64 * 4);
+    const float one = 1.0f;
+    CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, 8, 8, 16, &one, A.p, CUDA_R_16F, 15, A.p,
+                       CUDA_R_16F, 16, &one, C.p, CUDA_R_32F, 8, CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_INVALID_VALUE);  // lda < k
+    CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, 8, 8, 16, &one, A.p, CUDA_R_16F, 16, A.p,
+                       CUDA_R_16F, 16, &one, C.p, CUDA_R_32F, 7, CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_INVALID_VALUE);  // ldc < m
+    // an operand past its buffer: an illegal address on the device
+    CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, 64, 64, 64, &one, A.p, CUDA_R_16F, 64, A.p,
+                       CUDA_R_16F, 64, &one, C.p, CUDA_R_32F, 65, CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_EXECUTION_FAILED);
+    cudaGetLastError();
+    CHECK(cublasDestroy(handle) == CUBLAS_STATUS_SUCCESS);
+}
+
+TEST_CASE("cuda-sim: a captured graph replays its work with the device memory of each replay") {
+    const int32_t rows = 4, cols = 4;
+    std::vector<int32_t> table(size_t(rows) * cols);
+    for (int32_t i = 0; i < rows * cols; ++i) table[size_t(i)] = 100 * (i / cols) + i % cols;
+    Dev src(table.size() * 4), index(2 * 4), dst(2 * cols * 4), other(64);
+    REQUIRE(cudaMemcpy(src.p, table.data(), table.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+    int32_t* out = nullptr;
+    REQUIRE(cudaHostAlloc(reinterpret_cast<void**>(&out), 2 * cols * 4, cudaHostAllocPortable) == cudaSuccess);
+    std::memset(out, 0, 2 * cols * 4);
+    Stream s, side;
+
+    REQUIRE(cudaStreamBeginCapture(s.s, cudaStreamCaptureModeThreadLocal) == cudaSuccess);
+    cudaStreamCaptureStatus status{};
+    CHECK(cudaStreamIsCapturing(s.s, &status) == cudaSuccess);
+    CHECK(status == cudaStreamCaptureStatusActive);
+    CHECK(cudaMemsetAsync(dst.p, 0, 2 * cols * 4, s.s) == cudaSuccess);
+    CHECK(pyr::kernels::gather_rows(src.p, cols * 4, index.as<int32_t>(), 2, dst.p, s.s) == cudaSuccess);
+    CHECK(cudaMemcpyAsync(out, dst.p, 2 * cols * 4, cudaMemcpyDeviceToHost, s.s) == cudaSuccess);
+    // another stream's work runs as usual meanwhile
+    CHECK(cudaMemsetAsync(other.p, 7, 64, side.s) == cudaSuccess);
+    cudaGraph_t graph = nullptr;
+    REQUIRE(cudaStreamEndCapture(s.s, &graph) == cudaSuccess);
+    REQUIRE(graph != nullptr);
+    CHECK(cudaStreamIsCapturing(s.s, &status) == cudaSuccess);
+    CHECK(status == cudaStreamCaptureStatusNone);
+    size_t n_nodes = 0;
+    CHECK(cudaGraphGetNodes(graph, nullptr, &n_nodes) == cudaSuccess);
+    CHECK(n_nodes == 3);
+    std::vector<uint8_t> bytes(64);
+    REQUIRE(cudaMemcpy(bytes.data(), other.p, 64, cudaMemcpyDeviceToHost) == cudaSuccess);
+    CHECK(bytes == std::vector<uint8_t>(64, 7));
+    // nothing captured ran
+    std::vector<int32_t> d(2 * cols);
+    REQUIRE(cudaMemcpy(d.data(), dst.p, d.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+    CHECK(d == std::vector<int32_t>(d.size(), -1));
+    CHECK(out[0] == 0);
+
+    cudaGraphExec_t exec = nullptr;
+    REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
+    CHECK(cudaGraphDestroy(graph) == cudaSuccess);  // the executable graph is a copy
+    // each replay reads the index as it is in device memory then
+    for (const std::vector<int32_t>& pick : {std::vector<int32_t>{2, 0}, std::vector<int32_t>{1, 3}}) {
+        REQUIRE(cudaMemcpy(index.p, pick.data(), 8, cudaMemcpyHostToDevice) == cudaSuccess);
+        REQUIRE(cudaGraphLaunch(exec, s.s) == cudaSuccess);
+        REQUIRE(cudaStreamSynchronize(s.s) == cudaSuccess);
+        for (int r = 0; r < 2; ++r)
+            for (int c = 0; c < cols; ++c) CHECK(out[r * cols + c] == 100 * pick[size_t(r)] + c);
+    }
+    // a graph launched into a capturing stream is captured whole (a child graph)
+    REQUIRE(cudaStreamBeginCapture(side.s, cudaStreamCaptureModeGlobal) == cudaSuccess);
+    CHECK(cudaGraphLaunch(exec, side.s) == cudaSuccess);
+    cudaGraph_t outer = nullptr;
+    REQUIRE(cudaStreamEndCapture(side.s, &outer) == cudaSuccess);
+    CHECK(cudaGraphGetNodes(outer, nullptr, &n_nodes) == cudaSuccess);
+    CHECK(n_nodes == 1);
+    cudaGraphExec_t outer_exec = nullptr;
+    REQUIRE(cudaGraphInstantiate(&outer_exec, outer, 0) == cudaSuccess);
+    const std::vector<int32_t> pick{3, 3};
+    REQUIRE(cudaMemcpy(index.p, pick.data(), 8, cudaMemcpyHostToDevice) == cudaSuccess);
+    REQUIRE(cudaGraphLaunch(outer_exec, s.s) == cudaSuccess);
+    for (int c = 0; c < 2 * cols; ++c) CHECK(out[c] == 300 + c % cols);
+    CHECK(cudaGraphExecDestroy(outer_exec) == cudaSuccess);
+    CHECK(cudaGraphDestroy(outer) == cudaSuccess);
+    CHECK(cudaGraphExecDestroy(exec) == cudaSuccess);
+    CHECK(cudaGraphLaunch(exec, s.s) == cudaErrorInvalidValue);  // destroyed
+    cudaGetLastError();
+    CHECK(cudaFreeHost(out) == cudaSuccess);
+}
+
+namespace {
+
+// Begins a capture on `s`, makes `call` (which must return `want`), and checks that the
+// capture was invalidated: cudaStreamEndCapture fails and gives no graph.
+template <typename F>
+void refused_in_capture(cudaStream_t s, cudaStreamCaptureMode mode, cudaError_t want, F call) {
+    REQUIRE(cudaStreamBeginCapture(s, mode) == cudaSuccess);
+    CHECK(call() == want);
+    cudaStreamCaptureStatus status{};
+    CHECK(cudaStreamIsCapturing(s, &status) == cudaSuccess);
+    CHECK(status == cudaStreamCaptureStatusInvalidated);
+    cudaGraph_t graph = reinterpret_cast<cudaGraph_t>(uintptr_t(1));
+    CHECK(cudaStreamEndCapture(s, &graph) == cudaErrorStreamCaptureInvalidated);
+    CHECK(graph == nullptr);
+    cudaGetLastError();
+}
+
+}  // namespace
+
+TEST_CASE("cuda-sim: calls CUDA refuses during a stream capture fail and invalidate it") {
+    Stream s;
+    Dev buf(256);
+    std::vector<char> host(256);
+    const cudaStreamCaptureMode local = cudaStreamCaptureModeThreadLocal;
+    void* p = nullptr;
+
+    SUBCASE("the capturing thread: unsafe calls, and waiting for what was captured") {
+        for (cudaStreamCaptureMode mode : {cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal}) {
+            CAPTURE(mode);
+            const cudaError_t no = cudaErrorStreamCaptureUnsupported;
+            refused_in_capture(s.s, mode, no, [&] { return cudaMalloc(&p, 64); });
+            refused_in_capture(s.s, mode, no, [&] { return cudaFree(buf.p); });
+            refused_in_capture(s.s, mode, no, [&] { return cudaHostAlloc(&p, 64, 0); });
+            refused_in_capture(s.s, mode, no, [&] {
+                return cudaMemcpy(buf.p, host.data(), 64, cudaMemcpyHostToDevice);
+            });
+            refused_in_capture(s.s, mode, no, [&] { return cudaMemset(buf.p, 0, 64); });
+            refused_in_capture(s.s, mode, no, [&] { return cudaStreamSynchronize(s.s); });
+            refused_in_capture(s.s, mode, no, [&] { return cudaStreamQuery(s.s); });
+            refused_in_capture(s.s, mode, no, [&] { return cudaDeviceSynchronize(); });
+            cudaEvent_t e = nullptr;
+            REQUIRE(cudaEventCreateWithFlags(&e, cudaEventDisableTiming) == cudaSuccess);
+            refused_in_capture(s.s, mode, cudaErrorCapturedEvent, [&] {
+                CHECK(cudaEventRecord(e, s.s) == cudaSuccess);
+                return cudaEventSynchronize(e);
+            });
+            CHECK(cudaEventRecord(e, s.s) == cudaSuccess);  // outside capture: an ordinary event
+            CHECK(cudaEventSynchronize(e) == cudaSuccess);
+            CHECK(cudaEventDestroy(e) == cudaSuccess);
+        }
+        // the buffer was not freed by the refused cudaFree
+        CHECK(cudaMemset(buf.p, 0, 256) == cudaSuccess);
+    }
+
+    SUBCASE("other threads: refused only while a global-mode capture is under way") {
+        auto from_other_thread = [&] {
+            cudaError_t err = cudaSuccess;
+            std::thread([&] {
+                void* q = nullptr;
+                err = cudaMalloc(&q, 64);
+                if (err == cudaSuccess) cudaFree(q);
+            }).join();
+            return err;
+        };
+        REQUIRE(cudaStreamBeginCapture(s.s, local) == cudaSuccess);
+        CHECK(from_other_thread() == cudaSuccess);
+        cudaGraph_t graph = nullptr;
+        CHECK(cudaStreamEndCapture(s.s, &graph) == cudaSuccess);
+        CHECK(cudaGraphDestroy(graph) == cudaSuccess);
+        refused_in_capture(s.s, cudaStreamCaptureModeGlobal, cudaErrorStreamCaptureUnsupported, from_other_thread);
+        // a thread in relaxed mode may
+        REQUIRE(cudaStreamBeginCapture(s.s, cudaStreamCaptureModeGlobal) == cudaSuccess);
+        cudaError_t err = cudaErrorUnknown;
+        std::thread([&] {
+            cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+            cudaThreadExchangeStreamCaptureMode(&mode);
+            err = cudaMalloc(&p, 64);
+            cudaFree(p);
+        }).join();
+        CHECK(err == cudaSuccess);
+        CHECK(cudaStreamEndCapture(s.s, &graph) == cudaSuccess);
+        CHECK(cudaGraphDestroy(graph) == cudaSuccess);
+    }
+
+    SUBCASE("a relaxed capture allows unsafe calls; stream-ordered allocation elsewhere is fine") {
+        REQUIRE(cudaStreamBeginCapture(s.s, cudaStreamCaptureModeRelaxed) == cudaSuccess);
+        CHECK(cudaMalloc(&p, 64) == cudaSuccess);
+        CHECK(cudaFree(p) == cudaSuccess);
+        cudaGraph_t graph = nullptr;
+        CHECK(cudaStreamEndCapture(s.s, &graph) == cudaSuccess);
+        CHECK(cudaGraphDestroy(graph) == cudaSuccess);
+        Stream other;
+        REQUIRE(cudaStreamBeginCapture(s.s, local) == cudaSuccess);
+        CHECK(cudaMallocAsync(&p, 64, other.s) == cudaSuccess);
+        CHECK(cudaFreeAsync(p, other.s) == cudaSuccess);
+        CHECK(cudaStreamEndCapture(s.s, &graph) == cudaSuccess);
+        CHECK(cudaGraphDestroy(graph) == cudaSuccess);
+    }
+
+    SUBCASE("a blocking stream's capture forbids the legacy stream") {
+        Stream blocking(cudaStreamDefault);
+        refused_in_capture(blocking.s, cudaStreamCaptureModeRelaxed, cudaErrorStreamCaptureImplicit, [&] {
+            return pyr::kernels::gather_rows(buf.p, 16, buf.as<int32_t>(), 1, buf.as<char>() + 128, nullptr);
+        });
+        refused_in_capture(blocking.s, cudaStreamCaptureModeRelaxed, cudaErrorStreamCaptureImplicit, [&] {
+            return cudaMemcpy(buf.p, host.data(), 64, cudaMemcpyHostToDevice);
+        });
+        // asking is refused, without invalidating
+        REQUIRE(cudaStreamBeginCapture(blocking.s, local) == cudaSuccess);
+        cudaStreamCaptureStatus status{};
+        CHECK(cudaStreamIsCapturing(nullptr, &status) == cudaErrorStreamCaptureImplicit);
+        cudaGraph_t graph = nullptr;
+        CHECK(cudaStreamEndCapture(blocking.s, &graph) == cudaSuccess);
+        CHECK(cudaGraphDestroy(graph) == cudaSuccess);
+        // a non-blocking stream's capture leaves it alone
+        REQUIRE(cudaStreamBeginCapture(s.s, cudaStreamCaptureModeRelaxed) == cudaSuccess);
+        CHECK(cudaMemcpy(buf.p, host.data(), 64, cudaMemcpyHostToDevice) == cudaSuccess);
+        CHECK(cudaStreamEndCapture(s.s, &graph) == cudaSuccess);
+        CHECK(cudaGraphDestroy(graph) == cudaSuccess);
+    }
+
+    SUBCASE("where and by whom a capture begins and ends") {
+        CHECK(cudaStreamBeginCapture(nullptr, local) == cudaErrorStreamCaptureUnsupported);
+        REQUIRE(cudaStreamBeginCapture(s.s, local) == cudaSuccess);
+        CHECK(cudaStreamBeginCapture(s.s, local) == cudaErrorIllegalState);
+        cudaGraph_t graph = nullptr;
+        cudaError_t err = cudaSuccess;
+        std::thread([&] { err = cudaStreamEndCapture(s.s, &graph); }).join();
+        CHECK(err == cudaErrorStreamCaptureWrongThread);
+        CHECK(cudaStreamEndCapture(s.s, &graph) == cudaSuccess);  // still under way
+        CHECK(cudaGraphDestroy(graph) == cudaSuccess);
+        CHECK(cudaStreamEndCapture(s.s, &graph) == cudaErrorIllegalState);
+        cudaGetLastError();
+    }
+}
