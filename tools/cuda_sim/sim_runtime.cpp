@@ -164,6 +164,9 @@ struct Worker {
     std::vector<std::pair<void*, size_t>> shared_vars;  // block_shared objects
     Launch* launch = nullptr;
     Fiber* cur = nullptr;
+    size_t pos = 0;           // cur's place in the running block's order
+    bool reverse = false;     // the running block's order: fibers last to first
+    char* dead_stack = nullptr;  // of the fiber that finished last, to free once off it
     int live = 0, at_syncthreads = 0;
     std::string fault;
 #ifdef PYR_SIM_ASM_SWITCH
@@ -237,6 +240,35 @@ void start(Fiber& f) {
 #endif
 }
 
+// The switches. A fiber that waits or finishes hands over directly to the next fiber of the
+// block's order that can run (starting it if fresh): one switch per handover instead of two
+// through the scheduler, which only regains control at the end of a pass over the block.
+
+void reclaim() {  // after every switch: the finished fiber's stack is free once we are off it
+    if (tw->dead_stack) {
+        tw->free_stacks.push_back(tw->dead_stack);
+        tw->dead_stack = nullptr;
+    }
+}
+
+// The first fiber at place k or later in the block's order that can run, started if fresh;
+// null if none.
+Fiber* runnable_from(size_t k) {
+    const size_t n = tw->fibers.size();
+    for (; k < n; ++k) {
+        Fiber& g = tw->fibers[tw->reverse ? n - 1 - k : k];
+        if (g.state == Fiber::Fresh) {
+            start(g);
+            g.state = Fiber::Ready;
+        }
+        if (g.state == Fiber::Ready) {
+            tw->pos = k;
+            return &g;
+        }
+    }
+    return nullptr;
+}
+
 void resume(Fiber& f) {  // scheduler -> fiber
     tw->cur = &f;
     threadIdx = f.tid;
@@ -245,14 +277,23 @@ void resume(Fiber& f) {  // scheduler -> fiber
 #else
     swapcontext(&tw->sched_uc, &f.uc);
 #endif
+    reclaim();
 }
 
-void suspend(Fiber& f) {  // fiber -> scheduler
+// fiber -> the next runnable fiber of the pass, or the scheduler (at the end of the pass,
+// and after a fault); returns when f runs again (never, once it is done)
+void suspend(Fiber& f) {
+    Fiber* next = tw->fault.empty() ? runnable_from(tw->pos + 1) : nullptr;
+    if (next) {
+        tw->cur = next;
+        threadIdx = next->tid;
+    }
 #ifdef PYR_SIM_ASM_SWITCH
-    pyr_sim_switch(&f.sp, tw->sched_sp);
+    pyr_sim_switch(&f.sp, next ? next->sp : tw->sched_sp);
 #else
-    swapcontext(&f.uc, &tw->sched_uc);
+    swapcontext(&f.uc, next ? &next->uc : &tw->sched_uc);
 #endif
+    reclaim();
 }
 
 // Stops the block: records why (with the thread) and never resumes the caller's fiber.
@@ -289,6 +330,7 @@ void release_warp(Warp& w, int warp) {
 }
 
 void fiber_main() {
+    reclaim();
     Fiber& f = *tw->cur;
     tw->launch->body(tw->launch->closure);
     // An exited thread no longer counts at __syncthreads (as on the device); a warp
@@ -299,6 +341,8 @@ void fiber_main() {
     if (w.arrived > 0) kernel_fault("a lane exited while lanes of its warp wait in a warp operation");
     if (tw->at_syncthreads > 0 && tw->at_syncthreads == tw->live) release_syncthreads();
     f.state = Fiber::Done;
+    tw->dead_stack = f.stack;  // serves a later fiber, once the next one runs
+    f.stack = nullptr;
     suspend(f);
     __builtin_unreachable();
 }
@@ -323,6 +367,7 @@ void prepare(Launch& L) {
 }
 
 void abandon_block() {
+    reclaim();
     for (Fiber& f : tw->fibers)
         if (f.stack) {
             tw->free_stacks.push_back(f.stack);
@@ -348,30 +393,12 @@ bool run_block(Launch& L, uint64_t linear) {
     for (const auto& [p, bytes] : tw->shared_vars) std::memset(p, 0xFF, bytes);
     // Odd blocks run their fibers in reverse order: a missing barrier between a write and a
     // read in another thread shows whichever thread the order puts first.
-    const size_t n = tw->fibers.size();
-    const bool reverse = linear & 1;
+    tw->reverse = linear & 1;
+    // A pass: the first runnable fiber runs, hands over to the next and so on to the end of
+    // the order, then control comes back here (or at a fault).
     for (;;) {
-        bool ran = false;
-        for (size_t k = 0; k < n; ++k) {
-            Fiber& f = tw->fibers[reverse ? n - 1 - k : k];
-            if (f.state == Fiber::Fresh) {
-                start(f);
-                f.state = Fiber::Ready;
-            }
-            if (f.state != Fiber::Ready) continue;
-            ran = true;
-            resume(f);
-            if (!tw->fault.empty()) {
-                abandon_block();
-                return false;
-            }
-            if (f.state == Fiber::Done) {  // its stack serves the next fiber to start
-                tw->free_stacks.push_back(f.stack);
-                f.stack = nullptr;
-            }
-        }
-        if (tw->live == 0) return true;
-        if (!ran) {
+        Fiber* first = runnable_from(0);
+        if (!first) {
             int at_sync = 0, at_warp = 0;
             for (const Fiber& f : tw->fibers) {
                 at_sync += f.state == Fiber::AtSyncthreads;
@@ -382,6 +409,12 @@ bool run_block(Launch& L, uint64_t linear) {
             abandon_block();
             return false;
         }
+        resume(*first);
+        if (!tw->fault.empty()) {
+            abandon_block();
+            return false;
+        }
+        if (tw->live == 0) return true;
     }
 }
 
