@@ -19,8 +19,6 @@
 
 struct cublasContext {  // what cublasHandle_t points at
     cudaStream_t stream = nullptr;
-    cublasMath_t math = CUBLAS_DEFAULT_MATH;
-    cublasPointerMode_t pointer_mode = CUBLAS_POINTER_MODE_HOST;
 };
 
 namespace {
@@ -106,9 +104,7 @@ struct Gemm {
     void* C;
     cudaDataType at, bt;
     int lda, ldb, ldc;
-    bool device_scalars;
-    float alpha, beta;                       // host pointer mode: read at the call
-    const float *alpha_dev, *beta_dev;       // device pointer mode: read when it runs
+    float alpha, beta;  // read at the call (host pointer mode, the only one simulated)
 
     size_t a_elems() const { return ta == CUBLAS_OP_N ? size_t(lda) * (k - 1) + m : size_t(lda) * (m - 1) + k; }
     size_t b_elems() const { return tb == CUBLAS_OP_N ? size_t(ldb) * (n - 1) + k : size_t(ldb) * (k - 1) + n; }
@@ -119,8 +115,6 @@ struct Gemm {
         if (k > 0 && !pyr_sim::is_device_range(A, a_elems() * type_size(at))) return "A";
         if (k > 0 && !pyr_sim::is_device_range(B, b_elems() * type_size(bt))) return "B";
         if (!pyr_sim::is_device_range(C, c_elems() * 4)) return "C";
-        if (device_scalars && (!pyr_sim::is_device_range(alpha_dev, 4) || !pyr_sim::is_device_range(beta_dev, 4)))
-            return "alpha/beta";
         return nullptr;
     }
 
@@ -132,7 +126,7 @@ struct Gemm {
                          "inside one cudaMalloc'd block\n", m, n, k, which);
             return cudaErrorIllegalAddress;
         }
-        const float al = device_scalars ? *alpha_dev : alpha, be = device_scalars ? *beta_dev : beta;
+        const float al = alpha, be = beta;
         // op(A) as rows of k (row i), op(B) as columns of k (column j), in fp32
         std::vector<float> ar(size_t(m) * k), bc(size_t(n) * k);
         for (int i = 0; i < m; ++i)
@@ -193,39 +187,6 @@ cublasStatus_t cublasSetStream_v2(cublasHandle_t handle, cudaStream_t stream) {
     handle->stream = stream;
     return CUBLAS_STATUS_SUCCESS;
 }
-cublasStatus_t cublasGetStream_v2(cublasHandle_t handle, cudaStream_t* stream) {
-    if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (!stream) return CUBLAS_STATUS_INVALID_VALUE;
-    *stream = handle->stream;
-    return CUBLAS_STATUS_SUCCESS;
-}
-cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode) {
-    if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
-    handle->math = mode;
-    return CUBLAS_STATUS_SUCCESS;
-}
-cublasStatus_t cublasGetMathMode(cublasHandle_t handle, cublasMath_t* mode) {
-    if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (!mode) return CUBLAS_STATUS_INVALID_VALUE;
-    *mode = handle->math;
-    return CUBLAS_STATUS_SUCCESS;
-}
-cublasStatus_t cublasSetPointerMode_v2(cublasHandle_t handle, cublasPointerMode_t mode) {
-    if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (mode != CUBLAS_POINTER_MODE_HOST && mode != CUBLAS_POINTER_MODE_DEVICE) return CUBLAS_STATUS_INVALID_VALUE;
-    handle->pointer_mode = mode;
-    return CUBLAS_STATUS_SUCCESS;
-}
-cublasStatus_t cublasGetPointerMode_v2(cublasHandle_t handle, cublasPointerMode_t* mode) {
-    if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (!mode) return CUBLAS_STATUS_INVALID_VALUE;
-    *mode = handle->pointer_mode;
-    return CUBLAS_STATUS_SUCCESS;
-}
-cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t handle, void*, size_t) {
-    return live(handle) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
-}
-
 const char* cublasGetStatusName(cublasStatus_t status) {
     switch (status) {
 #define PYR_SIM_ST(s) case s: return #s;
@@ -256,9 +217,10 @@ const char* cublasGetStatusString(cublasStatus_t status) {
 }
 
 // What lib/backend/cuda/cuda_linear.cpp uses: A and B in CUDA_R_16F, CUDA_R_16BF or CUDA_R_32F
-// (the same type), C in CUDA_R_32F, an fp32 compute type; any transposes, leading dimensions
-// and pointer mode. The arguments are checked as cuBLAS checks them; operands outside device
-// memory (an illegal address on the device) fail the call with CUBLAS_STATUS_EXECUTION_FAILED.
+// (the same type), C in CUDA_R_32F, an fp32 compute type; any transposes and leading dimensions,
+// in host pointer mode (the only one simulated: the backend never sets another). The arguments
+// are checked as cuBLAS checks them; operands outside device memory (an illegal address on the
+// device) fail the call with CUBLAS_STATUS_EXECUTION_FAILED.
 cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
                             int m, int n, int k, const void* alpha, const void* A, cudaDataType Atype,
                             int lda, const void* B, cudaDataType Btype, int ldb, const void* beta,
@@ -281,15 +243,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
         return CUBLAS_STATUS_NOT_SUPPORTED;
     }
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
-    Gemm g{transa, transb, m, n, k, A, B, C, Atype, Btype, lda, ldb, ldc,
-           handle->pointer_mode == CUBLAS_POINTER_MODE_DEVICE, 0.0f, 0.0f, nullptr, nullptr};
-    if (g.device_scalars) {
-        g.alpha_dev = static_cast<const float*>(alpha);
-        g.beta_dev = static_cast<const float*>(beta);
-    } else {
-        g.alpha = *static_cast<const float*>(alpha);
-        g.beta = *static_cast<const float*>(beta);
-    }
+    const Gemm g{transa, transb, m, n, k, A, B, C, Atype, Btype, lda, ldb, ldc,
+                 *static_cast<const float*>(alpha), *static_cast<const float*>(beta)};
     if (const char* which = g.bad_operand()) {
         std::fprintf(stderr, "cuda-sim: cublasGemmEx (%d x %d x %d, lda %d, ldb %d, ldc %d): operand %s "
                      "does not lie inside one cudaMalloc'd block\n", m, n, k, lda, ldb, ldc, which);
