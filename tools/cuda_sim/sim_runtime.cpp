@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -634,10 +635,20 @@ bool is_device_range(const void* p, size_t bytes) { return ::is_device_range(p, 
 
 // ---- streams, events, stream capture, graphs -------------------------------------------
 //
-// Work queued on a stream runs when it is queued (the host waits for it), except on a stream
-// that captures: there it becomes a node of the capture's graph (a copy of the launch's
-// arguments, the copy's or memset's pointers and sizes), run in order at each replay of the
-// graph, reading device memory as it is then. The rules of stream capture are enforced as
+// Work queued on a stream does not run when it is queued: it waits in the stream's queue
+// until the host waits for it (cudaStreamSynchronize, cudaEventSynchronize of an event
+// recorded after it, cudaDeviceSynchronize, the calls that synchronize implicitly), as if the
+// device were always far behind the host. So a host that reads a result before waiting for
+// it, or rewrites a pinned buffer that a queued copy still has to read, gets what a slow
+// device would give it (poison, or the rewritten bytes, which the copy then reports). Streams
+// are ordered with each other only as CUDA orders them: by cudaStreamWaitEvent, and the
+// legacy stream (stream 0, the synchronous calls) with the blocking streams; a non-blocking
+// stream's work is not run by a cudaMemcpy. PYR_SIM_EAGER=1 runs all work when it is queued
+// instead (a bug that shows only without it is a missing wait).
+//
+// On a stream that captures, work becomes a node of the capture's graph (a copy of the
+// launch's arguments, the copy's or memset's pointers and sizes), run in order at each replay
+// of the graph, reading device memory as it is then. The rules of stream capture are enforced as
 // CUDA documents them (cudaStreamBeginCapture, cudaThreadExchangeStreamCaptureMode, "stream
 // capture" in the programming guide): a refused call returns its error, says why on stderr
 // and invalidates the capture it conflicts with, whose cudaStreamEndCapture then fails.
@@ -661,14 +672,23 @@ struct Capture {
     Nodes nodes;
 };
 
+struct Op {  // queued work, not yet run
+    unsigned long long seq;  // the order of queuing over all streams
+    std::string what;
+    std::function<cudaError_t()> run;
+};
+
 struct Stream {
     unsigned flags = cudaStreamDefault;
     Capture* capture = nullptr;
+    std::deque<Op> queue;
 };
 
 struct Event {
     unsigned flags = 0;
     unsigned long long captured_by = 0;  // the capture it was last recorded in; 0: none
+    Stream* stream = nullptr;             // where it was last recorded outside a capture
+    unsigned long long seq = 0;           // the work of `stream' it waits for: seq <= this
 };
 
 }  // namespace
@@ -690,6 +710,7 @@ std::set<CUgraph_st*> live_graphs;
 std::set<CUgraphExec_st*> live_execs;
 std::vector<Capture*> captures;  // those under way
 unsigned long long capture_ids = 0;
+unsigned long long op_serial = 0;  // Op::seq of the latest queued work
 Stream legacy_stream;                   // stream 0, cudaStreamLegacy: blocking
 thread_local Stream per_thread_stream;  // cudaStreamPerThread: blocking as well
 thread_local cudaStreamCaptureMode thread_mode = cudaStreamCaptureModeGlobal;
@@ -773,6 +794,83 @@ cudaError_t run_nodes(const Nodes& nodes) {
     return cudaSuccess;
 }
 
+bool eager() {
+    static const bool on = [] {
+        const char* env = std::getenv("PYR_SIM_EAGER");
+        return env && *env && std::strcmp(env, "0") != 0;
+    }();
+    return on;
+}
+
+bool is_blocking(const Stream* st) {
+    return st != &legacy_stream && !(st->flags & cudaStreamNonBlocking);
+}
+
+// Runs the work queued on `st' up to Op::seq `upto', in order; the first failure is returned
+// (and said on stderr), the work after it still runs. The device lock is held throughout, so
+// that work of one stream never overtakes itself when two threads wait for it.
+cudaError_t drain(Stream* st, unsigned long long upto) {
+    std::lock_guard<std::recursive_mutex> device(device_mutex);
+    cudaError_t first = cudaSuccess;
+    for (;;) {
+        Op op;
+        {
+            std::lock_guard<std::mutex> lock(state_mutex);
+            if (st->queue.empty() || st->queue.front().seq > upto) break;
+            op = std::move(st->queue.front());
+            st->queue.pop_front();
+        }
+        const cudaError_t err = op.run();
+        if (err != cudaSuccess && first == cudaSuccess) {
+            std::fprintf(stderr, "cuda-sim: queued work failed when it ran: %s: %s\n",
+                         op.what.c_str(), cudaGetErrorName(err));
+            first = err;
+        }
+    }
+    return first;
+}
+
+// The blocking streams' work up to `upto': what the legacy stream waits for.
+cudaError_t drain_blocking(unsigned long long upto) {
+    std::vector<Stream*> blocking{&per_thread_stream};
+    {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        for (Stream* st : live_streams)
+            if (is_blocking(st)) blocking.push_back(st);
+    }
+    cudaError_t first = cudaSuccess;
+    for (Stream* st : blocking) {
+        const cudaError_t err = drain(st, upto);
+        if (first == cudaSuccess) first = err;
+    }
+    return first;
+}
+
+// What a wait for `st' up to `upto' runs: its work, and on the legacy stream the blocking
+// streams' as well.
+cudaError_t drain_to(Stream* st, unsigned long long upto) {
+    cudaError_t first = st == &legacy_stream ? drain_blocking(upto) : cudaSuccess;
+    const cudaError_t err = drain(st, upto);
+    return first != cudaSuccess ? first : err;
+}
+
+// Everything queued so far, on every stream (cudaDeviceSynchronize, cudaFree).
+cudaError_t drain_all() {
+    unsigned long long now;
+    std::vector<Stream*> all{&legacy_stream, &per_thread_stream};
+    {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        now = op_serial;
+        all.insert(all.end(), live_streams.begin(), live_streams.end());
+    }
+    cudaError_t first = cudaSuccess;
+    for (Stream* st : all) {
+        const cudaError_t err = drain(st, now);
+        if (first == cudaSuccess) first = err;
+    }
+    return first;
+}
+
 }  // namespace
 
 namespace pyr_sim {
@@ -791,9 +889,50 @@ cudaError_t enqueue(cudaStream_t stream, std::string what, std::function<cudaErr
             c->nodes.push_back(std::make_shared<const Node>(Node{std::move(what), std::move(op)}));
             return cudaSuccess;
         }
+        if (!eager()) {
+            const unsigned long long seq = ++op_serial;
+            // the legacy stream and the blocking streams wait for each other's earlier work
+            std::function<cudaError_t()> run;
+            if (st == &legacy_stream)
+                run = [seq, op] {
+                    const cudaError_t err = drain_blocking(seq - 1);
+                    return err != cudaSuccess ? err : op();
+                };
+            else if (is_blocking(st))
+                run = [seq, op] {
+                    const cudaError_t err = drain(&legacy_stream, seq - 1);
+                    return err != cudaSuccess ? err : op();
+                };
+            else
+                run = std::move(op);
+            st->queue.push_back(Op{seq, std::move(what), std::move(run)});
+            return cudaSuccess;
+        }
     }
     std::lock_guard<std::recursive_mutex> lock(device_mutex);
     const cudaError_t err = op();
+    return err == cudaSuccess ? err : fail(err);
+}
+
+// Whether work queued on `stream' now would be captured (false for a bad handle).
+bool capturing(cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    const Stream* st = resolve(stream);
+    return st && st->capture;
+}
+
+// Waits for the work queued on `stream' so far (and, for the legacy stream, the blocking
+// streams'): what a call that synchronizes with the stream does first.
+cudaError_t wait_stream(cudaStream_t stream) {
+    Stream* st;
+    unsigned long long now;
+    {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        st = resolve(stream);
+        if (!st) return cudaSuccess;  // the caller reports the bad handle
+        now = op_serial;
+    }
+    const cudaError_t err = drain_to(st, now);
     return err == cudaSuccess ? err : fail(err);
 }
 
@@ -836,14 +975,21 @@ cudaError_t cudaStreamCreateWithPriority(cudaStream_t* stream, unsigned int flag
     return cudaStreamCreateWithFlags(stream, flags);
 }
 
+// The stream's queued work still runs (here: before the call returns).
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+    {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        Stream* st = resolve(stream);
+        if (!st || st == &legacy_stream || st == &per_thread_stream) return bad_stream("cudaStreamDestroy", stream);
+        if (st->capture) {
+            std::fprintf(stderr, "cuda-sim: cudaStreamDestroy of a stream that captures (end the capture first)\n");
+            return fail(cudaErrorIllegalState);
+        }
+    }
+    pyr_sim::wait_stream(stream);
     std::lock_guard<std::mutex> lock(state_mutex);
     Stream* st = resolve(stream);
-    if (!st || st == &legacy_stream || st == &per_thread_stream) return bad_stream("cudaStreamDestroy", stream);
-    if (st->capture) {
-        std::fprintf(stderr, "cuda-sim: cudaStreamDestroy of a stream that captures (end the capture first)\n");
-        return fail(cudaErrorIllegalState);
-    }
+    if (!st) return bad_stream("cudaStreamDestroy", stream);
     live_streams.erase(st);
     delete st;
     return cudaSuccess;
@@ -858,25 +1004,36 @@ cudaError_t cudaStreamGetFlags(cudaStream_t stream, unsigned int* flags) {
     return cudaSuccess;
 }
 
-// Waiting for a stream: everything queued has run, except on a capturing stream, whose work
-// does not run (CUDA refuses to synchronize or query it, and invalidates the capture).
+// Waiting for a stream runs what is queued on it (and what that waits for), except on a
+// capturing stream (CUDA refuses to synchronize or query it, and invalidates the capture).
+// A query runs the work too and answers "done": a host that polls would otherwise wait for
+// ever on a device that only works when waited for.
 static cudaError_t wait_for(const char* call, cudaStream_t stream) {
-    std::lock_guard<std::mutex> lock(state_mutex);
-    Stream* st = resolve(stream);
-    if (!st) return bad_stream(call, stream);
-    if (st == &legacy_stream) return check_legacy(call);
-    if (st->capture) return refuse(call, cudaErrorStreamCaptureUnsupported, {st->capture}, "of the capturing stream");
-    return cudaSuccess;
+    {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        Stream* st = resolve(stream);
+        if (!st) return bad_stream(call, stream);
+        if (st == &legacy_stream) {
+            const cudaError_t err = check_legacy(call);
+            if (err != cudaSuccess) return err;
+        } else if (st->capture) {
+            return refuse(call, cudaErrorStreamCaptureUnsupported, {st->capture}, "of the capturing stream");
+        }
+    }
+    return pyr_sim::wait_stream(stream);
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) { return wait_for("cudaStreamSynchronize", stream); }
 cudaError_t cudaStreamQuery(cudaStream_t stream) { return wait_for("cudaStreamQuery", stream); }
 
 cudaError_t cudaDeviceSynchronize() {
-    std::lock_guard<std::mutex> lock(state_mutex);
-    if (!captures.empty())  // the device encompasses the capturing streams
-        return refuse("cudaDeviceSynchronize", cudaErrorStreamCaptureUnsupported, captures,
-                      "while a stream captures");
-    return cudaSuccess;
+    {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        if (!captures.empty())  // the device encompasses the capturing streams
+            return refuse("cudaDeviceSynchronize", cudaErrorStreamCaptureUnsupported, captures,
+                          "while a stream captures");
+    }
+    const cudaError_t err = drain_all();
+    return err == cudaSuccess ? err : fail(err);
 }
 
 cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode* mode) {
@@ -1029,7 +1186,7 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 }
 
 // Recorded on a capturing stream, the event becomes part of the capture (a "captured event");
-// elsewhere it completes at once, like everything queued before it.
+// elsewhere it marks the work queued on the stream so far, which a wait for it runs.
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     std::lock_guard<std::mutex> lock(state_mutex);
     Event* e = live_event(event);
@@ -1042,28 +1199,43 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     }
     if (st->capture && !st->capture->invalidated.empty()) return fail(cudaErrorStreamCaptureInvalidated);
     e->captured_by = st->capture ? st->capture->id : 0;
+    e->stream = st->capture ? nullptr : st;
+    e->seq = op_serial;
     return cudaSuccess;
 }
 
+// Runs the work the event marks (an event never recorded is complete). A query does too and
+// answers "done" (see wait_for).
 static cudaError_t wait_for_event(const char* call, cudaEvent_t event) {
-    std::lock_guard<std::mutex> lock(state_mutex);
-    Event* e = live_event(event);
-    if (!e) return fail(cudaErrorInvalidResourceHandle);
-    if (e->captured_by) {
-        std::fprintf(stderr, "cuda-sim: %s of an event last recorded in a capturing stream (capture %llu)\n",
-                     call, e->captured_by);
-        for (Capture* c : captures)
-            if (c->id == e->captured_by) invalidate(c, std::string(call) + " of a captured event");
-        return fail(cudaErrorCapturedEvent);
+    Stream* st;
+    unsigned long long seq;
+    {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        Event* e = live_event(event);
+        if (!e) return fail(cudaErrorInvalidResourceHandle);
+        if (e->captured_by) {
+            std::fprintf(stderr, "cuda-sim: %s of an event last recorded in a capturing stream (capture %llu)\n",
+                         call, e->captured_by);
+            for (Capture* c : captures)
+                if (c->id == e->captured_by) invalidate(c, std::string(call) + " of a captured event");
+            return fail(cudaErrorCapturedEvent);
+        }
+        st = e->stream;
+        seq = e->seq;
+        if (st && st != &legacy_stream && st != &per_thread_stream && !live_streams.count(st))
+            st = nullptr;  // destroyed since, which ran its work
     }
-    return cudaSuccess;
+    if (!st) return cudaSuccess;
+    const cudaError_t err = drain_to(st, seq);
+    return err == cudaSuccess ? err : fail(err);
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t event) { return wait_for_event("cudaEventSynchronize", event); }
 cudaError_t cudaEventQuery(cudaEvent_t event) { return wait_for_event("cudaEventQuery", event); }
 
-// A wait for work that has run is nothing, outside capture. In a capture, waiting for an event
-// recorded in the same capture is a no-op (one stream, in order); a wait that would join
-// another stream into the capture, or reach out of it, is not simulated.
+// Outside capture, the stream's later work waits for the work the event marks (a queued
+// wait that runs it). In a capture, waiting for an event recorded in the same capture is a
+// no-op (one stream, in order); a wait that would join another stream into the capture, or
+// reach out of it, is not simulated.
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags) {
     std::lock_guard<std::mutex> lock(state_mutex);
     Event* e = live_event(event);
@@ -1080,6 +1252,17 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
                      "joins of captures are not simulated)\n");
         return fail(cudaErrorNotSupported);
     }
+    Stream* marked = e->stream;
+    if (in || !marked || marked == st || eager()) return cudaSuccess;
+    const unsigned long long seq = e->seq;
+    st->queue.push_back(Op{++op_serial, "cudaStreamWaitEvent", [marked, seq] {
+        {
+            std::lock_guard<std::mutex> lock(state_mutex);
+            if (marked != &legacy_stream && marked != &per_thread_stream && !live_streams.count(marked))
+                return cudaSuccess;  // destroyed since, which ran its work
+        }
+        return drain_to(marked, seq);
+    }});
     return cudaSuccess;
 }
 
@@ -1285,15 +1468,23 @@ static cudaError_t free_device(const char* call, void* ptr) {
             return fail(cudaErrorInvalidValue);
         }
         device_used -= it->second;
+        std::memset(ptr, 0xFF, it->second);  // a later read through a stale pointer: NaN
         allocations.erase(it);
     }
     std::free(ptr);
     return cudaSuccess;
 }
 
+static bool is_allocation(void* ptr) {
+    std::lock_guard<std::mutex> lock(alloc_mutex);
+    return allocations.count(reinterpret_cast<uintptr_t>(ptr)) != 0;
+}
+
 cudaError_t cudaFree(void* ptr) {
     const cudaError_t unsafe = check_unsafe_locked("cudaFree");  // cudaFree synchronizes
-    return unsafe != cudaSuccess ? unsafe : free_device("cudaFree", ptr);
+    if (unsafe != cudaSuccess) return unsafe;
+    drain_all();  // its failures belong to the work that failed
+    return free_device("cudaFree", ptr);
 }
 
 // Stream-ordered allocations happen at once (the work before them has run). Into a capturing
@@ -1316,9 +1507,12 @@ cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t stream) {
     const cudaError_t err = check_alloc_stream("cudaMallocAsync", stream);
     return err != cudaSuccess ? err : alloc_device(ptr, bytes);
 }
+// The block goes back when the stream's work before it has run.
 cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream) {
     const cudaError_t err = check_alloc_stream("cudaFreeAsync", stream);
-    return err != cudaSuccess ? err : free_device("cudaFreeAsync", ptr);
+    if (err != cudaSuccess) return err;
+    if (ptr && !is_allocation(ptr)) return free_device("cudaFreeAsync", ptr);  // says why
+    return pyr_sim::enqueue(stream, "cudaFreeAsync", [ptr] { return free_device("cudaFreeAsync", ptr); });
 }
 
 // Page-locked host memory: host memory here, tracked so that cudaFreeHost can check it.
@@ -1338,10 +1532,38 @@ cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int flags) {
 }
 cudaError_t cudaMallocHost(void** ptr, size_t bytes) { return cudaHostAlloc(ptr, bytes, cudaHostAllocDefault); }
 
+// Whether [p, p + bytes) lies in one pinned allocation.
+static bool is_pinned(const void* p, size_t bytes) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    std::lock_guard<std::mutex> lock(alloc_mutex);
+    auto it = host_allocations.upper_bound(a);
+    if (it == host_allocations.begin()) return false;
+    --it;
+    return a - it->first <= it->second && bytes <= it->second - (a - it->first);
+}
+
+// Pinned ranges that queued copies have yet to read (start, bytes) -> how many.
+static std::map<std::pair<uintptr_t, size_t>, int> pinned_reads;  // under alloc_mutex
+
+static void note_pinned_read(const void* p, size_t bytes, int delta) {
+    std::lock_guard<std::mutex> lock(alloc_mutex);
+    const auto key = std::make_pair(reinterpret_cast<uintptr_t>(p), bytes);
+    if ((pinned_reads[key] += delta) == 0) pinned_reads.erase(key);
+}
+
+static bool pinned_read_pending(const void* p, size_t bytes) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    std::lock_guard<std::mutex> lock(alloc_mutex);
+    for (const auto& r : pinned_reads)
+        if (r.first.first < a + bytes && a < r.first.first + r.first.second) return true;
+    return false;
+}
+
 cudaError_t cudaFreeHost(void* ptr) {
     const cudaError_t unsafe = check_unsafe_locked("cudaFreeHost");  // synchronizes too
     if (unsafe != cudaSuccess) return unsafe;
     if (!ptr) return cudaSuccess;
+    drain_all();
     {
         std::lock_guard<std::mutex> lock(alloc_mutex);
         if (host_allocations.erase(reinterpret_cast<uintptr_t>(ptr)) == 0) {
@@ -1388,10 +1610,13 @@ static cudaError_t check_sync_call(const char* call) {
     return err != cudaSuccess ? err : check_unsafe(call);
 }
 
+// A synchronous call runs on the legacy stream: after its work and the blocking streams'
+// (not after a non-blocking stream's).
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
     const cudaError_t err = check_sync_call("cudaMemcpy");
     if (err != cudaSuccess) return err;
     if (!valid_kind(kind)) return fail(cudaErrorInvalidValue);
+    pyr_sim::wait_stream(cudaStreamLegacy);
     std::lock_guard<std::recursive_mutex> lock(device_mutex);
     const cudaError_t st = copy_now(dst, src, bytes, kind);
     return st == cudaSuccess ? st : fail(st);
@@ -1407,12 +1632,47 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
     }
     char what[96];
     std::snprintf(what, sizeof what, "cudaMemcpyAsync of %zu bytes", bytes);
+    if (bytes == 0 || eager() || pyr_sim::capturing(stream))
+        return pyr_sim::enqueue(stream, what, [=] { return copy_now(dst, src, bytes, kind); });
+
+    // The host side(s) of the copy, and how CUDA treats them ("API synchronization behavior").
+    const bool dst_host = kind == cudaMemcpyDefault ? !is_device_range(dst, bytes)
+                          : kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyHostToHost;
+    const bool src_host = kind == cudaMemcpyDefault ? !is_device_range(src, bytes)
+                          : kind == cudaMemcpyHostToDevice || kind == cudaMemcpyHostToHost;
+    if (dst_host && !is_pinned(dst, bytes)) {  // into pageable memory: returns when done
+        const cudaError_t err = pyr_sim::enqueue(stream, what, [=] { return copy_now(dst, src, bytes, kind); });
+        return err != cudaSuccess ? err : pyr_sim::wait_stream(stream);
+    }
+    if (src_host) {
+        // Pageable: staged before the call returns. Pinned: read when the copy runs; a host
+        // that rewrites it before then races the copy, which reports it.
+        const bool pinned = is_pinned(src, bytes);
+        auto copy = std::make_shared<const std::vector<char>>(static_cast<const char*>(src),
+                                                              static_cast<const char*>(src) + bytes);
+        if (pinned) note_pinned_read(src, bytes, +1);
+        return pyr_sim::enqueue(stream, what, [=] {
+            if (!pinned) return copy_now(dst, copy->data(), bytes, kind);
+            note_pinned_read(src, bytes, -1);
+            if (std::memcmp(src, copy->data(), bytes) != 0) {
+                std::fprintf(stderr, "cuda-sim: the pinned source of a cudaMemcpyAsync (%zu bytes at %p) "
+                             "was rewritten by the host before the copy ran: wait for the copy (an "
+                             "event or the stream) before reusing the buffer\n", bytes, src);
+                return cudaErrorIllegalState;
+            }
+            return copy_now(dst, src, bytes, kind);
+        });
+    }
+    // Into pinned memory: poisoned (NaN) until the copy runs, so that a host reading it
+    // before waiting sees it; not where a queued copy still has to read it.
+    if (dst_host && !pinned_read_pending(dst, bytes)) std::memset(dst, 0xFF, bytes);
     return pyr_sim::enqueue(stream, what, [=] { return copy_now(dst, src, bytes, kind); });
 }
 
 cudaError_t cudaMemset(void* ptr, int value, size_t bytes) {
     const cudaError_t err = check_sync_call("cudaMemset");
     if (err != cudaSuccess) return err;
+    pyr_sim::wait_stream(cudaStreamLegacy);
     std::lock_guard<std::recursive_mutex> lock(device_mutex);
     const cudaError_t st = set_now(ptr, value, bytes);
     return st == cudaSuccess ? st : fail(st);

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -33,6 +34,12 @@ struct Stream {
         REQUIRE(cudaStreamCreateWithFlags(&s, flags) == cudaSuccess);
     }
     ~Stream() { cudaStreamDestroy(s); }
+};
+
+struct Event {
+    cudaEvent_t e = nullptr;
+    Event() { REQUIRE(cudaEventCreateWithFlags(&e, cudaEventDisableTiming) == cudaSuccess); }
+    ~Event() { cudaEventDestroy(e); }
 };
 
 // Stores x (exactly representable) as `t` at element i of p.
@@ -77,6 +84,7 @@ void check_gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t t
     REQUIRE(cudaMemcpy(C.p, c.data(), c.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
     REQUIRE(cublasGemmEx(handle, ta, tb, m, n, k, &alpha, A.p, t, lda, B.p, t, ldb, &beta, C.p,
                          CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);  // the handle's stream is non-blocking
     std::vector<float> got(c.size());
     REQUIRE(cudaMemcpy(got.data(), C.p, got.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess);
     size_t bad = 0;
@@ -169,6 +177,7 @@ TEST_CASE("cuda-sim: a captured graph replays its work with the device memory of
     CHECK(cudaGraphGetNodes(graph, nullptr, &n_nodes) == cudaSuccess);
     CHECK(n_nodes == 3);
     std::vector<uint8_t> bytes(64);
+    REQUIRE(cudaStreamSynchronize(side.s) == cudaSuccess);  // cudaMemcpy does not wait for it
     REQUIRE(cudaMemcpy(bytes.data(), other.p, 64, cudaMemcpyDeviceToHost) == cudaSuccess);
     CHECK(bytes == std::vector<uint8_t>(64, 7));
     // nothing captured ran
@@ -200,6 +209,7 @@ TEST_CASE("cuda-sim: a captured graph replays its work with the device memory of
     const std::vector<int32_t> pick{3, 3};
     REQUIRE(cudaMemcpy(index.p, pick.data(), 8, cudaMemcpyHostToDevice) == cudaSuccess);
     REQUIRE(cudaGraphLaunch(outer_exec, s.s) == cudaSuccess);
+    REQUIRE(cudaStreamSynchronize(s.s) == cudaSuccess);
     for (int c = 0; c < 2 * cols; ++c) CHECK(out[c] == 300 + c % cols);
     CHECK(cudaGraphExecDestroy(outer_exec) == cudaSuccess);
     CHECK(cudaGraphDestroy(outer) == cudaSuccess);
@@ -343,4 +353,109 @@ TEST_CASE("cuda-sim: calls CUDA refuses during a stream capture fail and invalid
         CHECK(cudaStreamEndCapture(s.s, &graph) == cudaErrorIllegalState);
         cudaGetLastError();
     }
+}
+
+TEST_CASE("cuda-sim: queued work runs only when the host waits for it, in CUDA's order") {
+    if (const char* eager = std::getenv("PYR_SIM_EAGER"); eager && std::strcmp(eager, "0") != 0) {
+        MESSAGE("PYR_SIM_EAGER is set: work runs when it is queued; nothing to check here");
+        return;
+    }
+    constexpr size_t n = 64;
+    Dev a(n), b(n);
+    uint8_t* pinned = nullptr;
+    REQUIRE(cudaHostAlloc(reinterpret_cast<void**>(&pinned), n, cudaHostAllocPortable) == cudaSuccess);
+    std::vector<uint8_t> host(n, 1), got(n);
+    Stream s, t;
+    REQUIRE(cudaMemset(a.p, 0, n) == cudaSuccess);
+    REQUIRE(cudaMemset(b.p, 0, n) == cudaSuccess);
+
+    SUBCASE("a copy into pinned memory shows poison until the stream is waited for") {
+        REQUIRE(cudaMemsetAsync(a.p, 5, n, s.s) == cudaSuccess);
+        REQUIRE(cudaMemcpyAsync(pinned, a.p, n, cudaMemcpyDeviceToHost, s.s) == cudaSuccess);
+        CHECK(pinned[0] == 0xFF);  // not run yet
+        REQUIRE(cudaStreamSynchronize(s.s) == cudaSuccess);
+        CHECK(pinned[0] == 5);
+        CHECK(pinned[n - 1] == 5);
+    }
+    SUBCASE("a copy into pageable memory returns when done") {
+        REQUIRE(cudaMemsetAsync(a.p, 6, n, s.s) == cudaSuccess);
+        REQUIRE(cudaMemcpyAsync(got.data(), a.p, n, cudaMemcpyDeviceToHost, s.s) == cudaSuccess);
+        CHECK(got == std::vector<uint8_t>(n, 6));
+    }
+    SUBCASE("a pageable source is staged when the copy is queued") {
+        REQUIRE(cudaMemcpyAsync(a.p, host.data(), n, cudaMemcpyHostToDevice, s.s) == cudaSuccess);
+        host.assign(n, 2);  // allowed: the bytes were taken
+        REQUIRE(cudaMemcpyAsync(got.data(), a.p, n, cudaMemcpyDeviceToHost, s.s) == cudaSuccess);
+        CHECK(got == std::vector<uint8_t>(n, 1));
+    }
+    SUBCASE("a pinned source rewritten before its copy ran is reported") {
+        std::memset(pinned, 3, n);
+        REQUIRE(cudaMemcpyAsync(a.p, pinned, n, cudaMemcpyHostToDevice, s.s) == cudaSuccess);
+        pinned[7] = 4;  // the race: the copy has not read it yet
+        CHECK(cudaStreamSynchronize(s.s) == cudaErrorIllegalState);
+        cudaGetLastError();
+        // rewritten after the wait: fine
+        REQUIRE(cudaMemcpyAsync(a.p, pinned, n, cudaMemcpyHostToDevice, s.s) == cudaSuccess);
+        REQUIRE(cudaStreamSynchronize(s.s) == cudaSuccess);
+        pinned[7] = 5;
+        REQUIRE(cudaMemcpy(got.data(), a.p, n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        CHECK(got[7] == 4);
+    }
+    SUBCASE("an event waits for the work before it, not after it") {
+        Event e;
+        REQUIRE(cudaMemsetAsync(a.p, 7, n, s.s) == cudaSuccess);
+        REQUIRE(cudaEventRecord(e.e, s.s) == cudaSuccess);
+        REQUIRE(cudaMemsetAsync(b.p, 8, n, s.s) == cudaSuccess);
+        REQUIRE(cudaEventSynchronize(e.e) == cudaSuccess);
+        // a synchronous copy waits for neither: s is non-blocking
+        REQUIRE(cudaMemcpy(got.data(), a.p, n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        CHECK(got == std::vector<uint8_t>(n, 7));
+        REQUIRE(cudaMemcpy(got.data(), b.p, n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        CHECK(got == std::vector<uint8_t>(n, 0));  // queued after the event: not run
+        REQUIRE(cudaStreamSynchronize(s.s) == cudaSuccess);
+        REQUIRE(cudaMemcpy(got.data(), b.p, n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        CHECK(got == std::vector<uint8_t>(n, 8));
+    }
+    SUBCASE("a stream that waits for an event runs the other stream's work first") {
+        Event e;
+        REQUIRE(cudaMemsetAsync(a.p, 9, n, s.s) == cudaSuccess);
+        REQUIRE(cudaEventRecord(e.e, s.s) == cudaSuccess);
+        REQUIRE(cudaStreamWaitEvent(t.s, e.e, 0) == cudaSuccess);
+        REQUIRE(cudaMemcpyAsync(b.p, a.p, n, cudaMemcpyDeviceToDevice, t.s) == cudaSuccess);
+        REQUIRE(cudaStreamSynchronize(t.s) == cudaSuccess);
+        REQUIRE(cudaMemcpy(got.data(), b.p, n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        CHECK(got == std::vector<uint8_t>(n, 9));
+    }
+    SUBCASE("the legacy stream and a blocking stream wait for each other") {
+        Stream blocking(cudaStreamDefault);
+        REQUIRE(cudaMemsetAsync(a.p, 10, n, blocking.s) == cudaSuccess);
+        REQUIRE(cudaMemcpy(got.data(), a.p, n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        CHECK(got == std::vector<uint8_t>(n, 10));
+        REQUIRE(cudaMemsetAsync(b.p, 11, n, nullptr) == cudaSuccess);
+        REQUIRE(cudaMemcpyAsync(a.p, b.p, n, cudaMemcpyDeviceToDevice, blocking.s) == cudaSuccess);
+        REQUIRE(cudaStreamSynchronize(blocking.s) == cudaSuccess);
+        REQUIRE(cudaMemcpyAsync(got.data(), a.p, n, cudaMemcpyDeviceToHost, s.s) == cudaSuccess);
+        CHECK(got == std::vector<uint8_t>(n, 11));
+    }
+    SUBCASE("a failure of queued work is the error of the wait, as on a GPU") {
+        // a block freed in one stream's order while another stream's copy still reads it
+        void* p = nullptr;
+        REQUIRE(cudaMallocAsync(&p, n, s.s) == cudaSuccess);
+        REQUIRE(cudaMemcpyAsync(a.p, p, n, cudaMemcpyDeviceToDevice, t.s) == cudaSuccess);
+        REQUIRE(cudaFreeAsync(p, s.s) == cudaSuccess);
+        REQUIRE(cudaStreamSynchronize(s.s) == cudaSuccess);
+        CHECK(cudaStreamSynchronize(t.s) == cudaErrorInvalidValue);
+        cudaGetLastError();
+    }
+    SUBCASE("cudaFreeAsync gives the block back in stream order") {
+        void* p = nullptr;
+        REQUIRE(cudaMallocAsync(&p, n, s.s) == cudaSuccess);
+        REQUIRE(cudaMemsetAsync(p, 12, n, s.s) == cudaSuccess);
+        REQUIRE(cudaMemcpyAsync(pinned, p, n, cudaMemcpyDeviceToHost, s.s) == cudaSuccess);
+        REQUIRE(cudaFreeAsync(p, s.s) == cudaSuccess);
+        REQUIRE(cudaStreamSynchronize(s.s) == cudaSuccess);
+        CHECK(pinned[0] == 12);
+    }
+    cudaGetLastError();
+    CHECK(cudaFreeHost(pinned) == cudaSuccess);
 }
