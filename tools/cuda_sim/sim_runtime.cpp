@@ -35,6 +35,8 @@
 
 #ifdef __SANITIZE_ADDRESS__
 #include <sanitizer/asan_interface.h>
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(PYR_SIM_UBSAN)
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -508,9 +510,9 @@ Pool& pool() {
 
 // ---- crash reports -----------------------------------------------------------------------
 
-// A fault in a kernel (bad pointer, misaligned vector access, fiber stack overflow; an
-// ASan report) kills the process as on the host, but first says which kernel, block and
-// thread it was.
+// A fault in a kernel (bad pointer, fiber stack overflow; an ASan or UBSan report, such as a
+// misaligned vector access) kills the process as on the host, but first says which kernel,
+// block and thread it was.
 void say_where(const char* what, const char* why) {
     if (!tw || !tw->launch || !tw->cur) return;
     const Fiber& f = *tw->cur;
@@ -549,6 +551,10 @@ void install_crash_report() {
     thread_local bool installed = false;
     if (installed) return;
     installed = true;
+#ifdef PYR_SIM_UBSAN
+    static std::once_flag ubsan;
+    std::call_once(ubsan, [] { __sanitizer_set_death_callback([] { say_where("the error above", ""); }); });
+#endif
     stack_t ss{};
     ss.ss_size = 64 * 1024;
     ss.ss_sp = mmap(nullptr, ss.ss_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

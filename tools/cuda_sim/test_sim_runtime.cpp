@@ -13,8 +13,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "kernels/kernels.h"
 
@@ -458,4 +461,31 @@ TEST_CASE("cuda-sim: queued work runs only when the host waits for it, in CUDA's
     }
     cudaGetLastError();
     CHECK(cudaFreeHost(pinned) == cudaSuccess);
+}
+
+// Run in a child process by the test below (skipped otherwise): dies in the kernel.
+TEST_CASE("cuda-sim child: a gemv reading its vector at a misaligned address" * doctest::skip()) {
+    Dev w(8 * 64 * 2), a(64 * 2 + 16), y(8 * 4);
+    // 16-byte loads of the vector, which starts 2 bytes past a 256-byte boundary
+    CHECK(pyr::kernels::gemv(pyr::kernels::Dt::F16, w.p, 8, 64, a.as<char>() + 2, 1,
+                             y.as<float>(), 8, 0.0f, nullptr) == cudaSuccess);
+    cudaDeviceSynchronize();
+    FAIL("the misaligned access was not stopped");
+}
+
+TEST_CASE("cuda-sim: a misaligned vector access stops the run and names the kernel") {
+    char self[4096] = {};
+    REQUIRE(readlink("/proc/self/exe", self, sizeof self - 1) > 0);
+    const std::string command = std::string("'") + self +
+                                "' --no-skip -tc='cuda-sim child: a gemv*' 2>&1";
+    FILE* child = popen(command.c_str(), "r");
+    REQUIRE(child != nullptr);
+    std::string output;
+    char chunk[4096];
+    for (size_t n; (n = fread(chunk, 1, sizeof chunk, child)) > 0;) output.append(chunk, n);
+    const int status = pclose(child);
+    INFO(output);
+    CHECK(status != 0);
+    CHECK(output.find("misaligned address") != std::string::npos);
+    CHECK(output.find("in kernel gemv_kernel") != std::string::npos);
 }
