@@ -765,6 +765,15 @@ cudaError_t check_legacy(const char* call) {
                   "uses the legacy stream while a blocking stream captures");
 }
 
+// The stream behind handle `s' for work or a wait that `call' queues on it (state_mutex
+// held); null, with *err set, for a bad handle or for the legacy stream while a blocking
+// stream captures.
+Stream* stream_for(const char* call, cudaStream_t s, cudaError_t* err) {
+    Stream* st = resolve(s);
+    *err = !st ? bad_stream(call, s) : st == &legacy_stream ? check_legacy(call) : cudaSuccess;
+    return *err == cudaSuccess ? st : nullptr;
+}
+
 // A "potentially unsafe" call (cudaMalloc, cudaFree, pinned allocations, synchronous copies):
 // refused on a thread that has a capture under way not begun in relaxed mode, and on a thread
 // in global mode (the default) while another thread captures in global mode; never on a
@@ -884,12 +893,9 @@ namespace pyr_sim {
 cudaError_t enqueue(cudaStream_t stream, std::string what, std::function<cudaError_t()> op) {
     {
         std::lock_guard<std::mutex> lock(state_mutex);
-        Stream* st = resolve(stream);
-        if (!st) return bad_stream(what.c_str(), stream);
-        if (st == &legacy_stream) {
-            const cudaError_t err = check_legacy(what.c_str());
-            if (err != cudaSuccess) return err;
-        }
+        cudaError_t err;
+        Stream* st = stream_for(what.c_str(), stream, &err);
+        if (!st) return err;
         if (Capture* c = st->capture) {
             if (!c->invalidated.empty()) return fail(cudaErrorStreamCaptureInvalidated);
             c->nodes.push_back(std::make_shared<const Node>(Node{std::move(what), std::move(op)}));
@@ -1017,14 +1023,11 @@ cudaError_t cudaStreamGetFlags(cudaStream_t stream, unsigned int* flags) {
 static cudaError_t wait_for(const char* call, cudaStream_t stream) {
     {
         std::lock_guard<std::mutex> lock(state_mutex);
-        Stream* st = resolve(stream);
-        if (!st) return bad_stream(call, stream);
-        if (st == &legacy_stream) {
-            const cudaError_t err = check_legacy(call);
-            if (err != cudaSuccess) return err;
-        } else if (st->capture) {
+        cudaError_t err;
+        const Stream* st = stream_for(call, stream, &err);
+        if (!st) return err;
+        if (st->capture)
             return refuse(call, cudaErrorStreamCaptureUnsupported, {st->capture}, "of the capturing stream");
-        }
     }
     return pyr_sim::wait_stream(stream);
 }
@@ -1197,12 +1200,9 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     std::lock_guard<std::mutex> lock(state_mutex);
     Event* e = live_event(event);
     if (!e) return fail(cudaErrorInvalidResourceHandle);
-    Stream* st = resolve(stream);
-    if (!st) return bad_stream("cudaEventRecord", stream);
-    if (st == &legacy_stream) {
-        const cudaError_t err = check_legacy("cudaEventRecord");
-        if (err != cudaSuccess) return err;
-    }
+    cudaError_t err;
+    Stream* st = stream_for("cudaEventRecord", stream, &err);
+    if (!st) return err;
     if (st->capture && !st->capture->invalidated.empty()) return fail(cudaErrorStreamCaptureInvalidated);
     e->captured_by = st->capture ? st->capture->id : 0;
     e->stream = st->capture ? nullptr : st;
@@ -1246,12 +1246,9 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
     std::lock_guard<std::mutex> lock(state_mutex);
     Event* e = live_event(event);
     if (!e) return fail(cudaErrorInvalidResourceHandle);
-    Stream* st = resolve(stream);
-    if (!st) return bad_stream("cudaStreamWaitEvent", stream);
-    if (st == &legacy_stream) {
-        const cudaError_t err = check_legacy("cudaStreamWaitEvent");
-        if (err != cudaSuccess) return err;
-    }
+    cudaError_t err;
+    Stream* st = stream_for("cudaStreamWaitEvent", stream, &err);
+    if (!st) return err;
     const unsigned long long in = st->capture ? st->capture->id : 0;
     if (e->captured_by != in && !(in && !e->captured_by && (flags & cudaEventWaitExternal))) {
         std::fprintf(stderr, "cuda-sim: cudaStreamWaitEvent across a capture boundary (forks and "
@@ -1493,16 +1490,14 @@ cudaError_t cudaFree(void* ptr) {
     return free_device("cudaFree", ptr);
 }
 
-// Stream-ordered allocations happen at once (the work before them has run). Into a capturing
-// stream they would become allocation nodes, which are not simulated.
+// A stream-ordered allocation is made at once (usable by the work queued after it); a
+// stream-ordered free is queued. Into a capturing stream they would become memory nodes,
+// which are not simulated.
 static cudaError_t check_alloc_stream(const char* call, cudaStream_t stream) {
     std::lock_guard<std::mutex> lock(state_mutex);
-    Stream* st = resolve(stream);
-    if (!st) return bad_stream(call, stream);
-    if (st == &legacy_stream) {
-        const cudaError_t err = check_legacy(call);
-        if (err != cudaSuccess) return err;
-    }
+    cudaError_t err;
+    const Stream* st = stream_for(call, stream, &err);
+    if (!st) return err;
     if (st->capture) {
         std::fprintf(stderr, "cuda-sim: %s into a capturing stream: memory nodes are not simulated\n", call);
         return fail(cudaErrorNotSupported);
