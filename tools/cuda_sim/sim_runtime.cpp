@@ -65,13 +65,18 @@ cudaError_t fail(cudaError_t err) {
 std::mutex alloc_mutex;
 std::map<uintptr_t, size_t> allocations;
 
-bool is_device_range(const void* p, size_t bytes) {
+// Whether [p, p + bytes) lies inside one of the blocks (start -> size); alloc_mutex held.
+bool inside_one(const std::map<uintptr_t, size_t>& blocks, const void* p, size_t bytes) {
     const auto a = reinterpret_cast<uintptr_t>(p);
-    std::lock_guard<std::mutex> lock(alloc_mutex);
-    auto it = allocations.upper_bound(a);
-    if (it == allocations.begin()) return false;
+    auto it = blocks.upper_bound(a);
+    if (it == blocks.begin()) return false;
     --it;
     return a - it->first <= it->second && bytes <= it->second - (a - it->first);
+}
+
+bool is_device_range(const void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(alloc_mutex);
+    return inside_one(allocations, p, bytes);
 }
 
 cudaError_t bad_range(const char* call, const void* p, size_t bytes) {
@@ -1535,12 +1540,8 @@ cudaError_t cudaMallocHost(void** ptr, size_t bytes) { return cudaHostAlloc(ptr,
 
 // Whether [p, p + bytes) lies in one pinned allocation.
 static bool is_pinned(const void* p, size_t bytes) {
-    const auto a = reinterpret_cast<uintptr_t>(p);
     std::lock_guard<std::mutex> lock(alloc_mutex);
-    auto it = host_allocations.upper_bound(a);
-    if (it == host_allocations.begin()) return false;
-    --it;
-    return a - it->first <= it->second && bytes <= it->second - (a - it->first);
+    return inside_one(host_allocations, p, bytes);
 }
 
 // Pinned ranges that queued copies have yet to read (start, bytes) -> how many.
