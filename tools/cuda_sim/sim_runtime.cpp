@@ -761,10 +761,16 @@ cudaError_t refuse(const char* call, cudaError_t err, const std::vector<Capture*
 
 // Work queued on, or a wait for, the legacy stream while a blocking stream captures: the
 // implicit dependency on the capture that CUDA refuses.
-cudaError_t check_legacy(const char* call) {
+// The captures under way on blocking streams.
+std::vector<Capture*> blocking_captures() {
     std::vector<Capture*> hit;
     for (Capture* c : captures)
         if (!(c->stream->flags & cudaStreamNonBlocking)) hit.push_back(c);
+    return hit;
+}
+
+cudaError_t check_legacy(const char* call) {
+    const std::vector<Capture*> hit = blocking_captures();
     if (hit.empty()) return cudaSuccess;
     return refuse(call, cudaErrorStreamCaptureImplicit, hit,
                   "uses the legacy stream while a blocking stream captures");
@@ -850,6 +856,16 @@ cudaError_t drain(Stream* st, unsigned long long upto) {
     return first;
 }
 
+// drain() of each stream in turn; the first failure.
+cudaError_t drain_each(const std::vector<Stream*>& streams, unsigned long long upto) {
+    cudaError_t first = cudaSuccess;
+    for (Stream* st : streams) {
+        const cudaError_t err = drain(st, upto);
+        if (first == cudaSuccess) first = err;
+    }
+    return first;
+}
+
 // The blocking streams' work up to `upto': what the legacy stream waits for.
 cudaError_t drain_blocking(unsigned long long upto) {
     std::vector<Stream*> blocking{&per_thread_stream};
@@ -858,12 +874,7 @@ cudaError_t drain_blocking(unsigned long long upto) {
         for (Stream* st : live_streams)
             if (is_blocking(st)) blocking.push_back(st);
     }
-    cudaError_t first = cudaSuccess;
-    for (Stream* st : blocking) {
-        const cudaError_t err = drain(st, upto);
-        if (first == cudaSuccess) first = err;
-    }
-    return first;
+    return drain_each(blocking, upto);
 }
 
 // What a wait for `st' up to `upto' runs: its work, and on the legacy stream the blocking
@@ -883,12 +894,13 @@ cudaError_t drain_all() {
         now = op_serial;
         all.insert(all.end(), live_streams.begin(), live_streams.end());
     }
-    cudaError_t first = cudaSuccess;
-    for (Stream* st : all) {
-        const cudaError_t err = drain(st, now);
-        if (first == cudaSuccess) first = err;
-    }
-    return first;
+    return drain_each(all, now);
+}
+
+// Whether an event's stream has been destroyed since its record (which ran its work);
+// state_mutex held.
+bool destroyed(Stream* st) {
+    return st != &legacy_stream && st != &per_thread_stream && !live_streams.count(st);
 }
 
 }  // namespace
@@ -909,19 +921,13 @@ cudaError_t enqueue(cudaStream_t stream, std::string what, std::function<cudaErr
         if (!eager()) {
             const unsigned long long seq = ++op_serial;
             // the legacy stream and the blocking streams wait for each other's earlier work
-            std::function<cudaError_t()> run;
-            if (st == &legacy_stream)
-                run = [seq, op] {
-                    const cudaError_t err = drain_blocking(seq - 1);
-                    return err != cudaSuccess ? err : op();
+            const bool legacy = st == &legacy_stream;
+            std::function<cudaError_t()> run = std::move(op);
+            if (legacy || is_blocking(st))
+                run = [legacy, seq, inner = std::move(run)] {
+                    const cudaError_t err = legacy ? drain_blocking(seq - 1) : drain(&legacy_stream, seq - 1);
+                    return err != cudaSuccess ? err : inner();
                 };
-            else if (is_blocking(st))
-                run = [seq, op] {
-                    const cudaError_t err = drain(&legacy_stream, seq - 1);
-                    return err != cudaSuccess ? err : op();
-                };
-            else
-                run = std::move(op);
             st->queue.push_back(Op{seq, std::move(what), std::move(run)});
             return cudaSuccess;
         }
@@ -1110,9 +1116,8 @@ cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* 
     Stream* st = resolve(stream);
     if (!st) return bad_stream("cudaStreamIsCapturing", stream);
     if (!status) return fail(cudaErrorInvalidValue);
-    if (st == &legacy_stream)  // refused, but the capture is not invalidated
-        for (Capture* c : captures)
-            if (!(c->stream->flags & cudaStreamNonBlocking)) return fail(cudaErrorStreamCaptureImplicit);
+    if (st == &legacy_stream && !blocking_captures().empty())  // refused, not invalidating
+        return fail(cudaErrorStreamCaptureImplicit);
     *status = !st->capture ? cudaStreamCaptureStatusNone
               : st->capture->invalidated.empty() ? cudaStreamCaptureStatusActive
                                                  : cudaStreamCaptureStatusInvalidated;
@@ -1233,8 +1238,7 @@ static cudaError_t wait_for_event(const char* call, cudaEvent_t event) {
         }
         st = e->stream;
         seq = e->seq;
-        if (st && st != &legacy_stream && st != &per_thread_stream && !live_streams.count(st))
-            st = nullptr;  // destroyed since, which ran its work
+        if (st && destroyed(st)) st = nullptr;
     }
     if (!st) return cudaSuccess;
     const cudaError_t err = drain_to(st, seq);
@@ -1266,8 +1270,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
     st->queue.push_back(Op{++op_serial, "cudaStreamWaitEvent", [marked, seq] {
         {
             std::lock_guard<std::mutex> lock(state_mutex);
-            if (marked != &legacy_stream && marked != &per_thread_stream && !live_streams.count(marked))
-                return cudaSuccess;  // destroyed since, which ran its work
+            if (destroyed(marked)) return cudaSuccess;
         }
         return drain_to(marked, seq);
     }});
