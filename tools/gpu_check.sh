@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build with CUDA, run the tests (GPU ones included), optionally
 # under compute-sanitizer, and time pyramid-bench. Writes logs and results to $OUT (or
-# ./gpu-out). Stages: build test sanitize bench (default: build test bench).
+# ./gpu-out). Stages: build test sanitize bench profile (default: build test bench).
 #   tools/gpu_check.sh build test sanitize bench
+# profile: ncu over two 7B batch-1 decode steps (pyramid-bench marks them as NVTX ranges),
+# summed per kernel into profile.txt: launches, device time, share, DRAM GB/s.
 # Dependencies missing on the GPU machine (nlohmann-json, doctest) can be carried in
 # .gpu-deps/ (an install prefix: include/, share/cmake/, lib/cmake/).
 set -uo pipefail
@@ -59,17 +61,50 @@ PY
   run() { local name=$1; shift; local j
           j=$("$B" --bandwidth-gbs "${bw:-3000}" --json "$@" 2>> "$OUT/bench.log")
           echo "{\"name\": \"$name\", \"env\": \"${BENCH_ENV:-}\", \"result\": ${j:-null}}" >> "$OUT/bench.jsonl"
-          log "bench $name ${BENCH_ENV:-} $(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print({k: round(d[k], 2) for k in ('prefill_ms','decode_tokens_per_s') if k in d})" "${j:-null}" 2>&1)"; }
-  for rows in 1 2 4; do
-    BENCH_ENV="PYRAMID_GEMV_ROWS=$rows" PYRAMID_GEMV_ROWS=$rows run 7b_full --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
-  done
-  BENCH_ENV=PYRAMID_CUDA_GEMV_MAX=0 PYRAMID_CUDA_GEMV_MAX=0 run 7b_full_cublas --shape llama2-7b --batch 1 --prompt 512 --gen 256
+          log "bench $name ${BENCH_ENV:-} $(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print({k: round(d[k], 2) for k in ('prefill_ms','decode_tokens_per_s') if k in d}, 'bw fraction', round(d['bandwidth'].get('fraction') or 0, 3), 'steps', d.get('decode_steps'))" "${j:-null}" 2>&1)"; }
+  # the Done-when run, then each decode speed-up switched off alone (same machine, same call)
+  run 7b_full --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
+  BENCH_ENV=PYRAMID_CUDA_GRAPHS=0 PYRAMID_CUDA_GRAPHS=0 run 7b_full_nographs --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
+  BENCH_ENV=PYRAMID_FUSE_SWIGLU=0 PYRAMID_FUSE_SWIGLU=0 run 7b_full_unfused --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
+  BENCH_ENV=PYRAMID_ATTN_SPLITS=1 PYRAMID_ATTN_SPLITS=1 run 7b_full_nosplit --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
+  run 7b_full_p3840 --shape llama2-7b --batch 1 --prompt 3840 --gen 256
+  BENCH_ENV=PYRAMID_ATTN_SPLITS=1 PYRAMID_ATTN_SPLITS=1 run 7b_full_p3840_nosplit --shape llama2-7b --batch 1 --prompt 3840 --gen 256
+  # prefill at retention 0.5 against 7b_full's (the Done-when ratio) and the selection overhead
   for p in pyramid snapshrink snapkv h2o; do
     run 7b_$p --shape llama2-7b --batch 1 --prompt 512 --gen 256 --kv-policy $p --kv-retention 0.5 --repeat 3
   done
-  if [ -n "${BENCH_BATCH:-}" ]; then
-    run 7b_full_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256
-    run 7b_pyramid_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
-  fi
   run bundled --model models/tiny-code-llama --batch 1 --prompt 512 --gen 256
+fi
+
+if has profile; then
+  timeout 400 ncu --clock-control none --print-units base --csv --nvtx --nvtx-include "decode/" \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    ./build-gpu/bin/pyramid-bench --shape llama2-7b --batch 1 --prompt 512 --gen 2 --repeat 1 \
+    > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
+  log "profile rc=$?"
+  python3 - "$OUT/ncu.csv" <<'PY' 2>&1 | tee "$OUT/profile.txt"
+import collections, csv, re, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 5]
+head = next((i for i, r in enumerate(rows) if "Metric Name" in r), None)
+if head is None:
+    sys.exit("no ncu rows (see ncu.log)")
+cols = {n: i for i, n in enumerate(rows[head])}
+per = collections.defaultdict(lambda: {"ids": set(), "ns": 0.0, "bytes": 0.0})
+for r in rows[head + 1:]:
+    name = r[cols["Kernel Name"]].replace("(anonymous namespace)::", "").replace("void ", "")
+    name = re.split(r"[<(]", name)[0].split("::")[-1]  # gemv_kernel, rmsnorm_kernel, ...
+    k = per[name]
+    k["ids"].add(r[cols["ID"]])
+    v = float(r[cols["Metric Value"]].replace(",", "") or 0)
+    if r[cols["Metric Name"]] == "gpu__time_duration.sum":
+        k["ns"] += v
+    else:
+        k["bytes"] += v
+total = sum(k["ns"] for k in per.values()) or 1.0
+print(f"{'kernel':28s} {'launches':>8s} {'us':>10s} {'share':>7s} {'DRAM GB/s':>10s}")
+for name, k in sorted(per.items(), key=lambda kv: -kv[1]["ns"]):
+    gbs = k["bytes"] / k["ns"] if k["ns"] else 0.0
+    print(f"{name:28s} {len(k['ids']):8d} {k['ns'] / 1e3:10.1f} {100 * k['ns'] / total:6.1f}% {gbs:10.0f}")
+print(f"{'total (2 decode steps)':28s} {sum(len(k['ids']) for k in per.values()):8d} {total / 1e3:10.1f}")
+PY
 fi

@@ -36,6 +36,17 @@
 #include "model/model.h"
 #include "pyramid.h"
 
+// Decode steps are marked as NVTX ranges named "decode", so that a profiler can take them
+// alone (tools/gpu_check.sh profile: ncu --nvtx --nvtx-include "decode/"). Header-only.
+#if __has_include(<nvtx3/nvToolsExt.h>)
+#include <nvtx3/nvToolsExt.h>
+#define PYR_RANGE_PUSH(name) nvtxRangePushA(name)
+#define PYR_RANGE_POP() nvtxRangePop()
+#else
+#define PYR_RANGE_PUSH(name) ((void)0)
+#define PYR_RANGE_POP() ((void)0)
+#endif
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -106,6 +117,9 @@ const char* const kUsage =
     "                       whole batch) + the KV bytes the step's attention reads (summed\n"
     "                       over the sequences, averaged over the steps); achieved_gbs =\n"
     "                       bytes_per_step / decode_ms_per_step\n"
+    "  decode_steps         how the CUDA backend ran the decode steps (last run): replayed\n"
+    "                       from a CUDA graph, captured into one, or launched kernel by kernel\n"
+    "                       (PYRAMID_CUDA_GRAPHS=0 launches every step)\n"
     "\n"
     "KV cache policy (one policy per sequence):\n";
 
@@ -497,6 +511,7 @@ struct RunResult {
     KvBytes kv_prefill, kv_end;      // summed over the sequences
     double mean_kv_read = 0;         // KV bytes the attention read per decode step
     pyr::DeviceMemory memory;        // with the run's caches still alive
+    pyr::BackendStats steps;         // how the backend ran the run's decode steps
     nlohmann::json params;           // the first sequence's policy parameters as used
 };
 
@@ -576,7 +591,9 @@ void run_decode(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_pr
             s.policy->begin_step(1, false);
         }
         const Clock::time_point tf = Clock::now();
+        PYR_RANGE_PUSH("decode");
         backend.forward(steps.data(), int(n));
+        PYR_RANGE_POP();
         r.decode_forward_s += seconds_since(tf);
         // Before after_step compresses: the cache as this step's attention read it.
         kv_read += double(kv_bytes(seqs).bytes);
@@ -618,7 +635,12 @@ RunResult run_once(Target& t, const pyr::KvParams& kv, int32_t batch, int32_t n_
         new_sequences(*t.backend, t.config, kv, batch, n_prompt, n_prompt + n_gen, rng);
     RunResult r;
     run_prefill(*t.backend, seqs, n_prompt, r);
+    const pyr::BackendStats before = t.backend->stats();
     run_decode(*t.backend, seqs, n_prompt, n_gen, r);
+    const pyr::BackendStats after = t.backend->stats();
+    r.steps = {after.graph_replays - before.graph_replays,
+               after.graph_captures - before.graph_captures,
+               after.direct_decode_steps - before.direct_decode_steps};
     r.memory = t.backend->device_memory();
     r.params = policy_params(*seqs.front().policy);
     return r;
@@ -745,6 +767,10 @@ nlohmann::json report_json(const Options& o, const Target& t, const pyr::KvParam
           {"peak", last.memory.peak}}},
         {"bandwidth", bw},
         {"bytes_per_step", s.bytes_per_step},
+        {"decode_steps",
+         {{"graph_replays", last.steps.graph_replays},
+          {"graph_captures", last.steps.graph_captures},
+          {"launched", last.steps.direct_decode_steps}}},
         {"runs", runs_j},
     };
 }
@@ -787,6 +813,12 @@ void print_table(const Options& o, const Target& t, const pyr::KvParams& kv,
         std::printf("  device memory: weights %s, kv %s, scratch %s, peak %s\n",
                     human_bytes(double(m.weights)).c_str(), human_bytes(double(m.kv)).c_str(),
                     human_bytes(double(m.scratch)).c_str(), human_bytes(double(m.peak)).c_str());
+    const pyr::BackendStats& g = last.steps;
+    if (g.graph_replays + g.graph_captures + g.direct_decode_steps > 0)
+        std::printf("  decode steps: %llu replayed from CUDA graphs, %llu captured, %llu launched "
+                    "kernel by kernel\n",
+                    (unsigned long long)g.graph_replays, (unsigned long long)g.graph_captures,
+                    (unsigned long long)g.direct_decode_steps);
     if (o.gen > 0) {
         std::printf("  decode bandwidth model: %s per step (weights %s + kv %s) -> %.1f GB/s",
                     human_bytes(s.bytes_per_step).c_str(), human_bytes(s.weight_bytes).c_str(),

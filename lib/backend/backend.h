@@ -31,11 +31,18 @@ struct DeviceMemory {
     uint64_t weights = 0, kv = 0, scratch = 0, peak = 0;
 };
 
+// How a backend ran its steps, for benchmarks and tests (0 where it does not apply): decode
+// steps replayed from CUDA graphs, captured into new ones, launched kernel by kernel.
+struct BackendStats {
+    uint64_t graph_replays = 0, graph_captures = 0, direct_decode_steps = 0;
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
     virtual std::string device_name() const = 0;
     virtual DeviceMemory device_memory() const { return {}; }
+    virtual BackendStats stats() const { return {}; }
 
     // Empty storage for one session's cache of at most n_ctx tokens per layer.
     virtual std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) = 0;

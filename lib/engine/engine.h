@@ -54,6 +54,7 @@ public:
     BatchStats batch_stats() const;
 
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx);
+    BackendStats backend_stats() const { return backend_->stats(); }
 
     // EngineParams::prefill_chunk as given (0: none).
     int32_t prefill_chunk() const { return prefill_chunk_; }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -167,6 +168,47 @@ TEST_CASE("every KV policy keeps the same tokens on CUDA as on the CPU") {
             generate(*sc, 40);
             generate(*sg, 40);
             CHECK(sc->memory().layer_tokens == sg->memory().layer_tokens);
+        }
+    }
+}
+
+TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching each kernel") {
+    const std::string text = sample_text(1200);
+    // PYRAMID_CUDA_GRAPHS is read when the backend starts
+    auto open_with_graphs = [](bool on) {
+        setenv("PYRAMID_CUDA_GRAPHS", on ? "1" : "0", 1);
+        auto e = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
+        unsetenv("PYRAMID_CUDA_GRAPHS");
+        return e;
+    };
+    auto graphs = open_with_graphs(true), launches = open_with_graphs(false);
+    const int n_gen = 40;  // pyramid compresses every 16 generated tokens: a new plan each time
+    for (const char* name : {"full", "pyramid", "streaming"}) {
+        SUBCASE(name) {
+            pyr::KvParams kv;
+            kv.policy = name;
+            kv.retention = 0.5f;
+            auto run = [&](std::shared_ptr<pyr::Engine> e) {
+                auto s = greedy_session(e, n_gen, kv);
+                s->feed_text(text);
+                Run r = generate(*s, n_gen);
+                return std::make_pair(r, s->memory().layer_tokens);
+            };
+            const pyr::BackendStats before = graphs->backend_stats();
+            const auto [g, g_tokens] = run(graphs);
+            const pyr::BackendStats after = graphs->backend_stats();
+            const auto [l, l_tokens] = run(launches);
+            const uint64_t replays = after.graph_replays - before.graph_replays;
+            const uint64_t captures = after.graph_captures - before.graph_captures;
+            MESSAGE(name << ": " << captures << " graphs captured, " << replays << " replays, "
+                         << after.direct_decode_steps - before.direct_decode_steps
+                         << " steps launched directly");
+            REQUIRE(g.tokens == l.tokens);
+            for (size_t i = 0; i < g.logits.size(); ++i)
+                REQUIRE_MESSAGE(g.logits[i] == l.logits[i], "step " << i << ": logits differ");
+            CHECK(g_tokens == l_tokens);
+            CHECK(launches->backend_stats().graph_replays == 0);
+            if (std::string(name) == "full") CHECK(replays >= uint64_t(n_gen) / 2);
         }
     }
 }

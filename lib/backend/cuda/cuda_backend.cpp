@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -116,6 +117,10 @@ void CudaBackend::init_common() {
     kv_dim_ = c.n_head_kv * c.head_dim;
     qkv_dim_ = q_dim_ + 2 * kv_dim_;
     ctx_->make_current();
+    // PYRAMID_CUDA_GRAPHS=0: decode steps are launched kernel by kernel (for comparing)
+    const char* graphs = std::getenv("PYRAMID_CUDA_GRAPHS");
+    graphs_ = std::make_unique<StepGraphs>(ctx_, !(graphs && std::string(graphs) == "0"));
+    obs_ready_ = std::make_unique<Event>();
 }
 
 DeviceBuffer CudaBackend::upload_concat(std::initializer_list<const Tensor*> parts) {
@@ -215,7 +220,7 @@ DeviceMemory CudaBackend::device_memory() const {
     return {u.weights, u.kv, u.scratch, u.peak};
 }
 
-// ---- scratch --------------------------------------------------------------------------
+// ---- scratch and staging ---------------------------------------------------------------
 
 void CudaBackend::ensure_scratch(int32_t n_rows, int n_seq) {
     if (n_rows > s_.n_rows) {
@@ -243,6 +248,11 @@ void CudaBackend::ensure_scratch(int32_t n_rows, int n_seq) {
         s_.logits = ctx_->alloc(size_t(n_seq) * size_t(config_.n_vocab) * 4, Use::Scratch);
         s_.n_logits = size_t(n_seq);
     }
+    const size_t n_len = size_t(n_seq) * size_t(config_.n_layer);
+    if (n_len > s_.kv_len_n) {
+        s_.kv_len = ctx_->alloc(n_len * 4, Use::Scratch);
+        s_.kv_len_n = n_len;
+    }
 }
 
 // Grows the observation buffer, keeping the first `keep` floats (measured earlier this step).
@@ -257,6 +267,38 @@ void CudaBackend::ensure_obs(size_t floats, size_t keep) {
     s_.obs_floats = n;
 }
 
+void CudaBackend::ensure_scores(size_t floats) {
+    if (floats <= s_.score_floats) return;
+    s_.scores = DeviceBuffer();  // free first: the budget counts what is held
+    s_.scores = ctx_->alloc(floats * 4, Use::Scratch);
+    s_.score_floats = floats;
+}
+
+// Queues a copy of n elements to the device through the pinned staging buffer: it runs in
+// stream order behind the kernels before it, the host neither waits nor keeps `src`. The
+// staging buffer is reused from the front after each step's wait (finish_step).
+template <typename T>
+void CudaBackend::stage_upload(void* dst, const T* src, size_t n) {
+    const size_t bytes = n * sizeof(T);
+    if (bytes == 0) return;
+    size_t at = (stage_used_ + 15) & ~size_t(15);
+    if (at + bytes > stage_.bytes()) {
+        ctx_->sync();  // copies still queued read the staging buffer
+        at = 0;
+        stage_.reserve(std::max(bytes, size_t(1) << 20));
+    }
+    char* p = stage_.as<char>() + at;
+    std::memcpy(p, src, bytes);
+    PYR_CUDA_CHECK(cudaMemcpyAsync(dst, p, bytes, cudaMemcpyHostToDevice, ctx_->stream()));
+    stage_used_ = at + bytes;
+}
+
+BackendStats CudaBackend::stats() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const StepGraphs::Stats& g = graphs_->stats();
+    return {g.replays, g.captures, g.direct};
+}
+
 // ---- the forward pass -----------------------------------------------------------------
 
 void CudaBackend::forward(SequenceStep* batch, int n_seq) {
@@ -266,18 +308,27 @@ void CudaBackend::forward(SequenceStep* batch, int n_seq) {
         check_sequence_step(config_, batch[i], "cuda backend");
         PYR_ASSERT(cuda_storage(*batch[i].cache).kv_dim() == kv_dim_);
     }
-    for (int i = 0; i < n_seq; i += kernels::kMaxBatch)
-        forward_batch(batch + i, std::min(n_seq - i, kernels::kMaxBatch));
+    try {
+        for (int i = 0; i < n_seq; i += kernels::kMaxBatch)
+            forward_batch(batch + i, std::min(n_seq - i, kernels::kMaxBatch));
+    } catch (...) {
+        // copies queued before the failure may still read the staging buffer
+        cudaStreamSynchronize(ctx_->stream());
+        cudaGetLastError();
+        stage_used_ = 0;
+        throw;
+    }
 }
 
 // The sequences' tokens go through the layers together: one projection per weight matrix
 // for all rows of the batch, one RoPE/append launch and one attention launch per layer over
 // the ragged caches. KV policies observe and prune per sequence as on the CPU backend
-// (CpuBackend::forward_sequence is the reference narrative).
+// (CpuBackend::forward_sequence is the reference narrative). A step in which every sequence
+// decodes one token goes through decode_step instead.
 void CudaBackend::forward_batch(SequenceStep* steps, int n_seq) {
+    if (decode_step(steps, n_seq)) return;
     const ModelConfig& c = config_;
-    Context& ctx = *ctx_;
-    const cudaStream_t st = ctx.stream();
+    const cudaStream_t st = ctx_->stream();
     const int32_t half = c.head_dim / 2;
 
     std::vector<InFlight> seqs(static_cast<size_t>(n_seq));
@@ -303,196 +354,229 @@ void CudaBackend::forward_batch(SequenceStep* steps, int n_seq) {
         rope_cos_sin(rope_inv_freq(c, max_pos + 1), f.positions.data(), f.n,
                      cos.data() + size_t(f.row0) * half, sin.data() + size_t(f.row0) * half);
     }
-    upload_vector(ctx, s_.tokens, tokens);
-    upload_vector(ctx, s_.cos, cos);
-    upload_vector(ctx, s_.sin, sin);
+    stage_upload(s_.tokens.get(), tokens.data(), tokens.size());
+    stage_upload(s_.cos.get(), cos.data(), cos.size());
+    stage_upload(s_.sin.get(), sin.data(), sin.size());
     PYR_CUDA_CHECK(kernels::embed(dt_, w_.tok_embd.get(), s_.tokens.as<int32_t>(), n_rows, c.n_embd,
                                   s_.x.as<float>(), st));
 
-    std::vector<Deferred> deferred;
+    std::vector<Measured> deferred;
     size_t obs_used = 0;
     for (int il = 0; il < c.n_layer; ++il) {
         check_cancel(steps, n_seq);
-        const LayerWeights& L = w_.layers[size_t(il)];
-
-        // attention block: x += o_proj(attention(rope(q), cache + rope(k), v))
-        PYR_CUDA_CHECK(kernels::rmsnorm(dt_, s_.x.as<float>(), n_rows, c.n_embd, L.attn_norm.get(),
-                                        c.rms_norm_eps, s_.xn.get(), st));
-        linear(ctx, dt_, L.wqkv.get(), qkv_dim_, c.n_embd, s_.xn.get(), n_rows, s_.qkv.as<float>(),
-               qkv_dim_, false);
-        if (L.bqkv.get())
-            PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.qkv.as<float>(), n_rows, qkv_dim_, qkv_dim_,
-                                             L.bqkv.get(), st));
-        kernels::RopeStoreBatch rb;
-        kernels::AttnBatch ab;
-        rb.n_seq = ab.n_seq = n_seq;
-        for (int s = 0; s < n_seq; ++s) {
-            const InFlight& f = seqs[size_t(s)];
-            KvCache& cache = *steps[s].cache;
-            CudaKvStorage& kv = cuda_storage(cache);
-            PYR_ASSERT(kv.size(il) == cache.size(il));
-            const int32_t first_new = cache.size(il);
-            kv.reserve(il, first_new + f.n);
-            kv.set_size(il, first_new + f.n);
-            cache.appended(il, f.positions.data(), f.n);
-            rb.row0[s] = f.row0;
-            rb.k_cache[s] = kv.keys(il);
-            rb.v_cache[s] = kv.values(il);
-            rb.slot0[s] = first_new;
-            kernels::AttnSeq& a = ab.seq[s];
-            a.q = s_.qkv.as<float>() + int64_t(f.row0) * qkv_dim_;
-            a.q_stride = qkv_dim_;
-            a.n_q = f.n;
-            a.k = kv.keys(il);
-            a.v = kv.values(il);
-            a.n_kv = first_new + f.n;
-            a.out = s_.att.as<char>() + int64_t(f.row0) * q_dim_ * 2;
-            a.lse = s_.lse.as<float>() + int64_t(f.row0) * c.n_head;
-        }
-        rb.row0[n_seq] = n_rows;
-        // what the policies will observe after this layer: the attention kernel keeps the raw
-        // scores of the observed queries (no second pass over the keys for rows)
-        std::vector<ObservationRequest> reqs(static_cast<size_t>(n_seq));
-        size_t score_floats = 0;
-        std::vector<size_t> score_off(static_cast<size_t>(n_seq), 0);
-        for (int s = 0; s < n_seq; ++s) {
-            kernels::AttnSeq& a = ab.seq[s];
-            a.scores_from = a.n_q;  // no rows observed unless the policy asks
-            if (!steps[s].policy) continue;
-            reqs[size_t(s)] = steps[s].policy->observe(il);
-            a.scores_from = a.n_q - std::min(reqs[size_t(s)].last_rows, a.n_q);
-            score_off[size_t(s)] = score_floats;
-            score_floats += size_t(a.n_q - a.scores_from) * size_t(c.n_head) * size_t(a.n_kv);
-        }
-        if (score_floats > s_.score_floats) {
-            s_.scores = DeviceBuffer();
-            s_.scores = ctx.alloc(score_floats * 4, Use::Scratch);
-            s_.score_floats = score_floats;
-        }
-        for (int s = 0; s < n_seq; ++s)
-            if (ab.seq[s].scores_from < ab.seq[s].n_q)
-                ab.seq[s].scores = s_.scores.as<float>() + score_off[size_t(s)];
-        PYR_CUDA_CHECK(kernels::rope_store(dt_, s_.qkv.as<float>(), rb, c.n_head, c.n_head_kv,
-                                           c.head_dim, s_.cos.as<float>(), s_.sin.as<float>(), st));
-        PYR_CUDA_CHECK(kernels::attention(dt_, ab, c.n_head, c.n_head_kv, c.head_dim, st));
-        linear(ctx, dt_, L.wo.get(), c.n_embd, q_dim_, s_.att.get(), n_rows, s_.x.as<float>(),
-               c.n_embd, true);
-        if (L.bo.get())
-            PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.x.as<float>(), n_rows, c.n_embd, c.n_embd,
-                                             L.bo.get(), st));
-
-        // the policies' keep/drop decisions for this layer (lib/kv/)
-        observe_layer(il, steps, ab, reqs, seqs, deferred, obs_used);
+        const LayerBatch lb = describe_layer(il, steps, seqs);
+        attention_block(il, lb, n_rows, st);
+        const std::vector<Measured> now = measure_layer(il, steps, lb, seqs, deferred, obs_used);
+        // The MLP runs on every row while the measurements travel and the policies decide;
+        // the rows they drop leave after it (row by row, so the kept rows are unaffected).
+        mlp_block(il, n_rows, st);
+        decide_layer(steps, now, seqs);
         n_rows = 0;
         for (const InFlight& f : seqs) n_rows += f.n;
-
-        // MLP block: x += down(silu(gate(xn)) * up(xn))
-        PYR_CUDA_CHECK(kernels::rmsnorm(dt_, s_.x.as<float>(), n_rows, c.n_embd, L.ffn_norm.get(),
-                                        c.rms_norm_eps, s_.xn.get(), st));
-        linear(ctx, dt_, L.w_gate_up.get(), 2 * c.n_ff, c.n_embd, s_.xn.get(), n_rows,
-               s_.gu.as<float>(), 2 * c.n_ff, false);
-        if (L.b_gate_up.get())
-            PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.gu.as<float>(), n_rows, 2 * c.n_ff, 2 * c.n_ff,
-                                             L.b_gate_up.get(), st));
-        PYR_CUDA_CHECK(kernels::silu_mul(dt_, s_.gu.as<float>(), n_rows, c.n_ff, s_.h.get(), st));
-        linear(ctx, dt_, L.w_down.get(), c.n_embd, c.n_ff, s_.h.get(), n_rows, s_.x.as<float>(),
-               c.n_embd, true);
-        if (L.b_down.get())
-            PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.x.as<float>(), n_rows, c.n_embd, c.n_embd,
-                                             L.b_down.get(), st));
     }
 
     // output head on each sequence's last token: logits (n_out, n_vocab)
     std::vector<int32_t> last_rows;
-    std::vector<int> out_seq;
+    std::vector<int32_t> out_seqs;
     for (int s = 0; s < n_seq; ++s)
         if (steps[s].logits) {
             last_rows.push_back(seqs[size_t(s)].row0 + seqs[size_t(s)].n - 1);
-            out_seq.push_back(s);
+            out_seqs.push_back(s);
         }
     const int32_t n_out = int32_t(last_rows.size());
-    std::vector<float> logits;
     if (n_out > 0) {
-        upload_vector(ctx, s_.rows_index, last_rows);
+        stage_upload(s_.rows_index.get(), last_rows.data(), last_rows.size());
         PYR_CUDA_CHECK(kernels::gather_rows(s_.x.get(), size_t(c.n_embd) * 4, s_.rows_index.as<int32_t>(),
                                             n_out, s_.x_tmp.get(), st));
-        PYR_CUDA_CHECK(kernels::rmsnorm(dt_, s_.x_tmp.as<float>(), n_out, c.n_embd, w_.output_norm.get(),
-                                        c.rms_norm_eps, s_.xn.get(), st));
-        const void* head = w_.output.get() ? w_.output.get() : w_.tok_embd.get();
-        linear(ctx, dt_, head, c.n_vocab, c.n_embd, s_.xn.get(), n_out, s_.logits.as<float>(),
-               c.n_vocab, false);
-        logits.resize(size_t(n_out) * size_t(c.n_vocab));
-        PYR_CUDA_CHECK(cudaMemcpyAsync(logits.data(), s_.logits.get(), logits.size() * 4,
-                                       cudaMemcpyDeviceToHost, st));
+        output_head(s_.x_tmp.as<float>(), n_out, st);
     }
-    ctx.sync();
-    for (int i = 0; i < n_out; ++i)
-        std::copy_n(logits.data() + size_t(i) * size_t(c.n_vocab), c.n_vocab, steps[out_seq[size_t(i)]].logits);
-    finish_deferred(steps, deferred, obs_used);
+    finish_step(steps, out_seqs, deferred, obs_used);
 }
 
-// After layer il's attention: measures what each sequence's policy asks for. In a first
-// prefill the policy decides now (its keep set changes what deeper layers compute); in
-// later steps the measurements stay on the device until the step ends (no stall per layer).
-void CudaBackend::observe_layer(int il, SequenceStep* steps, const kernels::AttnBatch& ab,
-                                const std::vector<ObservationRequest>& reqs,
-                                std::vector<InFlight>& seqs, std::vector<Deferred>& deferred,
-                                size_t& obs_used) {
+// Layer il's launch descriptors for the batch, after the bookkeeping of the append (each
+// cache grows by its sequence's rows), and what each policy observes at this layer.
+CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
+                                                    const std::vector<InFlight>& seqs) {
     const ModelConfig& c = config_;
-    Context& ctx = *ctx_;
+    const int n_seq = int(seqs.size());
+    LayerBatch lb;
+    lb.rope.n_seq = lb.attn.n_seq = n_seq;
+    lb.reqs.resize(seqs.size());
+    std::vector<size_t> score_off(seqs.size(), 0);
+    size_t score_floats = 0;
+    int32_t n_rows = 0;
+    for (int s = 0; s < n_seq; ++s) {
+        const InFlight& f = seqs[size_t(s)];
+        KvCache& cache = *steps[s].cache;
+        CudaKvStorage& kv = cuda_storage(cache);
+        PYR_ASSERT(kv.size(il) == cache.size(il));
+        const int32_t first_new = cache.size(il);
+        kv.reserve(il, first_new + f.n);
+        kv.set_size(il, first_new + f.n);
+        cache.appended(il, f.positions.data(), f.n);
+        lb.rope.row0[s] = f.row0;
+        lb.rope.k_cache[s] = kv.keys(il);
+        lb.rope.v_cache[s] = kv.values(il);
+        lb.rope.slot0[s] = first_new;
+        kernels::AttnSeq& a = lb.attn.seq[s];
+        a.q = s_.qkv.as<float>() + int64_t(f.row0) * qkv_dim_;
+        a.q_stride = qkv_dim_;
+        a.n_q = f.n;
+        a.k = kv.keys(il);
+        a.v = kv.values(il);
+        a.n_kv = first_new + f.n;
+        a.out = s_.att.as<char>() + int64_t(f.row0) * q_dim_ * 2;
+        a.lse = s_.lse.as<float>() + int64_t(f.row0) * c.n_head;
+        // the attention kernel keeps the raw scores of the observed queries (no second pass
+        // over the keys for the rows)
+        a.scores_from = a.n_q;  // no rows observed unless the policy asks
+        if (steps[s].policy) {
+            lb.reqs[size_t(s)] = steps[s].policy->observe(il);
+            a.scores_from = a.n_q - std::min(lb.reqs[size_t(s)].last_rows, a.n_q);
+            score_off[size_t(s)] = score_floats;
+            score_floats += size_t(a.n_q - a.scores_from) * size_t(c.n_head) * size_t(a.n_kv);
+        }
+        n_rows += f.n;
+    }
+    lb.rope.row0[n_seq] = n_rows;
+    ensure_scores(score_floats);
+    for (int s = 0; s < n_seq; ++s)
+        if (lb.attn.seq[s].scores_from < lb.attn.seq[s].n_q)
+            lb.attn.seq[s].scores = s_.scores.as<float>() + score_off[size_t(s)];
+    return lb;
+}
+
+// x += o_proj(attention(rope(q), cache + rope(k), v)) over the batch's n_rows rows.
+void CudaBackend::attention_block(int il, const LayerBatch& lb, int32_t n_rows, cudaStream_t st) {
+    const ModelConfig& c = config_;
+    const LayerWeights& L = w_.layers[size_t(il)];
+    PYR_CUDA_CHECK(kernels::rmsnorm(dt_, s_.x.as<float>(), n_rows, c.n_embd, L.attn_norm.get(),
+                                    c.rms_norm_eps, s_.xn.get(), st));
+    linear(*ctx_, st, dt_, L.wqkv.get(), qkv_dim_, c.n_embd, s_.xn.get(), n_rows,
+           s_.qkv.as<float>(), qkv_dim_, false);
+    if (L.bqkv.get())
+        PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.qkv.as<float>(), n_rows, qkv_dim_, qkv_dim_,
+                                         L.bqkv.get(), st));
+    PYR_CUDA_CHECK(kernels::rope_store(dt_, s_.qkv.as<float>(), lb.rope, c.n_head, c.n_head_kv,
+                                       c.head_dim, s_.cos.as<float>(), s_.sin.as<float>(), st));
+    PYR_CUDA_CHECK(kernels::attention(dt_, lb.attn, c.n_head, c.n_head_kv, c.head_dim, st));
+    linear(*ctx_, st, dt_, L.wo.get(), c.n_embd, q_dim_, s_.att.get(), n_rows, s_.x.as<float>(),
+           c.n_embd, true);
+    if (L.bo.get())
+        PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.x.as<float>(), n_rows, c.n_embd, c.n_embd,
+                                         L.bo.get(), st));
+}
+
+// x += down(silu(gate(xn)) * up(xn)) over n_rows rows.
+void CudaBackend::mlp_block(int il, int32_t n_rows, cudaStream_t st) {
+    const ModelConfig& c = config_;
+    const LayerWeights& L = w_.layers[size_t(il)];
+    PYR_CUDA_CHECK(kernels::rmsnorm(dt_, s_.x.as<float>(), n_rows, c.n_embd, L.ffn_norm.get(),
+                                    c.rms_norm_eps, s_.xn.get(), st));
+    linear(*ctx_, st, dt_, L.w_gate_up.get(), 2 * c.n_ff, c.n_embd, s_.xn.get(), n_rows,
+           s_.gu.as<float>(), 2 * c.n_ff, false);
+    if (L.b_gate_up.get())
+        PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.gu.as<float>(), n_rows, 2 * c.n_ff, 2 * c.n_ff,
+                                         L.b_gate_up.get(), st));
+    PYR_CUDA_CHECK(kernels::silu_mul(dt_, s_.gu.as<float>(), n_rows, c.n_ff, s_.h.get(), st));
+    linear(*ctx_, st, dt_, L.w_down.get(), c.n_embd, c.n_ff, s_.h.get(), n_rows, s_.x.as<float>(),
+           c.n_embd, true);
+    if (L.b_down.get())
+        PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.x.as<float>(), n_rows, c.n_embd, c.n_embd,
+                                         L.b_down.get(), st));
+}
+
+// logits (n_out, n_vocab) of the n_out rows of x.
+void CudaBackend::output_head(const float* x, int32_t n_out, cudaStream_t st) {
+    const ModelConfig& c = config_;
+    PYR_CUDA_CHECK(kernels::rmsnorm(dt_, x, n_out, c.n_embd, w_.output_norm.get(), c.rms_norm_eps,
+                                    s_.xn.get(), st));
+    const void* head = w_.output.get() ? w_.output.get() : w_.tok_embd.get();
+    linear(*ctx_, st, dt_, head, c.n_vocab, c.n_embd, s_.xn.get(), n_out, s_.logits.as<float>(),
+           c.n_vocab, false);
+}
+
+// After layer il's attention: measures what each sequence's policy asks for. A first
+// prefill's measurements are copied back now (returned; decide_layer waits for them): the
+// policy's keep set changes what deeper layers compute. A later step's stay on the device
+// until the step ends (`deferred`; no wait per layer).
+std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
+    int il, SequenceStep* steps, const LayerBatch& lb, const std::vector<InFlight>& seqs,
+    std::vector<Measured>& deferred, size_t& obs_used) {
+    const ModelConfig& c = config_;
+    const cudaStream_t st = ctx_->stream();
+    // places: deferred ones after what earlier layers left, this layer's first prefills after
+    // them (read back now, then free again)
+    std::vector<Measured> now, later;
+    size_t end_later = obs_used, end_now = 0;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+        if (!steps[s].policy) continue;
+        const kernels::AttnSeq& a = lb.attn.seq[s];
+        const int32_t n_obs = a.scores ? a.n_q - a.scores_from : 0;  // rows asked for
+        const bool sums = lb.reqs[s].column_sums;
+        const size_t need = size_t(n_obs) * size_t(a.n_kv) + (sums ? size_t(a.n_kv) : 0);
+        size_t& end = seqs[s].first_prefill ? end_now : end_later;
+        Measured m{int(s), il, n_obs, a.n_kv, SIZE_MAX, SIZE_MAX};
+        if (n_obs > 0) m.rows_off = end;
+        if (sums) m.sums_off = end + size_t(n_obs) * size_t(a.n_kv);
+        end += need;
+        (seqs[s].first_prefill ? now : later).push_back(m);
+    }
+    ensure_obs(end_later + end_now, obs_used);
+    float* base = s_.obs.as<float>();
+    auto launch = [&](const Measured& m, size_t shift) {
+        const kernels::AttnSeq& a = lb.attn.seq[size_t(m.seq)];
+        if (m.rows_off != SIZE_MAX)
+            PYR_CUDA_CHECK(kernels::attention_rows(a.scores, a.lse + int64_t(a.scores_from) * c.n_head,
+                                                   m.n_rows, c.n_head, m.n_keys,
+                                                   m.n_keys - a.n_q + a.scores_from,
+                                                   base + shift + m.rows_off, st));
+        if (m.sums_off != SIZE_MAX) {
+            PYR_CUDA_CHECK(cudaMemsetAsync(base + shift + m.sums_off, 0, size_t(m.n_keys) * 4, st));
+            PYR_CUDA_CHECK(kernels::attention_col_sums(dt_, a, c.n_head, c.n_head_kv, c.head_dim,
+                                                       base + shift + m.sums_off, st));
+        }
+    };
+    for (const Measured& m : later) launch(m, 0);
+    for (const Measured& m : now) launch(m, end_later);
+    deferred.insert(deferred.end(), later.begin(), later.end());
+    obs_used = end_later;
+    if (end_now > 0) {
+        readback_.reserve(end_now * 4);
+        PYR_CUDA_CHECK(cudaMemcpyAsync(readback_.get(), base + end_later, end_now * 4,
+                                       cudaMemcpyDeviceToHost, st));
+        obs_ready_->record(st);
+    }
+    return now;
+}
+
+// A first prefill's keep/drop decisions for one layer (lib/kv/), once the measurements are
+// on the host: the caches keep the chosen tokens and, where the policy shrinks the prefill,
+// only the kept tokens' rows go on to deeper layers.
+void CudaBackend::decide_layer(SequenceStep* steps, const std::vector<Measured>& now,
+                               std::vector<InFlight>& seqs) {
+    if (now.empty()) return;
+    obs_ready_->wait();  // not the stream: the MLP queued behind the copy goes on
     std::vector<std::vector<int32_t>> kept_rows(seqs.size());
     bool shrink = false;
-    for (size_t s = 0; s < seqs.size(); ++s) {
+    for (const Measured& m : now) {
+        const size_t s = size_t(m.seq);
         KvPolicy* policy = steps[s].policy;
-        if (!policy) continue;
-        InFlight& f = seqs[s];
         KvCache& cache = *steps[s].cache;
-        const ObservationRequest& req = reqs[s];
-        const kernels::AttnSeq& a = ab.seq[s];
-        const int32_t n_kv = cache.size(il);
-        PYR_ASSERT(n_kv == a.n_kv);
-        const int32_t n_obs = a.scores ? a.n_q - a.scores_from : 0;  // rows asked for (forward_batch)
-        const size_t need = size_t(n_obs) * size_t(n_kv) + (req.column_sums ? size_t(n_kv) : 0);
-        ensure_obs(obs_used + need, obs_used);  // after what earlier layers left for later
-        Deferred d{int(s), il, n_obs, n_kv, SIZE_MAX, SIZE_MAX};
-        float* base = s_.obs.as<float>();
-        if (n_obs > 0) {
-            d.rows_off = obs_used;
-            PYR_CUDA_CHECK(kernels::attention_rows(a.scores, a.lse + int64_t(a.scores_from) * c.n_head,
-                                                   n_obs, c.n_head, n_kv, n_kv - f.n + a.scores_from,
-                                                   base + d.rows_off, ctx.stream()));
-        }
-        if (req.column_sums) {
-            d.sums_off = obs_used + size_t(n_obs) * size_t(n_kv);
-            PYR_CUDA_CHECK(cudaMemsetAsync(base + d.sums_off, 0, size_t(n_kv) * 4, ctx.stream()));
-            PYR_CUDA_CHECK(kernels::attention_col_sums(dt_, a, c.n_head, c.n_head_kv, c.head_dim,
-                                                       base + d.sums_off, ctx.stream()));
-        }
-        if (!f.first_prefill) {
-            deferred.push_back(d);
-            obs_used += need;
-            continue;
-        }
-        std::vector<float> host(need);
-        if (need > 0) {
-            PYR_CUDA_CHECK(cudaMemcpyAsync(host.data(), s_.obs.as<float>() + obs_used, need * 4,
-                                           cudaMemcpyDeviceToHost, ctx.stream()));
-            ctx.sync();
-        }
         Observation obs;
-        obs.n_keys = n_kv;
-        obs.n_rows = n_obs;
-        obs.rows = n_obs > 0 ? host.data() : nullptr;
-        obs.column_sums = req.column_sums ? host.data() + size_t(n_obs) * size_t(n_kv) : nullptr;
-        auto keep = policy->on_layer(il, obs, cache);
+        obs.n_keys = m.n_keys;
+        obs.n_rows = m.n_rows;
+        obs.rows = m.rows_off != SIZE_MAX ? readback_.as<float>() + m.rows_off : nullptr;
+        obs.column_sums = m.sums_off != SIZE_MAX ? readback_.as<float>() + m.sums_off : nullptr;
+        auto keep = policy->on_layer(m.il, obs, cache);
         if (!keep) continue;
-        const int32_t first_new = n_kv - f.n;
-        cache.retain(il, *keep);
-        if (!policy->shrink_prefill(il)) continue;
+        const int32_t first_new = m.n_keys - seqs[s].n;
+        cache.retain(m.il, *keep);
+        if (!policy->shrink_prefill(m.il)) continue;
         // only the kept ones among this step's tokens go on to deeper layers
         for (int32_t slot : *keep)
             if (slot >= first_new) kept_rows[s].push_back(slot - first_new);
-        PYR_ASSERT(!kept_rows[s].empty() && kept_rows[s].back() == f.n - 1);  // the last token stays
+        PYR_ASSERT(!kept_rows[s].empty() && kept_rows[s].back() == seqs[s].n - 1);  // the last token stays
         shrink = true;
     }
     if (shrink) shrink_rows(seqs, kept_rows);
@@ -521,7 +605,7 @@ void CudaBackend::shrink_rows(std::vector<InFlight>& seqs,
     }
     const cudaStream_t st = ctx_->stream();
     const size_t half = size_t(config_.head_dim / 2);
-    upload_vector(*ctx_, s_.rows_index, index);
+    stage_upload(s_.rows_index.get(), index.data(), index.size());
     const int32_t n = int32_t(index.size());
     PYR_CUDA_CHECK(kernels::gather_rows(s_.x.get(), size_t(config_.n_embd) * 4, s_.rows_index.as<int32_t>(),
                                         n, s_.x_tmp.get(), st));
@@ -534,25 +618,187 @@ void CudaBackend::shrink_rows(std::vector<InFlight>& seqs,
     std::swap(s_.sin, s_.sin_tmp);
 }
 
-// Hands the observations measured during a later step to the policies, layer by layer.
-void CudaBackend::finish_deferred(SequenceStep* steps, const std::vector<Deferred>& deferred,
-                                  size_t obs_used) {
-    if (deferred.empty()) return;
-    std::vector<float> host(obs_used);
-    if (obs_used > 0) {
-        PYR_CUDA_CHECK(cudaMemcpyAsync(host.data(), s_.obs.get(), obs_used * 4, cudaMemcpyDeviceToHost,
-                                       ctx_->stream()));
-        ctx_->sync();
-    }
-    for (const Deferred& d : deferred) {
+// The step's one wait: the logits of out_seqs (row i of s_.logits is sequence out_seqs[i]'s)
+// and the first obs_floats of the observation buffer come back together; then the policies
+// get what later steps measured, layer by layer.
+void CudaBackend::finish_step(SequenceStep* steps, const std::vector<int32_t>& out_seqs,
+                              const std::vector<Measured>& deferred, size_t obs_floats) {
+    const cudaStream_t st = ctx_->stream();
+    const size_t n_vocab = size_t(config_.n_vocab), logit_floats = out_seqs.size() * n_vocab;
+    readback_.reserve((logit_floats + obs_floats) * 4);
+    float* host = readback_.as<float>();
+    if (logit_floats > 0)
+        PYR_CUDA_CHECK(cudaMemcpyAsync(host, s_.logits.get(), logit_floats * 4,
+                                       cudaMemcpyDeviceToHost, st));
+    if (obs_floats > 0)
+        PYR_CUDA_CHECK(cudaMemcpyAsync(host + logit_floats, s_.obs.get(), obs_floats * 4,
+                                       cudaMemcpyDeviceToHost, st));
+    ctx_->sync();
+    stage_used_ = 0;
+    for (size_t i = 0; i < out_seqs.size(); ++i)
+        if (float* out = steps[out_seqs[i]].logits) std::copy_n(host + i * n_vocab, n_vocab, out);
+    const float* obs_host = host + logit_floats;
+    for (const Measured& d : deferred) {
         Observation obs;
         obs.n_keys = d.n_keys;
         obs.n_rows = d.n_rows;
-        obs.rows = d.rows_off != SIZE_MAX ? host.data() + d.rows_off : nullptr;
-        obs.column_sums = d.sums_off != SIZE_MAX ? host.data() + d.sums_off : nullptr;
+        obs.rows = d.rows_off != SIZE_MAX ? obs_host + d.rows_off : nullptr;
+        obs.column_sums = d.sums_off != SIZE_MAX ? obs_host + d.sums_off : nullptr;
         KvCache& cache = *steps[d.seq].cache;
         if (auto keep = steps[d.seq].policy->on_layer(d.il, obs, cache)) cache.retain(d.il, *keep);
     }
+}
+
+// ---- decode steps ---------------------------------------------------------------------
+
+// Everything a decode step's launches depend on besides its inputs (token ids, RoPE tables
+// and cache lengths, uploaded before them): two steps with equal keys queue the same work,
+// so one's graph replays the other.
+struct CudaBackend::DecodePlan {
+    struct Seq {               // one sequence in one layer
+        const void* k = nullptr;
+        const void* v = nullptr;
+        int32_t capacity = 0;  // bounds the cache length in the launches; scores' row stride
+        bool observed = false; // the policy measures the token's attention row
+        size_t scores_off = 0, rows_off = 0;  // floats into s_.scores and s_.obs
+    };
+    int32_t n_seq = 0;
+    std::vector<Seq> seqs;  // (n_layer, n_seq)
+    const Seq& at(int il, int s) const { return seqs[size_t(il) * size_t(n_seq) + size_t(s)]; }
+
+    StepGraphs::Key key(const Scratch& sc) const {
+        StepGraphs::Key k{uint64_t(n_seq)};
+        auto ptr = [&](const void* p) { k.push_back(uint64_t(reinterpret_cast<uintptr_t>(p))); };
+        for (const Seq& q : seqs) {
+            ptr(q.k);
+            ptr(q.v);
+            k.insert(k.end(), {uint64_t(q.capacity), uint64_t(q.observed), q.scores_off, q.rows_off});
+        }
+        // every buffer the launches touch (the weights never move)
+        for (const DeviceBuffer* b : {&sc.tokens, &sc.cos, &sc.sin, &sc.x, &sc.xn, &sc.qkv, &sc.att,
+                                      &sc.lse, &sc.gu, &sc.h, &sc.kv_len, &sc.obs, &sc.scores,
+                                      &sc.logits})
+            ptr(b->get());
+        return k;
+    }
+};
+
+// A step in which every sequence decodes one token (after its first prefill) and no policy
+// needs column sums: the bookkeeping of all layers first, then the work of the whole step
+// queued at once -- replayed from a CUDA graph where the same plan ran before (cuda_graph.h).
+// The cache lengths travel in device memory (kv_len), so a replay sees this step's. The
+// cancel flags are checked once, before. Returns false (nothing done) for other steps.
+bool CudaBackend::decode_step(SequenceStep* steps, int n_seq) {
+    const ModelConfig& c = config_;
+    for (int s = 0; s < n_seq; ++s)
+        if (steps[s].n_tokens != 1 || steps[s].cache->n_processed() == 0) return false;
+    std::vector<ObservationRequest> reqs(size_t(c.n_layer) * size_t(n_seq));
+    for (int il = 0; il < c.n_layer; ++il)
+        for (int s = 0; s < n_seq; ++s)
+            if (steps[s].policy) {
+                const ObservationRequest r = steps[s].policy->observe(il);
+                if (r.column_sums) return false;
+                reqs[size_t(il) * size_t(n_seq) + size_t(s)] = r;
+            }
+    check_cancel(steps, n_seq);
+    ensure_scratch(n_seq, n_seq);
+
+    const int32_t half = c.head_dim / 2;
+    std::vector<int32_t> tokens(static_cast<size_t>(n_seq));
+    std::vector<float> cos(size_t(n_seq) * half), sin(size_t(n_seq) * half);
+    for (int s = 0; s < n_seq; ++s) {
+        tokens[size_t(s)] = steps[s].tokens[0];
+        rope_cos_sin(rope_inv_freq(c, steps[s].positions[0] + 1), steps[s].positions, 1,
+                     cos.data() + size_t(s) * half, sin.data() + size_t(s) * half);
+    }
+    DecodePlan plan;
+    plan.n_seq = n_seq;
+    plan.seqs.resize(reqs.size());
+    std::vector<int32_t> kv_len(reqs.size());
+    std::vector<Measured> deferred;
+    size_t score_floats = 0, obs_floats = 0;
+    for (int il = 0; il < c.n_layer; ++il)
+        for (int s = 0; s < n_seq; ++s) {
+            const size_t i = size_t(il) * size_t(n_seq) + size_t(s);
+            KvCache& cache = *steps[s].cache;
+            CudaKvStorage& kv = cuda_storage(cache);
+            PYR_ASSERT(kv.size(il) == cache.size(il));
+            const int32_t n_kv = cache.size(il) + 1;
+            kv.reserve(il, n_kv);
+            kv.set_size(il, n_kv);
+            cache.appended(il, steps[s].positions, 1);
+            kv_len[i] = n_kv;
+            DecodePlan::Seq& q = plan.seqs[i];
+            q.k = kv.keys(il);
+            q.v = kv.values(il);
+            q.capacity = kv.capacity(il);
+            q.observed = reqs[i].last_rows > 0;
+            if (!q.observed) continue;
+            q.scores_off = score_floats;
+            q.rows_off = obs_floats;
+            score_floats += size_t(c.n_head) * size_t(q.capacity);
+            obs_floats += size_t(q.capacity);
+            deferred.push_back({s, il, 1, n_kv, q.rows_off, SIZE_MAX});
+        }
+    ensure_scores(score_floats);
+    ensure_obs(obs_floats, 0);
+    stage_upload(s_.tokens.get(), tokens.data(), tokens.size());
+    stage_upload(s_.cos.get(), cos.data(), cos.size());
+    stage_upload(s_.sin.get(), sin.data(), sin.size());
+    stage_upload(s_.kv_len.get(), kv_len.data(), kv_len.size());
+
+    // a graph holds no cuBLAS call: only steps whose projections all take the gemv kernel
+    graphs_->run(plan.key(s_), [&](cudaStream_t st) { encode_decode(plan, st); },
+                 linear_uses_gemv(n_seq));
+    std::vector<int32_t> out_seqs(static_cast<size_t>(n_seq));
+    for (int s = 0; s < n_seq; ++s) out_seqs[size_t(s)] = s;
+    finish_step(steps, out_seqs, deferred, obs_floats);
+    return true;
+}
+
+// Queues a decode step's work on `st`, from the plan and the uploaded inputs only (it may
+// be captured into a graph: no allocation, no wait). Row s of the batch is sequence s.
+void CudaBackend::encode_decode(const DecodePlan& plan, cudaStream_t st) {
+    const ModelConfig& c = config_;
+    const int n_seq = plan.n_seq;
+    PYR_CUDA_CHECK(kernels::embed(dt_, w_.tok_embd.get(), s_.tokens.as<int32_t>(), n_seq, c.n_embd,
+                                  s_.x.as<float>(), st));
+    for (int il = 0; il < c.n_layer; ++il) {
+        const int32_t* kv_len = s_.kv_len.as<int32_t>() + int64_t(il) * n_seq;
+        LayerBatch lb;
+        lb.rope.n_seq = lb.attn.n_seq = n_seq;
+        lb.rope.kv_len = kv_len;
+        lb.attn.kv_len = kv_len;
+        for (int s = 0; s < n_seq; ++s) {
+            const DecodePlan::Seq& q = plan.at(il, s);
+            lb.rope.row0[s] = s;
+            lb.rope.k_cache[s] = const_cast<void*>(q.k);
+            lb.rope.v_cache[s] = const_cast<void*>(q.v);
+            kernels::AttnSeq& a = lb.attn.seq[s];
+            a.q = s_.qkv.as<float>() + int64_t(s) * qkv_dim_;
+            a.q_stride = qkv_dim_;
+            a.n_q = 1;
+            a.k = q.k;
+            a.v = q.v;
+            a.n_kv = q.capacity;
+            a.out = s_.att.as<char>() + int64_t(s) * q_dim_ * 2;
+            a.lse = s_.lse.as<float>() + int64_t(s) * c.n_head;
+            a.scores_from = q.observed ? 0 : 1;
+            a.scores = q.observed ? s_.scores.as<float>() + q.scores_off : nullptr;
+        }
+        lb.rope.row0[n_seq] = n_seq;
+        attention_block(il, lb, n_seq, st);
+        for (int s = 0; s < n_seq; ++s) {
+            const DecodePlan::Seq& q = plan.at(il, s);
+            if (q.observed)
+                PYR_CUDA_CHECK(kernels::attention_rows(
+                    s_.scores.as<float>() + q.scores_off, s_.lse.as<float>() + int64_t(s) * c.n_head,
+                    1, c.n_head, q.capacity, q.capacity - 1, s_.obs.as<float>() + q.rows_off, st,
+                    kv_len + s));
+        }
+        mlp_block(il, n_seq, st);
+    }
+    output_head(s_.x.as<float>(), n_seq, st);
 }
 
 // ---- factories ------------------------------------------------------------------------

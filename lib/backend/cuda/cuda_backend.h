@@ -10,6 +10,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_context.h"
+#include "backend/cuda/cuda_graph.h"
 #include "kernels/kernels.h"
 
 namespace pyr::cuda {
@@ -28,6 +29,7 @@ public:
     void reserve(int il, int32_t n_total);
     void set_size(int il, int32_t n) { layers_[size_t(il)].size = n; }
     int32_t size(int il) const { return layers_[size_t(il)].size; }
+    int32_t capacity(int il) const { return layers_[size_t(il)].capacity; }
     void* keys(int il) const { return layers_[size_t(il)].k.get(); }    // (capacity, kv_dim)
     void* values(int il) const { return layers_[size_t(il)].v.get(); }
     int32_t kv_dim() const { return kv_dim_; }
@@ -57,6 +59,7 @@ public:
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) override;
     void forward(SequenceStep* batch, int n_seq) override;
     DeviceMemory device_memory() const override;
+    BackendStats stats() const override;
 
 private:
     struct LayerWeights {
@@ -68,9 +71,9 @@ private:
     };
     struct Scratch {
         DeviceBuffer tokens, cos, sin, x, xn, qkv, att, lse, gu, h, x_tmp, cos_tmp, sin_tmp;
-        DeviceBuffer rows_index, obs, scores, logits;
+        DeviceBuffer rows_index, kv_len, obs, scores, logits;
         int32_t n_rows = 0;  // rows the token buffers hold
-        size_t obs_floats = 0, score_floats = 0, n_logits = 0;
+        size_t kv_len_n = 0, obs_floats = 0, score_floats = 0, n_logits = 0;
     };
     // One sequence's tokens while they go through the layers.
     struct InFlight {
@@ -78,12 +81,20 @@ private:
         std::vector<int32_t> positions;   // of the rows still in flight
         bool first_prefill = false;
     };
-    // An observation measured on the device, handed to the policy after the step.
-    struct Deferred {
+    // One layer's launches over the batch: where each sequence's tokens and cache are.
+    struct LayerBatch {
+        kernels::RopeStoreBatch rope;
+        kernels::AttnBatch attn;
+        std::vector<ObservationRequest> reqs;  // what each sequence's policy observes here
+    };
+    // An observation measured on the device, handed to the policy when it has arrived on
+    // the host: in a first prefill during the same layer, otherwise after the step.
+    struct Measured {
         int seq, il;
         int32_t n_rows, n_keys;
         size_t rows_off, sums_off;  // floats into the observation buffer; SIZE_MAX: none
     };
+    struct DecodePlan;
 
     void init_common();
     void upload(const ModelWeights& w);
@@ -92,13 +103,25 @@ private:
     DeviceBuffer upload_concat(std::initializer_list<const Tensor*> parts);
     void ensure_scratch(int32_t n_rows, int n_seq);
     void ensure_obs(size_t floats, size_t keep);
+    void ensure_scores(size_t floats);
+    template <typename T> void stage_upload(void* dst, const T* src, size_t n);
+
     void forward_batch(SequenceStep* steps, int n_seq);
-    void observe_layer(int il, SequenceStep* steps, const kernels::AttnBatch& ab,
-                       const std::vector<ObservationRequest>& reqs, std::vector<InFlight>& seqs,
-                       std::vector<Deferred>& deferred, size_t& obs_used);
+    LayerBatch describe_layer(int il, SequenceStep* steps, const std::vector<InFlight>& seqs);
+    void attention_block(int il, const LayerBatch& lb, int32_t n_rows, cudaStream_t st);
+    void mlp_block(int il, int32_t n_rows, cudaStream_t st);
+    void output_head(const float* x, int32_t n_out, cudaStream_t st);
+    std::vector<Measured> measure_layer(int il, SequenceStep* steps, const LayerBatch& lb,
+                                        const std::vector<InFlight>& seqs,
+                                        std::vector<Measured>& deferred, size_t& obs_used);
+    void decide_layer(SequenceStep* steps, const std::vector<Measured>& now,
+                      std::vector<InFlight>& seqs);
     void shrink_rows(std::vector<InFlight>& seqs, const std::vector<std::vector<int32_t>>& kept);
-    void finish_deferred(SequenceStep* steps, const std::vector<Deferred>& deferred,
-                         size_t obs_used);
+    void finish_step(SequenceStep* steps, const std::vector<int32_t>& out_seqs,
+                     const std::vector<Measured>& deferred, size_t obs_floats);
+
+    bool decode_step(SequenceStep* steps, int n_seq);
+    void encode_decode(const DecodePlan& plan, cudaStream_t st);
 
     std::shared_ptr<Context> ctx_;
     std::shared_ptr<const Model> model_;  // keeps the host weights' owner alive
@@ -106,7 +129,12 @@ private:
     kernels::Dt dt_;
     Weights w_;
     Scratch s_;
-    std::mutex mutex_;  // one forward at a time: the scratch is shared
+    PinnedBuffer stage_;     // host side of the step's uploads, used from the front
+    size_t stage_used_ = 0;  // bytes of stage_ whose copies may still be queued
+    PinnedBuffer readback_;  // logits and observations copied back
+    std::unique_ptr<Event> obs_ready_;  // a first prefill's measurements of a layer are in readback_
+    std::unique_ptr<StepGraphs> graphs_;
+    mutable std::mutex mutex_;  // one forward at a time: the scratch is shared
     int32_t q_dim_ = 0, kv_dim_ = 0, qkv_dim_ = 0;
 };
 

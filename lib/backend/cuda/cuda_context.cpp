@@ -45,6 +45,7 @@ std::shared_ptr<Context> Context::open(int index, uint64_t max_bytes) {
                                       std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                                       "; pyramid needs 7.0 or newer");
     ctx->name_ = prop.name;
+    ctx->sm_count_ = prop.multiProcessorCount;
     size_t free_b = 0, total_b = 0;
     PYR_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     ctx->budget_ = max_bytes ? max_bytes : uint64_t(total_b);
@@ -141,5 +142,50 @@ void DeviceBuffer::reset() {
     ptr_ = nullptr;
     bytes_ = 0;
 }
+
+PinnedBuffer::PinnedBuffer(size_t bytes) : bytes_(bytes) {
+    if (bytes_ == 0) return;
+    const cudaError_t err = cudaHostAlloc(&ptr_, bytes_, cudaHostAllocDefault);
+    if (err != cudaSuccess) {
+        ptr_ = nullptr;
+        bytes_ = 0;
+        cudaGetLastError();
+        fail(err == cudaErrorMemoryAllocation ? PYR_ERR_OUT_OF_MEMORY : PYR_ERR_INTERNAL,
+             "cudaHostAlloc of " + std::to_string(bytes) + " bytes of page-locked memory failed: " +
+                 cudaGetErrorString(err));
+    }
+}
+
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& o) noexcept {
+    if (this != &o) {
+        if (ptr_) cudaFreeHost(ptr_);
+        ptr_ = o.ptr_;
+        bytes_ = o.bytes_;
+        o.ptr_ = nullptr;
+        o.bytes_ = 0;
+    }
+    return *this;
+}
+
+PinnedBuffer::~PinnedBuffer() {
+    if (ptr_) cudaFreeHost(ptr_);
+}
+
+void PinnedBuffer::reserve(size_t bytes) {
+    if (bytes <= bytes_) return;
+    const size_t grown = std::max(bytes, 2 * bytes_);
+    *this = PinnedBuffer();  // free first: the old contents are not needed
+    *this = PinnedBuffer(grown);
+}
+
+Event::Event() { PYR_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+
+Event::~Event() {
+    if (event_) cudaEventDestroy(event_);
+}
+
+void Event::record(cudaStream_t stream) { PYR_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+
+void Event::wait() const { PYR_CUDA_CHECK(cudaEventSynchronize(event_)); }
 
 }  // namespace pyr::cuda

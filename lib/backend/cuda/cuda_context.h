@@ -63,6 +63,46 @@ private:
     Use use_ = Use::Scratch;
 };
 
+// Page-locked host memory: the device copies to and from it on its own time (a queued copy
+// from pageable memory is staged by the calling thread instead, and one into pageable
+// memory waits), so a step's uploads and read-backs queue behind its kernels. Freeing it
+// waits for the device. Move-only.
+class PinnedBuffer {
+public:
+    PinnedBuffer() = default;
+    explicit PinnedBuffer(size_t bytes);
+    PinnedBuffer(PinnedBuffer&& o) noexcept { *this = std::move(o); }
+    PinnedBuffer& operator=(PinnedBuffer&& o) noexcept;
+    PinnedBuffer(const PinnedBuffer&) = delete;
+    PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+    ~PinnedBuffer();
+
+    void* get() const { return ptr_; }
+    template <typename T> T* as() const { return static_cast<T*>(ptr_); }
+    size_t bytes() const { return bytes_; }
+    // Makes room for at least `bytes` (contents are not kept).
+    void reserve(size_t bytes);
+
+private:
+    void* ptr_ = nullptr;
+    size_t bytes_ = 0;
+};
+
+// A point in a stream's work that the host can wait for without waiting for what was
+// queued after it.
+class Event {
+public:
+    Event();
+    ~Event();
+    Event(const Event&) = delete;
+    Event& operator=(const Event&) = delete;
+    void record(cudaStream_t stream);
+    void wait() const;
+
+private:
+    cudaEvent_t event_ = nullptr;
+};
+
 class Context : public std::enable_shared_from_this<Context> {
 public:
     // Opens device `index` with a budget of max_bytes (0 = what the device has).
@@ -73,6 +113,7 @@ public:
     cudaStream_t stream() const { return stream_; }
     cublasHandle_t cublas() const { return cublas_; }
     const std::string& name() const { return name_; }
+    int sm_count() const { return sm_count_; }
     // Makes this context's device current on the calling thread (CUDA state is per thread).
     void make_current() const;
 
@@ -88,6 +129,7 @@ private:
 
     int device_ = 0;
     std::string name_;
+    int sm_count_ = 0;
     cudaStream_t stream_ = nullptr;
     cublasHandle_t cublas_ = nullptr;
     uint64_t budget_ = 0;

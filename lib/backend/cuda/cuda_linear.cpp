@@ -14,17 +14,20 @@ static int gemv_max_tokens() {
     return n;
 }
 
-void linear(Context& ctx, kernels::Dt dt, const void* W, int32_t rows, int32_t cols,
-            const void* a, int32_t n, float* y, int32_t ld, bool accumulate) {
+bool linear_uses_gemv(int32_t n) { return n <= gemv_max_tokens(); }
+
+void linear(Context& ctx, cudaStream_t stream, kernels::Dt dt, const void* W, int32_t rows,
+            int32_t cols, const void* a, int32_t n, float* y, int32_t ld, bool accumulate) {
     if (n <= 0) return;
-    if (n <= gemv_max_tokens()) {
+    if (linear_uses_gemv(n)) {
         PYR_CUDA_CHECK(kernels::gemv(dt, W, rows, cols, a, n, y, ld, accumulate ? 1.0f : 0.0f,
-                                     ctx.stream()));
+                                     stream));
         return;
     }
     // Row-major y (n, rows) = a (n, cols) W^T is column-major y^T = W^T(col-major (cols, rows))^T a^T.
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     const cudaDataType_t t = dt == kernels::Dt::F16 ? CUDA_R_16F : CUDA_R_16BF;
+    PYR_CUBLAS_CHECK(cublasSetStream(ctx.cublas(), stream));
     PYR_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &alpha,
                                   W, t, cols, a, t, cols, &beta, y, CUDA_R_32F, ld,
                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));

@@ -8,7 +8,11 @@
 
 namespace pyr::cuda {
 
-void linear(Context& ctx, kernels::Dt dt, const void* W, int32_t rows, int32_t cols,
-            const void* a, int32_t n, float* y, int32_t ld, bool accumulate);
+// Queued on `stream` (the context's, or a stream capturing a graph).
+void linear(Context& ctx, cudaStream_t stream, kernels::Dt dt, const void* W, int32_t rows,
+            int32_t cols, const void* a, int32_t n, float* y, int32_t ld, bool accumulate);
+
+// Whether products of n tokens take the gemv kernel (else cuBLAS).
+bool linear_uses_gemv(int32_t n);
 
 }  // namespace pyr::cuda

@@ -1,0 +1,86 @@
+#include "backend/cuda/cuda_graph.h"
+
+#include "common/log.h"
+
+namespace pyr::cuda {
+
+namespace {
+// Graphs kept: a few batch compositions (sessions joining and leaving) alternate.
+constexpr size_t kMaxGraphs = 4;
+}  // namespace
+
+StepGraphs::StepGraphs(std::shared_ptr<Context> ctx, bool enabled)
+    : ctx_(std::move(ctx)), enabled_(enabled) {
+    if (enabled_) PYR_CUDA_CHECK(cudaStreamCreateWithFlags(&capture_stream_, cudaStreamNonBlocking));
+}
+
+StepGraphs::~StepGraphs() {
+    for (Entry& e : entries_) cudaGraphExecDestroy(e.exec);
+    if (capture_stream_) cudaStreamDestroy(capture_stream_);
+}
+
+// Records what `encode` queues (nothing runs) and instantiates it. Thread-local mode: other
+// threads (sessions compacting their caches) may allocate and copy meanwhile.
+cudaGraphExec_t StepGraphs::capture(const std::function<void(cudaStream_t)>& encode) {
+    cudaGraph_t graph = nullptr;
+    PYR_CUDA_CHECK(cudaStreamBeginCapture(capture_stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+        encode(capture_stream_);
+    } catch (...) {
+        cudaStreamEndCapture(capture_stream_, &graph);  // ends the broken capture
+        if (graph) cudaGraphDestroy(graph);
+        cudaGetLastError();
+        throw;
+    }
+    PYR_CUDA_CHECK(cudaStreamEndCapture(capture_stream_, &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    PYR_CUDA_CHECK(err);
+    return exec;
+}
+
+void StepGraphs::run(const Key& key, const std::function<void(cudaStream_t)>& encode,
+                     bool capturable) {
+    const cudaStream_t stream = ctx_->stream();
+    if (!enabled_ || !capturable) {
+        ++stats_.direct;
+        encode(stream);
+        return;
+    }
+    for (auto it = entries_.begin(); it != entries_.end(); ++it)
+        if (it->key == key) {
+            entries_.splice(entries_.begin(), entries_, it);
+            last_key_ = key;
+            ++stats_.replays;
+            PYR_CUDA_CHECK(cudaGraphLaunch(entries_.front().exec, stream));
+            return;
+        }
+    const bool seen_last_step = key == last_key_;
+    last_key_ = key;
+    if (!seen_last_step) {
+        ++stats_.direct;
+        encode(stream);
+        return;
+    }
+    cudaGraphExec_t exec = nullptr;
+    try {
+        exec = capture(encode);
+    } catch (const Error& e) {
+        PYR_LOG_WARN(std::string("cuda backend: capturing a decode step as a CUDA graph failed (") +
+                     e.what() + "); steps are launched directly from now on");
+        enabled_ = false;
+        ++stats_.direct;
+        encode(stream);
+        return;
+    }
+    entries_.push_front({key, exec});
+    if (entries_.size() > kMaxGraphs) {
+        cudaGraphExecDestroy(entries_.back().exec);
+        entries_.pop_back();
+    }
+    ++stats_.captures;
+    PYR_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+}
+
+}  // namespace pyr::cuda
