@@ -99,7 +99,10 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
     }
     __syncthreads();
 
-    const int32_t first_limit = sq.n_kv - sq.n_q + q0;  // last key query q0 sees
+    // the true key count: the device's (graph replays) or the host's; sq.n_kv is then only
+    // the launch's bound and the scores' row stride (clamped: never read past the cache)
+    const int32_t n_kv = batch.kv_len ? min(max(batch.kv_len[blockIdx.z], sq.n_q), sq.n_kv) : sq.n_kv;
+    const int32_t first_limit = n_kv - sq.n_q + q0;     // last key query q0 sees
     const int32_t kend = first_limit + nq;              // keys [0, kend) matter to the block
     const T* K = static_cast<const T*>(sq.k) + kvh * hd;
     const T* V = static_cast<const T*>(sq.v) + kvh * hd;
@@ -221,14 +224,17 @@ cudaError_t by_head_dim(const AttnBatch& batch, int32_t max_q, int32_t n_head,
     return launch_attention<T, QT, 8>(batch, max_q, n_head, n_head_kv, hd, stream);
 }
 
-// rows[r, j] = mean over heads of exp2(score - lse): a thread per (row, key).
+// rows[r, j] = mean over heads of exp2(score - lse): a thread per (row, key). n_kv is the
+// row stride; kv_len (optional, on the device) the true key count, to which first_limit is
+// relative then.
 __global__ void rows_kernel(const float* scores, const float* lse, int32_t n_head, int32_t n_kv,
-                            int32_t first_limit, float* rows) {
+                            int32_t first_limit, const int32_t* kv_len, float* rows) {
     const int32_t r = blockIdx.y;
     const int32_t j = int32_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (j >= n_kv) return;
+    const int32_t n_true = kv_len ? min(max(*kv_len, 0), n_kv) : n_kv;
     float p = 0.0f;
-    if (j <= first_limit + r)
+    if (j < n_true && j <= first_limit + (n_true - n_kv) + r)
         for (int h = 0; h < n_head; ++h)
             p += exp2f(scores[(int64_t(r) * n_head + h) * n_kv + j] - lse[int64_t(r) * n_head + h]);
     rows[int64_t(r) * n_kv + j] = p / float(n_head);
@@ -273,17 +279,17 @@ cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_h
         max_q = std::max(max_q, batch.seq[s].n_q);
     }
     if (max_q == 0) return cudaSuccess;
-        if (max_q < 8)
+    if (max_q < 8)
         PYR_DISPATCH_DT(dt, return (by_head_dim<T, 1>(batch, max_q, n_head, n_head_kv, head_dim, stream)));
     PYR_DISPATCH_DT(dt, return (by_head_dim<T, 8>(batch, max_q, n_head, n_head_kv, head_dim, stream)));
 }
 
 cudaError_t attention_rows(const float* scores, const float* lse, int32_t n_rows,
                           int32_t n_head, int32_t n_kv, int32_t first_limit, float* rows,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, const int32_t* kv_len) {
     if (n_rows <= 0 || n_kv <= 0) return cudaSuccess;
     const dim3 grid(blocks_for(n_kv, 128), unsigned(n_rows));
-    rows_kernel<<<grid, 128, 0, stream>>>(scores, lse, n_head, n_kv, first_limit, rows);
+    rows_kernel<<<grid, 128, 0, stream>>>(scores, lse, n_head, n_kv, first_limit, kv_len, rows);
     return cudaGetLastError();
 }
 

@@ -77,6 +77,12 @@ struct AttnSeq {
 struct AttnBatch {
     int32_t n_seq = 0;
     AttnSeq seq[kMaxBatch];
+    // Optional device array (n_seq): sequence s's true key count, read on the device (a
+    // captured CUDA graph replays its launch arguments while the caches grow).
+    // seq[s].n_kv is then an upper bound (e.g. the cache capacity) that shapes the launch
+    // and is the row stride of `scores`; queries stay the last n_q of the kv_len[s] keys
+    // (n_q <= kv_len[s] <= n_kv; the kernel clamps to that range).
+    const int32_t* kv_len = nullptr;
 };
 // head_dim: even, <= 256. Query head h reads KV head h / (n_head / n_head_kv).
 cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,
@@ -87,9 +93,13 @@ cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_h
 // attention_rows: rows (n_rows, n_kv) of n_rows consecutive queries from their raw scores
 // (n_rows, n_head, n_kv) and lse (n_rows, n_head); row r sees keys j <= first_limit + r
 // (first_limit = n_kv - n_q + the first row's query index), 0 elsewhere.
+// kv_len (optional): a device pointer to ONE value, the sequence's true key count; n_kv is
+// then the row stride of scores and of rows and bounds the launch, first_limit is taken
+// relative to the true count (first_limit + (*kv_len - n_kv)) and rows[r, j] = 0 for
+// j >= *kv_len.
 cudaError_t attention_rows(const float* scores, const float* lse, int32_t n_rows,
                            int32_t n_head, int32_t n_kv, int32_t first_limit, float* rows,
-                           cudaStream_t stream);
+                           cudaStream_t stream, const int32_t* kv_len = nullptr);
 // attention_col_sums: col_sums (n_kv), zeroed beforehand, += the probabilities summed over
 // all of the sequence's queries (recomputed from q, k and lse).
 cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,

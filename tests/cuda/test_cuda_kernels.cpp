@@ -649,19 +649,24 @@ HostAttnSeq random_attn_seq(Rng& rng, Dt dt, int32_t n_q, int32_t n_kv, int32_t 
 
 // Its device buffers. The caches get rows beyond n_kv filled with NaN: reading (and
 // weighting by zero) a key or value the sequence does not have would show in the output.
+// `capacity` (>= n_kv; 0: n_kv) is the bound the launch is given when the true count comes
+// from the device (AttnBatch::kv_len): the caches' rows and the scores' row stride.
 struct DeviceAttnSeq {
     static constexpr int32_t kSpareRows = 3;
+    int32_t cap;
     DeviceArray<float> q;
     DeviceArray<uint16_t> k, v, out;
     DeviceArray<float> lse, scores;
 
-    DeviceAttnSeq(const HostAttnSeq& h, int32_t n_head, int32_t n_head_kv, int32_t hd)
-        : q(h.q),
-          k(size_t(h.n_kv + kSpareRows) * n_head_kv * hd),
-          v(size_t(h.n_kv + kSpareRows) * n_head_kv * hd),
+    DeviceAttnSeq(const HostAttnSeq& h, int32_t n_head, int32_t n_head_kv, int32_t hd,
+                  int32_t capacity = 0)
+        : cap(std::max(capacity, h.n_kv)),
+          q(h.q),
+          k(size_t(cap + kSpareRows) * n_head_kv * hd),
+          v(size_t(cap + kSpareRows) * n_head_kv * hd),
           out(size_t(h.n_q) * n_head * hd),
           lse(size_t(h.n_q) * n_head),
-          scores(h.scores_from < 0 ? 0 : size_t(h.n_q - h.scores_from) * n_head * h.n_kv) {
+          scores(h.scores_from < 0 ? 0 : size_t(h.n_q - h.scores_from) * n_head * cap) {
         k.poison();
         v.poison();
         CUDA_OK(cudaMemcpy(k.get(), h.k.data(), h.k.size() * 2, cudaMemcpyHostToDevice));
@@ -677,7 +682,7 @@ struct DeviceAttnSeq {
         s.n_q = h.n_q;
         s.k = k.get();
         s.v = v.get();
-        s.n_kv = h.n_kv;
+        s.n_kv = cap;
         s.out = out.get();
         s.lse = lse.get();
         if (h.scores_from >= 0) {
@@ -730,8 +735,21 @@ AttnRef attention_ref(Dt dt, const HostAttnSeq& s, int32_t n_head, int32_t n_hea
     return ref;
 }
 
+// The raw scores attention() wrote for the keys each observed query sees (the others are
+// unspecified), in (query, head, key) order.
+std::vector<float> visible_scores(const HostAttnSeq& h, const DeviceAttnSeq& d, int32_t n_head) {
+    std::vector<float> got;
+    if (h.scores_from < 0) return got;
+    const std::vector<float> scores = d.scores.download();
+    for (int32_t i = h.scores_from; i < h.n_q; ++i)
+        for (int32_t hh = 0; hh < n_head; ++hh)
+            for (int32_t j = 0; j <= h.n_kv - h.n_q + i; ++j)
+                got.push_back(scores[(size_t(i - h.scores_from) * n_head + hh) * d.cap + j]);
+    return got;
+}
+
 // Checks what attention() wrote for one sequence against the reference: out, lse and the
-// raw scores of the keys each observed query sees (the others are unspecified).
+// raw scores of the keys each observed query sees.
 void check_attention(Dt dt, const HostAttnSeq& h, const DeviceAttnSeq& d, const AttnRef& ref,
                      int32_t n_head) {
     check_close(widen(dt, d.out.download()), ref.out, tol16(dt));
@@ -741,17 +759,13 @@ void check_attention(Dt dt, const HostAttnSeq& h, const DeviceAttnSeq& d, const 
         worst = std::isfinite(lse[i]) ? std::max(worst, std::abs(lse[i] - ref.lse[i])) : INFINITY;
     CHECK_MESSAGE(worst < 1e-3, "lse off by " << worst);
     if (h.scores_from < 0) return;
-    const std::vector<float> scores = d.scores.download();
-    std::vector<double> got, want;
+    std::vector<double> want;
     for (int32_t i = h.scores_from; i < h.n_q; ++i)
         for (int32_t hh = 0; hh < n_head; ++hh)
-            for (int32_t j = 0; j <= h.n_kv - h.n_q + i; ++j) {
-                const size_t r = (size_t(i - h.scores_from) * n_head + hh) * h.n_kv + j;
-                got.push_back(scores[r]);
+            for (int32_t j = 0; j <= h.n_kv - h.n_q + i; ++j)
                 want.push_back(ref.scores[(size_t(i) * n_head + hh) * h.n_kv + j]);
-            }
     INFO("raw scores of queries " << h.scores_from << "..");
-    check_close(got, want, 1e-5);
+    check_close(widen(visible_scores(h, d, n_head)), want, 1e-5);
 }
 
 struct SeqShape {
@@ -807,6 +821,61 @@ TEST_CASE("attention: causal softmax(q k / sqrt(d)) v of a ragged batch, lse and
                 }
 }
 
+TEST_CASE("attention: true key counts read on the device (kv_len) under a larger launch bound") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    // Each cache is given room for more keys than it has (the rows beyond hold NaN), the
+    // launch that bound and the true counts on the device: the plain run's bits must come out.
+    const std::vector<SeqShape> batches[] = {
+        {{1, 1}, {1, 300}, {3, 40}, {7, 7}, {2, 129}},  // decode kernel
+        {{37, 37}, {20, 133}, {1, 1}, {9, 300}},         // prefill kernel
+    };
+    const int32_t extra[] = {1, 31, 32, 100, 5};  // capacity - n_kv: within and past tiles
+    struct Heads {
+        int32_t n_head, n_head_kv;
+    };
+    for (int32_t hd : {36, 128})
+        for (const Heads& hs : {Heads{8, 2}, Heads{4, 4}})
+            for (const std::vector<SeqShape>& shapes : batches)
+                for (Dt dt : kDts) {
+                    INFO("dt " << dt_name(dt) << ", head_dim " << hd << ", heads " << hs.n_head
+                               << "/" << hs.n_head_kv << ", " << shapes.size() << " sequences");
+                    std::vector<HostAttnSeq> host;
+                    std::vector<DeviceAttnSeq> plain, bounded;
+                    plain.reserve(shapes.size());
+                    bounded.reserve(shapes.size());
+                    K::AttnBatch b_plain, b_bounded;
+                    b_plain.n_seq = b_bounded.n_seq = int32_t(shapes.size());
+                    std::vector<int32_t> lens;
+                    for (size_t s = 0; s < shapes.size(); ++s) {
+                        const int32_t scores_from = s % 2 ? 0 : shapes[s].n_q - 1;
+                        host.push_back(random_attn_seq(rng, dt, shapes[s].n_q, shapes[s].n_kv,
+                                                       hs.n_head, hs.n_head_kv, hd, scores_from));
+                        plain.emplace_back(host.back(), hs.n_head, hs.n_head_kv, hd);
+                        bounded.emplace_back(host.back(), hs.n_head, hs.n_head_kv, hd,
+                                             shapes[s].n_kv + extra[s % 5]);
+                        b_plain.seq[s] = plain.back().view(host.back());
+                        b_bounded.seq[s] = bounded.back().view(host.back());
+                        lens.push_back(shapes[s].n_kv);
+                    }
+                    DeviceArray<int32_t> d_lens(lens);
+                    b_bounded.kv_len = d_lens.get();
+                    LAUNCH_OK(K::attention(dt, b_plain, hs.n_head, hs.n_head_kv, hd, nullptr));
+                    LAUNCH_OK(K::attention(dt, b_bounded, hs.n_head, hs.n_head_kv, hd, nullptr));
+                    for (size_t s = 0; s < host.size(); ++s) {
+                        INFO("sequence " << s << " (n_q " << host[s].n_q << ", n_kv " << host[s].n_kv
+                                         << ", bound " << bounded[s].cap << ")");
+                        check_attention(dt, host[s], bounded[s],
+                                        attention_ref(dt, host[s], hs.n_head, hs.n_head_kv, hd),
+                                        hs.n_head);
+                        CHECK(count_bit_mismatches(bounded[s].out.download(), plain[s].out.download()) == 0);
+                        CHECK(count_bit_mismatches(bounded[s].lse.download(), plain[s].lse.download()) == 0);
+                        CHECK(count_bit_mismatches(visible_scores(host[s], bounded[s], hs.n_head),
+                                                   visible_scores(host[s], plain[s], hs.n_head)) == 0);
+                    }
+                }
+}
+
 TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for KV policies") {
     GPU_OR_SKIP();
     SEEDED_RNG();
@@ -854,6 +923,30 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                     for (int32_t j = first_limit + r + 1; j < n_kv; ++j)
                         nonzero_masked += rows[size_t(r) * n_kv + j] != 0.0f;
                 CHECK(nonzero_masked == 0);
+
+                // the same with the true key count on the device, n_kv a larger bound (the
+                // stride of scores and rows): the plain rows' bits, zeros past the true count
+                const int32_t cap = n_kv + 45;
+                const DeviceAttnSeq bounded(host, cf.n_head, cf.n_head_kv, cf.hd, cap);
+                DeviceArray<int32_t> d_len(std::vector<int32_t>{n_kv});
+                K::AttnBatch bb;
+                bb.n_seq = 1;
+                bb.seq[0] = bounded.view(host);
+                bb.kv_len = d_len.get();
+                LAUNCH_OK(K::attention(dt, bb, cf.n_head, cf.n_head_kv, cf.hd, nullptr));
+                DeviceArray<float> d_rows_b(size_t(n_rows) * cap);
+                d_rows_b.poison();
+                LAUNCH_OK(K::attention_rows(bounded.scores.get(),
+                                            bounded.lse.get() + size_t(rows_from) * cf.n_head, n_rows,
+                                            cf.n_head, cap, cap - n_q + rows_from, d_rows_b.get(),
+                                            nullptr, d_len.get()));
+                const std::vector<float> rows_b = d_rows_b.download();
+                std::vector<float> head, tail;
+                for (int32_t r = 0; r < n_rows; ++r)
+                    for (int32_t j = 0; j < cap; ++j)
+                        (j < n_kv ? head : tail).push_back(rows_b[size_t(r) * cap + j]);
+                CHECK(count_bit_mismatches(head, rows) == 0);
+                CHECK(tail == std::vector<float>(tail.size(), 0.0f));
             }
             {  // column sums over all queries, zeroed beforehand
                 DeviceArray<float> d_cols(static_cast<size_t>(n_kv));
