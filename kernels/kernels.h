@@ -44,8 +44,9 @@ cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a
 
 // RoPE (HF rotate-half) and the KV append for a batch of sequences, one launch. qkv (N,
 // q_dim + 2 kv_dim) fp32 is the fused projection of all N tokens (sequence s owns rows
-// [row0[s], row0[s+1])). Rotates q in place and writes rotated k and v as Dt to sequence s's
-// cache rows [slot0[s], slot0[s] + its tokens). cos, sin (N, head_dim/2).
+// [row0[s], row0[s+1]), row0[0] = 0, non-decreasing). Rotates q in place and writes rotated k
+// and v as Dt to sequence s's cache rows [slot0[s], slot0[s] + its tokens). cos, sin (N,
+// head_dim/2). head_dim even; any n_head, n_head_kv.
 constexpr int kMaxBatch = 64;  // sequences per launch (descriptors travel by value)
 struct RopeStoreBatch {
     int32_t n_seq = 0;
@@ -53,6 +54,10 @@ struct RopeStoreBatch {
     void* k_cache[kMaxBatch] = {};  // (capacity, kv_dim) Dt
     void* v_cache[kMaxBatch] = {};
     int32_t slot0[kMaxBatch] = {};
+    // optional device array (n_seq): each sequence's cache length AFTER this append; when
+    // set, sequence s's first slot is read on the device as kv_len[s] - (row0[s+1] - row0[s])
+    // and slot0 is ignored (CUDA graphs replay a step whose lengths change)
+    const int32_t* kv_len = nullptr;
 };
 cudaError_t rope_store(Dt dt, float* qkv, const RopeStoreBatch& batch, int32_t n_head,
                        int32_t n_head_kv, int32_t head_dim, const float* cos, const float* sin,
