@@ -1,5 +1,6 @@
 // Row-wise and element-wise kernels: embedding gather, RMSNorm, bias, SwiGLU, row gather,
 // dtype conversion, random fill and argmax. CPU references: lib/backend/cpu/cpu_ops.h.
+#include <algorithm>
 #include <cfloat>
 
 #include "common.cuh"
@@ -14,13 +15,82 @@ __global__ void embed_kernel(const T* table, const int32_t* tokens, int32_t n_em
     for (int32_t i = threadIdx.x; i < n_embd; i += blockDim.x) x[t * n_embd + i] = to_f32(row[i]);
 }
 
-// One block per row: sum of squares reduced over the block, then the scaled row.
-template <typename T>
-__global__ void rmsnorm_kernel(const float* x, int32_t dim, const T* w, float eps, T* out) {
+// W consecutive elements of a row: x as fp32, w as the raw 16-bit words. W = 4: one float4
+// of x, one 8-byte word of w and of out (a warp's accesses are then contiguous); W = 1: one
+// element, for rows or pointers that do not allow the vectors.
+template <typename T, int W> struct RmsChunk;
+template <typename T> struct RmsChunk<T, 4> {
+    float4 x;
+    uint2 w;
+    __device__ __forceinline__ void load_x(const float* row, int32_t c) {
+        x = reinterpret_cast<const float4*>(row)[c];
+    }
+    __device__ __forceinline__ void load_w(const T* wp, int32_t c) {
+        w = reinterpret_cast<const uint2*>(wp)[c];
+    }
+    __device__ __forceinline__ float sum_sq(float ss) const {
+        ss += x.x * x.x;
+        ss += x.y * x.y;
+        ss += x.z * x.z;
+        ss += x.w * x.w;
+        return ss;
+    }
+    __device__ __forceinline__ void store(T* row, int32_t c, float scale) const {
+        const T* we = reinterpret_cast<const T*>(&w);
+        uint2 packed;
+        T* o = reinterpret_cast<T*>(&packed);
+        o[0] = from_f32<T>(to_f32(we[0]) * (x.x * scale));
+        o[1] = from_f32<T>(to_f32(we[1]) * (x.y * scale));
+        o[2] = from_f32<T>(to_f32(we[2]) * (x.z * scale));
+        o[3] = from_f32<T>(to_f32(we[3]) * (x.w * scale));
+        reinterpret_cast<uint2*>(row)[c] = packed;
+    }
+};
+template <typename T> struct RmsChunk<T, 1> {
+    float x;
+    T w;
+    __device__ __forceinline__ void load_x(const float* row, int32_t c) { x = row[c]; }
+    __device__ __forceinline__ void load_w(const T* wp, int32_t c) { w = wp[c]; }
+    __device__ __forceinline__ float sum_sq(float ss) const { return ss + x * x; }
+    __device__ __forceinline__ void store(T* row, int32_t c, float scale) const {
+        row[c] = from_f32<T>(to_f32(w) * (x * scale));
+    }
+};
+
+// One block per row, the row read once: thread i loads chunks i, i + blockDim, ... (V of
+// them, all issued before the first is used) and keeps them in registers through the block's
+// sum of squares; chunks beyond V * blockDim (rows wider than the launch plans for) are read
+// again after it. out = Dt(w * (x * scale)), scale = rsqrt(mean(x^2) + eps), in fp32.
+template <int W> constexpr int rms_max_threads() { return W == 4 ? 256 : 1024; }
+template <typename T, int W, int V>
+__global__ void __launch_bounds__(rms_max_threads<W>())
+    rmsnorm_kernel(const float* x, int32_t dim, const T* w, float eps, T* out) {
     const int64_t t = blockIdx.x;
     const float* xr = x + t * dim;
+    T* orow = out + t * dim;
+    const int32_t n_chunks = dim / W;
+    const int32_t stride = blockDim.x;
+    RmsChunk<T, W> held[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const int32_t c = threadIdx.x + k * stride;
+        if (c < n_chunks) {
+            held[k].load_x(xr, c);
+            held[k].load_w(w, c);
+        }
+    }
     float ss = 0.0f;
-    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const int32_t c = threadIdx.x + k * stride;
+        if (c < n_chunks) ss = held[k].sum_sq(ss);
+    }
+    for (int32_t c = threadIdx.x + V * stride; c < n_chunks; c += stride) {
+        RmsChunk<T, W> r;
+        r.load_x(xr, c);
+        ss = r.sum_sq(ss);
+    }
+
     __shared__ float partial[32];
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
@@ -32,9 +102,40 @@ __global__ void rmsnorm_kernel(const float* x, int32_t dim, const T* w, float ep
     }
     __syncthreads();
     const float scale = rsqrtf(partial[0] / float(dim) + eps);
-    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x)
-        out[t * dim + i] = from_f32<T>(to_f32(w[i]) * (xr[i] * scale));
+
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const int32_t c = threadIdx.x + k * stride;
+        if (c < n_chunks) held[k].store(orow, c, scale);
+    }
+    for (int32_t c = threadIdx.x + V * stride; c < n_chunks; c += stride) {
+        RmsChunk<T, W> r;
+        r.load_x(xr, c);
+        r.load_w(w, c);
+        r.store(orow, c, scale);
+    }
 }
+
+// Chunks per thread V (a compile-time register budget) and threads per block: at most 256
+// threads while 8 chunks each cover the row (7B's 4096 as float4: 256 threads x 4), a whole
+// number of warps, up to rms_max_threads (float4 chunks take up to ~100 registers a thread:
+// 256 threads; scalar ones up to 1024); wider rows re-read what does not fit.
+template <typename T, int W>
+void launch_rmsnorm(const float* x, int32_t n, int32_t dim, const T* w, float eps, T* out,
+                    cudaStream_t stream) {
+    const int32_t n_chunks = dim / W;
+    const int v = n_chunks <= 256 ? 1 : n_chunks <= 512 ? 2 : n_chunks <= 1024 ? 4 : 8;
+    const int32_t per_thread = (n_chunks + v - 1) / v;
+    const int threads = std::min(rms_max_threads<W>(), int((per_thread + 31) / 32 * 32));
+    switch (v) {
+        case 1: rmsnorm_kernel<T, W, 1><<<n, threads, 0, stream>>>(x, dim, w, eps, out); break;
+        case 2: rmsnorm_kernel<T, W, 2><<<n, threads, 0, stream>>>(x, dim, w, eps, out); break;
+        case 4: rmsnorm_kernel<T, W, 4><<<n, threads, 0, stream>>>(x, dim, w, eps, out); break;
+        default: rmsnorm_kernel<T, W, 8><<<n, threads, 0, stream>>>(x, dim, w, eps, out); break;
+    }
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 template <typename T>
 __global__ void add_bias_kernel(float* y, int32_t ncols, int32_t ld, const T* b) {
@@ -133,8 +234,13 @@ cudaError_t embed(Dt dt, const void* table, const int32_t* tokens, int32_t n, in
 cudaError_t rmsnorm(Dt dt, const float* x, int32_t n, int32_t dim, const void* w, float eps,
                     void* out, cudaStream_t stream) {
     if (n <= 0) return cudaSuccess;
-    PYR_DISPATCH_DT(dt, (rmsnorm_kernel<T><<<n, 512, 0, stream>>>(
-                            x, dim, static_cast<const T*>(w), eps, static_cast<T*>(out))));
+    if (dim <= 0) return cudaErrorInvalidValue;
+    // float4 rows of x and 8-byte words of w and out when every row starts aligned
+    const bool vec = dim % 4 == 0 && aligned(x, 16) && aligned(w, 8) && aligned(out, 8);
+    PYR_DISPATCH_DT(dt, (vec ? launch_rmsnorm<T, 4>(x, n, dim, static_cast<const T*>(w), eps,
+                                                    static_cast<T*>(out), stream)
+                             : launch_rmsnorm<T, 1>(x, n, dim, static_cast<const T*>(w), eps,
+                                                    static_cast<T*>(out), stream)));
     return cudaGetLastError();
 }
 

@@ -22,7 +22,8 @@ inline size_t dt_size(Dt) { return 2; }
 cudaError_t embed(Dt dt, const void* table, const int32_t* tokens, int32_t n, int32_t n_embd,
                   float* x, cudaStream_t stream);
 
-// out[t, :] = Dt(x[t, :] / sqrt(mean(x[t, :]^2) + eps) * w). x (n, dim) fp32, w (dim) Dt.
+// out[t, :] = Dt(x[t, :] / sqrt(mean(x[t, :]^2) + eps) * w). x (n, dim) fp32, w (dim) Dt,
+// dim >= 1. Vector accesses when dim % 4 == 0 and x is 16-byte, w and out 8-byte aligned.
 cudaError_t rmsnorm(Dt dt, const float* x, int32_t n, int32_t dim, const void* w, float eps,
                     void* out, cudaStream_t stream);
 

@@ -230,33 +230,82 @@ TEST_CASE("embed: rows of the 16-bit table, exactly, as fp32") {
     }
 }
 
+namespace {
+
+// rmsnorm of n random rows of dim against the double reference, x, w and out passed at
+// off_x, off_w and off_out elements into their buffers (an offset that breaks a vector
+// access's alignment must take the scalar path: the sim's alignment sanitizer stops on a
+// misaligned vector access).
+void check_rmsnorm(Rng& rng, Dt dt, int32_t n, int32_t dim, int32_t off_x = 0,
+                   int32_t off_w = 0, int32_t off_out = 0) {
+    INFO("dt " << dt_name(dt) << ", " << n << " rows of " << dim << ", offsets " << off_x
+               << "/" << off_w << "/" << off_out);
+    const float eps = 1e-5f;
+    std::vector<float> x = rng.floats(size_t(off_x) + size_t(n) * dim, -3.0f, 3.0f);
+    // rows of very different magnitudes: the norm must be per row
+    for (int32_t t = 0; t < n; ++t)
+        for (int32_t i = 0; i < dim; ++i)
+            x[off_x + size_t(t) * dim + i] *= std::pow(10.0f, float(t % 5 - 2));
+    const std::vector<uint16_t> w = rng.bits16(dt, size_t(off_w) + dim, 0.5f, 1.5f);
+    DeviceArray<float> d_x(x);
+    DeviceArray<uint16_t> d_w(w), d_out(size_t(off_out) + size_t(n) * dim);
+    d_out.poison();
+    LAUNCH_OK(K::rmsnorm(dt, d_x.get() + off_x, n, dim, d_w.get() + off_w, eps,
+                         d_out.get() + off_out, nullptr));
+    std::vector<double> ref(size_t(n) * dim);
+    for (int32_t t = 0; t < n; ++t) {
+        const float* xr = &x[off_x + size_t(t) * dim];
+        double ss = 0.0;
+        for (int32_t i = 0; i < dim; ++i) ss += double(xr[i]) * xr[i];
+        const double scale = 1.0 / std::sqrt(ss / dim + eps);
+        for (int32_t i = 0; i < dim; ++i)
+            ref[size_t(t) * dim + i] = xr[i] * scale * from_bits(dt, w[off_w + i]);
+    }
+    const std::vector<uint16_t> out = d_out.download();
+    CHECK(std::all_of(out.begin(), out.begin() + off_out, [](uint16_t b) { return b == 0xFFFF; }));
+    check_close(widen(dt, {out.begin() + off_out, out.end()}), ref, tol16(dt));
+}
+
+}  // namespace
+
 TEST_CASE("rmsnorm: x / rms(x) * w, rounded to the 16-bit type") {
     GPU_OR_SKIP();
     SEEDED_RNG();
-    const int32_t n = 5;
-    const float eps = 1e-5f;
-    for (Dt dt : kDts)
-        for (int32_t dim : {64, 4096, 77, 5000}) {
-            INFO("dt " << dt_name(dt) << ", dim " << dim);
-            std::vector<float> x = rng.floats(size_t(n) * dim, -3.0f, 3.0f);
-            // rows of very different magnitudes: the norm must be per row
-            for (int32_t t = 0; t < n; ++t)
-                for (int32_t i = 0; i < dim; ++i) x[size_t(t) * dim + i] *= std::pow(10.0f, float(t - 2));
-            const std::vector<uint16_t> w = rng.bits16(dt, size_t(dim), 0.5f, 1.5f);
-            DeviceArray<float> d_x(x);
-            DeviceArray<uint16_t> d_w(w), d_out(size_t(n) * dim);
-            d_out.poison();
-            LAUNCH_OK(K::rmsnorm(dt, d_x.get(), n, dim, d_w.get(), eps, d_out.get(), nullptr));
-            std::vector<double> ref(size_t(n) * dim);
-            for (int32_t t = 0; t < n; ++t) {
-                double ss = 0.0;
-                for (int32_t i = 0; i < dim; ++i) ss += double(x[size_t(t) * dim + i]) * x[size_t(t) * dim + i];
-                const double scale = 1.0 / std::sqrt(ss / dim + eps);
-                for (int32_t i = 0; i < dim; ++i)
-                    ref[size_t(t) * dim + i] = x[size_t(t) * dim + i] * scale * from_bits(dt, w[i]);
-            }
-            check_close(widen(dt, d_out.download()), ref, tol16(dt));
-        }
+    for (Dt dt : kDts) {
+        // float4 rows (dim % 4 == 0) of every register budget, rows wider than it (past 8 x
+        // 256 float4 chunks, re-read: 9000 once, 12000 up to 4 times a thread), and scalar
+        // rows (77, 4098, 1, 20001: re-read past 8 x 1024 elements, up to 4 times a thread)
+        for (int32_t dim : {64, 4096, 77, 5000, 5120, 384, 36, 100, 1, 4098, 9000, 12000, 20001})
+            check_rmsnorm(rng, dt, 5, dim);
+        // decode: one row at 7B and 13B widths
+        check_rmsnorm(rng, dt, 1, 4096);
+        check_rmsnorm(rng, dt, 1, 5120);
+        // prefill: many rows
+        check_rmsnorm(rng, dt, 1500, 384);
+        // each pointer misaligned for its vector access in turn (w and out by 2 and by 4
+        // bytes: 4-byte aligned, not 8), and all off by a whole float4 (still vectors)
+        check_rmsnorm(rng, dt, 3, 4096, 1, 0, 0);
+        check_rmsnorm(rng, dt, 3, 4096, 2, 0, 0);
+        check_rmsnorm(rng, dt, 3, 4096, 0, 1, 0);
+        check_rmsnorm(rng, dt, 3, 4096, 0, 0, 1);
+        check_rmsnorm(rng, dt, 3, 4096, 0, 2, 0);
+        check_rmsnorm(rng, dt, 3, 4096, 0, 0, 2);
+        check_rmsnorm(rng, dt, 3, 4096, 4, 4, 4);
+    }
+}
+
+TEST_CASE("rmsnorm: no rows is a no-op, an empty row is refused") {
+    GPU_OR_SKIP();
+    DeviceArray<float> d_x(64);
+    DeviceArray<uint16_t> d_w(64), d_out(64);
+    d_out.poison();
+    CHECK(K::rmsnorm(Dt::F16, d_x.get(), 0, 64, d_w.get(), 1e-5f, d_out.get(), nullptr) ==
+          cudaSuccess);
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<uint16_t> out = d_out.download();
+    CHECK(out == std::vector<uint16_t>(out.size(), 0xFFFF));
+    CHECK(K::rmsnorm(Dt::F16, d_x.get(), 1, 0, d_w.get(), 1e-5f, d_out.get(), nullptr) ==
+          cudaErrorInvalidValue);
 }
 
 TEST_CASE("add_bias: y[t, :ncols] += b in rows ld apart, nothing else touched") {
