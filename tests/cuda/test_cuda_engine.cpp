@@ -159,7 +159,7 @@ TEST_CASE("every KV policy keeps the same tokens on CUDA as on the CPU") {
                 differ += only.size() / 2;
                 layers_equal += only.empty();
             }
-            MESSAGE(name << ": " << layers_equal << " of " << mc.prefill_layer_positions.size()
+            MESSAGE(std::string(name) << ": " << layers_equal << " of " << mc.prefill_layer_positions.size()
                          << " layers keep identical tokens; " << differ << " of " << kept
                          << " kept tokens differ");
             // ties aside: fp16 keys move near-equal scores, so allow 1 % of swapped picks
@@ -200,7 +200,7 @@ TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching ea
             const auto [l, l_tokens] = run(launches);
             const uint64_t replays = after.graph_replays - before.graph_replays;
             const uint64_t captures = after.graph_captures - before.graph_captures;
-            MESSAGE(name << ": " << captures << " graphs captured, " << replays << " replays, "
+            MESSAGE(std::string(name) << ": " << captures << " graphs captured, " << replays << " replays, "
                          << after.direct_decode_steps - before.direct_decode_steps
                          << " steps launched directly");
             REQUIRE(g.tokens == l.tokens);
