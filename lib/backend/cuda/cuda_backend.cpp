@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -20,6 +21,16 @@ void upload_vector(Context& ctx, DeviceBuffer& buf, const std::vector<T>& v) {
     // Pageable source: staged before the call returns, so `v` may change right after.
     PYR_CUDA_CHECK(cudaMemcpyAsync(buf.get(), v.data(), v.size() * sizeof(T),
                                    cudaMemcpyHostToDevice, ctx.stream()));
+}
+
+// PYRAMID_ATTN_SPLITS=N forces N decode attention splits (1 = off); unset: attention_splits.
+int32_t forced_attn_splits() {
+    static const int32_t n = [] {
+        const char* env = std::getenv("PYRAMID_ATTN_SPLITS");
+        const int v = env ? std::atoi(env) : 0;
+        return v <= 0 ? 0 : std::min(v, int(kernels::kMaxAttnSplits));
+    }();
+    return n;
 }
 
 CudaKvStorage& cuda_storage(KvCache& cache) {
@@ -374,7 +385,24 @@ void CudaBackend::forward_batch(SequenceStep* steps, int n_seq) {
                 ab.seq[s].scores = s_.scores.as<float>() + score_off[size_t(s)];
         PYR_CUDA_CHECK(kernels::rope_store(dt_, s_.qkv.as<float>(), rb, c.n_head, c.n_head_kv,
                                            c.head_dim, s_.cos.as<float>(), s_.sin.as<float>(), st));
-        PYR_CUDA_CHECK(kernels::attention(dt_, ab, c.n_head, c.n_head_kv, c.head_dim, st));
+        // decode (one new token each): split each head's keys over more blocks when the heads
+        // alone leave SMs idle, chosen from the caches' capacity (a graph's shape outlives
+        // the lengths)
+        kernels::AttnSplit split;
+        if (std::all_of(seqs.begin(), seqs.end(), [](const InFlight& f) { return f.n == 1; })) {
+            int32_t cap = 0;
+            for (int s = 0; s < n_seq; ++s) cap = std::max(cap, cuda_storage(*steps[s].cache).capacity(il));
+            split.n_split = forced_attn_splits() ? forced_attn_splits()
+                                                 : kernels::attention_splits(n_seq, c.n_head, cap, ctx.sm_count());
+            const size_t need = kernels::attention_split_floats(n_seq, c.n_head, c.head_dim, split.n_split);
+            if (need > s_.partial_floats) {
+                s_.attn_partial = DeviceBuffer();
+                s_.attn_partial = ctx.alloc(need * 4, Use::Scratch);
+                s_.partial_floats = need;
+            }
+            split.partial = s_.attn_partial.as<float>();
+        }
+        PYR_CUDA_CHECK(kernels::attention(dt_, ab, c.n_head, c.n_head_kv, c.head_dim, st, split));
         linear(ctx, dt_, L.wo.get(), c.n_embd, q_dim_, s_.att.get(), n_rows, s_.x.as<float>(),
                c.n_embd, true);
         if (L.bo.get())

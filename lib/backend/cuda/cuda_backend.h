@@ -28,6 +28,7 @@ public:
     void reserve(int il, int32_t n_total);
     void set_size(int il, int32_t n) { layers_[size_t(il)].size = n; }
     int32_t size(int il) const { return layers_[size_t(il)].size; }
+    int32_t capacity(int il) const { return layers_[size_t(il)].capacity; }
     void* keys(int il) const { return layers_[size_t(il)].k.get(); }    // (capacity, kv_dim)
     void* values(int il) const { return layers_[size_t(il)].v.get(); }
     int32_t kv_dim() const { return kv_dim_; }
@@ -68,9 +69,9 @@ private:
     };
     struct Scratch {
         DeviceBuffer tokens, cos, sin, x, xn, qkv, att, lse, gu, h, x_tmp, cos_tmp, sin_tmp;
-        DeviceBuffer rows_index, obs, scores, logits;
+        DeviceBuffer rows_index, obs, scores, logits, attn_partial;
         int32_t n_rows = 0;  // rows the token buffers hold
-        size_t obs_floats = 0, score_floats = 0, n_logits = 0;
+        size_t obs_floats = 0, score_floats = 0, n_logits = 0, partial_floats = 0;
     };
     // One sequence's tokens while they go through the layers.
     struct InFlight {

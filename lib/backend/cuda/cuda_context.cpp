@@ -45,6 +45,7 @@ std::shared_ptr<Context> Context::open(int index, uint64_t max_bytes) {
                                       std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                                       "; pyramid needs 7.0 or newer");
     ctx->name_ = prop.name;
+    ctx->sm_count_ = prop.multiProcessorCount;
     size_t free_b = 0, total_b = 0;
     PYR_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     ctx->budget_ = max_bytes ? max_bytes : uint64_t(total_b);

@@ -73,6 +73,7 @@ public:
     cudaStream_t stream() const { return stream_; }
     cublasHandle_t cublas() const { return cublas_; }
     const std::string& name() const { return name_; }
+    int sm_count() const { return sm_count_; }  // streaming multiprocessors (launch sizing)
     // Makes this context's device current on the calling thread (CUDA state is per thread).
     void make_current() const;
 
@@ -88,6 +89,7 @@ private:
 
     int device_ = 0;
     std::string name_;
+    int sm_count_ = 0;
     cudaStream_t stream_ = nullptr;
     cublasHandle_t cublas_ = nullptr;
     uint64_t budget_ = 0;
