@@ -8,6 +8,13 @@
 // log2-sum-exp2 per (query, head) is stored, and the raw scores of the few observed queries
 // when asked, so that attention_rows() gives exact probabilities for the KV policies without
 // the n_q x n_kv matrix of the whole prefill ever existing.
+//
+// Decode split (AttnSplit, one query per sequence): a (sequence, head) has too few blocks to
+// fill the device at small batches, and each walks the whole cache. Its keys are then split
+// over n_split blocks, whole 32-key tiles each; a block writes its merged partial softmax
+// state (m, l, unnormalised acc) to a workspace, and split_merge_kernel merges the splits
+// with the same function (merge_states) the block used for its warps.
+#include <algorithm>
 #include <cmath>
 
 #include "common.cuh"
@@ -80,16 +87,59 @@ __device__ __forceinline__ void key_scores(const T* kr, const float* q_s, int32_
     }
 }
 
-template <typename T, int QT, int DPL, int WARPS>
+// Online-softmax states of n passes over disjoint keys (max m_i, sum l_i = sum 2^(s - m_i),
+// unnormalised output acc_i at one head dim), merged: M = max m_i, L = sum l_i 2^(m_i - M),
+// O = sum acc_i 2^(m_i - M). A pass that saw no key (m_i = -inf, l_i = acc_i = 0) drops
+// out; if none saw any, the merge is such an empty state too (no -inf - -inf).
+struct SoftmaxState {
+    float m, l, o;
+};
+__device__ __forceinline__ SoftmaxState merge_states(const float* m, const float* l,
+                                                     int32_t ml_stride, const float* acc,
+                                                     int32_t acc_stride, int n) {
+    SoftmaxState r{-INFINITY, 0.0f, 0.0f};
+    for (int i = 0; i < n; ++i) r.m = fmaxf(r.m, m[i * ml_stride]);
+    if (r.m == -INFINITY) return r;
+    for (int i = 0; i < n; ++i) {
+        const float f = exp2f(m[i * ml_stride] - r.m);
+        r.l += l[i * ml_stride] * f;
+        r.o += acc[int64_t(i) * acc_stride] * f;
+    }
+    return r;
+}
+
+// A finished (query, head, dim): out = O / L and, once per (query, head), lse = M + log2 L.
+template <typename T>
+__device__ __forceinline__ void store_output(const AttnSeq& sq, int32_t q, int h, int32_t n_head,
+                                             int32_t hd, int32_t d, const SoftmaxState& st) {
+    static_cast<T*>(sq.out)[int64_t(q) * n_head * hd + h * hd + d] = from_f32<T>(st.o / st.l);
+    if (d == 0 && sq.lse) sq.lse[int64_t(q) * n_head + h] = st.m + log2f(st.l);
+}
+
+// The split workspace of (sequence s, head h): m (n_split), l (n_split), acc (n_split, hd).
+template <typename F>
+__device__ __forceinline__ F* split_state(F* partial, int32_t s, int h, int32_t n_head, int32_t hd,
+                                          int32_t n_split) {
+    return partial + (int64_t(s) * n_head + h) * n_split * (hd + 2);
+}
+
+// SPLIT (decode only, QT == 1): blockIdx.x is the split of the keys, the query the
+// sequence's only one. A template parameter: the unsplit kernels stay as they were.
+template <typename T, int QT, int DPL, int WARPS, bool SPLIT>
 __global__ void __launch_bounds__(WARPS * 32)
-attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd, float qscale) {
+attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd, float qscale,
+                 int32_t n_split, float* partial) {
+    static_assert(!SPLIT || QT == 1, "the decode split has one query per sequence");
     const AttnSeq& sq = batch.seq[blockIdx.z];
-    const int32_t q0 = int32_t(blockIdx.x) * QT;
+    const int32_t q0 = SPLIT ? 0 : int32_t(blockIdx.x) * QT;
     if (q0 >= sq.n_q) return;
     const int32_t nq = min(QT, sq.n_q - q0);
     const int h = blockIdx.y, kvh = h / (n_head / n_head_kv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t kv_dim = int64_t(n_head_kv) * hd;
+    // the true key count: the device's (graph replays) or the host's; sq.n_kv is then only
+    // the launch's bound and the scores' row stride (clamped: never read past the cache)
+    const int32_t n_kv = batch.kv_len ? min(max(batch.kv_len[blockIdx.z], sq.n_q), sq.n_kv) : sq.n_kv;
 
     extern __shared__ float smem[];
     float* q_s = smem;  // (QT, hd) pre-scaled queries
@@ -99,11 +149,16 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
     }
     __syncthreads();
 
-    // the true key count: the device's (graph replays) or the host's; sq.n_kv is then only
-    // the launch's bound and the scores' row stride (clamped: never read past the cache)
-    const int32_t n_kv = batch.kv_len ? min(max(batch.kv_len[blockIdx.z], sq.n_q), sq.n_kv) : sq.n_kv;
     const int32_t first_limit = n_kv - sq.n_q + q0;     // last key query q0 sees
     const int32_t kend = first_limit + nq;              // keys [0, kend) matter to the block
+    // the keys this block walks: all of them, or its split's whole tiles (none for a split
+    // past the end)
+    int32_t kbeg = 0, kstop = kend;
+    if constexpr (SPLIT) {
+        const int32_t per = ((kend + 31) / 32 + n_split - 1) / n_split * 32;
+        kbeg = min(int32_t(blockIdx.x) * per, kend);
+        kstop = min(kbeg + per, kend);
+    }
     const T* K = static_cast<const T*>(sq.k) + kvh * hd;
     const T* V = static_cast<const T*>(sq.v) + kvh * hd;
 
@@ -116,18 +171,18 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
         for (int i = 0; i < DPL; ++i) acc[qi][i] = 0.0f;
     }
 
-    for (int32_t base = warp * 32; base < kend; base += WARPS * 32) {
+    for (int32_t base = kbeg + warp * 32; base < kstop; base += WARPS * 32) {
         const int32_t j = base + lane;
         float s[QT];
 #pragma unroll
         for (int qi = 0; qi < QT; ++qi) s[qi] = 0.0f;
-        if (j < kend) key_scores<T, QT, DPL>(K + j * kv_dim, q_s, hd, s);
+        if (j < kstop) key_scores<T, QT, DPL>(K + j * kv_dim, q_s, hd, s);
         float p[QT];
 #pragma unroll
         for (int qi = 0; qi < QT; ++qi) {
-            if (qi >= nq || j >= kend || j > first_limit + qi) s[qi] = -INFINITY;
+            if (qi >= nq || j >= kstop || j > first_limit + qi) s[qi] = -INFINITY;
             // the raw scores of the observed queries, for attention_rows()
-            if (sq.scores && j < kend && qi < nq && q0 + qi >= sq.scores_from)
+            if (sq.scores && j < kstop && qi < nq && q0 + qi >= sq.scores_from)
                 sq.scores[(int64_t(q0 + qi - sq.scores_from) * n_head + h) * sq.n_kv + j] = s[qi];
             const float m_new = fmaxf(m[qi], warp_max(s[qi]));
             p[qi] = 0.0f;
@@ -139,7 +194,7 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
             for (int i = 0; i < DPL; ++i) acc[qi][i] *= corr;
             m[qi] = m_new;
         }
-        const int32_t n_keys = min(32, kend - base);
+        const int32_t n_keys = min(32, kstop - base);
         if (n_keys == 32) {  // a full tile: 8 value rows in flight at a time
 #pragma unroll
             for (int j0 = 0; j0 < 32; j0 += 8) {
@@ -186,42 +241,73 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
         for (int i = 0; i < DPL; ++i)
             if (lane * DPL + i < hd) ca[(warp * QT + qi) * hd + lane * DPL + i] = acc[qi][i];
     __syncthreads();
-    T* out = static_cast<T*>(sq.out);
     for (int32_t i = threadIdx.x; i < nq * hd; i += blockDim.x) {
         const int32_t qi = i / hd, d = i % hd;
-        float M = -INFINITY;
-        for (int w = 0; w < WARPS; ++w) M = fmaxf(M, cm[w * QT + qi]);
-        float L = 0.0f, O = 0.0f;
-        for (int w = 0; w < WARPS; ++w) {
-            const float f = exp2f(cm[w * QT + qi] - M);
-            L += cl[w * QT + qi] * f;
-            O += ca[(w * QT + qi) * hd + d] * f;
+        const SoftmaxState st = merge_states(cm + qi, cl + qi, QT, ca + qi * hd + d, QT * hd, WARPS);
+        if constexpr (SPLIT) {  // the split's state, for split_merge_kernel
+            float* ps = split_state(partial, blockIdx.z, h, n_head, hd, n_split);
+            if (d == 0) {
+                ps[blockIdx.x] = st.m;
+                ps[n_split + blockIdx.x] = st.l;
+            }
+            ps[2 * n_split + int64_t(blockIdx.x) * hd + d] = st.o;
+        } else {
+            store_output<T>(sq, q0 + qi, h, n_head, hd, d, st);
         }
-        out[int64_t(q0 + qi) * n_head * hd + h * hd + d] = from_f32<T>(O / L);
-        if (d == 0 && sq.lse) sq.lse[int64_t(q0 + qi) * n_head + h] = M + log2f(L);
     }
+}
+
+// The splits of each (sequence, head) of a split decode merged: a block per (head,
+// sequence), a thread per head dim.
+template <typename T>
+__global__ void split_merge_kernel(AttnBatch batch, int32_t n_head, int32_t hd, int32_t n_split,
+                                   const float* partial) {
+    const AttnSeq& sq = batch.seq[blockIdx.y];
+    if (sq.n_q == 0) return;  // 0 or 1 query here
+    const int h = blockIdx.x;
+    const float* ps = split_state(partial, blockIdx.y, h, n_head, hd, n_split);
+    for (int32_t d = threadIdx.x; d < hd; d += blockDim.x)
+        store_output<T>(sq, 0, h, n_head, hd, d,
+                        merge_states(ps, ps + n_split, 1, ps + 2 * n_split + d, hd, n_split));
 }
 
 template <typename T, int QT, int DPL>
 cudaError_t launch_attention(const AttnBatch& batch, int32_t max_q, int32_t n_head,
-                             int32_t n_head_kv, int32_t hd, cudaStream_t stream) {
-    // Decode: one query per block, 8 warps split its keys. Prefill: 8 queries per block
-    // share each key load, 4 warps.
+                             int32_t n_head_kv, int32_t hd, const AttnSplit& split,
+                             cudaStream_t stream) {
+    // Decode: one query per block (or per split of its keys), 8 warps split its keys.
+    // Prefill: 8 queries per block share each key load, 4 warps.
     constexpr int WARPS = QT == 1 ? 8 : 4;
     const size_t smem = sizeof(float) * (QT * hd + 2 * WARPS * QT + WARPS * QT * hd);
-    const dim3 grid(unsigned((max_q + QT - 1) / QT), unsigned(n_head), unsigned(batch.n_seq));
-    attention_kernel<T, QT, DPL, WARPS><<<grid, WARPS * 32, smem, stream>>>(
-        batch, n_head, n_head_kv, hd, query_scale(hd));
-    return cudaGetLastError();
+    if (split.n_split <= 1) {
+        const dim3 grid(unsigned((max_q + QT - 1) / QT), unsigned(n_head), unsigned(batch.n_seq));
+        attention_kernel<T, QT, DPL, WARPS, false><<<grid, WARPS * 32, smem, stream>>>(
+            batch, n_head, n_head_kv, hd, query_scale(hd), 1, nullptr);
+        return cudaGetLastError();
+    }
+    if constexpr (QT != 1) {
+        return cudaErrorInvalidValue;  // attention() refuses it before
+    } else {
+        const dim3 grid(unsigned(split.n_split), unsigned(n_head), unsigned(batch.n_seq));
+        attention_kernel<T, 1, DPL, WARPS, true><<<grid, WARPS * 32, smem, stream>>>(
+            batch, n_head, n_head_kv, hd, query_scale(hd), split.n_split, split.partial);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+        const int threads = std::min(256, (hd + 31) / 32 * 32);
+        split_merge_kernel<T><<<dim3(unsigned(n_head), unsigned(batch.n_seq)), threads, 0, stream>>>(
+            batch, n_head, hd, split.n_split, split.partial);
+        return cudaGetLastError();
+    }
 }
 
 template <typename T, int QT>
 cudaError_t by_head_dim(const AttnBatch& batch, int32_t max_q, int32_t n_head,
-                        int32_t n_head_kv, int32_t hd, cudaStream_t stream) {
-    if (hd <= 32) return launch_attention<T, QT, 1>(batch, max_q, n_head, n_head_kv, hd, stream);
-    if (hd <= 64) return launch_attention<T, QT, 2>(batch, max_q, n_head, n_head_kv, hd, stream);
-    if (hd <= 128) return launch_attention<T, QT, 4>(batch, max_q, n_head, n_head_kv, hd, stream);
-    return launch_attention<T, QT, 8>(batch, max_q, n_head, n_head_kv, hd, stream);
+                        int32_t n_head_kv, int32_t hd, const AttnSplit& split,
+                        cudaStream_t stream) {
+    if (hd <= 32) return launch_attention<T, QT, 1>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    if (hd <= 64) return launch_attention<T, QT, 2>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    if (hd <= 128) return launch_attention<T, QT, 4>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    return launch_attention<T, QT, 8>(batch, max_q, n_head, n_head_kv, hd, split, stream);
 }
 
 // rows[r, j] = mean over heads of exp2(score - lse): a thread per (row, key). n_kv is the
@@ -268,20 +354,35 @@ __global__ void col_sums_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, i
 
 }  // namespace
 
+int32_t attention_splits(int32_t n_seq, int32_t n_head, int32_t max_kv, int32_t n_sm) {
+    constexpr int32_t kMinKeys = 256;  // a tile for each of a block's 8 warps
+    const int64_t blocks = int64_t(n_seq) * n_head;
+    if (blocks <= 0 || n_sm <= 0 || blocks >= n_sm) return 1;
+    const int64_t n = std::min<int64_t>({2 * int64_t(n_sm) / blocks, max_kv / kMinKeys, kMaxAttnSplits});
+    return int32_t(std::max<int64_t>(n, 1));
+}
+
+size_t attention_split_floats(int32_t n_seq, int32_t n_head, int32_t head_dim, int32_t n_split) {
+    if (n_seq <= 0 || n_head <= 0 || head_dim <= 0 || n_split <= 1) return 0;
+    return size_t(n_seq) * size_t(n_head) * size_t(n_split) * size_t(head_dim + 2);
+}
+
 cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,
-                      int32_t head_dim, cudaStream_t stream) {
+                      int32_t head_dim, cudaStream_t stream, const AttnSplit& split) {
     if (batch.n_seq <= 0 || batch.n_seq > kMaxBatch || head_dim <= 0 || head_dim > 256 ||
-        head_dim % 2 != 0 || n_head_kv <= 0 || n_head % n_head_kv != 0)
+        head_dim % 2 != 0 || n_head_kv <= 0 || n_head % n_head_kv != 0 || split.n_split < 1 ||
+        split.n_split > kMaxAttnSplits || (split.n_split > 1 && !split.partial))
         return cudaErrorInvalidValue;
     int32_t max_q = 0;
     for (int s = 0; s < batch.n_seq; ++s) {
         if (batch.seq[s].n_q > batch.seq[s].n_kv) return cudaErrorInvalidValue;
         max_q = std::max(max_q, batch.seq[s].n_q);
     }
+    if (split.n_split > 1 && max_q > 1) return cudaErrorInvalidValue;  // decode only
     if (max_q == 0) return cudaSuccess;
     if (max_q < 8)
-        PYR_DISPATCH_DT(dt, return (by_head_dim<T, 1>(batch, max_q, n_head, n_head_kv, head_dim, stream)));
-    PYR_DISPATCH_DT(dt, return (by_head_dim<T, 8>(batch, max_q, n_head, n_head_kv, head_dim, stream)));
+        PYR_DISPATCH_DT(dt, return (by_head_dim<T, 1>(batch, max_q, n_head, n_head_kv, head_dim, split, stream)));
+    PYR_DISPATCH_DT(dt, return (by_head_dim<T, 8>(batch, max_q, n_head, n_head_kv, head_dim, split, stream)));
 }
 
 cudaError_t attention_rows(const float* scores, const float* lse, int32_t n_rows,

@@ -90,9 +90,29 @@ struct AttnBatch {
     // (n_q <= kv_len[s] <= n_kv; the kernel clamps to that range).
     const int32_t* kv_len = nullptr;
 };
+// Decode split: when every sequence has at most one query, each (sequence, head)'s keys
+// may be split over n_split blocks (whole 32-key tiles each, a split past the true count
+// walks none), whose partial softmaxes a second launch merges: more blocks than
+// n_seq * n_head where that leaves the device idle. partial: a device workspace of
+// attention_split_floats(n_seq, n_head, head_dim, n_split) floats (not kept). The caller
+// chooses n_split (attention_splits) and passes it explicitly, so that a captured graph
+// replays the same shape; n_split = 1 is the one-launch kernel.
+constexpr int32_t kMaxAttnSplits = 16;
+struct AttnSplit {
+    int32_t n_split = 1;
+    float* partial = nullptr;
+};
+// n_split for a decode batch: about 2 blocks per SM in all, each split at least 256 keys of
+// max_kv (the launch's bound: with graphs, the caches' capacity), at most kMaxAttnSplits;
+// 1 when n_seq * n_head blocks already fill the n_sm SMs.
+int32_t attention_splits(int32_t n_seq, int32_t n_head, int32_t max_kv, int32_t n_sm);
+size_t attention_split_floats(int32_t n_seq, int32_t n_head, int32_t head_dim, int32_t n_split);
+
 // head_dim: even, <= 256. Query head h reads KV head h / (n_head / n_head_kv).
+// split.n_split must be in [1, kMaxAttnSplits]; n_split > 1 needs split.partial and at most
+// one query per sequence (cudaErrorInvalidValue otherwise).
 cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,
-                      int32_t head_dim, cudaStream_t stream);
+                      int32_t head_dim, cudaStream_t stream, const AttnSplit& split = {});
 
 // What KV policies observe (kv_policy.h), exact softmax probabilities averaged over the
 // query heads, from what attention() stored:

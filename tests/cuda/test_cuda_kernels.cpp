@@ -999,6 +999,109 @@ TEST_CASE("attention: true key counts read on the device (kv_len) under a larger
                 }
 }
 
+TEST_CASE("attention: decode split over blocks (AttnSplit) merges its partial softmaxes") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    // A one-key cache (every split but the first empty), tile tails, a sequence without a
+    // query, and caches of 22 tiles (16 and 7 splits leave the last ones empty).
+    const std::vector<SeqShape> shapes = {{1, 1}, {1, 300}, {1, 33}, {0, 5}, {1, 700}, {1, 64}};
+    const int32_t extra[] = {1, 31, 32, 100, 5, 300};  // capacity - n_kv with kv_len
+    struct Heads {
+        int32_t n_head, n_head_kv;
+    };
+    for (int32_t hd : {36, 64, 128})
+        for (const Heads& hs : {Heads{8, 2}, Heads{4, 4}})
+            for (Dt dt : kDts)
+                for (int32_t n_split : {2, 3, 7, 16})
+                    for (bool bounded : {false, true}) {
+                        INFO("dt " << dt_name(dt) << ", head_dim " << hd << ", heads " << hs.n_head
+                                   << "/" << hs.n_head_kv << ", " << n_split << " splits"
+                                   << (bounded ? ", kv_len under a larger bound" : ""));
+                        std::vector<HostAttnSeq> host;
+                        std::vector<DeviceAttnSeq> dev;
+                        dev.reserve(shapes.size());
+                        K::AttnBatch batch;
+                        batch.n_seq = int32_t(shapes.size());
+                        std::vector<int32_t> lens;
+                        for (size_t s = 0; s < shapes.size(); ++s) {
+                            host.push_back(random_attn_seq(rng, dt, shapes[s].n_q, shapes[s].n_kv, hs.n_head,
+                                                           hs.n_head_kv, hd, s % 2 ? 0 : -1));
+                            dev.emplace_back(host.back(), hs.n_head, hs.n_head_kv, hd,
+                                             bounded ? shapes[s].n_kv + extra[s] : 0);
+                            batch.seq[s] = dev.back().view(host.back());
+                            lens.push_back(shapes[s].n_kv);
+                        }
+                        DeviceArray<int32_t> d_lens(lens);
+                        if (bounded) batch.kv_len = d_lens.get();
+                        DeviceArray<float> partial(
+                            K::attention_split_floats(batch.n_seq, hs.n_head, hd, n_split));
+                        partial.poison();
+                        LAUNCH_OK(K::attention(dt, batch, hs.n_head, hs.n_head_kv, hd, nullptr,
+                                               K::AttnSplit{n_split, partial.get()}));
+                        for (size_t s = 0; s < host.size(); ++s) {
+                            INFO("sequence " << s << " (n_q " << host[s].n_q << ", n_kv " << host[s].n_kv
+                                             << ", bound " << dev[s].cap << ")");
+                            check_attention(dt, host[s], dev[s],
+                                            attention_ref(dt, host[s], hs.n_head, hs.n_head_kv, hd),
+                                            hs.n_head);
+                        }
+                    }
+}
+
+TEST_CASE("attention: the decode split's choice and refusals") {
+    // attention_splits: the 7B decode shapes on an H100 (132 SMs)
+    CHECK(K::attention_splits(1, 32, 768, 132) == 3);    // >= 256 keys a split
+    CHECK(K::attention_splits(1, 32, 512, 132) == 2);
+    CHECK(K::attention_splits(1, 32, 4096, 132) == 8);   // about 2 blocks per SM
+    CHECK(K::attention_splits(1, 32, 255, 132) == 1);
+    CHECK(K::attention_splits(1, 8, 1 << 20, 132) == K::kMaxAttnSplits);
+    CHECK(K::attention_splits(4, 32, 4096, 132) == 2);   // 128 blocks: not quite full
+    CHECK(K::attention_splits(5, 32, 4096, 132) == 1);   // 160 blocks fill the device
+    for (int32_t n_sm : {1, 8, 108, 132})
+        for (int32_t n_seq : {1, 2, 3, 7, 64})
+            for (int32_t n_head : {1, 8, 32, 40, 64})
+                for (int32_t max_kv : {0, 1, 255, 256, 511, 768, 4096, 1 << 20}) {
+                    INFO(n_seq << " sequences, " << n_head << " heads, " << max_kv << " keys, "
+                                << n_sm << " SMs");
+                    const int32_t n = K::attention_splits(n_seq, n_head, max_kv, n_sm);
+                    CHECK(n >= 1);
+                    CHECK(n <= K::kMaxAttnSplits);
+                    if (n > 1) {
+                        CHECK(n * 256 <= max_kv);
+                        CHECK(n * n_seq * n_head <= 2 * n_sm);
+                    }
+                    if (n_seq * n_head >= n_sm) CHECK(n == 1);
+                }
+    CHECK(K::attention_split_floats(2, 32, 128, 3) == size_t(2) * 32 * 3 * 130);
+    CHECK(K::attention_split_floats(2, 32, 128, 1) == 0);
+
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const Dt dt = Dt::F16;
+    const int32_t n_head = 4, hd = 64;
+    const HostAttnSeq one = random_attn_seq(rng, dt, 1, 40, n_head, n_head, hd, -1);
+    const HostAttnSeq two = random_attn_seq(rng, dt, 2, 40, n_head, n_head, hd, -1);
+    const DeviceAttnSeq d_one(one, n_head, n_head, hd), d_two(two, n_head, n_head, hd);
+    DeviceArray<float> partial(K::attention_split_floats(2, n_head, hd, K::kMaxAttnSplits + 1));
+    K::AttnBatch decode, mixed;
+    decode.n_seq = 1;
+    decode.seq[0] = d_one.view(one);
+    mixed.n_seq = 2;
+    mixed.seq[0] = d_one.view(one);
+    mixed.seq[1] = d_two.view(two);
+    auto run = [&](const K::AttnBatch& b, int32_t n_split, float* p) {
+        return K::attention(dt, b, n_head, n_head, hd, nullptr, K::AttnSplit{n_split, p});
+    };
+    CHECK(run(mixed, 2, partial.get()) == cudaErrorInvalidValue);  // a sequence with 2 queries
+    CHECK(run(decode, 2, nullptr) == cudaErrorInvalidValue);       // no workspace
+    CHECK(run(decode, 0, partial.get()) == cudaErrorInvalidValue);
+    CHECK(run(decode, K::kMaxAttnSplits + 1, partial.get()) == cudaErrorInvalidValue);
+    CHECK(cudaGetLastError() == cudaSuccess);  // refused before any launch
+    LAUNCH_OK(run(mixed, 1, nullptr));  // no split: no workspace needed
+    LAUNCH_OK(run(decode, K::kMaxAttnSplits, partial.get()));
+    check_attention(dt, one, d_one, attention_ref(dt, one, n_head, n_head, hd), n_head);
+}
+
 TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for KV policies") {
     GPU_OR_SKIP();
     SEEDED_RNG();

@@ -23,6 +23,16 @@ void upload_vector(Context& ctx, DeviceBuffer& buf, const std::vector<T>& v) {
                                    cudaMemcpyHostToDevice, ctx.stream()));
 }
 
+// PYRAMID_ATTN_SPLITS=N forces N decode attention splits (1 = off); unset: attention_splits.
+int32_t forced_attn_splits() {
+    static const int32_t n = [] {
+        const char* env = std::getenv("PYRAMID_ATTN_SPLITS");
+        const int v = env ? std::atoi(env) : 0;
+        return v <= 0 ? 0 : std::min(v, int(kernels::kMaxAttnSplits));
+    }();
+    return n;
+}
+
 CudaKvStorage& cuda_storage(KvCache& cache) {
     auto* s = dynamic_cast<CudaKvStorage*>(&cache.storage());
     PYR_ASSERT(s != nullptr);
@@ -274,6 +284,25 @@ void CudaBackend::ensure_scores(size_t floats) {
     s_.score_floats = floats;
 }
 
+// Decode attention (one new token per sequence) splits each head's keys over several blocks
+// when the heads alone leave SMs idle; how many follows the layer's largest cache capacity,
+// not the lengths, so that a captured graph's launch shape holds for the steps it replays.
+int32_t CudaBackend::attn_splits(int n_seq, int32_t max_capacity) const {
+    if (forced_attn_splits()) return forced_attn_splits();
+    return kernels::attention_splits(n_seq, config_.n_head, max_capacity, ctx_->sm_count());
+}
+
+// The split attention's workspace for n_split splits (grown, never shrunk).
+float* CudaBackend::ensure_attn_partial(int n_seq, int32_t n_split) {
+    const size_t need = kernels::attention_split_floats(n_seq, config_.n_head, config_.head_dim, n_split);
+    if (need > s_.partial_floats) {
+        s_.attn_partial = DeviceBuffer();  // free first: the budget counts what is held
+        s_.attn_partial = ctx_->alloc(need * 4, Use::Scratch);
+        s_.partial_floats = need;
+    }
+    return s_.attn_partial.as<float>();
+}
+
 // Queues a copy of n elements to the device through the pinned staging buffer: it runs in
 // stream order behind the kernels before it, the host neither waits nor keeps `src`. The
 // staging buffer is reused from the front after each step's wait (finish_step).
@@ -439,6 +468,13 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
         n_rows += f.n;
     }
     lb.rope.row0[n_seq] = n_rows;
+    if (n_rows == n_seq) {  // every sequence decodes one token
+        int32_t max_capacity = 0;
+        for (int s = 0; s < n_seq; ++s)
+            max_capacity = std::max(max_capacity, cuda_storage(*steps[s].cache).capacity(il));
+        lb.split.n_split = attn_splits(n_seq, max_capacity);
+        if (lb.split.n_split > 1) lb.split.partial = ensure_attn_partial(n_seq, lb.split.n_split);
+    }
     ensure_scores(score_floats);
     for (int s = 0; s < n_seq; ++s)
         if (lb.attn.seq[s].scores_from < lb.attn.seq[s].n_q)
@@ -459,7 +495,7 @@ void CudaBackend::attention_block(int il, const LayerBatch& lb, int32_t n_rows, 
                                          L.bqkv.get(), st));
     PYR_CUDA_CHECK(kernels::rope_store(dt_, s_.qkv.as<float>(), lb.rope, c.n_head, c.n_head_kv,
                                        c.head_dim, s_.cos.as<float>(), s_.sin.as<float>(), st));
-    PYR_CUDA_CHECK(kernels::attention(dt_, lb.attn, c.n_head, c.n_head_kv, c.head_dim, st));
+    PYR_CUDA_CHECK(kernels::attention(dt_, lb.attn, c.n_head, c.n_head_kv, c.head_dim, st, lb.split));
     linear(*ctx_, st, dt_, L.wo.get(), c.n_embd, q_dim_, s_.att.get(), n_rows, s_.x.as<float>(),
            c.n_embd, true);
     if (L.bo.get())
@@ -663,11 +699,13 @@ struct CudaBackend::DecodePlan {
         size_t scores_off = 0, rows_off = 0;  // floats into s_.scores and s_.obs
     };
     int32_t n_seq = 0;
-    std::vector<Seq> seqs;  // (n_layer, n_seq)
+    std::vector<Seq> seqs;         // (n_layer, n_seq)
+    std::vector<int32_t> n_split;  // per layer: the attention's splits
     const Seq& at(int il, int s) const { return seqs[size_t(il) * size_t(n_seq) + size_t(s)]; }
 
     StepGraphs::Key key(const Scratch& sc) const {
         StepGraphs::Key k{uint64_t(n_seq)};
+        k.insert(k.end(), n_split.begin(), n_split.end());
         auto ptr = [&](const void* p) { k.push_back(uint64_t(reinterpret_cast<uintptr_t>(p))); };
         for (const Seq& q : seqs) {
             ptr(q.k);
@@ -677,7 +715,7 @@ struct CudaBackend::DecodePlan {
         // every buffer the launches touch (the weights never move)
         for (const DeviceBuffer* b : {&sc.tokens, &sc.cos, &sc.sin, &sc.x, &sc.xn, &sc.qkv, &sc.att,
                                       &sc.lse, &sc.gu, &sc.h, &sc.kv_len, &sc.obs, &sc.scores,
-                                      &sc.logits})
+                                      &sc.logits, &sc.attn_partial})
             ptr(b->get());
         return k;
     }
@@ -740,6 +778,15 @@ bool CudaBackend::decode_step(SequenceStep* steps, int n_seq) {
             obs_floats += size_t(q.capacity);
             deferred.push_back({s, il, 1, n_kv, q.rows_off, SIZE_MAX});
         }
+    int32_t max_split = 1;
+    plan.n_split.resize(size_t(c.n_layer));
+    for (int il = 0; il < c.n_layer; ++il) {
+        int32_t max_capacity = 0;
+        for (int s = 0; s < n_seq; ++s) max_capacity = std::max(max_capacity, plan.at(il, s).capacity);
+        plan.n_split[size_t(il)] = attn_splits(n_seq, max_capacity);
+        max_split = std::max(max_split, plan.n_split[size_t(il)]);
+    }
+    if (max_split > 1) ensure_attn_partial(n_seq, max_split);
     ensure_scores(score_floats);
     ensure_obs(obs_floats, 0);
     stage_upload(s_.tokens.get(), tokens.data(), tokens.size());
@@ -787,6 +834,8 @@ void CudaBackend::encode_decode(const DecodePlan& plan, cudaStream_t st) {
             a.scores = q.observed ? s_.scores.as<float>() + q.scores_off : nullptr;
         }
         lb.rope.row0[n_seq] = n_seq;
+        lb.split.n_split = plan.n_split[size_t(il)];
+        if (lb.split.n_split > 1) lb.split.partial = s_.attn_partial.as<float>();
         attention_block(il, lb, n_seq, st);
         for (int s = 0; s < n_seq; ++s) {
             const DecodePlan::Seq& q = plan.at(il, s);

@@ -71,9 +71,9 @@ private:
     };
     struct Scratch {
         DeviceBuffer tokens, cos, sin, x, xn, qkv, att, lse, gu, h, x_tmp, cos_tmp, sin_tmp;
-        DeviceBuffer rows_index, kv_len, obs, scores, logits;
+        DeviceBuffer rows_index, kv_len, obs, scores, logits, attn_partial;
         int32_t n_rows = 0;  // rows the token buffers hold
-        size_t kv_len_n = 0, obs_floats = 0, score_floats = 0, n_logits = 0;
+        size_t kv_len_n = 0, obs_floats = 0, score_floats = 0, n_logits = 0, partial_floats = 0;
     };
     // One sequence's tokens while they go through the layers.
     struct InFlight {
@@ -85,6 +85,7 @@ private:
     struct LayerBatch {
         kernels::RopeStoreBatch rope;
         kernels::AttnBatch attn;
+        kernels::AttnSplit split;              // decode: each head's keys over several blocks
         std::vector<ObservationRequest> reqs;  // what each sequence's policy observes here
     };
     // An observation measured on the device, handed to the policy when it has arrived on
@@ -104,6 +105,8 @@ private:
     void ensure_scratch(int32_t n_rows, int n_seq);
     void ensure_obs(size_t floats, size_t keep);
     void ensure_scores(size_t floats);
+    int32_t attn_splits(int n_seq, int32_t max_capacity) const;
+    float* ensure_attn_partial(int n_seq, int32_t n_split);
     template <typename T> void stage_upload(void* dst, const T* src, size_t n);
 
     void forward_batch(SequenceStep* steps, int n_seq);
