@@ -44,6 +44,10 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
+// SwiGLU of one gate and up value: silu(g) * u. One formula for silu_mul and gemv_swiglu,
+// whose results must agree bit for bit.
+__device__ __forceinline__ float swiglu(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+
 inline unsigned blocks_for(int64_t n, int threads) {
     return unsigned((n + threads - 1) / threads);
 }

@@ -150,7 +150,7 @@ __global__ void silu_mul_kernel(const float* gu, int32_t n_ff, T* out) {
     const int32_t i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n_ff) return;
     const float g = gu[t * 2 * n_ff + i], u = gu[t * 2 * n_ff + n_ff + i];
-    out[t * n_ff + i] = from_f32<T>(g / (1.0f + __expf(-g)) * u);
+    out[t * n_ff + i] = from_f32<T>(swiglu(g, u));
 }
 
 // One block per output row; 16-byte words when the row allows, else 4-byte words.

@@ -22,24 +22,20 @@ __device__ __forceinline__ void accumulate8(const float wf[8], const T* a, int32
     }
 }
 
-// Each warp computes R consecutive rows: R independent 16-byte loads of W per step and
-// four steps unrolled keep 4R loads in flight per lane.
+// The dot products of R rows w[r] of W with NT token vectors a (NT, cols), by one warp:
+// lane l takes the 16-byte words l, l + 32, ... (or the elements l, l + 32, ... when the rows
+// are not 16-byte aligned), then the lanes' partials are summed; every lane returns the sums.
+// R independent 16-byte loads per step and four steps unrolled keep 4R loads in flight per
+// lane. A row's fmaf's and their order do not depend on R or on the other rows, so every
+// caller gets the bits of gemv with one row per warp (gemv_swiglu relies on it).
 template <typename T, int NT, int R>
-__global__ void __launch_bounds__(kWarps * 32)
-gemv_kernel(const T* W, int32_t rows, int32_t cols, const T* a, float* y, int32_t ld,
-            float beta) {
+__device__ __forceinline__ void dot_rows(const T* const w[R], int32_t cols, const T* a,
+                                         float acc[R][NT]) {
     const int lane = threadIdx.x & 31;
-    const int64_t r0 = (int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * R;
-    if (r0 >= rows) return;
-    const int nr = rows - r0 < R ? int(rows - r0) : R;
-    float acc[R][NT];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int t = 0; t < NT; ++t) acc[r][t] = 0.0f;
-    const T* w[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) w[r] = W + (r0 + (r < nr ? r : 0)) * cols;  // past the end: reread row 0
     if ((cols & 7) == 0) {
         int32_t c = lane * 8;
         for (; c + 3 * 256 < cols; c += 4 * 256) {
@@ -74,7 +70,22 @@ gemv_kernel(const T* W, int32_t rows, int32_t cols, const T* a, float* y, int32_
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int t = 0; t < NT; ++t) acc[r][t] = warp_sum(acc[r][t]);
-    if (lane == 0) {
+}
+
+// Each warp computes R consecutive rows.
+template <typename T, int NT, int R>
+__global__ void __launch_bounds__(kWarps * 32)
+gemv_kernel(const T* W, int32_t rows, int32_t cols, const T* a, float* y, int32_t ld,
+            float beta) {
+    const int64_t r0 = (int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * R;
+    if (r0 >= rows) return;
+    const int nr = rows - r0 < R ? int(rows - r0) : R;
+    const T* w[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) w[r] = W + (r0 + (r < nr ? r : 0)) * cols;  // past the end: reread row 0
+    float acc[R][NT];
+    dot_rows<T, NT, R>(w, cols, a, acc);
+    if ((threadIdx.x & 31) == 0) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             if (r >= nr) break;
@@ -84,6 +95,23 @@ gemv_kernel(const T* W, int32_t rows, int32_t cols, const T* a, float* y, int32_
                 *out = beta != 0.0f ? acc[r][t] + beta * *out : acc[r][t];
             }
         }
+    }
+}
+
+// Warp i computes gate row i and up row n_ff + i together (both rows' loads in flight), then
+// h[t, i] = silu(gate) * up: gemv into fp32 and silu_mul without the fp32 round trip.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kWarps * 32)
+gemv_swiglu_kernel(const T* W, int32_t n_ff, int32_t cols, const T* a, T* h) {
+    const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+    if (i >= n_ff) return;
+    const T* const w[2] = {W + i * cols, W + (n_ff + i) * cols};
+    float acc[2][NT];
+    dot_rows<T, NT, 2>(w, cols, a, acc);
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+            h[int64_t(t) * n_ff + i] = from_f32<T>(swiglu(acc[0][t], acc[1][t]));
     }
 }
 
@@ -123,6 +151,21 @@ cudaError_t launch(const T* W, int32_t rows, int32_t cols, const T* a, int32_t n
     return launch_rows<T, 1>(W, rows, cols, a, n, y, ld, beta, stream);
 }
 
+template <typename T>
+cudaError_t launch_swiglu(const T* W, int32_t n_ff, int32_t cols, const T* a, int32_t n, T* h,
+                          cudaStream_t stream) {
+    const unsigned grid = blocks_for(n_ff, kWarps);
+    switch (n) {
+#define PYR_SWIGLU_CASE(N) \
+    case N: gemv_swiglu_kernel<T, N><<<grid, kWarps * 32, 0, stream>>>(W, n_ff, cols, a, h); break;
+        PYR_SWIGLU_CASE(1) PYR_SWIGLU_CASE(2) PYR_SWIGLU_CASE(3) PYR_SWIGLU_CASE(4)
+        PYR_SWIGLU_CASE(5) PYR_SWIGLU_CASE(6) PYR_SWIGLU_CASE(7) PYR_SWIGLU_CASE(8)
+#undef PYR_SWIGLU_CASE
+        default: return cudaErrorInvalidValue;
+    }
+    return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a, int32_t n,
@@ -131,6 +174,15 @@ cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a
     if (n <= 0 || rows <= 0) return cudaSuccess;
     PYR_DISPATCH_DT(dt, return launch<T>(static_cast<const T*>(W), rows, cols,
                                          static_cast<const T*>(a), n, y, ld, beta, stream));
+}
+
+cudaError_t gemv_swiglu(Dt dt, const void* W_gate_up, int32_t n_ff, int32_t cols, const void* a,
+                        int32_t n, void* h, cudaStream_t stream) {
+    if (n <= 0 || n_ff <= 0) return cudaSuccess;
+    if (cols < 0) return cudaErrorInvalidValue;
+    PYR_DISPATCH_DT(dt, return launch_swiglu<T>(static_cast<const T*>(W_gate_up), n_ff, cols,
+                                                static_cast<const T*>(a), n, static_cast<T*>(h),
+                                                stream));
 }
 
 }  // namespace pyr::kernels

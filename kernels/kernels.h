@@ -42,6 +42,12 @@ cudaError_t silu_mul(Dt dt, const float* gu, int32_t n, int32_t n_ff, void* out,
 constexpr int kGemvMaxTokens = 8;
 cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a, int32_t n,
                  float* y, int32_t ld, float beta, cudaStream_t stream);
+// The MLP's gate|up projection and SwiGLU in one pass, for n <= kGemvMaxTokens tokens:
+// h[t, i] = Dt(silu(g) * u), g = W[i, :] . a[t, :], u = W[n_ff + i, :] . a[t, :] for t < n,
+// i < n_ff. W (2 n_ff, cols) Dt is the fused gate|up matrix, a (n, cols) Dt, h (n, n_ff) Dt.
+// The same bits as gemv (beta 0) into fp32 (n, 2 n_ff) followed by silu_mul.
+cudaError_t gemv_swiglu(Dt dt, const void* W_gate_up, int32_t n_ff, int32_t cols, const void* a,
+                        int32_t n, void* h, cudaStream_t stream);
 
 // RoPE (HF rotate-half) and the KV append for a batch of sequences, one launch. qkv (N,
 // q_dim + 2 kv_dim) fp32 is the fused projection of all N tokens (sequence s owns rows
