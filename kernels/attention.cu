@@ -130,6 +130,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd, float qscale,
                  int32_t n_split, float* partial) {
     static_assert(!SPLIT || QT == 1, "the decode split has one query per sequence");
+    let_next_grid_start();  // o_proj (or the split's merge) follows
     const AttnSeq& sq = batch.seq[blockIdx.z];
     const int32_t q0 = SPLIT ? 0 : int32_t(blockIdx.x) * QT;
     if (q0 >= sq.n_q) return;
@@ -262,6 +263,7 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
 template <typename T>
 __global__ void split_merge_kernel(AttnBatch batch, int32_t n_head, int32_t hd, int32_t n_split,
                                    const float* partial) {
+    let_next_grid_start();  // o_proj follows
     const AttnSeq& sq = batch.seq[blockIdx.y];
     if (sq.n_q == 0) return;  // 0 or 1 query here
     const int h = blockIdx.x;

@@ -48,6 +48,30 @@ __device__ __forceinline__ float warp_max(float x) {
 // whose results must agree bit for bit.
 __device__ __forceinline__ float swiglu(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
 
+// Programmatic dependent launch (Hopper). A kernel launched early (gemv.cu: launch_early)
+// may start while the kernel before it in the stream still runs: its blocks take the SMs that
+// kernel leaves idle, start reading what does not depend on it (the weights), and
+// wait_for_prior_grid() holds them until that kernel has finished and its writes are visible.
+// A kernel that often precedes one calls let_next_grid_start() as it begins; without it the
+// next grid starts only as this one ends. Both compile to nothing before sm_90 (and in
+// tools/cuda_sim, whose launches run one after another anyway).
+__device__ __forceinline__ void let_next_grid_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Asks L2 to fetch the 128-byte line holding p; nothing waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
 inline unsigned blocks_for(int64_t n, int threads) {
     return unsigned((n + threads - 1) / threads);
 }

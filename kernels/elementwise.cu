@@ -65,6 +65,7 @@ template <int W> constexpr int rms_max_threads() { return W == 4 ? 256 : 1024; }
 template <typename T, int W, int V>
 __global__ void __launch_bounds__(rms_max_threads<W>())
     rmsnorm_kernel(const float* x, int32_t dim, const T* w, float eps, T* out) {
+    let_next_grid_start();  // a projection follows: it may start fetching its weights
     const int64_t t = blockIdx.x;
     const float* xr = x + t * dim;
     T* orow = out + t * dim;
@@ -146,6 +147,7 @@ __global__ void add_bias_kernel(float* y, int32_t ncols, int32_t ld, const T* b)
 
 template <typename T>
 __global__ void silu_mul_kernel(const float* gu, int32_t n_ff, T* out) {
+    let_next_grid_start();  // the down projection follows
     const int64_t t = blockIdx.y;
     const int32_t i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n_ff) return;

@@ -1,7 +1,9 @@
 // Matrix times a few token vectors (decode): y = W a (+ y), one warp per output row, W read
 // once with 16-byte loads, fp32 accumulation. Larger token counts go to cuBLAS
 // (lib/backend/cuda/cuda_linear.cpp). CPU reference: cpu::matmul.
+#include <atomic>
 #include <cstdlib>
+#include <string>
 
 #include "common.cuh"
 
@@ -9,6 +11,18 @@ namespace pyr::kernels {
 namespace {
 
 constexpr int kWarps = 8;
+
+// Before its wait for the kernel before it (launch_early), a warp asks L2 for the first
+// 4 KiB of each of its rows -- a line per lane -- so that DRAM works while that kernel ends.
+// Bounded: the warps resident at once then ask for about L2's size, not more.
+template <typename T, int R>
+__device__ __forceinline__ void prefetch_rows(const T* const w[R], int nr, int32_t cols) {
+    const int64_t off = int64_t(threadIdx.x & 31) * (128 / int64_t(sizeof(T)));
+    if (off >= cols) return;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+        if (r < nr) prefetch_l2(w[r] + off);
+}
 
 template <typename T, int NT>
 __device__ __forceinline__ void accumulate8(const float wf[8], const T* a, int32_t cols,
@@ -83,6 +97,9 @@ gemv_kernel(const T* W, int32_t rows, int32_t cols, const T* a, float* y, int32_
     const T* w[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) w[r] = W + (r0 + (r < nr ? r : 0)) * cols;  // past the end: reread row 0
+    let_next_grid_start();
+    prefetch_rows<T, R>(w, nr, cols);
+    wait_for_prior_grid();  // a and y may be the kernel before's output
     float acc[R][NT];
     dot_rows<T, NT, R>(w, cols, a, acc);
     if ((threadIdx.x & 31) == 0) {
@@ -106,6 +123,9 @@ gemv_swiglu_kernel(const T* W, int32_t n_ff, int32_t cols, const T* a, T* h) {
     const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
     if (i >= n_ff) return;
     const T* const w[2] = {W + i * cols, W + (n_ff + i) * cols};
+    let_next_grid_start();
+    prefetch_rows<T, 2>(w, 2, cols);
+    wait_for_prior_grid();  // a is the kernel before's output
     float acc[2][NT];
     dot_rows<T, NT, 2>(w, cols, a, acc);
     if ((threadIdx.x & 31) == 0) {
@@ -113,6 +133,67 @@ gemv_swiglu_kernel(const T* W, int32_t n_ff, int32_t cols, const T* a, T* h) {
         for (int t = 0; t < NT; ++t)
             h[int64_t(t) * n_ff + i] = from_f32<T>(swiglu(acc[0][t], acc[1][t]));
     }
+}
+
+// Whether launch_early may let kernels overlap on the current device: compute capability 9.0
+// or newer, the library's kernels built for it (a build for older GPUs that the driver
+// compiles for a Hopper has no wait in its code), no earlier refusal, and not turned off
+// with PYRAMID_PDL=0 (for comparing).
+std::atomic<bool> early_launch_refused{false};
+
+bool early_launch_ok(const void* kernel) {
+    static const bool wanted = [] {
+        const char* env = std::getenv("PYRAMID_PDL");
+        return !(env && std::string(env) == "0");
+    }();
+    if (!wanted || early_launch_refused.load(std::memory_order_relaxed)) return false;
+    constexpr int kDevices = 16;
+    static std::atomic<int> verdict[kDevices];  // 0 unknown, 1 yes, -1 no
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
+        cudaGetLastError();
+        return false;
+    }
+    int v = verdict[dev].load(std::memory_order_relaxed);
+    if (v == 0) {
+        int major = 0;
+        cudaFuncAttributes attr{};
+        const bool ok =
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+            major >= 9 && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90;
+        cudaGetLastError();
+        v = ok ? 1 : -1;
+        verdict[dev].store(v, std::memory_order_relaxed);
+    }
+    return v > 0;
+}
+
+// kernel<<<grid, block, 0, stream>>>(args), allowed to start before the kernel ahead of it in
+// the stream has ended (programmatic dependent launch; common.cuh): the kernel must call
+// wait_for_prior_grid() before it reads or writes anything another kernel touches. Where the
+// device or the runtime refuses it, a plain launch (and no more tries).
+template <typename... P, typename... A>
+cudaError_t launch_early(void (*kernel)(P...), unsigned grid, unsigned block, cudaStream_t stream,
+                         A... args) {
+#ifdef __CUDACC__  // nvcc; tools/cuda_sim compiles this file with g++ and has no such launch
+    if (early_launch_ok(reinterpret_cast<const void*>(kernel))) {
+        cudaLaunchAttribute attr{};
+        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t config{};
+        config.gridDim = dim3(grid);
+        config.blockDim = dim3(block);
+        config.dynamicSmemBytes = 0;
+        config.stream = stream;
+        config.attrs = &attr;
+        config.numAttrs = 1;
+        if (cudaLaunchKernelEx(&config, kernel, args...) == cudaSuccess) return cudaSuccess;
+        cudaGetLastError();
+        early_launch_refused.store(true, std::memory_order_relaxed);
+    }
+#endif
+    kernel<<<grid, block, 0, stream>>>(args...);
+    return cudaGetLastError();
 }
 
 // Rows per warp: PYRAMID_GEMV_ROWS (1, 2 or 4) for measuring. 1 by default: on an H100,
@@ -132,13 +213,12 @@ cudaError_t launch_rows(const T* W, int32_t rows, int32_t cols, const T* a, int3
     const unsigned grid = blocks_for(rows, kWarps * R);
     switch (n) {
 #define PYR_GEMV_CASE(N) \
-    case N: gemv_kernel<T, N, R><<<grid, kWarps * 32, 0, stream>>>(W, rows, cols, a, y, ld, beta); break;
+    case N: return launch_early(gemv_kernel<T, N, R>, grid, kWarps * 32, stream, W, rows, cols, a, y, ld, beta);
         PYR_GEMV_CASE(1) PYR_GEMV_CASE(2) PYR_GEMV_CASE(3) PYR_GEMV_CASE(4)
         PYR_GEMV_CASE(5) PYR_GEMV_CASE(6) PYR_GEMV_CASE(7) PYR_GEMV_CASE(8)
 #undef PYR_GEMV_CASE
         default: return cudaErrorInvalidValue;
     }
-    return cudaGetLastError();
 }
 
 template <typename T>
@@ -157,13 +237,12 @@ cudaError_t launch_swiglu(const T* W, int32_t n_ff, int32_t cols, const T* a, in
     const unsigned grid = blocks_for(n_ff, kWarps);
     switch (n) {
 #define PYR_SWIGLU_CASE(N) \
-    case N: gemv_swiglu_kernel<T, N><<<grid, kWarps * 32, 0, stream>>>(W, n_ff, cols, a, h); break;
+    case N: return launch_early(gemv_swiglu_kernel<T, N>, grid, kWarps * 32, stream, W, n_ff, cols, a, h);
         PYR_SWIGLU_CASE(1) PYR_SWIGLU_CASE(2) PYR_SWIGLU_CASE(3) PYR_SWIGLU_CASE(4)
         PYR_SWIGLU_CASE(5) PYR_SWIGLU_CASE(6) PYR_SWIGLU_CASE(7) PYR_SWIGLU_CASE(8)
 #undef PYR_SWIGLU_CASE
         default: return cudaErrorInvalidValue;
     }
-    return cudaGetLastError();
 }
 
 }  // namespace
