@@ -64,6 +64,7 @@ PY
     BENCH_ENV="PYRAMID_GEMV_ROWS=$rows" PYRAMID_GEMV_ROWS=$rows run 7b_full --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   done
   BENCH_ENV=PYRAMID_CUDA_GEMV_MAX=0 PYRAMID_CUDA_GEMV_MAX=0 run 7b_full_cublas --shape llama2-7b --batch 1 --prompt 512 --gen 256
+  BENCH_ENV=PYRAMID_FUSE_SWIGLU=0 PYRAMID_FUSE_SWIGLU=0 run 7b_full_unfused --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   for p in pyramid snapshrink snapkv h2o; do
     run 7b_$p --shape llama2-7b --batch 1 --prompt 512 --gen 256 --kv-policy $p --kv-retention 0.5 --repeat 3
   done
