@@ -509,12 +509,8 @@ void CudaBackend::mlp_block(int il, int32_t n_rows, cudaStream_t st) {
     const LayerWeights& L = w_.layers[size_t(il)];
     PYR_CUDA_CHECK(kernels::rmsnorm(dt_, s_.x.as<float>(), n_rows, c.n_embd, L.ffn_norm.get(),
                                     c.rms_norm_eps, s_.xn.get(), st));
-    linear(*ctx_, st, dt_, L.w_gate_up.get(), 2 * c.n_ff, c.n_embd, s_.xn.get(), n_rows,
-           s_.gu.as<float>(), 2 * c.n_ff, false);
-    if (L.b_gate_up.get())
-        PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.gu.as<float>(), n_rows, 2 * c.n_ff, 2 * c.n_ff,
-                                         L.b_gate_up.get(), st));
-    PYR_CUDA_CHECK(kernels::silu_mul(dt_, s_.gu.as<float>(), n_rows, c.n_ff, s_.h.get(), st));
+    linear_swiglu(*ctx_, st, dt_, L.w_gate_up.get(), L.b_gate_up.get(), c.n_ff, c.n_embd,
+                  s_.xn.get(), n_rows, s_.gu.as<float>(), s_.h.get());
     linear(*ctx_, st, dt_, L.w_down.get(), c.n_embd, c.n_ff, s_.h.get(), n_rows, s_.x.as<float>(),
            c.n_embd, true);
     if (L.b_down.get())

@@ -14,6 +14,15 @@ static int gemv_max_tokens() {
     return n;
 }
 
+// PYRAMID_FUSE_SWIGLU=0 keeps gemv + silu_mul for a few tokens too (for timing the fusion).
+static bool fuse_swiglu() {
+    static const bool on = [] {
+        const char* env = std::getenv("PYRAMID_FUSE_SWIGLU");
+        return !(env && std::atoi(env) == 0);
+    }();
+    return on;
+}
+
 bool linear_uses_gemv(int32_t n) { return n <= gemv_max_tokens(); }
 
 void linear(Context& ctx, cudaStream_t stream, kernels::Dt dt, const void* W, int32_t rows,
@@ -31,6 +40,20 @@ void linear(Context& ctx, cudaStream_t stream, kernels::Dt dt, const void* W, in
     PYR_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &alpha,
                                   W, t, cols, a, t, cols, &beta, y, CUDA_R_32F, ld,
                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void linear_swiglu(Context& ctx, cudaStream_t stream, kernels::Dt dt, const void* W_gate_up,
+                   const void* b_gate_up, int32_t n_ff, int32_t cols, const void* a, int32_t n,
+                   float* gu, void* h) {
+    if (n <= 0) return;
+    if (!b_gate_up && linear_uses_gemv(n) && fuse_swiglu()) {
+        PYR_CUDA_CHECK(kernels::gemv_swiglu(dt, W_gate_up, n_ff, cols, a, n, h, stream));
+        return;
+    }
+    linear(ctx, stream, dt, W_gate_up, 2 * n_ff, cols, a, n, gu, 2 * n_ff, false);
+    if (b_gate_up)
+        PYR_CUDA_CHECK(kernels::add_bias(dt, gu, n, 2 * n_ff, 2 * n_ff, b_gate_up, stream));
+    PYR_CUDA_CHECK(kernels::silu_mul(dt, gu, n, n_ff, h, stream));
 }
 
 }  // namespace pyr::cuda
