@@ -12,7 +12,7 @@ namespace {
 
 constexpr int kWarps = 8;
 
-// Before its wait for the kernel before it (launch_early), a warp asks L2 for the first
+// Before its wait for the kernel before it (launched_early), a warp asks L2 for the first
 // 4 KiB of each of its rows -- a line per lane -- so that DRAM works while that kernel ends.
 // Bounded: the warps resident at once then ask for about L2's size, not more.
 template <typename T, int R>
@@ -135,7 +135,7 @@ gemv_swiglu_kernel(const T* W, int32_t n_ff, int32_t cols, const T* a, T* h) {
     }
 }
 
-// Whether launch_early may let kernels overlap on the current device: compute capability 9.0
+// Whether launched_early may let kernels overlap on the current device: compute capability 9.0
 // or newer, the library's kernels built for it (a build for older GPUs that the driver
 // compiles for a Hopper has no wait in its code), no earlier refusal, and not turned off
 // with PYRAMID_PDL=0 (for comparing).
@@ -168,32 +168,31 @@ bool early_launch_ok(const void* kernel) {
     return v > 0;
 }
 
-// kernel<<<grid, block, 0, stream>>>(args), allowed to start before the kernel ahead of it in
-// the stream has ended (programmatic dependent launch; common.cuh): the kernel must call
-// wait_for_prior_grid() before it reads or writes anything another kernel touches. Where the
-// device or the runtime refuses it, a plain launch (and no more tries).
+// Launches kernel<<<grid, block, 0, stream>>>(args) so that it may start before the kernel
+// ahead of it in the stream has ended (programmatic dependent launch; common.cuh): the kernel
+// must call wait_for_prior_grid() before it reads or writes anything another kernel touches.
+// False where the device or the runtime does not allow it (after a refusal, no more tries):
+// then the caller launches it plainly.
 template <typename... P, typename... A>
-cudaError_t launch_early(void (*kernel)(P...), unsigned grid, unsigned block, cudaStream_t stream,
-                         A... args) {
+bool launched_early(void (*kernel)(P...), unsigned grid, unsigned block, cudaStream_t stream,
+                    A... args) {
 #ifdef __CUDACC__  // nvcc; tools/cuda_sim compiles this file with g++ and has no such launch
-    if (early_launch_ok(reinterpret_cast<const void*>(kernel))) {
-        cudaLaunchAttribute attr{};
-        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr.val.programmaticStreamSerializationAllowed = 1;
-        cudaLaunchConfig_t config{};
-        config.gridDim = dim3(grid);
-        config.blockDim = dim3(block);
-        config.dynamicSmemBytes = 0;
-        config.stream = stream;
-        config.attrs = &attr;
-        config.numAttrs = 1;
-        if (cudaLaunchKernelEx(&config, kernel, args...) == cudaSuccess) return cudaSuccess;
-        cudaGetLastError();
-        early_launch_refused.store(true, std::memory_order_relaxed);
-    }
+    if (!early_launch_ok(reinterpret_cast<const void*>(kernel))) return false;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(grid);
+    config.blockDim = dim3(block);
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    if (cudaLaunchKernelEx(&config, kernel, args...) == cudaSuccess) return true;
+    cudaGetLastError();
+    early_launch_refused.store(true, std::memory_order_relaxed);
 #endif
-    kernel<<<grid, block, 0, stream>>>(args...);
-    return cudaGetLastError();
+    return false;
 }
 
 // Rows per warp: PYRAMID_GEMV_ROWS (1, 2 or 4) for measuring. 1 by default: on an H100,
@@ -213,12 +212,16 @@ cudaError_t launch_rows(const T* W, int32_t rows, int32_t cols, const T* a, int3
     const unsigned grid = blocks_for(rows, kWarps * R);
     switch (n) {
 #define PYR_GEMV_CASE(N) \
-    case N: return launch_early(gemv_kernel<T, N, R>, grid, kWarps * 32, stream, W, rows, cols, a, y, ld, beta);
+    case N:                                                                                  \
+        if (!launched_early(gemv_kernel<T, N, R>, grid, kWarps * 32, stream, W, rows, cols, a, y, ld, beta)) \
+            gemv_kernel<T, N, R><<<grid, kWarps * 32, 0, stream>>>(W, rows, cols, a, y, ld, beta);           \
+        break;
         PYR_GEMV_CASE(1) PYR_GEMV_CASE(2) PYR_GEMV_CASE(3) PYR_GEMV_CASE(4)
         PYR_GEMV_CASE(5) PYR_GEMV_CASE(6) PYR_GEMV_CASE(7) PYR_GEMV_CASE(8)
 #undef PYR_GEMV_CASE
         default: return cudaErrorInvalidValue;
     }
+    return cudaGetLastError();
 }
 
 template <typename T>
@@ -237,12 +240,16 @@ cudaError_t launch_swiglu(const T* W, int32_t n_ff, int32_t cols, const T* a, in
     const unsigned grid = blocks_for(n_ff, kWarps);
     switch (n) {
 #define PYR_SWIGLU_CASE(N) \
-    case N: return launch_early(gemv_swiglu_kernel<T, N>, grid, kWarps * 32, stream, W, n_ff, cols, a, h);
+    case N:                                                                                  \
+        if (!launched_early(gemv_swiglu_kernel<T, N>, grid, kWarps * 32, stream, W, n_ff, cols, a, h)) \
+            gemv_swiglu_kernel<T, N><<<grid, kWarps * 32, 0, stream>>>(W, n_ff, cols, a, h);           \
+        break;
         PYR_SWIGLU_CASE(1) PYR_SWIGLU_CASE(2) PYR_SWIGLU_CASE(3) PYR_SWIGLU_CASE(4)
         PYR_SWIGLU_CASE(5) PYR_SWIGLU_CASE(6) PYR_SWIGLU_CASE(7) PYR_SWIGLU_CASE(8)
 #undef PYR_SWIGLU_CASE
         default: return cudaErrorInvalidValue;
     }
+    return cudaGetLastError();
 }
 
 }  // namespace
