@@ -4,7 +4,7 @@
 #
 #   tools/cuda_sim/run.sh [doctest args...]           e.g. -tc='rmsnorm*'  or  -ltc
 #   tools/cuda_sim/run.sh --engine [doctest args...]  the library's CUDA backend on the
-#       simulated device: tests/cuda/test_cuda_engine.cpp, test_cuda_context.cpp and the
+#       simulated device: tests/cuda/test_cuda_engine.cpp and the
 #       sim's own tests (tools/cuda_sim/test_sim_runtime.cpp), e.g. -tc='*graph*'
 #
 # Environment: PYR_SIM_BUILD (build folder, default build-cuda-sim/, build-cuda-sim-engine/
