@@ -131,7 +131,7 @@ uint16_t f32_to_bf16_bits(float f) {
 
 uint16_t to_bits(Dt dt, float f) { return dt == Dt::F16 ? f32_to_f16_bits(f) : f32_to_bf16_bits(f); }
 float from_bits(Dt dt, uint16_t h) { return dt == Dt::F16 ? pyr::f16_to_f32(h) : pyr::bf16_to_f32(h); }
-const char* dt_name(Dt dt) { return dt == Dt::F16 ? "F16" : "BF16"; }
+std::string dt_name(Dt dt) { return dt == Dt::F16 ? "F16" : "BF16"; }  // text in messages
 
 // Relative-norm tolerance of a 16-bit output: a few of its rounding steps.
 double tol16(Dt dt) { return dt == Dt::F16 ? 2e-3 : 1.5e-2; }
