@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -206,22 +207,34 @@ int rows_per_warp() {
     return r;
 }
 
+// f(std::integral_constant<int, N>{}) for a token count n in 1..kGemvMaxTokens: the kernels
+// are instantiated per count (their accumulators are registers).
+template <typename F>
+cudaError_t by_token_count(int32_t n, F&& f) {
+    static_assert(kGemvMaxTokens == 8, "gemv instantiates 1..8 tokens");
+    switch (n) {
+        case 1: return f(std::integral_constant<int, 1>{});
+        case 2: return f(std::integral_constant<int, 2>{});
+        case 3: return f(std::integral_constant<int, 3>{});
+        case 4: return f(std::integral_constant<int, 4>{});
+        case 5: return f(std::integral_constant<int, 5>{});
+        case 6: return f(std::integral_constant<int, 6>{});
+        case 7: return f(std::integral_constant<int, 7>{});
+        case 8: return f(std::integral_constant<int, 8>{});
+        default: return cudaErrorInvalidValue;
+    }
+}
+
 template <typename T, int R>
 cudaError_t launch_rows(const T* W, int32_t rows, int32_t cols, const T* a, int32_t n, float* y,
                         int32_t ld, float beta, cudaStream_t stream) {
     const unsigned grid = blocks_for(rows, kWarps * R);
-    switch (n) {
-#define PYR_GEMV_CASE(N) \
-    case N:                                                                                  \
-        if (!launched_early(gemv_kernel<T, N, R>, grid, kWarps * 32, stream, W, rows, cols, a, y, ld, beta)) \
-            gemv_kernel<T, N, R><<<grid, kWarps * 32, 0, stream>>>(W, rows, cols, a, y, ld, beta);           \
-        break;
-        PYR_GEMV_CASE(1) PYR_GEMV_CASE(2) PYR_GEMV_CASE(3) PYR_GEMV_CASE(4)
-        PYR_GEMV_CASE(5) PYR_GEMV_CASE(6) PYR_GEMV_CASE(7) PYR_GEMV_CASE(8)
-#undef PYR_GEMV_CASE
-        default: return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
+    return by_token_count(n, [&](auto tokens) {
+        constexpr int N = decltype(tokens)::value;
+        if (!launched_early(gemv_kernel<T, N, R>, grid, kWarps * 32, stream, W, rows, cols, a, y, ld, beta))
+            gemv_kernel<T, N, R><<<grid, kWarps * 32, 0, stream>>>(W, rows, cols, a, y, ld, beta);
+        return cudaGetLastError();
+    });
 }
 
 template <typename T>
@@ -238,25 +251,18 @@ template <typename T>
 cudaError_t launch_swiglu(const T* W, int32_t n_ff, int32_t cols, const T* a, int32_t n, T* h,
                           cudaStream_t stream) {
     const unsigned grid = blocks_for(n_ff, kWarps);
-    switch (n) {
-#define PYR_SWIGLU_CASE(N) \
-    case N:                                                                                  \
-        if (!launched_early(gemv_swiglu_kernel<T, N>, grid, kWarps * 32, stream, W, n_ff, cols, a, h)) \
-            gemv_swiglu_kernel<T, N><<<grid, kWarps * 32, 0, stream>>>(W, n_ff, cols, a, h);           \
-        break;
-        PYR_SWIGLU_CASE(1) PYR_SWIGLU_CASE(2) PYR_SWIGLU_CASE(3) PYR_SWIGLU_CASE(4)
-        PYR_SWIGLU_CASE(5) PYR_SWIGLU_CASE(6) PYR_SWIGLU_CASE(7) PYR_SWIGLU_CASE(8)
-#undef PYR_SWIGLU_CASE
-        default: return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
+    return by_token_count(n, [&](auto tokens) {
+        constexpr int N = decltype(tokens)::value;
+        if (!launched_early(gemv_swiglu_kernel<T, N>, grid, kWarps * 32, stream, W, n_ff, cols, a, h))
+            gemv_swiglu_kernel<T, N><<<grid, kWarps * 32, 0, stream>>>(W, n_ff, cols, a, h);
+        return cudaGetLastError();
+    });
 }
 
 }  // namespace
 
 cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a, int32_t n,
                  float* y, int32_t ld, float beta, cudaStream_t stream) {
-    static_assert(kGemvMaxTokens == 8, "gemv instantiates 1..8 tokens");
     if (n <= 0 || rows <= 0) return cudaSuccess;
     PYR_DISPATCH_DT(dt, return launch<T>(static_cast<const T*>(W), rows, cols,
                                          static_cast<const T*>(a), n, y, ld, beta, stream));
