@@ -315,17 +315,18 @@ cudaError_t by_head_dim(const AttnBatch& batch, int32_t max_q, int32_t n_head,
 // rows[r, j] = mean over heads of exp2(score - lse): a thread per (row, key). n_kv is the
 // row stride; kv_len (optional, on the device) the true key count, to which first_limit is
 // relative then.
-__global__ void rows_kernel(const float* scores, const float* lse, int32_t n_head, int32_t n_kv,
-                            int32_t first_limit, const int32_t* kv_len, float* rows) {
+__global__ void rows_kernel(RowsBatch batch, int32_t n_head) {
+    const RowsSeq& sq = batch.seq[blockIdx.z];
     const int32_t r = blockIdx.y;
     const int32_t j = int32_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (j >= n_kv) return;
-    const int32_t n_true = kv_len ? min(max(*kv_len, 0), n_kv) : n_kv;
+    if (r >= sq.n_rows || j >= sq.n_kv) return;
+    const int32_t n_true = sq.kv_len ? min(max(*sq.kv_len, 0), sq.n_kv) : sq.n_kv;
     float p = 0.0f;
-    if (j < n_true && j <= first_limit + (n_true - n_kv) + r)
+    if (j < n_true && j <= sq.first_limit + (n_true - sq.n_kv) + r)
         for (int h = 0; h < n_head; ++h)
-            p += exp2f(scores[(int64_t(r) * n_head + h) * n_kv + j] - lse[int64_t(r) * n_head + h]);
-    rows[int64_t(r) * n_kv + j] = p / float(n_head);
+            p += exp2f(sq.scores[(int64_t(r) * n_head + h) * sq.n_kv + j] -
+                       sq.lse[int64_t(r) * n_head + h]);
+    sq.rows[int64_t(r) * sq.n_kv + j] = p / float(n_head);
 }
 
 // Column sums over every query (H2O): recomputes the scores, a thread per key and a block
@@ -387,12 +388,16 @@ cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_h
     PYR_DISPATCH_DT(dt, return (by_head_dim<T, 8>(batch, max_q, n_head, n_head_kv, head_dim, split, stream)));
 }
 
-cudaError_t attention_rows(const float* scores, const float* lse, int32_t n_rows,
-                          int32_t n_head, int32_t n_kv, int32_t first_limit, float* rows,
-                          cudaStream_t stream, const int32_t* kv_len) {
-    if (n_rows <= 0 || n_kv <= 0) return cudaSuccess;
-    const dim3 grid(blocks_for(n_kv, 128), unsigned(n_rows));
-    rows_kernel<<<grid, 128, 0, stream>>>(scores, lse, n_head, n_kv, first_limit, kv_len, rows);
+cudaError_t attention_rows(const RowsBatch& batch, int32_t n_head, cudaStream_t stream) {
+    if (batch.n_seq < 0 || batch.n_seq > kMaxBatch || n_head <= 0) return cudaErrorInvalidValue;
+    int32_t max_rows = 0, max_kv = 0;
+    for (int s = 0; s < batch.n_seq; ++s) {
+        max_rows = std::max(max_rows, batch.seq[s].n_rows);
+        max_kv = std::max(max_kv, batch.seq[s].n_kv);
+    }
+    if (max_rows <= 0 || max_kv <= 0) return cudaSuccess;
+    const dim3 grid(blocks_for(max_kv, 128), unsigned(max_rows), unsigned(batch.n_seq));
+    rows_kernel<<<grid, 128, 0, stream>>>(batch, n_head);
     return cudaGetLastError();
 }
 

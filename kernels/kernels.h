@@ -122,16 +122,25 @@ cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_h
 
 // What KV policies observe (kv_policy.h), exact softmax probabilities averaged over the
 // query heads, from what attention() stored:
-// attention_rows: rows (n_rows, n_kv) of n_rows consecutive queries from their raw scores
-// (n_rows, n_head, n_kv) and lse (n_rows, n_head); row r sees keys j <= first_limit + r
-// (first_limit = n_kv - n_q + the first row's query index), 0 elsewhere.
-// kv_len (optional): a device pointer to ONE value, the sequence's true key count; n_kv is
-// then the row stride of scores and of rows and bounds the launch, first_limit is taken
-// relative to the true count (first_limit + (*kv_len - n_kv)) and rows[r, j] = 0 for
-// j >= *kv_len.
-cudaError_t attention_rows(const float* scores, const float* lse, int32_t n_rows,
-                           int32_t n_head, int32_t n_kv, int32_t first_limit, float* rows,
-                           cudaStream_t stream, const int32_t* kv_len = nullptr);
+// attention_rows: for each sequence of the batch (one launch), rows (n_rows, n_kv) of n_rows
+// consecutive queries from their raw scores (n_rows, n_head, n_kv) and lse (n_rows, n_head);
+// row r sees keys j <= first_limit + r (first_limit = n_kv - n_q + the first row's query
+// index), 0 elsewhere. kv_len (optional): a device pointer to ONE value, the sequence's true
+// key count; n_kv is then the row stride of scores and of rows and bounds the launch,
+// first_limit is taken relative to the true count (first_limit + (*kv_len - n_kv)) and
+// rows[r, j] = 0 for j >= *kv_len.
+struct RowsSeq {
+    const float* scores = nullptr;
+    const float* lse = nullptr;
+    float* rows = nullptr;
+    int32_t n_rows = 0, n_kv = 0, first_limit = 0;
+    const int32_t* kv_len = nullptr;
+};
+struct RowsBatch {
+    int32_t n_seq = 0;
+    RowsSeq seq[kMaxBatch];
+};
+cudaError_t attention_rows(const RowsBatch& batch, int32_t n_head, cudaStream_t stream);
 // attention_col_sums: col_sums (n_kv), zeroed beforehand, += the probabilities summed over
 // all of the sequence's queries (recomputed from q, k and lse).
 cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,

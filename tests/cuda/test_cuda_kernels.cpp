@@ -1209,8 +1209,11 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 DeviceArray<float> d_rows(size_t(n_rows) * n_kv);
                 d_rows.poison();
                 const int32_t first_limit = n_kv - n_q + rows_from;
-                LAUNCH_OK(K::attention_rows(dev.scores.get(), dev.lse.get() + size_t(rows_from) * cf.n_head,
-                                            n_rows, cf.n_head, n_kv, first_limit, d_rows.get(), nullptr));
+                K::RowsBatch rb;
+                rb.n_seq = 1;
+                rb.seq[0] = {dev.scores.get(), dev.lse.get() + size_t(rows_from) * cf.n_head,
+                             d_rows.get(), n_rows, n_kv, first_limit, nullptr};
+                LAUNCH_OK(K::attention_rows(rb, cf.n_head, nullptr));
                 const std::vector<float> rows = d_rows.download();
                 check_close(widen(rows), rows_ref, tol);
                 // exact zeros where a query cannot see the key (the softmax is causal)
@@ -1221,7 +1224,8 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 CHECK(nonzero_masked == 0);
 
                 // the same with the true key count on the device, n_kv a larger bound (the
-                // stride of scores and rows): the plain rows' bits, zeros past the true count
+                // stride of scores and rows): the plain rows' bits, zeros past the true count;
+                // in one launch with the plain sequence again (a batch of unequal shapes)
                 const int32_t cap = n_kv + 45;
                 const DeviceAttnSeq bounded(host, cf.n_head, cf.n_head_kv, cf.hd, cap);
                 DeviceArray<int32_t> d_len(std::vector<int32_t>{n_kv});
@@ -1230,12 +1234,17 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 bb.seq[0] = bounded.view(host);
                 bb.kv_len = d_len.get();
                 LAUNCH_OK(K::attention(dt, bb, cf.n_head, cf.n_head_kv, cf.hd, nullptr));
-                DeviceArray<float> d_rows_b(size_t(n_rows) * cap);
+                DeviceArray<float> d_rows_b(size_t(n_rows) * cap), d_rows_again(d_rows.size());
                 d_rows_b.poison();
-                LAUNCH_OK(K::attention_rows(bounded.scores.get(),
-                                            bounded.lse.get() + size_t(rows_from) * cf.n_head, n_rows,
-                                            cf.n_head, cap, cap - n_q + rows_from, d_rows_b.get(),
-                                            nullptr, d_len.get()));
+                d_rows_again.poison();
+                K::RowsBatch both;
+                both.n_seq = 2;
+                both.seq[0] = {bounded.scores.get(), bounded.lse.get() + size_t(rows_from) * cf.n_head,
+                               d_rows_b.get(), n_rows, cap, cap - n_q + rows_from, d_len.get()};
+                both.seq[1] = rb.seq[0];
+                both.seq[1].rows = d_rows_again.get();
+                LAUNCH_OK(K::attention_rows(both, cf.n_head, nullptr));
+                CHECK(count_bit_mismatches(d_rows_again.download(), rows) == 0);
                 const std::vector<float> rows_b = d_rows_b.download();
                 std::vector<float> head, tail;
                 for (int32_t r = 0; r < n_rows; ++r)

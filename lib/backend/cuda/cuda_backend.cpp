@@ -556,13 +556,14 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
     }
     ensure_obs(end_later + end_now, obs_used);
     float* base = s_.obs.as<float>();
+    // the rows of every sequence in one launch; column sums (H2O) one sequence at a time
+    kernels::RowsBatch rows;
     auto launch = [&](const Measured& m, size_t shift) {
         const kernels::AttnSeq& a = lb.attn.seq[size_t(m.seq)];
         if (m.rows_off != SIZE_MAX)
-            PYR_CUDA_CHECK(kernels::attention_rows(a.scores, a.lse + int64_t(a.scores_from) * c.n_head,
-                                                   m.n_rows, c.n_head, m.n_keys,
-                                                   m.n_keys - a.n_q + a.scores_from,
-                                                   base + shift + m.rows_off, st));
+            rows.seq[rows.n_seq++] = {a.scores, a.lse + int64_t(a.scores_from) * c.n_head,
+                                      base + shift + m.rows_off, m.n_rows, m.n_keys,
+                                      m.n_keys - a.n_q + a.scores_from, nullptr};
         if (m.sums_off != SIZE_MAX) {
             PYR_CUDA_CHECK(cudaMemsetAsync(base + shift + m.sums_off, 0, size_t(m.n_keys) * 4, st));
             PYR_CUDA_CHECK(kernels::attention_col_sums(dt_, a, c.n_head, c.n_head_kv, c.head_dim,
@@ -571,6 +572,7 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
     };
     for (const Measured& m : later) launch(m, 0);
     for (const Measured& m : now) launch(m, end_later);
+    PYR_CUDA_CHECK(kernels::attention_rows(rows, c.n_head, st));
     deferred.insert(deferred.end(), later.begin(), later.end());
     obs_used = end_later;
     if (end_now > 0) {
@@ -833,14 +835,16 @@ void CudaBackend::encode_decode(const DecodePlan& plan, cudaStream_t st) {
         lb.split.n_split = plan.n_split[size_t(il)];
         if (lb.split.n_split > 1) lb.split.partial = s_.attn_partial.as<float>();
         attention_block(il, lb, n_seq, st);
+        kernels::RowsBatch rows;  // the observed tokens' attention rows, one launch
         for (int s = 0; s < n_seq; ++s) {
             const DecodePlan::Seq& q = plan.at(il, s);
             if (q.observed)
-                PYR_CUDA_CHECK(kernels::attention_rows(
-                    s_.scores.as<float>() + q.scores_off, s_.lse.as<float>() + int64_t(s) * c.n_head,
-                    1, c.n_head, q.capacity, q.capacity - 1, s_.obs.as<float>() + q.rows_off, st,
-                    kv_len + s));
+                rows.seq[rows.n_seq++] = {s_.scores.as<float>() + q.scores_off,
+                                          s_.lse.as<float>() + int64_t(s) * c.n_head,
+                                          s_.obs.as<float>() + q.rows_off, 1, q.capacity,
+                                          q.capacity - 1, kv_len + s};
         }
+        PYR_CUDA_CHECK(kernels::attention_rows(rows, c.n_head, st));
         mlp_block(il, n_seq, st);
     }
     output_head(s_.x.as<float>(), n_seq, st);
