@@ -82,6 +82,10 @@ PY
   for p in pyramid snapshrink snapkv h2o; do
     run 7b_$p --shape llama2-7b --batch 1 --prompt 512 --gen 256 --kv-policy $p --kv-retention 0.5 --repeat 3
   done
+  if [ -n "${BENCH_BATCH:-}" ]; then  # throughput: the paper's point (minutes more)
+    run 7b_full_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256
+    run 7b_pyramid_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
+  fi
   run bundled --model models/tiny-code-llama --batch 1 --prompt 512 --gen 256
 fi
 
