@@ -2,11 +2,10 @@
 // once with 16-byte loads, fp32 accumulation. Larger token counts go to cuBLAS
 // (lib/backend/cuda/cuda_linear.cpp). CPU reference: cpu::matmul.
 #include <atomic>
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "common.cuh"
+#include "common/env.h"
 
 namespace pyr::kernels {
 namespace {
@@ -143,10 +142,7 @@ gemv_swiglu_kernel(const T* W, int32_t n_ff, int32_t cols, const T* a, T* h) {
 std::atomic<bool> early_launch_refused{false};
 
 bool early_launch_ok(const void* kernel) {
-    static const bool wanted = [] {
-        const char* env = std::getenv("PYRAMID_PDL");
-        return !(env && std::string(env) == "0");
-    }();
+    static const bool wanted = env_int("PYRAMID_PDL", 1) != 0;
     if (!wanted || early_launch_refused.load(std::memory_order_relaxed)) return false;
     constexpr int kDevices = 16;
     static std::atomic<int> verdict[kDevices];  // 0 unknown, 1 yes, -1 no
@@ -200,8 +196,7 @@ bool launched_early(void (*kernel)(P...), unsigned grid, unsigned block, cudaStr
 // 7B decode ran at 152 tok/s with 1, 143 with 2 and 144 with 4 (tools/gpu_check.sh).
 int rows_per_warp() {
     static const int r = [] {
-        const char* env = std::getenv("PYRAMID_GEMV_ROWS");
-        const int v = env ? std::atoi(env) : 1;
+        const int v = env_int("PYRAMID_GEMV_ROWS", 1);
         return v == 2 || v == 4 ? v : 1;
     }();
     return r;

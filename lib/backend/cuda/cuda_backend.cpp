@@ -2,11 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 
 #include "backend/cuda/cuda_linear.h"
+#include "common/env.h"
 #include "common/log.h"
 #include "model/rope.h"
 
@@ -26,8 +26,7 @@ void upload_vector(Context& ctx, DeviceBuffer& buf, const std::vector<T>& v) {
 // PYRAMID_ATTN_SPLITS=N forces N decode attention splits (1 = off); unset: attention_splits.
 int32_t forced_attn_splits() {
     static const int32_t n = [] {
-        const char* env = std::getenv("PYRAMID_ATTN_SPLITS");
-        const int v = env ? std::atoi(env) : 0;
+        const int v = env_int("PYRAMID_ATTN_SPLITS", 0);
         return v <= 0 ? 0 : std::min(v, int(kernels::kMaxAttnSplits));
     }();
     return n;
@@ -128,8 +127,7 @@ void CudaBackend::init_common() {
     qkv_dim_ = q_dim_ + 2 * kv_dim_;
     ctx_->make_current();
     // PYRAMID_CUDA_GRAPHS=0: decode steps are launched kernel by kernel (for comparing)
-    const char* graphs = std::getenv("PYRAMID_CUDA_GRAPHS");
-    graphs_ = std::make_unique<StepGraphs>(ctx_, !(graphs && std::string(graphs) == "0"));
+    graphs_ = std::make_unique<StepGraphs>(ctx_, env_int("PYRAMID_CUDA_GRAPHS", 1) != 0);
     obs_ready_ = std::make_unique<Event>();
 }
 

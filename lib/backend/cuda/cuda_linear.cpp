@@ -1,25 +1,21 @@
 #include "backend/cuda/cuda_linear.h"
 
-#include <cstdlib>
+#include <algorithm>
+
+#include "common/env.h"
 
 namespace pyr::cuda {
 
 // PYRAMID_CUDA_GEMV_MAX=0 sends every product to cuBLAS (for comparing the two paths).
 static int gemv_max_tokens() {
-    static const int n = [] {
-        const char* env = std::getenv("PYRAMID_CUDA_GEMV_MAX");
-        const int v = env ? std::atoi(env) : kernels::kGemvMaxTokens;
-        return v < 0 ? 0 : (v > kernels::kGemvMaxTokens ? kernels::kGemvMaxTokens : v);
-    }();
+    static const int n =
+        std::clamp(env_int("PYRAMID_CUDA_GEMV_MAX", kernels::kGemvMaxTokens), 0, kernels::kGemvMaxTokens);
     return n;
 }
 
 // PYRAMID_FUSE_SWIGLU=0 keeps gemv + silu_mul for a few tokens too (for timing the fusion).
 static bool fuse_swiglu() {
-    static const bool on = [] {
-        const char* env = std::getenv("PYRAMID_FUSE_SWIGLU");
-        return !(env && std::atoi(env) == 0);
-    }();
+    static const bool on = env_int("PYRAMID_FUSE_SWIGLU", 1) != 0;
     return on;
 }
 
