@@ -428,9 +428,25 @@ bool run_block(Launch& L, uint64_t linear) {
 
 void install_crash_report();
 
+// Gives a thread's Worker and its fiber stacks back when the thread ends: threads other than
+// the pool's run blocks too (a test's session threads), and come and go.
+struct WorkerRelease {
+    ~WorkerRelease() {
+        if (!tw) return;
+        for (char* s : tw->free_stacks) munmap(s - kGuard, kGuard + stack_bytes());
+        if (tw->dead_stack) munmap(tw->dead_stack - kGuard, kGuard + stack_bytes());
+        delete tw;
+        tw = nullptr;
+    }
+};
+
 void run_blocks(Launch& L) {
     install_crash_report();
-    if (!tw) tw = new Worker;
+    if (!tw) {
+        static thread_local WorkerRelease release;
+        (void)release;
+        tw = new Worker;
+    }
     if (tw->prepared_for != L.serial) prepare(L);
     const dim3 b = L.spec->block, g = L.spec->grid;
     blockDim = uint3{b.x, b.y, b.z};
