@@ -441,19 +441,9 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
         kv.reserve(il, first_new + f.n);
         kv.set_size(il, first_new + f.n);
         cache.appended(il, f.positions.data(), f.n);
-        lb.rope.row0[s] = f.row0;
-        lb.rope.k_cache[s] = kv.keys(il);
-        lb.rope.v_cache[s] = kv.values(il);
+        place_sequence(lb, s, f.row0, f.n, kv.keys(il), kv.values(il), first_new + f.n);
         lb.rope.slot0[s] = first_new;
         kernels::AttnSeq& a = lb.attn.seq[s];
-        a.q = s_.qkv.as<float>() + int64_t(f.row0) * qkv_dim_;
-        a.q_stride = qkv_dim_;
-        a.n_q = f.n;
-        a.k = kv.keys(il);
-        a.v = kv.values(il);
-        a.n_kv = first_new + f.n;
-        a.out = s_.att.as<char>() + int64_t(f.row0) * q_dim_ * 2;
-        a.lse = s_.lse.as<float>() + int64_t(f.row0) * c.n_head;
         // the attention kernel keeps the raw scores of the observed queries (no second pass
         // over the keys for the rows)
         a.scores_from = a.n_q;  // no rows observed unless the policy asks
@@ -478,6 +468,25 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
         if (lb.attn.seq[s].scores_from < lb.attn.seq[s].n_q)
             lb.attn.seq[s].scores = s_.scores.as<float>() + score_off[size_t(s)];
     return lb;
+}
+
+// Sequence s of a layer's launches: its n rows from row0 of the batch buffers, its cache
+// arrays k and v, n_kv keys (or a bound on them, with device lengths). Slots and observed
+// scores are the caller's.
+void CudaBackend::place_sequence(LayerBatch& lb, int s, int32_t row0, int32_t n, void* k, void* v,
+                                 int32_t n_kv) const {
+    lb.rope.row0[s] = row0;
+    lb.rope.k_cache[s] = k;
+    lb.rope.v_cache[s] = v;
+    kernels::AttnSeq& a = lb.attn.seq[s];
+    a.q = s_.qkv.as<float>() + int64_t(row0) * qkv_dim_;
+    a.q_stride = qkv_dim_;
+    a.n_q = n;
+    a.k = k;
+    a.v = v;
+    a.n_kv = n_kv;
+    a.out = s_.att.as<char>() + int64_t(row0) * q_dim_ * 2;
+    a.lse = s_.lse.as<float>() + int64_t(row0) * config_.n_head;
 }
 
 // x += o_proj(attention(rope(q), cache + rope(k), v)) over the batch's n_rows rows.
@@ -688,8 +697,8 @@ void CudaBackend::finish_step(SequenceStep* steps, const std::vector<int32_t>& o
 // so one's graph replays the other.
 struct CudaBackend::DecodePlan {
     struct Seq {               // one sequence in one layer
-        const void* k = nullptr;
-        const void* v = nullptr;
+        void* k = nullptr;
+        void* v = nullptr;
         int32_t capacity = 0;  // bounds the cache length in the launches; scores' row stride
         bool observed = false; // the policy measures the token's attention row
         size_t scores_off = 0, rows_off = 0;  // floats into s_.scores and s_.obs
@@ -814,18 +823,8 @@ void CudaBackend::encode_decode(const DecodePlan& plan, cudaStream_t st) {
         lb.attn.kv_len = kv_len;
         for (int s = 0; s < n_seq; ++s) {
             const DecodePlan::Seq& q = plan.at(il, s);
-            lb.rope.row0[s] = s;
-            lb.rope.k_cache[s] = const_cast<void*>(q.k);
-            lb.rope.v_cache[s] = const_cast<void*>(q.v);
+            place_sequence(lb, s, s, 1, q.k, q.v, q.capacity);
             kernels::AttnSeq& a = lb.attn.seq[s];
-            a.q = s_.qkv.as<float>() + int64_t(s) * qkv_dim_;
-            a.q_stride = qkv_dim_;
-            a.n_q = 1;
-            a.k = q.k;
-            a.v = q.v;
-            a.n_kv = q.capacity;
-            a.out = s_.att.as<char>() + int64_t(s) * q_dim_ * 2;
-            a.lse = s_.lse.as<float>() + int64_t(s) * c.n_head;
             a.scores_from = q.observed ? 0 : 1;
             a.scores = q.observed ? s_.scores.as<float>() + q.scores_off : nullptr;
         }

@@ -111,6 +111,8 @@ private:
 
     void forward_batch(SequenceStep* steps, int n_seq);
     LayerBatch describe_layer(int il, SequenceStep* steps, const std::vector<InFlight>& seqs);
+    void place_sequence(LayerBatch& lb, int s, int32_t row0, int32_t n, void* k, void* v,
+                        int32_t n_kv) const;
     void attention_block(int il, const LayerBatch& lb, int32_t n_rows, cudaStream_t st);
     void mlp_block(int il, int32_t n_rows, cudaStream_t st);
     void output_head(const float* x, int32_t n_out, cudaStream_t st);
