@@ -164,4 +164,31 @@ cudaError_t fill_random(Dt dt, void* out, int64_t n, uint64_t seed, float scale,
 cudaError_t argmax_rows(const float* logits, int32_t n_rows, int32_t n_vocab, int32_t* out,
                         cudaStream_t stream);
 
+// Token sampling on the device: the token pyr::Sampler::sample_with (lib/engine/sampler.h)
+// picks from the same logits, history and uniform number (repetition penalty, then greedy,
+// or top-k -> softmax(logit / temperature) -> min-p -> top-p -> a draw best first; the draw
+// is the shared draw_from_prefix of lib/engine/sampling_rules.h).
+// One row to sample: the raw logits and the sampler's settings (lib/engine/sampler.h).
+struct SampleRow {
+    const float* logits = nullptr;         // device, (n_vocab) raw logits
+    float temperature = 0;                 // <= 0: greedy
+    int32_t top_k = 0;                     // 0 or >= n_vocab: off
+    float top_p = 1, min_p = 0, repeat_penalty = 1;
+    const int32_t* penalized = nullptr;    // device, n_penalized distinct ids in [0, n_vocab)
+    int32_t n_penalized = 0;
+    double u = 0;                          // SampleDraw::u
+};
+constexpr int kSampleCandidates = 1024;
+// out[r] = the token Sampler::sample_with(rows[r]'s logits, n_vocab, history, u) picks, or -1
+// when that depends on candidates past the best kSampleCandidates (then the host samples
+// from the logits with the same u). rows and out are device arrays of n_rows.
+// Exact (the same bits) for greedy and for top-k with k <= kSampleCandidates; otherwise
+// the softmax's sum over the whole set is a block reduction whose last bits may differ
+// from the CPU's id-order sum (a different token only when u falls on a boundary).
+// n_vocab in [1, kSampleMaxVocab] (a bitmap of the penalized ids in shared memory), n_rows
+// >= 0; cudaErrorInvalidValue otherwise.
+constexpr int32_t kSampleMaxVocab = 48 * 1024 * 8;  // 393216
+cudaError_t sample_rows(const SampleRow* rows, int32_t n_rows, int32_t n_vocab, int32_t* out,
+                        cudaStream_t stream);
+
 }  // namespace pyr::kernels

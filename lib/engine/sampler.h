@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <optional>
 #include <random>
 #include <vector>
 
@@ -19,6 +18,12 @@ struct SamplingParams {
     uint64_t seed = 0;
 };
 
+// What a device needs to pick the token sample() would pick from the same logits.
+struct SampleDraw {
+    double u = 0.0;                   // the uniform number sample() would draw (0 when greedy)
+    std::vector<int32_t> penalized;   // distinct token ids the repetition penalty applies to
+};
+
 class Sampler {
 public:
     explicit Sampler(const SamplingParams& params);
@@ -26,13 +31,26 @@ public:
     // Restarts the random stream from the seed.
     void reset();
     // Picks the next token from `logits` (n_vocab raw values); `history` feeds the
-    // repetition penalty. Deterministic for a given seed and call sequence.
+    // repetition penalty. Deterministic for a given seed and call sequence. Greedy
+    // (temperature <= 0) takes the largest penalized logit, the lowest id on ties, NaN
+    // counting as -inf (all NaN: 0); it draws no random number.
     int32_t sample(const float* logits, int32_t n_vocab, const std::vector<int32_t>& history);
 
+    const SamplingParams& params() const { return params_; }
+    // The next draw, without consuming it: sample_with(logits, n, history, d.u) == sample(...).
+    SampleDraw peek(const std::vector<int32_t>& history, int32_t n_vocab) const;
+    // Consumes the draw peek() reported (no-op when greedy: greedy draws nothing).
+    void advance();
+    // sample() with the uniform number u; the random stream is untouched.
+    int32_t sample_with(const float* logits, int32_t n_vocab, const std::vector<int32_t>& history,
+                        double u);
+
 private:
+    bool greedy() const { return params_.temperature <= 0.0f; }
+    // The first index of the window of `history` the repetition penalty looks at.
+    size_t penalty_window(size_t n) const;
     const float* penalized(const float* raw, int32_t n_vocab, const std::vector<int32_t>& history);
     const float* without_nan(const float* l, int32_t n_vocab);
-    std::optional<int32_t> draw_from_prefix(bool complete, double u);
     double uniform01();
 
     SamplingParams params_;

@@ -222,3 +222,92 @@ TEST_CASE("NaN or infinite logits (a broken checkpoint) give some id in range, n
         }
     }
 }
+
+TEST_CASE("greedy ignores NaN: NaN counts as -inf, all NaN gives 0") {
+    const float nan = std::nanf(""), inf = INFINITY;
+    struct Case {
+        std::vector<float> l;
+        int32_t want;
+    };
+    const std::vector<Case> cases = {
+        {{nan, 1.0f, 2.0f}, 2},       // a NaN first is not the answer
+        {{1.0f, nan, 0.5f}, 0},
+        {{nan, nan, nan}, 0},
+        {{nan, -inf, nan}, 0},        // all "-inf": the lowest id
+        {{-inf, nan, -inf, -1e38f}, 3},
+        {{-inf, -inf}, 0},
+    };
+    for (const Case& c : cases) {
+        // also past the 16 vectorised lanes: the same values at the end of a longer row
+        for (int32_t pad : {0, 37}) {
+            std::vector<float> l(size_t(pad), nan);
+            l.insert(l.end(), c.l.begin(), c.l.end());
+            int32_t want = c.want + pad;
+            if (std::all_of(c.l.begin(), c.l.end(), [](float x) { return !(x > -INFINITY); }))
+                want = 0;  // nothing above -inf anywhere
+            Sampler s(plain(0.0f));
+            CAPTURE(pad);
+            CHECK(s.sample(l.data(), int32_t(l.size()), {}) == want);
+        }
+    }
+}
+
+TEST_CASE("peek, advance and sample_with give sample()'s tokens in every mode") {
+    const uint64_t seed = std::random_device{}();
+    CAPTURE(seed);
+    std::mt19937_64 gen(seed);
+    int compared = 0;
+    for (int32_t n_vocab : {1, 3, 300, 3000}) {
+        std::normal_distribution<float> d(0.0f, 2.0f);
+        std::vector<float> logits(static_cast<size_t>(n_vocab));
+        for (float& x : logits) x = std::round(d(gen) * 8.0f) / 8.0f;
+        if (n_vocab > 3) logits[size_t(n_vocab / 2)] = std::nanf("");
+        std::vector<int32_t> history(100);
+        for (int32_t& t : history) t = int32_t(gen() % uint64_t(n_vocab + 5)) - 2;  // some out of range
+        for (float temperature : {0.0f, 0.7f, 1.5f})
+            for (int32_t top_k : {0, 1, 40})
+                for (float top_p : {1.0f, 0.9f})
+                    for (float min_p : {0.0f, 0.05f})
+                        for (float penalty : {1.0f, 1.3f})
+                            for (int32_t last_n : {0, 16}) {
+                                SamplingParams p;
+                                p.temperature = temperature, p.top_k = top_k, p.top_p = top_p;
+                                p.min_p = min_p, p.repeat_penalty = penalty;
+                                p.repeat_last_n = last_n, p.seed = gen();
+                                Sampler a(p), b(p);
+                                CHECK(a.params().seed == p.seed);
+                                for (int step = 0; step < 4; ++step, ++compared) {
+                                    CAPTURE(n_vocab);
+                                    CAPTURE(temperature);
+                                    CAPTURE(top_k);
+                                    CAPTURE(penalty);
+                                    CAPTURE(last_n);
+                                    const pyr::SampleDraw draw = b.peek(history, n_vocab);
+                                    // peek does not move the stream
+                                    REQUIRE(b.peek(history, n_vocab).u == draw.u);
+                                    if (temperature <= 0.0f) CHECK(draw.u == 0.0);
+                                    // the penalty list: the window's distinct in-range ids
+                                    std::vector<int32_t> want;
+                                    if (penalty != 1.0f) {
+                                        const size_t first =
+                                            last_n > 0 && size_t(last_n) < history.size()
+                                                ? history.size() - size_t(last_n) : 0;
+                                        for (size_t i = first; i < history.size(); ++i) {
+                                            const int32_t t = history[i];
+                                            if (t >= 0 && t < n_vocab &&
+                                                std::find(want.begin(), want.end(), t) == want.end())
+                                                want.push_back(t);
+                                        }
+                                    }
+                                    CHECK(draw.penalized == want);
+                                    const int32_t with =
+                                        b.sample_with(logits.data(), n_vocab, history, draw.u);
+                                    b.advance();
+                                    REQUIRE(with == a.sample(logits.data(), n_vocab, history));
+                                    history.push_back(with);
+                                    history.erase(history.begin());
+                                }
+                            }
+    }
+    MESSAGE(compared << " draws compared");
+}

@@ -218,6 +218,8 @@ T atomicCAS(T* p, pyr_sim::same_t<T> expected, pyr_sim::same_t<T> desired) {
     __atomic_compare_exchange(p, &expected, &desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return expected;  // the old value either way
 }
+template <typename T>
+T atomicOr(T* p, pyr_sim::same_t<T> v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
 // Only what the kernels use; atomicMax/Min and friends are left out until one needs them.
 
 // ---- device math and loads ------------------------------------------------------------
@@ -236,6 +238,16 @@ inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x; }
 template <typename T>
 T __ldg(const T* p) { return *p; }
+inline unsigned __float_as_uint(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned u) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
 
 // CUDA's min and max of mixed arithmetic types, in the global namespace as on the device.
 template <typename A, typename B,
