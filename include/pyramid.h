@@ -318,7 +318,9 @@ PYR_API int32_t pyr_session_token(const pyr_session* session);
 PYR_API const char* pyr_session_text(const pyr_session* session);
 
 /* The logits (n_vocab floats, raw model output before any sampling transform) of the last
- * processed token, or NULL if none. Valid until the next feed/prefill/next/reset. */
+ * processed token, or NULL if none. Valid until the next feed/prefill/next/reset. On a GPU,
+ * where pyr_session_next picks the token on the device, the first call after a step copies
+ * them back; NULL then also means that copy failed (pyr_session_errmsg says why). */
 PYR_API const float* pyr_session_logits(const pyr_session* session);
 /* One logit of the same vector; 0 if out of range or none. */
 PYR_API float pyr_session_logit(const pyr_session* session, int32_t token);

@@ -76,6 +76,7 @@ PY
   BENCH_ENV=PYRAMID_FUSE_SWIGLU=0 PYRAMID_FUSE_SWIGLU=0 run 7b_full_unfused --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   BENCH_ENV=PYRAMID_PDL=0 PYRAMID_PDL=0 run 7b_full_nopdl --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   BENCH_ENV=PYRAMID_ATTN_SPLITS=1 PYRAMID_ATTN_SPLITS=1 run 7b_full_nosplit --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
+  BENCH_ENV=PYRAMID_GPU_SAMPLING=0 PYRAMID_GPU_SAMPLING=0 run 7b_full_hostsampling --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   run 7b_full_p3840 --shape llama2-7b --batch 1 --prompt 3840 --gen 256
   BENCH_ENV=PYRAMID_ATTN_SPLITS=1 PYRAMID_ATTN_SPLITS=1 run 7b_full_p3840_nosplit --shape llama2-7b --batch 1 --prompt 3840 --gen 256
   # prefill at retention 0.5 against 7b_full's (the Done-when ratio) and the selection overhead

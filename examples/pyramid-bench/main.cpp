@@ -99,10 +99,13 @@ const char* const kUsage =
     "\n"
     "What is measured (wall clock, std::chrono::steady_clock):\n"
     "  prefill_ms           the whole prefill step of all B sequences: begin_step, ONE\n"
-    "                       batched forward (synchronous: it returns logits), after_step\n"
+    "                       batched forward (synchronous: it returns the next tokens), after_step\n"
     "  prefill_tokens_per_s B * P / prefill time\n"
-    "  decode_ms            the G decode steps: host argmax, begin_step, batched forward,\n"
-    "                       after_step (generation-phase compression happens there)\n"
+    "  decode_ms            the G decode steps: begin_step, batched forward, after_step\n"
+    "                       (generation-phase compression happens there); the greedy next\n"
+    "                       token is picked on the device where the backend samples there\n"
+    "                       (only its id comes back, as in a session; \"sampling\": \"device\")\n"
+    "                       else by the host from the logits (PYRAMID_GPU_SAMPLING=0)\n"
     "  decode_tokens_per_s  B * G / decode time;  decode_ms_per_step = decode time / G\n"
     "  total_tokens_per_s   B * (P + G) / (prefill time + decode time)\n"
     "  *_forward_ms         the backend's forward calls alone, within those\n"
@@ -492,11 +495,24 @@ private:
 
 // ---- one run --------------------------------------------------------------------------
 
+int32_t argmax(const std::vector<float>& v) {
+    return int32_t(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
 struct Sequence {
     std::unique_ptr<pyr::KvCache> cache;
     std::unique_ptr<TimedPolicy> policy;
     std::vector<int32_t> prompt;
-    std::vector<float> logits;  // of the last token fed
+    std::vector<float> logits;  // of the last token fed (when the host picks the next token)
+    pyr::DeviceSample pick;     // greedy on the device, where the backend samples there
+    int32_t next_token() const { return pick.token >= 0 ? pick.token : argmax(logits); }
+    // The step's outputs: the token picked on the device (only its id comes back, as in a
+    // Session), or the logits for the host's argmax.
+    void wants_next(pyr::SequenceStep& step, bool on_device) {
+        pick.token = -1;
+        step.logits = on_device ? nullptr : logits.data();
+        step.sample = on_device ? &pick : nullptr;
+    }
 };
 
 struct KvBytes {
@@ -519,10 +535,6 @@ KvBytes kv_bytes(const std::vector<Sequence>& seqs) {
     KvBytes k;
     for (const Sequence& s : seqs) k.bytes += s.cache->bytes(), k.full += s.cache->bytes_full();
     return k;
-}
-
-int32_t argmax(const std::vector<float>& v) {
-    return int32_t(std::max_element(v.begin(), v.end()) - v.begin());
 }
 
 std::vector<Sequence> new_sequences(pyr::Backend& backend, const pyr::ModelConfig& c,
@@ -556,8 +568,8 @@ void run_prefill(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_p
     std::vector<pyr::SequenceStep> steps(seqs.size());
     for (size_t i = 0; i < seqs.size(); ++i) {
         Sequence& s = seqs[i];
-        steps[i] = {s.prompt.data(), positions.data(), n_prompt, s.cache.get(), s.policy.get(),
-                    s.logits.data()};
+        steps[i] = {s.prompt.data(), positions.data(), n_prompt, s.cache.get(), s.policy.get()};
+        s.wants_next(steps[i], backend.samples_on_device());
     }
     const Clock::time_point t0 = Clock::now();
     for (Sequence& s : seqs) s.policy->begin_step(n_prompt, true);
@@ -585,9 +597,10 @@ void run_decode(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_pr
         const Clock::time_point ts = Clock::now();
         for (size_t i = 0; i < n; ++i) {
             Sequence& s = seqs[i];
-            tokens[i] = argmax(s.logits);
+            tokens[i] = s.next_token();
             positions[i] = n_prompt + g;
-            steps[i] = {&tokens[i], &positions[i], 1, s.cache.get(), s.policy.get(), s.logits.data()};
+            steps[i] = {&tokens[i], &positions[i], 1, s.cache.get(), s.policy.get()};
+            s.wants_next(steps[i], backend.samples_on_device());
             s.policy->begin_step(1, false);
         }
         const Clock::time_point tf = Clock::now();
@@ -734,6 +747,7 @@ nlohmann::json report_json(const Options& o, const Target& t, const pyr::KvParam
     }
     return {
         {"device", t.backend->device_name()},
+        {"sampling", t.backend->samples_on_device() ? "device" : "host"},
         {"shape", t.shape},
         {"dtype", t.dtype},
         {"batch", o.batch},

@@ -336,7 +336,17 @@ int32_t pyr_session_token(const pyr_session* s) { return s ? s->session->token()
 
 const char* pyr_session_text(const pyr_session* s) { return s ? s->session->text().c_str() : ""; }
 
-const float* pyr_session_logits(const pyr_session* s) { return s ? s->session->logits() : nullptr; }
+const float* pyr_session_logits(const pyr_session* s) {
+    if (!s) return nullptr;
+    // After a step that sampled on the GPU the logits are read back now, which can fail: the
+    // message goes on the handle (its own, passed const for the caller's convenience).
+    const float* logits = nullptr;
+    on_session(const_cast<pyr_session*>(s), [&] {
+        logits = s->session->logits();
+        return PYR_OK;
+    });
+    return logits;
+}
 
 float pyr_session_logit(const pyr_session* s, int32_t token) {
     const float* l = pyr_session_logits(s);

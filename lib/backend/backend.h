@@ -13,6 +13,19 @@
 
 namespace pyr {
 
+// The next token picked on the device as the session's Sampler would pick it from the same
+// logits (engine/sampler.h: its settings and SampleDraw), so that only a token id comes back.
+struct DeviceSample {
+    float temperature = 0.0f;  // <= 0: greedy
+    int32_t top_k = 0;
+    float top_p = 1.0f, min_p = 0.0f, repeat_penalty = 1.0f;
+    double u = 0.0;                      // the sampler's next uniform number
+    const int32_t* penalized = nullptr;  // distinct ids the repetition penalty applies to
+    int32_t n_penalized = 0;
+    int32_t token = -1;  // out: the token, or -1: the device could not decide (rare: a flat
+                         // distribution without top-k); sample on the host from the logits
+};
+
 // One sequence's part of a step: tokens to process now (a prefill chunk or one decode
 // token) at their original positions, appended to its cache.
 struct SequenceStep {
@@ -21,9 +34,12 @@ struct SequenceStep {
     int32_t n_tokens = 0;
     KvCache* cache = nullptr;
     KvPolicy* policy = nullptr;          // measures and prunes per layer (kv_policy.h); may be null
-    float* logits = nullptr;             // out: (n_vocab) logits of the last token; null: skip
-                                         // the output head
+    float* logits = nullptr;             // out: (n_vocab) logits of the last token, on the host
     const std::atomic<bool>* cancel = nullptr;  // the owner's cancel flag; may be null
+    DeviceSample* sample = nullptr;      // pick the next token on the device (see below); may be null
+    // With neither logits nor sample the output head is skipped. With sample, on a backend
+    // that samples on its device (Backend::samples_on_device), the next token is picked there
+    // and, unless `logits` is set too, the logits stay on the device: Backend::read_logits.
 };
 
 // Device memory a backend holds, by use (0 on the CPU backend).
@@ -32,9 +48,11 @@ struct DeviceMemory {
 };
 
 // How a backend ran its steps, for benchmarks and tests (0 where it does not apply): decode
-// steps replayed from CUDA graphs, captured into new ones, launched kernel by kernel.
+// steps replayed from CUDA graphs, captured into new ones, launched kernel by kernel; tokens
+// picked on the device, and of them those it left to the host (DeviceSample::token -1).
 struct BackendStats {
     uint64_t graph_replays = 0, graph_captures = 0, direct_decode_steps = 0;
+    uint64_t device_samples = 0, undecided_samples = 0;
 };
 
 class Backend {
@@ -43,6 +61,12 @@ public:
     virtual std::string device_name() const = 0;
     virtual DeviceMemory device_memory() const { return {}; }
     virtual BackendStats stats() const { return {}; }
+
+    // Whether forward() picks tokens on the device for steps with a DeviceSample.
+    virtual bool samples_on_device() const { return false; }
+    // Copies into out (n_vocab) the logits that the last step of `cache`'s sequence left on
+    // the device (a step with a sample and no host logits). Throws pyr::Error.
+    virtual void read_logits(KvCache& cache, float* out);
 
     // Empty storage for one session's cache of at most n_ctx tokens per layer.
     virtual std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) = 0;

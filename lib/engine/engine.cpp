@@ -53,6 +53,7 @@ std::shared_ptr<Engine> Engine::open(const std::string& dir, const EngineParams&
     engine->device_ = engine->backend_->device_name();
     engine->kv_bytes_per_token_ = engine->backend_->new_kv_storage(1)->bytes_per_token();
     engine->prefill_chunk_ = params.prefill_chunk;
+    engine->samples_on_device_ = engine->backend_->samples_on_device();
     PYR_LOG_INFO("engine ready on " + engine->device_ + ": " + dir);
     return engine;
 }

@@ -54,6 +54,9 @@ public:
     BatchStats batch_stats() const;
 
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx);
+    // Tokens picked on the device (SequenceStep::sample), logits left there (read_logits).
+    bool samples_on_device() const { return samples_on_device_; }
+    void read_logits(KvCache& cache, float* out) { backend_->read_logits(cache, out); }
     BackendStats backend_stats() const { return backend_->stats(); }
 
     // EngineParams::prefill_chunk as given (0: none).
@@ -78,6 +81,7 @@ private:
     BatchStats stats_;
     uint64_t kv_bytes_per_token_ = 0;
     int32_t prefill_chunk_ = 0;
+    bool samples_on_device_ = false;
 };
 
 // Parses a device string; returns the canonical name ("cpu", "cuda:0") and throws

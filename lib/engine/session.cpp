@@ -67,7 +67,7 @@ void Session::check_cancel() {
 // goes as several steps of at most that many tokens when the policy allows it (its result
 // must not depend on seeing the whole input at once: see KvPolicy::chunked_prefill), so
 // that other sessions' steps join the forwards in between (DESIGN.md section 7).
-void Session::prefill() {
+void Session::prefill(DeviceSample* sample) {
     check_cancel();
     const int32_t start = cache_->n_processed();
     const int32_t n = int32_t(tokens_.size()) - start;
@@ -77,7 +77,8 @@ void Session::prefill() {
     have_logits_ = false;
     for (int32_t done = 0; done < n;) {
         const int32_t m = chunked ? std::min(chunk, n - done) : n - done;
-        run_step(start + done, m, /*want_logits=*/done + m == n);  // throws; earlier chunks stay
+        const bool last = done + m == n;
+        run_step(start + done, m, last, last ? sample : nullptr);  // throws; earlier chunks stay
         done += m;
         if (done == n && prefill_positions_.empty()) {  // the first prefill has completed
             for (int il = 0; il < cache_->n_layer(); ++il)
@@ -89,9 +90,9 @@ void Session::prefill() {
 }
 
 // One forward over tokens [start, start + n) of the history (with the last one's logits if
-// want_logits). On failure or cancel the session is as before the step (the tokens stay
-// queued) and the error is thrown.
-void Session::run_step(int32_t start, int32_t n, bool want_logits) {
+// want_logits, left on the device when it samples there). On failure or cancel the session
+// is as before the step (the tokens stay queued) and the error is thrown.
+void Session::run_step(int32_t start, int32_t n, bool want_logits, DeviceSample* sample) {
     std::vector<int32_t> positions(static_cast<size_t>(n));
     std::iota(positions.begin(), positions.end(), start);
     SequenceStep step;
@@ -100,7 +101,8 @@ void Session::run_step(int32_t start, int32_t n, bool want_logits) {
     step.n_tokens = n;
     step.cache = cache_.get();
     step.policy = policy_.get();
-    step.logits = want_logits ? logits_.data() : nullptr;
+    step.logits = want_logits && !sample ? logits_.data() : nullptr;
+    step.sample = sample;
     step.cancel = &cancel_requested_;
 
     const bool first_prefill = start == 0;
@@ -132,6 +134,7 @@ void Session::run_step(int32_t start, int32_t n, bool want_logits) {
         }
     }
     cache_->set_n_processed(start + n);
+    if (want_logits) logits_on_device_ = sample != nullptr;
     {
         std::lock_guard<std::mutex> lock(memory_mutex_);
         policy_->after_step(*cache_);
@@ -160,9 +163,30 @@ StepResult Session::next() {
         PYR_LOG_INFO("context full (" + std::to_string(n_ctx_) + " tokens): generation stops");
         return finish();
     }
-    prefill();
+    // The token is picked on the device where the backend can (only its id comes back),
+    // else here from the logits, with the same random number either way.
+    const int32_t n_vocab = int32_t(logits_.size());
+    const SampleDraw draw = sampler_.peek(tokens_, n_vocab);
+    DeviceSample on_device;
+    if (engine_->samples_on_device()) {
+        const SamplingParams& p = sampler_.params();
+        on_device.temperature = p.temperature;
+        on_device.top_k = p.top_k;
+        on_device.top_p = p.top_p;
+        on_device.min_p = p.min_p;
+        on_device.repeat_penalty = p.repeat_penalty;
+        on_device.u = draw.u;
+        on_device.penalized = draw.penalized.data();
+        on_device.n_penalized = int32_t(draw.penalized.size());
+    }
+    prefill(engine_->samples_on_device() ? &on_device : nullptr);
     check_cancel();
-    int32_t t = sampler_.sample(logits_.data(), int32_t(logits_.size()), tokens_);
+    int32_t t = on_device.token;  // -1 unless this step's forward picked it
+    if (t < 0) {
+        const float* l = logits();
+        t = sampler_.sample_with(l ? l : logits_.data(), n_vocab, tokens_, draw.u);
+    }
+    sampler_.advance();
     tokens_.push_back(t);
     ++n_generated_;
     token_ = t;
@@ -177,6 +201,7 @@ void Session::reset() {
     n_generated_ = 0;
     done_ = false;
     have_logits_ = false;
+    logits_on_device_ = false;
     token_ = -1;
     text_.clear();
     sampler_.reset();
@@ -205,6 +230,15 @@ void Session::publish_memory() {
     m.prefill_layer_positions = prefill_positions_;
     std::lock_guard<std::mutex> lock(memory_mutex_);
     memory_ = std::move(m);
+}
+
+const float* Session::logits() const {
+    if (!have_logits_) return nullptr;
+    if (logits_on_device_) {
+        engine_->read_logits(*cache_, logits_.data());
+        logits_on_device_ = false;
+    }
+    return logits_.data();
 }
 
 double Session::kv_param(const std::string& name) const {

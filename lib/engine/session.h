@@ -49,7 +49,7 @@ public:
     // Processes queued input; throws PYR_CANCELLED or an error. Either way the history and
     // the queued input are unchanged, and so is the cache except for the chunks of a long
     // input that completed (the next call goes on after them).
-    void prefill();
+    void prefill() { prefill(nullptr); }
     // Produces one token (Token) or finishes (Done); see pyr_session_next.
     StepResult next();
     void reset();
@@ -61,14 +61,18 @@ public:
 
     int32_t token() const { return token_; }
     const std::string& text() const { return text_; }
-    const float* logits() const { return have_logits_ ? logits_.data() : nullptr; }
+    // The last processed token's logits, or null; read back from the device on first use
+    // after a step that sampled there (throws pyr::Error if that fails).
+    const float* logits() const;
     int32_t n_vocab() const { return int32_t(logits_.size()); }
     int32_t n_ctx() const { return n_ctx_; }
     const std::vector<int32_t>& history() const { return tokens_; }
 
 private:
     void append_input(const std::vector<int32_t>& tokens);
-    void run_step(int32_t start, int32_t n, bool want_logits);
+    // prefill(), the last step also picking the next token on the device when `sample`
+    void prefill(DeviceSample* sample);
+    void run_step(int32_t start, int32_t n, bool want_logits, DeviceSample* sample);
     void check_cancel();
     bool is_eos(int32_t token) const;
     StepResult finish();
@@ -85,8 +89,9 @@ private:
     std::vector<int32_t> tokens_;   // history: fed and generated tokens
     int32_t n_generated_ = 0;       // since the last feed
     bool done_ = false;             // finished; stays until more input is fed
-    std::vector<float> logits_;     // (n_vocab) of the last processed token
+    mutable std::vector<float> logits_;  // (n_vocab) of the last processed token
     bool have_logits_ = false;
+    mutable bool logits_on_device_ = false;  // logits_ is stale: the backend holds them
     int32_t token_ = -1;
     std::string text_;
     std::atomic<bool> cancel_requested_{false};

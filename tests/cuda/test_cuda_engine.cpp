@@ -213,6 +213,75 @@ TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching ea
     }
 }
 
+TEST_CASE("tokens picked on the GPU are the host sampler's from the same logits") {
+    // PYRAMID_GPU_SAMPLING is read when the backend starts
+    auto open_sampling = [](bool on_device) {
+        setenv("PYRAMID_GPU_SAMPLING", on_device ? "1" : "0", 1);
+        auto e = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
+        unsetenv("PYRAMID_GPU_SAMPLING");
+        return e;
+    };
+    auto device = open_sampling(true), host = open_sampling(false);
+    REQUIRE(device->samples_on_device());
+    REQUIRE_FALSE(host->samples_on_device());
+    struct Mode {
+        const char* name;
+        float temperature;
+        int32_t top_k;
+        float top_p, min_p, repeat_penalty;
+    };
+    // the last one is nearly flat without top-k: beyond the device's candidates, so the host
+    // picks from the logits it reads back (DeviceSample::token -1), with the same draw
+    const Mode modes[] = {{"greedy", 0.0f, 40, 0.95f, 0.05f, 1.0f},
+                          {"default", 0.8f, 40, 0.95f, 0.05f, 1.0f},
+                          {"top-p", 1.0f, 0, 0.9f, 0.0f, 1.3f},
+                          {"min-p", 0.7f, 0, 1.0f, 0.1f, 1.1f},
+                          {"top-k 1500", 1.2f, 1500, 0.97f, 0.0f, 1.0f},
+                          {"flat", 50.0f, 0, 0.999f, 0.0f, 1.0f}};
+    const int n_gen = 12;
+    for (const Mode& m : modes) {
+        SUBCASE(m.name) {
+            auto run = [&](std::shared_ptr<pyr::Engine> e, bool read_logits) {
+                pyr::SessionParams sp;
+                sp.n_ctx = 512;
+                sp.max_tokens = n_gen;
+                sp.sampling.temperature = m.temperature;
+                sp.sampling.top_k = m.top_k;
+                sp.sampling.top_p = m.top_p;
+                sp.sampling.min_p = m.min_p;
+                sp.sampling.repeat_penalty = m.repeat_penalty;
+                sp.sampling.seed = 1234;
+                pyr::Session s(e, sp);
+                s.feed_text("def fibonacci(n):\n    ");
+                Run r;
+                while (s.next() == pyr::StepResult::Token) {
+                    r.tokens.push_back(s.token());
+                    if (read_logits) r.logits.emplace_back(s.logits(), s.logits() + s.n_vocab());
+                }
+                return r;
+            };
+            const pyr::BackendStats before = device->backend_stats();
+            const Run on_device = run(device, true), on_host = run(host, true);
+            const pyr::BackendStats after = device->backend_stats();
+            const uint64_t picked = after.device_samples - before.device_samples;
+            const uint64_t undecided = after.undecided_samples - before.undecided_samples;
+            MESSAGE(std::string(m.name) << ": " << on_device.tokens.size() << " tokens, " << picked
+                           << " picked on the device, " << undecided << " of them left to the host");
+            CHECK(picked >= on_device.tokens.size());  // (+1 when the last one was EOS)
+            CHECK(picked <= on_device.tokens.size() + 1);
+            CHECK(host->backend_stats().device_samples == 0);
+            if (std::string(m.name) == "flat") CHECK(undecided > 0);
+            if (m.top_k > 0 && m.top_k <= 1024) CHECK(undecided == 0);
+            CHECK(on_device.tokens == on_host.tokens);
+            REQUIRE(on_device.logits.size() == on_host.logits.size());
+            for (size_t i = 0; i < on_device.logits.size(); ++i)  // read back lazily, the same bits
+                REQUIRE_MESSAGE(on_device.logits[i] == on_host.logits[i], "step " << i);
+            // the logits never read back: the tokens do not depend on reading them
+            CHECK(run(device, false).tokens == on_device.tokens);
+        }
+    }
+}
+
 TEST_CASE("the device memory budget: out-of-memory status, nothing lost") {
     // Too small for the weights: the engine does not open.
     try {

@@ -92,6 +92,12 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     layer.size = n;
 }
 
+float* CudaKvStorage::last_logits(int32_t n_vocab) {
+    if (last_logits_.bytes() != size_t(n_vocab) * 4)
+        last_logits_ = ctx_->alloc(size_t(n_vocab) * 4, Use::Scratch);
+    return last_logits_.as<float>();
+}
+
 void CudaKvStorage::truncate(int il, int32_t n) {
     PYR_ASSERT(n >= 0 && n <= size(il));
     layers_[size_t(il)].size = n;
@@ -128,6 +134,8 @@ void CudaBackend::init_common() {
     ctx_->make_current();
     // PYRAMID_CUDA_GRAPHS=0: decode steps are launched kernel by kernel (for comparing)
     graphs_ = std::make_unique<StepGraphs>(ctx_, env_int("PYRAMID_CUDA_GRAPHS", 1) != 0);
+    // PYRAMID_GPU_SAMPLING=0: the logits of every step come back and the host samples
+    sample_on_device_ = env_int("PYRAMID_GPU_SAMPLING", 1) != 0;
     obs_ready_ = std::make_unique<Event>();
 }
 
@@ -323,7 +331,7 @@ void CudaBackend::stage_upload(void* dst, const T* src, size_t n) {
 BackendStats CudaBackend::stats() const {
     std::lock_guard<std::mutex> lock(mutex_);
     const StepGraphs::Stats& g = graphs_->stats();
-    return {g.replays, g.captures, g.direct};
+    return {g.replays, g.captures, g.direct, device_samples_, undecided_samples_};
 }
 
 // ---- the forward pass -----------------------------------------------------------------
@@ -406,7 +414,7 @@ void CudaBackend::forward_batch(SequenceStep* steps, int n_seq) {
     std::vector<int32_t> last_rows;
     std::vector<int32_t> out_seqs;
     for (int s = 0; s < n_seq; ++s)
-        if (steps[s].logits) {
+        if (steps[s].logits || steps[s].sample) {
             last_rows.push_back(seqs[size_t(s)].row0 + seqs[size_t(s)].n - 1);
             out_seqs.push_back(s);
         }
@@ -659,25 +667,98 @@ void CudaBackend::shrink_rows(std::vector<InFlight>& seqs,
     std::swap(s_.sin, s_.sin_tmp);
 }
 
-// The step's one wait: the logits of out_seqs (row i of s_.logits is sequence out_seqs[i]'s)
-// and the first obs_floats of the observation buffer come back together; then the policies
-// get what later steps measured, layer by layer.
+// Picks the next token of each sequence of out_seqs (row i of s_.logits is out_seqs[i]'s)
+// that asked for a DeviceSample, in one launch into s_.sampled; returns those rows' i.
+std::vector<int32_t> CudaBackend::sample_tokens(SequenceStep* steps,
+                                                const std::vector<int32_t>& out_seqs,
+                                                cudaStream_t st) {
+    std::vector<int32_t> rows;
+    std::vector<int32_t> penalized;
+    std::vector<kernels::SampleRow> desc;
+    for (size_t i = 0; i < out_seqs.size(); ++i) {
+        const DeviceSample* d = steps[out_seqs[i]].sample;
+        if (!d) continue;
+        kernels::SampleRow r;
+        r.logits = s_.logits.as<float>() + i * size_t(config_.n_vocab);
+        r.temperature = d->temperature;
+        r.top_k = d->top_k;
+        r.top_p = d->top_p;
+        r.min_p = d->min_p;
+        r.repeat_penalty = d->repeat_penalty;
+        r.n_penalized = d->n_penalized;
+        r.u = d->u;
+        desc.push_back(r);
+        rows.push_back(int32_t(i));
+        penalized.insert(penalized.end(), d->penalized, d->penalized + d->n_penalized);
+    }
+    if (rows.empty()) return rows;
+    if (desc.size() > s_.n_sample_rows) {
+        s_.sample_rows = ctx_->alloc(desc.size() * sizeof(kernels::SampleRow), Use::Scratch);
+        s_.sampled = ctx_->alloc(desc.size() * 4, Use::Scratch);
+        s_.n_sample_rows = desc.size();
+    }
+    if (penalized.size() > s_.n_penalized) {
+        s_.penalized = ctx_->alloc(penalized.size() * 4, Use::Scratch);
+        s_.n_penalized = penalized.size();
+    }
+    size_t at = 0;
+    for (kernels::SampleRow& r : desc) {
+        r.penalized = r.n_penalized > 0 ? s_.penalized.as<int32_t>() + at : nullptr;
+        at += size_t(r.n_penalized);
+    }
+    stage_upload(s_.penalized.get(), penalized.data(), penalized.size());
+    stage_upload(s_.sample_rows.get(), desc.data(), desc.size());
+    PYR_CUDA_CHECK(kernels::sample_rows(s_.sample_rows.as<kernels::SampleRow>(), int32_t(desc.size()),
+                                        config_.n_vocab, s_.sampled.as<int32_t>(), st));
+    return rows;
+}
+
+// The step's one wait. The tokens picked on the device, the logits the host asked for (row i
+// of s_.logits is sequence out_seqs[i]'s; a sequence that sampled on the device and asked
+// for none keeps them on the device, in its storage) and the first obs_floats of the
+// observation buffer come back together; then the policies get what later steps measured,
+// layer by layer.
 void CudaBackend::finish_step(SequenceStep* steps, const std::vector<int32_t>& out_seqs,
                               const std::vector<Measured>& deferred, size_t obs_floats) {
     const cudaStream_t st = ctx_->stream();
-    const size_t n_vocab = size_t(config_.n_vocab), logit_floats = out_seqs.size() * n_vocab;
-    readback_.reserve((logit_floats + obs_floats) * 4);
+    const size_t n_vocab = size_t(config_.n_vocab);
+    const std::vector<int32_t> sampled = sample_tokens(steps, out_seqs, st);
+    std::vector<size_t> to_host;  // indices into out_seqs
+    for (size_t i = 0; i < out_seqs.size(); ++i) {
+        const SequenceStep& step = steps[out_seqs[i]];
+        if (step.logits)
+            to_host.push_back(i);
+        else if (step.sample)
+            PYR_CUDA_CHECK(cudaMemcpyAsync(cuda_storage(*step.cache).last_logits(config_.n_vocab),
+                                           s_.logits.as<float>() + i * n_vocab, n_vocab * 4,
+                                           cudaMemcpyDeviceToDevice, st));
+    }
+    const size_t logit_floats = to_host.size() * n_vocab;
+    readback_.reserve((logit_floats + obs_floats + sampled.size()) * 4);
     float* host = readback_.as<float>();
-    if (logit_floats > 0)
+    if (to_host.size() == out_seqs.size() && logit_floats > 0)  // all of them: one copy
         PYR_CUDA_CHECK(cudaMemcpyAsync(host, s_.logits.get(), logit_floats * 4,
                                        cudaMemcpyDeviceToHost, st));
+    else
+        for (size_t k = 0; k < to_host.size(); ++k)
+            PYR_CUDA_CHECK(cudaMemcpyAsync(host + k * n_vocab, s_.logits.as<float>() + to_host[k] * n_vocab,
+                                           n_vocab * 4, cudaMemcpyDeviceToHost, st));
     if (obs_floats > 0)
         PYR_CUDA_CHECK(cudaMemcpyAsync(host + logit_floats, s_.obs.get(), obs_floats * 4,
                                        cudaMemcpyDeviceToHost, st));
+    auto* tokens = reinterpret_cast<int32_t*>(host + logit_floats + obs_floats);
+    if (!sampled.empty())
+        PYR_CUDA_CHECK(cudaMemcpyAsync(tokens, s_.sampled.get(), sampled.size() * 4,
+                                       cudaMemcpyDeviceToHost, st));
     ctx_->sync();
     stage_used_ = 0;
-    for (size_t i = 0; i < out_seqs.size(); ++i)
-        if (float* out = steps[out_seqs[i]].logits) std::copy_n(host + i * n_vocab, n_vocab, out);
+    for (size_t k = 0; k < to_host.size(); ++k)
+        std::copy_n(host + k * n_vocab, n_vocab, steps[out_seqs[to_host[k]]].logits);
+    for (size_t k = 0; k < sampled.size(); ++k) {
+        steps[out_seqs[size_t(sampled[k])]].sample->token = tokens[k];
+        ++device_samples_;
+        undecided_samples_ += tokens[k] < 0;
+    }
     const float* obs_host = host + logit_floats;
     for (const Measured& d : deferred) {
         Observation obs;
@@ -688,6 +769,19 @@ void CudaBackend::finish_step(SequenceStep* steps, const std::vector<int32_t>& o
         KvCache& cache = *steps[d.seq].cache;
         if (auto keep = steps[d.seq].policy->on_layer(d.il, obs, cache)) cache.retain(d.il, *keep);
     }
+}
+
+// Copies a sequence's logits left on the device by its last step (see finish_step).
+void CudaBackend::read_logits(KvCache& cache, float* out) {
+    std::lock_guard<std::mutex> lock(mutex_);  // readback_ and the stream's order
+    ctx_->make_current();
+    const float* logits = cuda_storage(cache).last_logits();
+    if (!logits) fail(PYR_ERR_STATE, "no logits on the device for this session yet");
+    const size_t bytes = size_t(config_.n_vocab) * 4;
+    readback_.reserve(bytes);
+    PYR_CUDA_CHECK(cudaMemcpyAsync(readback_.get(), logits, bytes, cudaMemcpyDeviceToHost, ctx_->stream()));
+    ctx_->sync();
+    std::memcpy(out, readback_.get(), bytes);
 }
 
 // ---- decode steps ---------------------------------------------------------------------

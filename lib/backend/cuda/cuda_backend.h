@@ -33,6 +33,10 @@ public:
     void* keys(int il) const { return layers_[size_t(il)].k.get(); }    // (capacity, kv_dim)
     void* values(int il) const { return layers_[size_t(il)].v.get(); }
     int32_t kv_dim() const { return kv_dim_; }
+    // The session's last logits when its step sampled on the device and left them there
+    // (allocated on first use; Backend::read_logits copies them out). Null until then.
+    float* last_logits(int32_t n_vocab);
+    const float* last_logits() const { return last_logits_.as<float>(); }
 
 private:
     struct Layer {
@@ -45,6 +49,7 @@ private:
     kernels::Dt dt_;
     std::vector<Layer> layers_;
     int32_t n_ctx_, kv_dim_;
+    DeviceBuffer last_logits_;
 };
 
 class CudaBackend final : public Backend {
@@ -60,6 +65,8 @@ public:
     void forward(SequenceStep* batch, int n_seq) override;
     DeviceMemory device_memory() const override;
     BackendStats stats() const override;
+    bool samples_on_device() const override { return sample_on_device_; }
+    void read_logits(KvCache& cache, float* out) override;
 
 private:
     struct LayerWeights {
@@ -72,8 +79,10 @@ private:
     struct Scratch {
         DeviceBuffer tokens, cos, sin, x, xn, qkv, att, lse, gu, h, x_tmp, cos_tmp, sin_tmp;
         DeviceBuffer rows_index, kv_len, obs, scores, logits, attn_partial;
+        DeviceBuffer sample_rows, sampled, penalized;  // sampling: descriptors, tokens, ids
         int32_t n_rows = 0;  // rows the token buffers hold
         size_t kv_len_n = 0, obs_floats = 0, score_floats = 0, n_logits = 0, partial_floats = 0;
+        size_t n_sample_rows = 0, n_penalized = 0;
     };
     // One sequence's tokens while they go through the layers.
     struct InFlight {
@@ -122,6 +131,8 @@ private:
     void decide_layer(SequenceStep* steps, const std::vector<Measured>& now,
                       std::vector<InFlight>& seqs);
     void shrink_rows(std::vector<InFlight>& seqs, const std::vector<std::vector<int32_t>>& kept);
+    std::vector<int32_t> sample_tokens(SequenceStep* steps, const std::vector<int32_t>& out_seqs,
+                                       cudaStream_t st);
     void finish_step(SequenceStep* steps, const std::vector<int32_t>& out_seqs,
                      const std::vector<Measured>& deferred, size_t obs_floats);
 
@@ -141,6 +152,8 @@ private:
     std::unique_ptr<StepGraphs> graphs_;
     mutable std::mutex mutex_;  // one forward at a time: the scratch is shared
     int32_t q_dim_ = 0, kv_dim_ = 0, qkv_dim_ = 0;
+    bool sample_on_device_ = true;  // PYRAMID_GPU_SAMPLING=0: the host samples (comparing)
+    uint64_t device_samples_ = 0, undecided_samples_ = 0;  // BackendStats
 };
 
 }  // namespace pyr::cuda
