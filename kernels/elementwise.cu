@@ -1,5 +1,5 @@
 // Row-wise and element-wise kernels: embedding gather, RMSNorm, bias, SwiGLU, row gather,
-// dtype conversion, random fill and argmax. CPU references: lib/backend/cpu/cpu_ops.h.
+// in-place row compaction, dtype conversion, random fill and argmax. CPU references: lib/backend/cpu/cpu_ops.h.
 #include <algorithm>
 #include <cfloat>
 
@@ -170,6 +170,71 @@ __global__ void gather_rows_kernel(const char* src, size_t row_bytes, const int3
     }
 }
 
+// In-place stable compaction (compact_rows). Block (x, y) owns column slice x of job y's rows
+// (jobs beyond gridDim.y and slices beyond gridDim.x by striding): blocks never touch the
+// same bytes. A block moves its slice of rows [first, n_keep) in ascending tiles of R rows,
+// each thread holding up to kCompactHeld words of the tile in registers: read all sources,
+// barrier, write. Safe in place because keep is ascending, so keep[j] >= j: a tile's sources
+// (rows >= its first row) were not overwritten by earlier tiles (rows below it), its writes
+// go after every thread has read its own sources (the barrier), and a later tile's writes
+// come after that tile's barrier, which every thread reaches only once done with this tile.
+// A later tile's reads (rows >= its first row) never meet this tile's writes, so one barrier
+// per tile is enough.
+constexpr int kCompactThreads = 256;
+constexpr int kCompactHeld = 4;
+constexpr size_t kCompactSliceBytes = 1024;
+
+template <typename Word>
+__device__ void compact_slice(char* base, size_t row_bytes, const int32_t* keep, int32_t first,
+                              int32_t n_keep, size_t col0, int32_t n_cols) {
+    // n_cols words of the slice per row, R rows per tile (n_cols <= kCompactHeld * blockDim)
+    const int32_t rows_per_tile = int32_t(kCompactHeld * blockDim.x) / n_cols;
+    for (int32_t i = first; i < n_keep; i += rows_per_tile) {
+        Word held[kCompactHeld];
+#pragma unroll
+        for (int p = 0; p < kCompactHeld; ++p) {
+            const int32_t k = int32_t(threadIdx.x) + p * int32_t(blockDim.x);
+            const int32_t r = i + k / n_cols;
+            if (k / n_cols < rows_per_tile && r < n_keep)
+                held[p] = reinterpret_cast<const Word*>(base + size_t(keep[r]) * row_bytes)
+                    [col0 + k % n_cols];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int p = 0; p < kCompactHeld; ++p) {
+            const int32_t k = int32_t(threadIdx.x) + p * int32_t(blockDim.x);
+            const int32_t r = i + k / n_cols;
+            if (k / n_cols < rows_per_tile && r < n_keep)
+                reinterpret_cast<Word*>(base + size_t(r) * row_bytes)[col0 + k % n_cols] = held[p];
+        }
+    }
+}
+
+__global__ void __launch_bounds__(kCompactThreads)
+    compact_rows_kernel(const CompactJob* jobs, int32_t n_jobs) {
+    for (int32_t j = blockIdx.y; j < n_jobs; j += gridDim.y) {
+        const CompactJob job = jobs[j];
+        if (job.first >= job.n_keep) continue;
+        char* base = static_cast<char*>(job.base);
+        // words of 16 bytes when the rows allow (7B: 8 KiB rows), else 4 bytes, else bytes;
+        // a slice is kCompactSliceBytes of the row (fewer words in its last slice)
+        const uintptr_t a = reinterpret_cast<uintptr_t>(base);
+        const size_t word = job.row_bytes % 16 == 0 && a % 16 == 0 ? 16
+                            : job.row_bytes % 4 == 0 && a % 4 == 0 ? 4
+                                                                   : 1;
+        const size_t words = job.row_bytes / word, slice = kCompactSliceBytes / word;
+        for (size_t col0 = size_t(blockIdx.x) * slice; col0 < words; col0 += size_t(gridDim.x) * slice) {
+            const int32_t n_cols = int32_t(words - col0 < slice ? words - col0 : slice);
+            if (word == 16)
+                compact_slice<uint4>(base, job.row_bytes, job.keep, job.first, job.n_keep, col0, n_cols);
+            else if (word == 4)
+                compact_slice<uint32_t>(base, job.row_bytes, job.keep, job.first, job.n_keep, col0, n_cols);
+            else
+                compact_slice<uint8_t>(base, job.row_bytes, job.keep, job.first, job.n_keep, col0, n_cols);
+        }
+    }
+}
+
 template <typename T>
 __global__ void convert_f32_kernel(const float* in, int64_t n, T* out) {
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -270,6 +335,17 @@ cudaError_t gather_rows(const void* src, size_t row_bytes, const int32_t* index,
     if (row_bytes % 4 != 0) return cudaErrorInvalidValue;
     gather_rows_kernel<<<n, 128, 0, stream>>>(static_cast<const char*>(src), row_bytes, index,
                                               static_cast<char*>(dst));
+    return cudaGetLastError();
+}
+
+cudaError_t compact_rows(const CompactJob* jobs, int32_t n_jobs, size_t max_row_bytes,
+                         cudaStream_t stream) {
+    if (n_jobs < 0) return cudaErrorInvalidValue;
+    if (n_jobs == 0) return cudaSuccess;
+    if (jobs == nullptr || max_row_bytes == 0) return cudaErrorInvalidValue;
+    const size_t slices = (max_row_bytes + kCompactSliceBytes - 1) / kCompactSliceBytes;
+    const dim3 grid(unsigned(std::min<size_t>(slices, 1024)), unsigned(std::min(n_jobs, 65535)));
+    compact_rows_kernel<<<grid, kCompactThreads, 0, stream>>>(jobs, n_jobs);
     return cudaGetLastError();
 }
 

@@ -151,6 +151,23 @@ cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_
 cudaError_t gather_rows(const void* src, size_t row_bytes, const int32_t* index, int32_t n,
                         void* dst, cudaStream_t stream);
 
+// Stable in-place compaction of many row sets in one launch (the KV caches' retain): for
+// each job, rows keep[i] move to row i for i in [first, n_keep), where keep (device memory,
+// n_keep entries) is strictly ascending and first is the first i with keep[i] != i (rows
+// below it stay where they are). Only rows [first, n_keep) of a job are written: the rows
+// below first and from n_keep on keep their bytes. Any row_bytes; 16-byte words when
+// row_bytes and base allow, else 4-byte words, else bytes. Jobs must not share rows.
+// jobs: a device array of n_jobs. max_row_bytes (> 0) sizes the launch: one block per
+// 1 KiB column slice of such rows per job (wider rows are still done, by fewer blocks).
+struct CompactJob {
+    void* base = nullptr;            // row 0 of the rows
+    const int32_t* keep = nullptr;   // device
+    uint64_t row_bytes = 0;
+    int32_t n_keep = 0, first = 0;
+};
+cudaError_t compact_rows(const CompactJob* jobs, int32_t n_jobs, size_t max_row_bytes,
+                         cudaStream_t stream);
+
 // out[i] = Dt(in[i]) for i < n (F32 checkpoints are converted on the device).
 cudaError_t convert_f32(Dt dt, const float* in, int64_t n, void* out, cudaStream_t stream);
 

@@ -182,7 +182,7 @@ TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching ea
         return e;
     };
     auto graphs = open_with_graphs(true), launches = open_with_graphs(false);
-    const int n_gen = 40;  // pyramid compresses every 16 generated tokens: a new plan each time
+    const int n_gen = 40;  // pyramid compresses every 16 generated tokens
     for (const char* name : {"full", "pyramid", "streaming"}) {
         SUBCASE(name) {
             pyr::KvParams kv;
@@ -208,7 +208,11 @@ TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching ea
                 REQUIRE_MESSAGE(g.logits[i] == l.logits[i], "step " << i << ": logits differ");
             CHECK(g_tokens == l_tokens);
             CHECK(launches->backend_stats().graph_replays == 0);
-            if (std::string(name) == "full") CHECK(replays >= uint64_t(n_gen) / 2);
+            // streaming compacts every layer each step, pyramid every 16 steps: in place
+            // (KvCompactor), so the plan's cache pointers, and its graph, stay (before: streaming
+            // 0 captures, 39 direct steps; pyramid 3 captures, 33 replays)
+            if (std::string(name) != "pyramid") CHECK(replays >= uint64_t(n_gen) / 2);
+            if (std::string(name) == "pyramid") CHECK(captures <= 2);
         }
     }
 }

@@ -478,6 +478,111 @@ TEST_CASE("gather_rows: dst[i] = src[index[i]], 16-byte and 4-byte row copies") 
     }
 }
 
+TEST_CASE("compact_rows: many row sets compacted in place in one launch, stable, nothing else written") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    // 16-byte words (8 KiB: a 7B cache row; 768: the bundled model's; 4112: a slice and a
+    // word more), 4-byte words (rows of 20, rows of 48 at a base 4 bytes off), bytes (odd
+    // rows, a base 1 byte off, 2050 over three slices, single bytes).
+    struct Shape {
+        size_t row_bytes, base_offset;
+        int32_t max_rows;
+    };
+    const Shape shapes[] = {{8192, 0, 70},  {768, 0, 200}, {4112, 0, 60}, {20, 0, 400}, {48, 4, 300},
+                            {7, 0, 400},    {13, 1, 300},  {2050, 0, 60}, {1, 0, 600}};
+    // what each job keeps of its n_old rows
+    enum Kind { Random, None, All, DropOne, LastFew, PrefixThenRandom, kKinds };
+    struct Job {
+        size_t offset, row_bytes;
+        int32_t n_old;
+        std::vector<int32_t> keep;
+    };
+    std::vector<Job> jobs;
+    size_t total = 0, max_row_bytes = 0;
+    for (const Shape& sh : shapes)
+        for (int kind = 0; kind < kKinds; ++kind) {
+            Job j;
+            j.row_bytes = sh.row_bytes;
+            j.n_old = 1 + rng.index(sh.max_rows);
+            const int32_t n = j.n_old;
+            switch (kind) {
+                case Random:
+                    for (int32_t r = 0; r < n; ++r)
+                        if (rng.index(5) < 3) j.keep.push_back(r);
+                    break;
+                case None: break;
+                case All:
+                    for (int32_t r = 0; r < n; ++r) j.keep.push_back(r);
+                    break;
+                case DropOne: {  // streaming: the sinks, then all but the oldest other row
+                    const int32_t sinks = rng.index(std::min(n, 5));
+                    for (int32_t r = 0; r < n; ++r)
+                        if (r != sinks) j.keep.push_back(r);
+                    break;
+                }
+                case LastFew:  // sources far beyond their destinations: a tile's reads meet later tiles' rows
+                    for (int32_t r = std::max(0, n - 1 - rng.index(40)); r < n; ++r) j.keep.push_back(r);
+                    break;
+                default: {
+                    const int32_t prefix = rng.index(n);
+                    for (int32_t r = 0; r < n; ++r)
+                        if (r < prefix || rng.index(3) == 0) j.keep.push_back(r);
+                    break;
+                }
+            }
+            total = (total + 64 + 255) / 256 * 256;  // a guard of >= 64 untouched bytes between jobs
+            j.offset = total + sh.base_offset;
+            total = j.offset + j.row_bytes * size_t(n);
+            max_row_bytes = std::max(max_row_bytes, j.row_bytes);
+            jobs.push_back(std::move(j));
+        }
+    total += 64;
+    std::vector<uint8_t> data(total);
+    for (uint8_t& b : data) b = uint8_t(rng.index(256));
+    std::vector<int32_t> keeps;
+    for (const Job& j : jobs) keeps.insert(keeps.end(), j.keep.begin(), j.keep.end());
+    DeviceArray<uint8_t> d_data(data);
+    DeviceArray<int32_t> d_keeps(std::max<size_t>(keeps.size(), 1));
+    if (!keeps.empty()) d_keeps.upload(keeps);
+
+    // the reference: rows [first, n_keep) of each job from the rows keep[i] of the original
+    std::vector<uint8_t> ref = data;
+    std::vector<K::CompactJob> descs;
+    size_t at = 0;
+    int32_t with_first = 0;
+    for (const Job& j : jobs) {
+        int32_t first = 0;
+        while (first < int32_t(j.keep.size()) && j.keep[size_t(first)] == first) ++first;
+        with_first += first > 0 && first < int32_t(j.keep.size());
+        for (size_t i = size_t(first); i < j.keep.size(); ++i)
+            std::memcpy(&ref[j.offset + i * j.row_bytes], &data[j.offset + size_t(j.keep[i]) * j.row_bytes],
+                        j.row_bytes);
+        K::CompactJob d;
+        d.base = d_data.get() + j.offset;
+        d.keep = d_keeps.get() + at;
+        d.row_bytes = j.row_bytes;
+        d.n_keep = int32_t(j.keep.size());
+        d.first = first;
+        descs.push_back(d);
+        at += j.keep.size();
+    }
+    CHECK(with_first > 0);
+    DeviceArray<K::CompactJob> d_jobs(descs);
+    INFO(jobs.size() << " jobs, max row_bytes " << max_row_bytes);
+    LAUNCH_OK(K::compact_rows(d_jobs.get(), int32_t(descs.size()), max_row_bytes, nullptr));
+    CHECK(count_bit_mismatches(d_data.download(), ref) == 0);
+
+    // a launch sized for narrower rows (one column slice per job) strides over the rest
+    d_data.upload(data);
+    LAUNCH_OK(K::compact_rows(d_jobs.get(), int32_t(descs.size()), 1, nullptr));
+    CHECK(count_bit_mismatches(d_data.download(), ref) == 0);
+
+    CHECK(K::compact_rows(nullptr, 0, 0, nullptr) == cudaSuccess);
+    CHECK(K::compact_rows(d_jobs.get(), -1, max_row_bytes, nullptr) == cudaErrorInvalidValue);
+    CHECK(K::compact_rows(nullptr, 1, max_row_bytes, nullptr) == cudaErrorInvalidValue);
+    CHECK(K::compact_rows(d_jobs.get(), 1, 0, nullptr) == cudaErrorInvalidValue);
+}
+
 TEST_CASE("argmax_rows: index of the row maximum, the lowest one on ties") {
     GPU_OR_SKIP();
     SEEDED_RNG();

@@ -38,13 +38,152 @@ CudaKvStorage& cuda_storage(KvCache& cache) {
     return *s;
 }
 
+// The first i with keep[i] != i (keep.size() when nothing moves).
+int32_t first_moved(const std::vector<int32_t>& keep) {
+    int32_t i = 0;
+    while (size_t(i) < keep.size() && keep[size_t(i)] == i) ++i;
+    return i;
+}
+
+// Flushes the compactions that a loop of retains queued, at done() or, should an exception
+// leave the loop, when destroyed: no compaction stays pending past the loop.
+class CompactAfter {
+public:
+    explicit CompactAfter(KvCompactor& c) : c_(c) {}
+    CompactAfter(const CompactAfter&) = delete;
+    CompactAfter& operator=(const CompactAfter&) = delete;
+    ~CompactAfter() {
+        if (done_) return;
+        try {
+            c_.flush();
+        } catch (const std::exception& e) {
+            PYR_LOG_WARN(std::string("cuda backend: compacting KV caches after an error failed too: ") + e.what());
+        }
+    }
+    void done() {
+        done_ = true;
+        c_.flush();
+    }
+
+private:
+    KvCompactor& c_;
+    bool done_ = false;
+};
+
 }  // namespace
+
+// ---- KV compaction --------------------------------------------------------------------
+
+// The device array of 2 * n_jobs CompactJobs (K and V share a keep list), then the lists.
+size_t KvCompactor::bytes_for(size_t n_jobs, size_t n_keep) const {
+    return 2 * n_jobs * sizeof(kernels::CompactJob) + n_keep * sizeof(int32_t);
+}
+
+void KvCompactor::add(const void* owner, void* k, void* v, size_t row_bytes,
+                      const std::vector<int32_t>& keep) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = index_.find(k);
+    if (it != index_.end()) {  // rows of rows: keep indexes what the pending job keeps
+        Job& j = jobs_[it->second];
+        std::vector<int32_t> composed(keep.size());
+        for (size_t i = 0; i < keep.size(); ++i) {
+            PYR_ASSERT(size_t(keep[i]) < j.keep.size());
+            composed[i] = j.keep[size_t(keep[i])];
+        }
+        n_keep_ = n_keep_ - j.keep.size() + composed.size();
+        j.keep = std::move(composed);
+        j.first = first_moved(j.keep);
+        if (size_t(j.first) == j.keep.size()) remove(it->second);  // a prefix: nothing moves
+        return;
+    }
+    const int32_t first = first_moved(keep);
+    if (size_t(first) == keep.size()) return;
+    const size_t need = bytes_for(jobs_.size() + 1, n_keep_ + keep.size());
+    if (need > device_.bytes())
+        device_ = ctx_->alloc(std::max({need, 2 * device_.bytes(), size_t(64) << 10}), Use::Scratch);
+    jobs_.push_back({owner, k, v, row_bytes, first, keep});
+    index_[k] = jobs_.size() - 1;
+    n_keep_ += keep.size();
+}
+
+void KvCompactor::remove(size_t i) {
+    n_keep_ -= jobs_[i].keep.size();
+    index_.erase(jobs_[i].k);
+    if (i + 1 < jobs_.size()) {
+        jobs_[i] = std::move(jobs_.back());
+        index_[jobs_[i].k] = i;
+    }
+    jobs_.pop_back();
+}
+
+std::vector<int32_t> KvCompactor::take(const void* k) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = index_.find(k);
+    if (it == index_.end()) return {};
+    std::vector<int32_t> keep = std::move(jobs_[it->second].keep);
+    jobs_[it->second].keep.clear();
+    n_keep_ -= keep.size();
+    remove(it->second);
+    return keep;
+}
+
+bool KvCompactor::pending(const void* k) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return index_.count(k) > 0;
+}
+
+void KvCompactor::drop(const void* owner) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = jobs_.size(); i-- > 0;)
+        if (jobs_[i].owner == owner) remove(i);
+}
+
+void KvCompactor::flush() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (jobs_.empty()) return;
+    const size_t n_jobs = 2 * jobs_.size(), jobs_bytes = n_jobs * sizeof(kernels::CompactJob);
+    const size_t bytes = bytes_for(jobs_.size(), n_keep_);
+    PYR_ASSERT(device_.bytes() >= bytes);  // taken by add()
+    if (flushed_) uploaded_->wait();       // the last flush's copy has read host_
+    host_.reserve(bytes);
+    auto* jobs = host_.as<kernels::CompactJob>();
+    auto* keeps = reinterpret_cast<int32_t*>(host_.as<char>() + jobs_bytes);
+    const auto* keeps_dev = reinterpret_cast<const int32_t*>(device_.as<char>() + jobs_bytes);
+    size_t at = 0, max_row_bytes = 0;
+    for (size_t i = 0; i < jobs_.size(); ++i) {
+        const Job& j = jobs_[i];
+        std::copy(j.keep.begin(), j.keep.end(), keeps + at);
+        kernels::CompactJob c;
+        c.keep = keeps_dev + at;
+        c.row_bytes = j.row_bytes;
+        c.n_keep = int32_t(j.keep.size());
+        c.first = j.first;
+        c.base = j.k;
+        jobs[2 * i] = c;
+        c.base = j.v;
+        jobs[2 * i + 1] = c;
+        at += j.keep.size();
+        max_row_bytes = std::max(max_row_bytes, j.row_bytes);
+    }
+    jobs_.clear();
+    index_.clear();
+    n_keep_ = 0;
+    const cudaStream_t st = ctx_->stream();
+    PYR_CUDA_CHECK(cudaMemcpyAsync(device_.get(), host_.get(), bytes, cudaMemcpyHostToDevice, st));
+    uploaded_->record(st);
+    flushed_ = true;
+    PYR_CUDA_CHECK(kernels::compact_rows(device_.as<kernels::CompactJob>(), int32_t(n_jobs),
+                                         max_row_bytes, st));
+}
 
 // ---- KV storage -----------------------------------------------------------------------
 
-CudaKvStorage::CudaKvStorage(std::shared_ptr<Context> ctx, kernels::Dt dt, int n_layer,
-                             int32_t n_ctx, int32_t kv_dim)
-    : ctx_(std::move(ctx)), dt_(dt), layers_(size_t(n_layer)), n_ctx_(n_ctx), kv_dim_(kv_dim) {}
+CudaKvStorage::CudaKvStorage(std::shared_ptr<Context> ctx, std::shared_ptr<KvCompactor> compactor,
+                             kernels::Dt dt, int n_layer, int32_t n_ctx, int32_t kv_dim)
+    : ctx_(std::move(ctx)), compactor_(std::move(compactor)), dt_(dt), layers_(size_t(n_layer)),
+      n_ctx_(n_ctx), kv_dim_(kv_dim) {}
+
+CudaKvStorage::~CudaKvStorage() { compactor_->drop(this); }
 
 // New buffers of `capacity` tokens holding rows index_dev[0..n_rows) of the old ones (or
 // the first n_rows when index_dev is null).
@@ -72,6 +211,7 @@ void CudaKvStorage::reallocate(Layer& layer, int32_t capacity, const int32_t* in
 void CudaKvStorage::reserve(int il, int32_t n_total) {
     Layer& layer = layers_[size_t(il)];
     PYR_ASSERT(n_total <= n_ctx_);
+    if (compactor_->pending(layer.k.get())) compactor_->flush();
     if (n_total <= layer.capacity) return;
     const int32_t want = std::min(n_ctx_, std::max({n_total, 2 * layer.capacity, 64}));
     reallocate(layer, want, nullptr, layer.size);
@@ -84,11 +224,30 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     const int32_t n = int32_t(keep.size());
     if (n == layer.size) return;  // strictly ascending and all of them: nothing moves
     ctx_->make_current();
-    DeviceBuffer index = ctx_->alloc(keep.size() * sizeof(int32_t), Use::Scratch);
-    upload_vector(*ctx_, index, keep);
-    // Shrink the allocation with the cache, keeping room to grow again.
+    const size_t row = size_t(kv_dim_) * 2;
+    // Shrink the allocation with the cache, keeping room to grow again; otherwise compact in
+    // place (later, with every other cache's compactions: KvCompactor).
     const int32_t cap = n < layer.capacity / 2 ? std::min(n_ctx_, std::max(64, 2 * n)) : layer.capacity;
-    reallocate(layer, cap, index.as<int32_t>(), n);
+    if (cap == layer.capacity) {
+        compactor_->add(this, layer.k.get(), layer.v.get(), row, keep);
+        layer.size = n;
+        return;
+    }
+    // a compaction still pending for the layer goes into the gather: its rows of rows
+    std::vector<int32_t> index = compactor_->take(layer.k.get());
+    if (index.empty()) {
+        index = keep;
+    } else {
+        std::vector<int32_t> composed(keep.size());
+        for (size_t i = 0; i < keep.size(); ++i) {
+            PYR_ASSERT(size_t(keep[i]) < index.size());
+            composed[i] = index[size_t(keep[i])];
+        }
+        index = std::move(composed);
+    }
+    DeviceBuffer index_dev = ctx_->alloc(index.size() * sizeof(int32_t), Use::Scratch);
+    if (n > 0) upload_vector(*ctx_, index_dev, index);
+    reallocate(layer, cap, index_dev.as<int32_t>(), n);
     layer.size = n;
 }
 
@@ -137,6 +296,7 @@ void CudaBackend::init_common() {
     // PYRAMID_GPU_SAMPLING=0: the logits of every step come back and the host samples
     sample_on_device_ = env_int("PYRAMID_GPU_SAMPLING", 1) != 0;
     obs_ready_ = std::make_unique<Event>();
+    compactor_ = std::make_shared<KvCompactor>(ctx_);
 }
 
 DeviceBuffer CudaBackend::upload_concat(std::initializer_list<const Tensor*> parts) {
@@ -228,7 +388,7 @@ void CudaBackend::randomize(uint64_t seed) {
 }
 
 std::unique_ptr<KvStorage> CudaBackend::new_kv_storage(int32_t n_ctx) {
-    return std::make_unique<CudaKvStorage>(ctx_, dt_, config_.n_layer, n_ctx, kv_dim_);
+    return std::make_unique<CudaKvStorage>(ctx_, compactor_, dt_, config_.n_layer, n_ctx, kv_dim_);
 }
 
 DeviceMemory CudaBackend::device_memory() const {
@@ -344,6 +504,7 @@ void CudaBackend::forward(SequenceStep* batch, int n_seq) {
         PYR_ASSERT(cuda_storage(*batch[i].cache).kv_dim() == kv_dim_);
     }
     try {
+        compactor_->flush();  // what the policies pruned after their sessions' last steps
         for (int i = 0; i < n_seq; i += kernels::kMaxBatch)
             forward_batch(batch + i, std::min(n_seq - i, kernels::kMaxBatch));
     } catch (...) {
@@ -606,6 +767,7 @@ void CudaBackend::decide_layer(SequenceStep* steps, const std::vector<Measured>&
                                std::vector<InFlight>& seqs) {
     if (now.empty()) return;
     obs_ready_->wait();  // not the stream: the MLP queued behind the copy goes on
+    CompactAfter compact(*compactor_);
     std::vector<std::vector<int32_t>> kept_rows(seqs.size());
     bool shrink = false;
     for (const Measured& m : now) {
@@ -628,6 +790,7 @@ void CudaBackend::decide_layer(SequenceStep* steps, const std::vector<Measured>&
         PYR_ASSERT(!kept_rows[s].empty() && kept_rows[s].back() == seqs[s].n - 1);  // the last token stays
         shrink = true;
     }
+    compact.done();
     if (shrink) shrink_rows(seqs, kept_rows);
 }
 
@@ -760,6 +923,7 @@ void CudaBackend::finish_step(SequenceStep* steps, const std::vector<int32_t>& o
         undecided_samples_ += tokens[k] < 0;
     }
     const float* obs_host = host + logit_floats;
+    CompactAfter compact(*compactor_);
     for (const Measured& d : deferred) {
         Observation obs;
         obs.n_keys = d.n_keys;
@@ -769,6 +933,7 @@ void CudaBackend::finish_step(SequenceStep* steps, const std::vector<int32_t>& o
         KvCache& cache = *steps[d.seq].cache;
         if (auto keep = steps[d.seq].policy->on_layer(d.il, obs, cache)) cache.retain(d.il, *keep);
     }
+    compact.done();
 }
 
 // Copies a sequence's logits left on the device by its last step (see finish_step).

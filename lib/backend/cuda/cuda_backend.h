@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "backend/backend.h"
@@ -15,17 +16,70 @@
 
 namespace pyr::cuda {
 
+// The KV caches' compactions in place (CudaKvStorage::retain keeping its buffers), queued
+// and run together by flush(): one upload of the jobs and keep lists from pinned memory, one
+// launch (kernels::compact_rows). The buffers keep their addresses, so a decode step's CUDA
+// graph (keyed by them) replays after a compaction. One per backend, shared with every
+// storage it makes; storages are pruned and destroyed by session threads while the engine's
+// forward may run on another thread, so a mutex guards it. The backend flushes at the start
+// of forward (what the policies' after_step queued) and after each of its retain loops.
+class KvCompactor {
+public:
+    explicit KvCompactor(std::shared_ptr<Context> ctx)
+        : ctx_(std::move(ctx)), uploaded_(std::make_unique<Event>()) {}
+
+    // Queues: rows keep[i] (ascending, keep.back() < the rows the buffers hold) of k and v,
+    // rows of row_bytes, move to row i. A job pending for the same k is composed with this
+    // one (both in one job). Device memory for the job is taken now (an out-of-memory error
+    // leaves nothing queued).
+    void add(const void* owner, void* k, void* v, size_t row_bytes, const std::vector<int32_t>& keep);
+    // Removes the job pending for k and returns its keep list (empty: none).
+    std::vector<int32_t> take(const void* k);
+    bool pending(const void* k);
+    // Forgets owner's jobs (its buffers are being freed).
+    void drop(const void* owner);
+    // Queues the pending jobs on the context's stream (the calling thread's device must be
+    // the context's).
+    void flush();
+
+private:
+    struct Job {
+        const void* owner;
+        void* k;
+        void* v;
+        size_t row_bytes;
+        int32_t first;  // the first i with keep[i] != i
+        std::vector<int32_t> keep;
+    };
+    size_t bytes_for(size_t n_jobs, size_t n_keep) const;
+    void remove(size_t i);  // jobs_[i], the mutex held
+
+    std::shared_ptr<Context> ctx_;
+    std::mutex mutex_;
+    std::vector<Job> jobs_;
+    std::unordered_map<const void*, size_t> index_;  // k -> its job in jobs_
+    size_t n_keep_ = 0;  // entries of the jobs' keep lists
+    PinnedBuffer host_;    // the last flush's jobs and keep lists
+    DeviceBuffer device_;  // their device copy, read by the launch
+    std::unique_ptr<Event> uploaded_;  // host_ may be rewritten once it has passed
+    bool flushed_ = false;             // uploaded_ has been recorded
+};
+
 class CudaKvStorage final : public KvStorage {
 public:
-    CudaKvStorage(std::shared_ptr<Context> ctx, kernels::Dt dt, int n_layer, int32_t n_ctx,
-                  int32_t kv_dim);
+    CudaKvStorage(std::shared_ptr<Context> ctx, std::shared_ptr<KvCompactor> compactor,
+                  kernels::Dt dt, int n_layer, int32_t n_ctx, int32_t kv_dim);
+    ~CudaKvStorage() override;
 
     uint64_t bytes_per_token() const override { return 2 * uint64_t(kv_dim_) * 2; }
-    // Compacts the kept slots on the device (gather into a right-sized buffer).
+    // Compacts the kept slots in place (a job for the compactor; the host view changes now),
+    // or, where the cache falls below half its capacity, gathers them into a right-sized
+    // buffer.
     void retain(int il, const std::vector<int32_t>& keep) override;
     void truncate(int il, int32_t n) override;
 
-    // Makes room for n_total tokens in layer il (geometric growth, at most n_ctx).
+    // Makes room for n_total tokens in layer il (geometric growth, at most n_ctx). Flushes
+    // the compactor first if the layer has a job pending (appends must follow it).
     void reserve(int il, int32_t n_total);
     void set_size(int il, int32_t n) { layers_[size_t(il)].size = n; }
     int32_t size(int il) const { return layers_[size_t(il)].size; }
@@ -46,6 +100,7 @@ private:
     void reallocate(Layer& layer, int32_t capacity, const int32_t* index_dev, int32_t n_rows);
 
     std::shared_ptr<Context> ctx_;
+    std::shared_ptr<KvCompactor> compactor_;
     kernels::Dt dt_;
     std::vector<Layer> layers_;
     int32_t n_ctx_, kv_dim_;
@@ -150,6 +205,7 @@ private:
     PinnedBuffer readback_;  // logits and observations copied back
     std::unique_ptr<Event> obs_ready_;  // a first prefill's measurements of a layer are in readback_
     std::unique_ptr<StepGraphs> graphs_;
+    std::shared_ptr<KvCompactor> compactor_;
     mutable std::mutex mutex_;  // one forward at a time: the scratch is shared
     int32_t q_dim_ = 0, kv_dim_ = 0, qkv_dim_ = 0;
     bool sample_on_device_ = true;  // PYRAMID_GPU_SAMPLING=0: the host samples (comparing)
