@@ -1,5 +1,5 @@
 // Row-wise and element-wise kernels: embedding gather, RMSNorm, bias, SwiGLU, row gather,
-// in-place row compaction, dtype conversion, random fill and argmax. CPU references: lib/backend/cpu/cpu_ops.h.
+// in-place row compaction, dtype conversion and random fill. CPU references: lib/backend/cpu/cpu_ops.h.
 #include <algorithm>
 #include <cfloat>
 
@@ -259,29 +259,6 @@ __global__ void fill_random_kernel(T* out, int64_t n, uint64_t seed, float scale
     }
 }
 
-// One block per row; ties go to the lowest index.
-__global__ void argmax_rows_kernel(const float* logits, int32_t n_vocab, int32_t* out) {
-    const float* row = logits + int64_t(blockIdx.x) * n_vocab;
-    float best = -FLT_MAX;
-    int32_t best_i = INT32_MAX;
-    for (int32_t i = threadIdx.x; i < n_vocab; i += blockDim.x)
-        if (row[i] > best) best = row[i], best_i = i;
-    for (int o = 16; o > 0; o >>= 1) {
-        const float b = __shfl_xor_sync(0xffffffffu, best, o);
-        const int32_t bi = __shfl_xor_sync(0xffffffffu, best_i, o);
-        if (b > best || (b == best && bi < best_i)) best = b, best_i = bi;
-    }
-    __shared__ float sb[32];
-    __shared__ int32_t si[32];
-    if ((threadIdx.x & 31) == 0) sb[threadIdx.x >> 5] = best, si[threadIdx.x >> 5] = best_i;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (unsigned w = 1; w < blockDim.x / 32; ++w)
-            if (sb[w] > sb[0] || (sb[w] == sb[0] && si[w] < si[0])) sb[0] = sb[w], si[0] = si[w];
-        out[blockIdx.x] = si[0];
-    }
-}
-
 constexpr int kThreads = 256;
 unsigned grid_stride_blocks(int64_t n) {
     const int64_t b = (n + kThreads - 1) / kThreads;
@@ -361,13 +338,6 @@ cudaError_t fill_random(Dt dt, void* out, int64_t n, uint64_t seed, float scale,
     if (n <= 0) return cudaSuccess;
     PYR_DISPATCH_DT(dt, (fill_random_kernel<T><<<grid_stride_blocks(n), kThreads, 0, stream>>>(
                             static_cast<T*>(out), n, seed, scale, offset)));
-    return cudaGetLastError();
-}
-
-cudaError_t argmax_rows(const float* logits, int32_t n_rows, int32_t n_vocab, int32_t* out,
-                        cudaStream_t stream) {
-    if (n_rows <= 0) return cudaSuccess;
-    argmax_rows_kernel<<<n_rows, 1024, 0, stream>>>(logits, n_vocab, out);
     return cudaGetLastError();
 }
 

@@ -176,11 +176,6 @@ cudaError_t convert_f32(Dt dt, const float* in, int64_t n, void* out, cudaStream
 cudaError_t fill_random(Dt dt, void* out, int64_t n, uint64_t seed, float scale, float offset,
                         cudaStream_t stream);
 
-// Greedy decoding on the device: out[s] = argmax of logits row s (n_rows, n_vocab) fp32,
-// lowest index on ties.
-cudaError_t argmax_rows(const float* logits, int32_t n_rows, int32_t n_vocab, int32_t* out,
-                        cudaStream_t stream);
-
 // Token sampling on the device: the token pyr::Sampler::sample_with (lib/engine/sampler.h)
 // picks from the same logits, history and uniform number (repetition penalty, then greedy,
 // or top-k -> softmax(logit / temperature) -> min-p -> top-p -> a draw best first; the draw

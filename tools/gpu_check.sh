@@ -80,7 +80,7 @@ PY
   run 7b_full_p3840 --shape llama2-7b --batch 1 --prompt 3840 --gen 256
   BENCH_ENV=PYRAMID_ATTN_SPLITS=1 PYRAMID_ATTN_SPLITS=1 run 7b_full_p3840_nosplit --shape llama2-7b --batch 1 --prompt 3840 --gen 256
   # prefill at retention 0.5 against 7b_full's (the Done-when ratio) and the selection overhead
-  for p in pyramid snapshrink snapkv h2o; do
+  for p in pyramid snapshrink snapkv h2o streaming; do
     run 7b_$p --shape llama2-7b --batch 1 --prompt 512 --gen 256 --kv-policy $p --kv-retention 0.5 --repeat 3
   done
   if [ -n "${BENCH_BATCH:-}" ]; then  # throughput: the paper's point (minutes more)

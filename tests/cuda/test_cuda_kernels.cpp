@@ -583,7 +583,7 @@ TEST_CASE("compact_rows: many row sets compacted in place in one launch, stable,
     CHECK(K::compact_rows(d_jobs.get(), 1, 0, nullptr) == cudaErrorInvalidValue);
 }
 
-TEST_CASE("argmax_rows: index of the row maximum, the lowest one on ties") {
+TEST_CASE("sample_rows, greedy: index of the row maximum, the lowest one on ties") {
     GPU_OR_SKIP();
     SEEDED_RNG();
     const int32_t n_rows = 9;
@@ -616,9 +616,12 @@ TEST_CASE("argmax_rows: index of the row maximum, the lowest one on ties") {
             }
         }
         DeviceArray<float> d_logits(logits);
+        std::vector<K::SampleRow> rows(static_cast<size_t>(n_rows));  // temperature 0: greedy
+        for (int32_t r = 0; r < n_rows; ++r) rows[size_t(r)].logits = d_logits.get() + size_t(r) * n_vocab;
+        DeviceArray<K::SampleRow> d_rows(rows);
         DeviceArray<int32_t> d_out(n_rows);
         d_out.poison();
-        LAUNCH_OK(K::argmax_rows(d_logits.get(), n_rows, n_vocab, d_out.get(), nullptr));
+        LAUNCH_OK(K::sample_rows(d_rows.get(), n_rows, n_vocab, d_out.get(), nullptr));
         const std::vector<int32_t> out = d_out.download();
         for (int32_t r = 0; r < n_rows; ++r) {
             const float* row = &logits[size_t(r) * n_vocab];
