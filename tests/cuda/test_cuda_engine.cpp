@@ -44,6 +44,15 @@ double top2_gap(const float* logits, int32_t n) {
     return double(v[0]) - v[1];
 }
 
+// The bundled model on the GPU with one of the backend's comparison switches set, which it
+// reads when it starts.
+std::shared_ptr<pyr::Engine> open_cuda_with(const char* switch_name, bool on) {
+    setenv(switch_name, on ? "1" : "0", 1);
+    auto e = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
+    unsetenv(switch_name);
+    return e;
+}
+
 struct Run {
     std::vector<int32_t> tokens;
     std::vector<std::vector<float>> logits;  // the logits each token came from
@@ -174,14 +183,8 @@ TEST_CASE("every KV policy keeps the same tokens on CUDA as on the CPU") {
 
 TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching each kernel") {
     const std::string text = sample_text(1200);
-    // PYRAMID_CUDA_GRAPHS is read when the backend starts
-    auto open_with_graphs = [](bool on) {
-        setenv("PYRAMID_CUDA_GRAPHS", on ? "1" : "0", 1);
-        auto e = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
-        unsetenv("PYRAMID_CUDA_GRAPHS");
-        return e;
-    };
-    auto graphs = open_with_graphs(true), launches = open_with_graphs(false);
+    auto graphs = open_cuda_with("PYRAMID_CUDA_GRAPHS", true);
+    auto launches = open_cuda_with("PYRAMID_CUDA_GRAPHS", false);
     const int n_gen = 40;  // pyramid compresses every 16 generated tokens
     for (const char* name : {"full", "pyramid", "streaming"}) {
         SUBCASE(name) {
@@ -218,14 +221,8 @@ TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching ea
 }
 
 TEST_CASE("tokens picked on the GPU are the host sampler's from the same logits") {
-    // PYRAMID_GPU_SAMPLING is read when the backend starts
-    auto open_sampling = [](bool on_device) {
-        setenv("PYRAMID_GPU_SAMPLING", on_device ? "1" : "0", 1);
-        auto e = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
-        unsetenv("PYRAMID_GPU_SAMPLING");
-        return e;
-    };
-    auto device = open_sampling(true), host = open_sampling(false);
+    auto device = open_cuda_with("PYRAMID_GPU_SAMPLING", true);
+    auto host = open_cuda_with("PYRAMID_GPU_SAMPLING", false);
     REQUIRE(device->samples_on_device());
     REQUIRE_FALSE(host->samples_on_device());
     struct Mode {
