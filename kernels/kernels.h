@@ -146,8 +146,8 @@ cudaError_t attention_rows(const RowsBatch& batch, int32_t n_head, cudaStream_t 
 cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,
                                int32_t head_dim, float* col_sums, cudaStream_t stream);
 
-// dst[i, :] = src[index[i], :] for i < n, rows of row_bytes (a multiple of 4). Compacts kept
-// cache slots and the rows of a shrinking prefill. src and dst must not overlap.
+// dst[i, :] = src[index[i], :] for i < n, rows of row_bytes (a multiple of 4): the rows of a
+// shrinking prefill, the last tokens' rows for the output head. src and dst must not overlap.
 cudaError_t gather_rows(const void* src, size_t row_bytes, const int32_t* index, int32_t n,
                         void* dst, cudaStream_t stream);
 

@@ -16,13 +16,6 @@ namespace {
 
 DType host_dtype(kernels::Dt dt) { return dt == kernels::Dt::F16 ? DType::F16 : DType::BF16; }
 
-template <typename T>
-void upload_vector(Context& ctx, DeviceBuffer& buf, const std::vector<T>& v) {
-    // Pageable source: staged before the call returns, so `v` may change right after.
-    PYR_CUDA_CHECK(cudaMemcpyAsync(buf.get(), v.data(), v.size() * sizeof(T),
-                                   cudaMemcpyHostToDevice, ctx.stream()));
-}
-
 // PYRAMID_ATTN_SPLITS=N forces N decode attention splits (1 = off); unset: attention_splits.
 int32_t forced_attn_splits() {
     static const int32_t n = [] {
@@ -116,17 +109,6 @@ void KvCompactor::remove(size_t i) {
     jobs_.pop_back();
 }
 
-std::vector<int32_t> KvCompactor::take(const void* k) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = index_.find(k);
-    if (it == index_.end()) return {};
-    std::vector<int32_t> keep = std::move(jobs_[it->second].keep);
-    jobs_[it->second].keep.clear();
-    n_keep_ -= keep.size();
-    remove(it->second);
-    return keep;
-}
-
 bool KvCompactor::pending(const void* k) {
     std::lock_guard<std::mutex> lock(mutex_);
     return index_.count(k) > 0;
@@ -185,23 +167,16 @@ CudaKvStorage::CudaKvStorage(std::shared_ptr<Context> ctx, std::shared_ptr<KvCom
 
 CudaKvStorage::~CudaKvStorage() { compactor_->drop(this); }
 
-// New buffers of `capacity` tokens holding rows index_dev[0..n_rows) of the old ones (or
-// the first n_rows when index_dev is null).
-void CudaKvStorage::reallocate(Layer& layer, int32_t capacity, const int32_t* index_dev,
-                               int32_t n_rows) {
+// New buffers of `capacity` tokens holding the first n_rows of the old ones.
+void CudaKvStorage::reallocate(Layer& layer, int32_t capacity, int32_t n_rows) {
     const size_t row = size_t(kv_dim_) * 2;
     DeviceBuffer k = ctx_->alloc(size_t(capacity) * row, Use::Kv);
     DeviceBuffer v = ctx_->alloc(size_t(capacity) * row, Use::Kv);
     if (n_rows > 0) {
-        if (index_dev) {
-            PYR_CUDA_CHECK(kernels::gather_rows(layer.k.get(), row, index_dev, n_rows, k.get(), ctx_->stream()));
-            PYR_CUDA_CHECK(kernels::gather_rows(layer.v.get(), row, index_dev, n_rows, v.get(), ctx_->stream()));
-        } else {
-            PYR_CUDA_CHECK(cudaMemcpyAsync(k.get(), layer.k.get(), size_t(n_rows) * row,
-                                           cudaMemcpyDeviceToDevice, ctx_->stream()));
-            PYR_CUDA_CHECK(cudaMemcpyAsync(v.get(), layer.v.get(), size_t(n_rows) * row,
-                                           cudaMemcpyDeviceToDevice, ctx_->stream()));
-        }
+        PYR_CUDA_CHECK(cudaMemcpyAsync(k.get(), layer.k.get(), size_t(n_rows) * row,
+                                       cudaMemcpyDeviceToDevice, ctx_->stream()));
+        PYR_CUDA_CHECK(cudaMemcpyAsync(v.get(), layer.v.get(), size_t(n_rows) * row,
+                                       cudaMemcpyDeviceToDevice, ctx_->stream()));
     }
     layer.k = std::move(k);
     layer.v = std::move(v);
@@ -214,7 +189,7 @@ void CudaKvStorage::reserve(int il, int32_t n_total) {
     if (compactor_->pending(layer.k.get())) compactor_->flush();
     if (n_total <= layer.capacity) return;
     const int32_t want = std::min(n_ctx_, std::max({n_total, 2 * layer.capacity, 64}));
-    reallocate(layer, want, nullptr, layer.size);
+    reallocate(layer, want, layer.size);
 }
 
 void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
@@ -224,31 +199,17 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     const int32_t n = int32_t(keep.size());
     if (n == layer.size) return;  // strictly ascending and all of them: nothing moves
     ctx_->make_current();
-    const size_t row = size_t(kv_dim_) * 2;
-    // Shrink the allocation with the cache, keeping room to grow again; otherwise compact in
-    // place (later, with every other cache's compactions: KvCompactor).
-    const int32_t cap = n < layer.capacity / 2 ? std::min(n_ctx_, std::max(64, 2 * n)) : layer.capacity;
-    if (cap == layer.capacity) {
-        compactor_->add(this, layer.k.get(), layer.v.get(), row, keep);
-        layer.size = n;
-        return;
-    }
-    // a compaction still pending for the layer goes into the gather: its rows of rows
-    std::vector<int32_t> index = compactor_->take(layer.k.get());
-    if (index.empty()) {
-        index = keep;
-    } else {
-        std::vector<int32_t> composed(keep.size());
-        for (size_t i = 0; i < keep.size(); ++i) {
-            PYR_ASSERT(size_t(keep[i]) < index.size());
-            composed[i] = index[size_t(keep[i])];
-        }
-        index = std::move(composed);
-    }
-    DeviceBuffer index_dev = ctx_->alloc(index.size() * sizeof(int32_t), Use::Scratch);
-    if (n > 0) upload_vector(*ctx_, index_dev, index);
-    reallocate(layer, cap, index_dev.as<int32_t>(), n);
+    // Compacted in place, later, with every other cache's compactions (KvCompactor).
+    compactor_->add(this, layer.k.get(), layer.v.get(), size_t(kv_dim_) * 2, keep);
     layer.size = n;
+    // The allocation shrinks with the cache, keeping room to grow again (a deep layer after
+    // a first prefill's pruning): the compacted rows move to a smaller buffer. (No host data
+    // travels here: an upload from pageable memory would wait for the stream.)
+    const int32_t cap = std::min(n_ctx_, std::max(64, 2 * n));
+    if (n < layer.capacity / 2 && cap < layer.capacity) {
+        compactor_->flush();
+        reallocate(layer, cap, n);
+    }
 }
 
 float* CudaKvStorage::last_logits(int32_t n_vocab) {

@@ -16,7 +16,7 @@
 
 namespace pyr::cuda {
 
-// The KV caches' compactions in place (CudaKvStorage::retain keeping its buffers), queued
+// The KV caches' compactions in place (CudaKvStorage::retain), queued
 // and run together by flush(): one upload of the jobs and keep lists from pinned memory, one
 // launch (kernels::compact_rows). The buffers keep their addresses, so a decode step's CUDA
 // graph (keyed by them) replays after a compaction. One per backend, shared with every
@@ -33,8 +33,6 @@ public:
     // one (both in one job). Device memory for the job is taken now (an out-of-memory error
     // leaves nothing queued).
     void add(const void* owner, void* k, void* v, size_t row_bytes, const std::vector<int32_t>& keep);
-    // Removes the job pending for k and returns its keep list (empty: none).
-    std::vector<int32_t> take(const void* k);
     bool pending(const void* k);
     // Forgets owner's jobs (its buffers are being freed).
     void drop(const void* owner);
@@ -72,9 +70,9 @@ public:
     ~CudaKvStorage() override;
 
     uint64_t bytes_per_token() const override { return 2 * uint64_t(kv_dim_) * 2; }
-    // Compacts the kept slots in place (a job for the compactor; the host view changes now),
-    // or, where the cache falls below half its capacity, gathers them into a right-sized
-    // buffer.
+    // Compacts the kept slots in place (a job for the compactor; the host view changes now);
+    // where the cache falls below half its capacity, the compacted rows then move to a
+    // right-sized buffer.
     void retain(int il, const std::vector<int32_t>& keep) override;
     void truncate(int il, int32_t n) override;
 
@@ -97,7 +95,7 @@ private:
         DeviceBuffer k, v;
         int32_t size = 0, capacity = 0;
     };
-    void reallocate(Layer& layer, int32_t capacity, const int32_t* index_dev, int32_t n_rows);
+    void reallocate(Layer& layer, int32_t capacity, int32_t n_rows);
 
     std::shared_ptr<Context> ctx_;
     std::shared_ptr<KvCompactor> compactor_;
