@@ -709,6 +709,7 @@ struct Stream {
     unsigned flags = cudaStreamDefault;
     Capture* capture = nullptr;
     std::deque<Op> queue;
+    unsigned long long running = 0;  // the Op::seq being run (taken off the queue); 0: none
 };
 
 struct Event {
@@ -861,8 +862,13 @@ cudaError_t drain(Stream* st, unsigned long long upto) {
             if (st->queue.empty() || st->queue.front().seq > upto) break;
             op = std::move(st->queue.front());
             st->queue.pop_front();
+            st->running = op.seq;
         }
         const cudaError_t err = op.run();
+        {
+            std::lock_guard<std::mutex> lock(state_mutex);
+            st->running = 0;
+        }
         if (err != cudaSuccess && first == cudaSuccess) {
             std::fprintf(stderr, "cuda-sim: queued work failed when it ran: %s: %s\n",
                          op.what.c_str(), cudaGetErrorName(err));
@@ -1261,7 +1267,20 @@ static cudaError_t wait_for_event(const char* call, cudaEvent_t event) {
     return err == cudaSuccess ? err : fail(err);
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t event) { return wait_for_event("cudaEventSynchronize", event); }
-cudaError_t cudaEventQuery(cudaEvent_t event) { return wait_for_event("cudaEventQuery", event); }
+// cudaErrorNotReady while work the event marks is still queued: the late device has not run
+// it (a query does not make it run), so code that polls must not rely on progress.
+cudaError_t cudaEventQuery(cudaEvent_t event) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    Event* e = live_event(event);
+    if (!e) return fail(cudaErrorInvalidResourceHandle);
+    if (e->captured_by) return fail(cudaErrorCapturedEvent);
+    Stream* st = e->stream;
+    if (!st || destroyed(st)) return cudaSuccess;
+    if (st->running && st->running <= e->seq) return cudaErrorNotReady;
+    for (const Op& op : st->queue)
+        if (op.seq <= e->seq) return cudaErrorNotReady;
+    return cudaSuccess;
+}
 
 // Outside capture, the stream's later work waits for the work the event marks (a queued
 // wait that runs it). In a capture, waiting for an event recorded in the same capture is a

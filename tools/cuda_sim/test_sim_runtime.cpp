@@ -419,6 +419,17 @@ TEST_CASE("cuda-sim: queued work runs only when the host waits for it, in CUDA's
         REQUIRE(cudaMemcpy(got.data(), b.p, n, cudaMemcpyDeviceToHost) == cudaSuccess);
         CHECK(got == std::vector<uint8_t>(n, 8));
     }
+    SUBCASE("an event is not ready until the host has waited for the work before it") {
+        Event e, never;
+        CHECK(cudaEventQuery(never.e) == cudaSuccess);  // never recorded
+        REQUIRE(cudaMemsetAsync(a.p, 7, n, s.s) == cudaSuccess);
+        REQUIRE(cudaEventRecord(e.e, s.s) == cudaSuccess);
+        CHECK(cudaEventQuery(e.e) == cudaErrorNotReady);  // a query does not run it
+        REQUIRE(cudaMemcpy(got.data(), a.p, n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        CHECK(got == std::vector<uint8_t>(n, 0));
+        REQUIRE(cudaStreamSynchronize(s.s) == cudaSuccess);
+        CHECK(cudaEventQuery(e.e) == cudaSuccess);
+    }
     SUBCASE("a stream that waits for an event runs the other stream's work first") {
         Event e;
         REQUIRE(cudaMemsetAsync(a.p, 9, n, s.s) == cudaSuccess);

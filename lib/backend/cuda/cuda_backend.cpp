@@ -126,10 +126,20 @@ void KvCompactor::flush() {
     const size_t n_jobs = 2 * jobs_.size(), jobs_bytes = n_jobs * sizeof(kernels::CompactJob);
     const size_t bytes = bytes_for(jobs_.size(), n_keep_);
     PYR_ASSERT(device_.bytes() >= bytes);  // taken by add()
-    if (flushed_) uploaded_->wait();       // the last flush's copy has read host_
-    host_.reserve(bytes);
-    auto* jobs = host_.as<kernels::CompactJob>();
-    auto* keeps = reinterpret_cast<int32_t*>(host_.as<char>() + jobs_bytes);
+    // host_ is used from the front once the last flush's copy has passed (then every earlier
+    // one has), else after what the copies still in flight read: the host never waits for
+    // the device here unless host_ is full (several flushes behind one long kernel, e.g. the
+    // caches of a batch shrinking after a first prefill's layer, queued behind its MLP).
+    size_t from = uploaded_->done() ? 0 : (host_used_ + 15) & ~size_t(15);
+    if (from + bytes > host_.bytes()) {
+        if (from > 0) uploaded_->wait();
+        from = 0;
+        host_.reserve(std::max(bytes, size_t(64) << 10));
+    }
+    host_used_ = from + bytes;
+    char* host = host_.as<char>() + from;
+    auto* jobs = reinterpret_cast<kernels::CompactJob*>(host);
+    auto* keeps = reinterpret_cast<int32_t*>(host + jobs_bytes);
     const auto* keeps_dev = reinterpret_cast<const int32_t*>(device_.as<char>() + jobs_bytes);
     size_t at = 0, max_row_bytes = 0;
     for (size_t i = 0; i < jobs_.size(); ++i) {
@@ -151,9 +161,8 @@ void KvCompactor::flush() {
     index_.clear();
     n_keep_ = 0;
     const cudaStream_t st = ctx_->stream();
-    PYR_CUDA_CHECK(cudaMemcpyAsync(device_.get(), host_.get(), bytes, cudaMemcpyHostToDevice, st));
+    PYR_CUDA_CHECK(cudaMemcpyAsync(device_.get(), host, bytes, cudaMemcpyHostToDevice, st));
     uploaded_->record(st);
-    flushed_ = true;
     PYR_CUDA_CHECK(kernels::compact_rows(device_.as<kernels::CompactJob>(), int32_t(n_jobs),
                                          max_row_bytes, st));
 }
@@ -440,8 +449,8 @@ void CudaBackend::stage_upload(void* dst, const T* src, size_t n) {
     size_t at = (stage_used_ + 15) & ~size_t(15);
     if (at + bytes > stage_.bytes()) {
         ctx_->sync();  // copies still queued read the staging buffer
+        stage_.reserve(std::max(at + bytes, size_t(1) << 20));  // later steps like this one fit
         at = 0;
-        stage_.reserve(std::max(bytes, size_t(1) << 20));
     }
     char* p = stage_.as<char>() + at;
     std::memcpy(p, src, bytes);

@@ -57,10 +57,10 @@ private:
     std::vector<Job> jobs_;
     std::unordered_map<const void*, size_t> index_;  // k -> its job in jobs_
     size_t n_keep_ = 0;  // entries of the jobs' keep lists
-    PinnedBuffer host_;    // the last flush's jobs and keep lists
-    DeviceBuffer device_;  // their device copy, read by the launch
-    std::unique_ptr<Event> uploaded_;  // host_ may be rewritten once it has passed
-    bool flushed_ = false;             // uploaded_ has been recorded
+    PinnedBuffer host_;       // the jobs and keep lists of the flushes in flight
+    size_t host_used_ = 0;    // bytes of host_ whose copies may still be queued
+    DeviceBuffer device_;     // the last flush's device copy, read by its launch
+    std::unique_ptr<Event> uploaded_;  // recorded after the last flush's copy
 };
 
 class CudaKvStorage final : public KvStorage {

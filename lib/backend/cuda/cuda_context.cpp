@@ -188,4 +188,14 @@ void Event::record(cudaStream_t stream) { PYR_CUDA_CHECK(cudaEventRecord(event_,
 
 void Event::wait() const { PYR_CUDA_CHECK(cudaEventSynchronize(event_)); }
 
+bool Event::done() const {
+    const cudaError_t err = cudaEventQuery(event_);
+    if (err == cudaErrorNotReady) {
+        cudaGetLastError();  // not an error: clear it
+        return false;
+    }
+    PYR_CUDA_CHECK(err);
+    return true;
+}
+
 }  // namespace pyr::cuda

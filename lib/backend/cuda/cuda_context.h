@@ -98,6 +98,7 @@ public:
     Event& operator=(const Event&) = delete;
     void record(cudaStream_t stream);
     void wait() const;
+    bool done() const;  // the stream has passed it (or it was never recorded)
 
 private:
     cudaEvent_t event_ = nullptr;
