@@ -177,7 +177,7 @@ cudaError_t fill_random(Dt dt, void* out, int64_t n, uint64_t seed, float scale,
                         cudaStream_t stream);
 
 // Token sampling on the device: the token pyr::Sampler::sample_with (lib/engine/sampler.h)
-// picks from the same logits, history and uniform number (repetition penalty, then greedy,
+// picks from the same logits and SampleDraw (repetition penalty, then greedy,
 // or top-k -> softmax(logit / temperature) -> min-p -> top-p -> a draw best first; the draw
 // is the shared draw_from_prefix of lib/engine/sampling_rules.h).
 // One row to sample: the raw logits and the sampler's settings (lib/engine/sampler.h).
@@ -191,7 +191,7 @@ struct SampleRow {
     double u = 0;                          // SampleDraw::u
 };
 constexpr int kSampleCandidates = 1024;
-// out[r] = the token Sampler::sample_with(rows[r]'s logits, n_vocab, history, u) picks, or -1
+// out[r] = the token Sampler::sample_with(rows[r]'s logits, n_vocab, draw) picks, or -1
 // when that depends on candidates past the best kSampleCandidates (then the host samples
 // from the logits with the same u). rows and out are device arrays of n_rows.
 // Exact (the same bits) for greedy and for top-k with k <= kSampleCandidates; otherwise

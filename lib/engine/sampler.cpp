@@ -20,8 +20,6 @@ Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.se
 
 void Sampler::reset() { rng_.seed(params_.seed); }
 
-double Sampler::uniform01() { return unit_interval(rng_()); }
-
 size_t Sampler::penalty_window(size_t n) const {
     return params_.repeat_last_n > 0 && size_t(params_.repeat_last_n) < n
                ? n - size_t(params_.repeat_last_n)
@@ -35,11 +33,11 @@ SampleDraw Sampler::peek(const std::vector<int32_t>& history, int32_t n_vocab) c
         d.u = unit_interval(next());
     }
     if (params_.repeat_penalty != 1.0f && n_vocab > 0) {
-        std::vector<bool> seen(size_t(n_vocab), false);
+        seen_.assign(size_t(n_vocab), false);
         for (size_t i = penalty_window(history.size()); i < history.size(); ++i) {
             const int32_t t = history[i];
-            if (t < 0 || t >= n_vocab || seen[size_t(t)]) continue;
-            seen[size_t(t)] = true;
+            if (t < 0 || t >= n_vocab || seen_[size_t(t)]) continue;
+            seen_[size_t(t)] = true;
             d.penalized.push_back(t);
         }
     }
@@ -50,16 +48,12 @@ void Sampler::advance() {
     if (!greedy()) rng_.discard(1);
 }
 
-// The logits with the repetition penalty applied: `raw` itself when there is none.
-const float* Sampler::penalized(const float* raw, int32_t n_vocab,
-                                const std::vector<int32_t>& history) {
-    if (params_.repeat_penalty == 1.0f || history.empty()) return raw;
+// The logits with the repetition penalty applied to the draw's ids: `raw` itself when there
+// is none.
+const float* Sampler::penalized(const float* raw, int32_t n_vocab, const SampleDraw& draw) {
+    if (draw.penalized.empty()) return raw;
     logits_.assign(raw, raw + n_vocab);
-    seen_.assign(size_t(n_vocab), false);
-    for (size_t i = penalty_window(history.size()); i < history.size(); ++i) {
-        int32_t t = history[i];
-        if (t < 0 || t >= n_vocab || seen_[size_t(t)]) continue;
-        seen_[size_t(t)] = true;
+    for (int32_t t : draw.penalized) {
         float& l = logits_[size_t(t)];
         l = l > 0 ? l / params_.repeat_penalty : l * params_.repeat_penalty;
     }
@@ -99,8 +93,9 @@ int32_t argmax(const float* v, int32_t n) {
 }  // namespace
 
 int32_t Sampler::sample(const float* raw, int32_t n_vocab, const std::vector<int32_t>& history) {
-    const double u = greedy() ? 0.0 : uniform01();
-    return sample_with(raw, n_vocab, history, u);
+    const SampleDraw draw = peek(history, n_vocab);
+    advance();
+    return sample_with(raw, n_vocab, draw);
 }
 
 // Repetition penalty, then greedy, or top-k -> softmax(logit / temperature) -> min-p ->
@@ -109,9 +104,8 @@ int32_t Sampler::sample(const float* raw, int32_t n_vocab, const std::vector<int
 // and the threshold drops until that prefix decides the token.
 // The draw itself (min-p, top-p, the walk) is draw_from_prefix (sampling_rules.h), shared
 // with the GPU kernel (kernels/sampling.cu).
-int32_t Sampler::sample_with(const float* raw, int32_t n_vocab, const std::vector<int32_t>& history,
-                             double u) {
-    const float* l = penalized(raw, n_vocab, history);
+int32_t Sampler::sample_with(const float* raw, int32_t n_vocab, const SampleDraw& draw) {
+    const float* l = penalized(raw, n_vocab, draw);
     if (greedy()) return argmax(l, n_vocab);  // ties: the lowest id
     l = without_nan(l, n_vocab);
 
@@ -127,9 +121,9 @@ int32_t Sampler::sample_with(const float* raw, int32_t n_vocab, const std::vecto
     const double max_logit = l[top_k ? ids_[0] : argmax(l, n_vocab)];
     const double t = params_.temperature;
     auto weight = [&](int32_t id) { return std::exp((double(l[id]) - max_logit) / t); };
-    auto draw = [&](bool complete) {
-        return draw_from_prefix(probs_.data(), ids_.data(), int32_t(probs_.size()), complete, u,
-                                params_.top_p, params_.min_p);
+    auto pick = [&](bool complete) {
+        return draw_from_prefix(probs_.data(), ids_.data(), int32_t(probs_.size()), complete,
+                                draw.u, params_.top_p, params_.min_p);
     };
 
     if (top_k) {  // softmax over the k best, summed best first, in double
@@ -140,7 +134,7 @@ int32_t Sampler::sample_with(const float* raw, int32_t n_vocab, const std::vecto
             sum += probs_.back();
         }
         for (double& p : probs_) p /= sum;
-        return draw(true);  // complete: always a token
+        return pick(true);  // complete: always a token
     }
 
     // Softmax over the whole vocabulary, summed in id order.
@@ -155,7 +149,7 @@ int32_t Sampler::sample_with(const float* raw, int32_t n_vocab, const std::vecto
         std::sort(ids_.begin(), ids_.end(), better);
         probs_.clear();
         for (int32_t id : ids_) probs_.push_back(weights_[size_t(id)] / sum);
-        const int32_t token = draw(all);
+        const int32_t token = pick(all);
         if (token >= 0) return token;
     }
 }

@@ -37,21 +37,19 @@ public:
     int32_t sample(const float* logits, int32_t n_vocab, const std::vector<int32_t>& history);
 
     const SamplingParams& params() const { return params_; }
-    // The next draw, without consuming it: sample_with(logits, n, history, d.u) == sample(...).
+    // The next draw, without consuming it: sample() is peek(), advance(), sample_with().
     SampleDraw peek(const std::vector<int32_t>& history, int32_t n_vocab) const;
     // Consumes the draw peek() reported (no-op when greedy: greedy draws nothing).
     void advance();
-    // sample() with the uniform number u; the random stream is untouched.
-    int32_t sample_with(const float* logits, int32_t n_vocab, const std::vector<int32_t>& history,
-                        double u);
+    // The token sample() picks with `draw` (from peek); the random stream is untouched.
+    int32_t sample_with(const float* logits, int32_t n_vocab, const SampleDraw& draw);
 
 private:
     bool greedy() const { return params_.temperature <= 0.0f; }
     // The first index of the window of `history` the repetition penalty looks at.
     size_t penalty_window(size_t n) const;
-    const float* penalized(const float* raw, int32_t n_vocab, const std::vector<int32_t>& history);
+    const float* penalized(const float* raw, int32_t n_vocab, const SampleDraw& draw);
     const float* without_nan(const float* l, int32_t n_vocab);
-    double uniform01();
 
     SamplingParams params_;
     std::mt19937_64 rng_;
@@ -61,7 +59,7 @@ private:
     std::vector<double> weights_;
     std::vector<int32_t> ids_;    // candidates, best first
     std::vector<double> probs_;   // their probabilities
-    std::vector<bool> seen_;
+    mutable std::vector<bool> seen_;  // peek's: ids already in the penalty list
 };
 
 }  // namespace pyr

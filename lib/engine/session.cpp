@@ -184,7 +184,7 @@ StepResult Session::next() {
     int32_t t = on_device.token;  // -1 unless this step's forward picked it
     if (t < 0) {
         const float* l = logits();
-        t = sampler_.sample_with(l ? l : logits_.data(), n_vocab, tokens_, draw.u);
+        t = sampler_.sample_with(l ? l : logits_.data(), n_vocab, draw);
     }
     sampler_.advance();
     tokens_.push_back(t);

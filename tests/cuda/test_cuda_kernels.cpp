@@ -803,7 +803,7 @@ TEST_CASE("sample_rows: the CPU sampler's token in every mode; -1 only where the
             const std::vector<float> l(logits.begin() + ptrdiff_t(size_t(r) * nv),
                                        logits.begin() + ptrdiff_t(size_t(r + 1) * nv));
             pyr::Sampler sampler(row.p);
-            const int32_t want = sampler.sample_with(l.data(), n_vocab, row.history, row.draw.u);
+            const int32_t want = sampler.sample_with(l.data(), n_vocab, row.draw);
             INFO("row " << r << " (logits kind " << row.kind << "): temperature "
                         << row.p.temperature << ", top_k " << row.p.top_k << ", top_p "
                         << row.p.top_p << ", min_p " << row.p.min_p << ", penalty "

@@ -301,7 +301,7 @@ TEST_CASE("peek, advance and sample_with give sample()'s tokens in every mode") 
                                     }
                                     CHECK(draw.penalized == want);
                                     const int32_t with =
-                                        b.sample_with(logits.data(), n_vocab, history, draw.u);
+                                        b.sample_with(logits.data(), n_vocab, draw);
                                     b.advance();
                                     REQUIRE(with == a.sample(logits.data(), n_vocab, history));
                                     history.push_back(with);
