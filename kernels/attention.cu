@@ -160,8 +160,6 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
         kbeg = min(int32_t(blockIdx.x) * per, kend);
         kstop = min(kbeg + per, kend);
     }
-    const T* K = static_cast<const T*>(sq.k) + kvh * hd;
-    const T* V = static_cast<const T*>(sq.v) + kvh * hd;
 
     float m[QT], l[QT], acc[QT][DPL];
 #pragma unroll
@@ -174,10 +172,13 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
 
     for (int32_t base = kbeg + warp * 32; base < kstop; base += WARPS * 32) {
         const int32_t j = base + lane;
+        // the tile's 32 rows are consecutive rows of one page (kernels.h)
+        const T* K = kv_row<const T>(sq.pages, base, kv_dim, false) + kvh * hd;
+        const T* V = kv_row<const T>(sq.pages, base, kv_dim, true) + kvh * hd;
         float s[QT];
 #pragma unroll
         for (int qi = 0; qi < QT; ++qi) s[qi] = 0.0f;
-        if (j < kstop) key_scores<T, QT, DPL>(K + j * kv_dim, q_s, hd, s);
+        if (j < kstop) key_scores<T, QT, DPL>(K + lane * kv_dim, q_s, hd, s);
         float p[QT];
 #pragma unroll
         for (int qi = 0; qi < QT; ++qi) {
@@ -202,7 +203,7 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
                 float vf[8][DPL];
 #pragma unroll
                 for (int u = 0; u < 8; ++u)
-                    load_lane_dims<T, DPL>(V + (base + j0 + u) * kv_dim, lane, hd, vf[u]);
+                    load_lane_dims<T, DPL>(V + (j0 + u) * kv_dim, lane, hd, vf[u]);
 #pragma unroll
                 for (int u = 0; u < 8; ++u)
 #pragma unroll
@@ -215,7 +216,7 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
         } else {
             for (int32_t jj = 0; jj < n_keys; ++jj) {
                 float vf[DPL];
-                load_lane_dims<T, DPL>(V + (base + jj) * kv_dim, lane, hd, vf);
+                load_lane_dims<T, DPL>(V + jj * kv_dim, lane, hd, vf);
 #pragma unroll
                 for (int qi = 0; qi < QT; ++qi) {
                     const float pj = __shfl_sync(0xffffffffu, p[qi], jj);
@@ -339,7 +340,6 @@ __global__ void col_sums_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, i
     const int32_t qb = min(qa + q_chunk, sq.n_q);
     const int group = n_head / n_head_kv;
     const int64_t kv_dim = int64_t(n_head_kv) * hd;
-    const T* K = static_cast<const T*>(sq.k);
     extern __shared__ float q_s[];  // (n_head, hd) pre-scaled query
     float col = 0.0f;
     for (int32_t qi = qa; qi < qb; ++qi) {
@@ -347,10 +347,12 @@ __global__ void col_sums_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, i
         for (int32_t i = threadIdx.x; i < n_head * hd; i += blockDim.x)
             q_s[i] = sq.q[int64_t(qi) * sq.q_stride + i] * qscale;
         __syncthreads();
-        if (j < sq.n_kv && j <= sq.n_kv - sq.n_q + qi)
+        if (j < sq.n_kv && j <= sq.n_kv - sq.n_q + qi) {
+            const T* key = kv_row<const T>(sq.pages, j, kv_dim, false);
             for (int h = 0; h < n_head; ++h)
-                col += exp2f(dot_key(K + j * kv_dim + (h / group) * hd, q_s + h * hd, hd) -
+                col += exp2f(dot_key(key + (h / group) * hd, q_s + h * hd, hd) -
                              sq.lse[int64_t(qi) * n_head + h]);
+        }
     }
     if (j < sq.n_kv) atomicAdd(&col_sums[j], col / float(n_head));
 }

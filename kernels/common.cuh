@@ -72,6 +72,16 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #endif
 }
 
+// Row j of a paged KV cache (kernels.h: kKvPageRows): its key, or its value when `value`.
+// row_elems = kv_dim. A 32-aligned tile of rows lies in one page: the tile's first row's
+// pointer + i * row_elems is its row i.
+template <typename T>
+__device__ __forceinline__ T* kv_row(KvPages pages, int32_t j, int64_t row_elems, bool value) {
+    static_assert(kKvPageRows % 32 == 0, "a 32-key tile must not straddle pages");
+    T* page = static_cast<T*>(pages[j / kKvPageRows]);
+    return page + (int64_t(value ? kKvPageRows : 0) + j % kKvPageRows) * row_elems;
+}
+
 inline unsigned blocks_for(int64_t n, int threads) {
     return unsigned((n + threads - 1) / threads);
 }

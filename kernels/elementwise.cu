@@ -184,20 +184,26 @@ constexpr int kCompactThreads = 256;
 constexpr int kCompactHeld = 4;
 constexpr size_t kCompactSliceBytes = 1024;
 
+// Row r of a job: its page's row r % kKvPageRows, past the job's offset (kernels.h).
+__device__ __forceinline__ char* job_row(const CompactJob& job, int32_t r) {
+    return static_cast<char*>(job.pages[r / kKvPageRows]) + job.offset +
+           size_t(r % kKvPageRows) * job.row_bytes;
+}
+
 template <typename Word>
-__device__ void compact_slice(char* base, size_t row_bytes, const int32_t* keep, int32_t first,
-                              int32_t n_keep, size_t col0, int32_t n_cols) {
+__device__ void compact_slice(const CompactJob& job, size_t col0, int32_t n_cols) {
+    const int32_t* keep = job.keep;
+    const int32_t n_keep = job.n_keep;
     // n_cols words of the slice per row, R rows per tile (n_cols <= kCompactHeld * blockDim)
     const int32_t rows_per_tile = int32_t(kCompactHeld * blockDim.x) / n_cols;
-    for (int32_t i = first; i < n_keep; i += rows_per_tile) {
+    for (int32_t i = job.first; i < n_keep; i += rows_per_tile) {
         Word held[kCompactHeld];
 #pragma unroll
         for (int p = 0; p < kCompactHeld; ++p) {
             const int32_t k = int32_t(threadIdx.x) + p * int32_t(blockDim.x);
             const int32_t r = i + k / n_cols;
             if (k / n_cols < rows_per_tile && r < n_keep)
-                held[p] = reinterpret_cast<const Word*>(base + size_t(keep[r]) * row_bytes)
-                    [col0 + k % n_cols];
+                held[p] = reinterpret_cast<const Word*>(job_row(job, keep[r]))[col0 + k % n_cols];
         }
         __syncthreads();
 #pragma unroll
@@ -205,7 +211,7 @@ __device__ void compact_slice(char* base, size_t row_bytes, const int32_t* keep,
             const int32_t k = int32_t(threadIdx.x) + p * int32_t(blockDim.x);
             const int32_t r = i + k / n_cols;
             if (k / n_cols < rows_per_tile && r < n_keep)
-                reinterpret_cast<Word*>(base + size_t(r) * row_bytes)[col0 + k % n_cols] = held[p];
+                reinterpret_cast<Word*>(job_row(job, r))[col0 + k % n_cols] = held[p];
         }
     }
 }
@@ -215,22 +221,20 @@ __global__ void __launch_bounds__(kCompactThreads)
     for (int32_t j = blockIdx.y; j < n_jobs; j += gridDim.y) {
         const CompactJob job = jobs[j];
         if (job.first >= job.n_keep) continue;
-        char* base = static_cast<char*>(job.base);
-        // words of 16 bytes when the rows allow (7B: 8 KiB rows), else 4 bytes, else bytes;
-        // a slice is kCompactSliceBytes of the row (fewer words in its last slice)
-        const uintptr_t a = reinterpret_cast<uintptr_t>(base);
-        const size_t word = job.row_bytes % 16 == 0 && a % 16 == 0 ? 16
-                            : job.row_bytes % 4 == 0 && a % 4 == 0 ? 4
-                                                                   : 1;
+        // words of 16 bytes when the rows allow (7B: 8 KiB rows), else 4 bytes, else bytes
+        // (pages are 16-byte aligned); a slice is kCompactSliceBytes of the row (fewer words
+        // in its last slice)
+        const uint64_t a = job.offset | job.row_bytes;
+        const size_t word = a % 16 == 0 ? 16 : a % 4 == 0 ? 4 : 1;
         const size_t words = job.row_bytes / word, slice = kCompactSliceBytes / word;
         for (size_t col0 = size_t(blockIdx.x) * slice; col0 < words; col0 += size_t(gridDim.x) * slice) {
             const int32_t n_cols = int32_t(words - col0 < slice ? words - col0 : slice);
             if (word == 16)
-                compact_slice<uint4>(base, job.row_bytes, job.keep, job.first, job.n_keep, col0, n_cols);
+                compact_slice<uint4>(job, col0, n_cols);
             else if (word == 4)
-                compact_slice<uint32_t>(base, job.row_bytes, job.keep, job.first, job.n_keep, col0, n_cols);
+                compact_slice<uint32_t>(job, col0, n_cols);
             else
-                compact_slice<uint8_t>(base, job.row_bytes, job.keep, job.first, job.n_keep, col0, n_cols);
+                compact_slice<uint8_t>(job, col0, n_cols);
         }
     }
 }

@@ -49,6 +49,16 @@ cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a
 cudaError_t gemv_swiglu(Dt dt, const void* W_gate_up, int32_t n_ff, int32_t cols, const void* a,
                         int32_t n, void* h, cudaStream_t stream);
 
+// The KV caches are paged (one cache per (sequence, layer), lib/backend/cuda/): a page holds
+// kKvPageRows token rows of keys followed by kKvPageRows rows of values, a row being kv_dim
+// = n_head_kv * head_dim elements of Dt, and a cache is a device array of page pointers (its
+// page table): row j's key is row j % kKvPageRows of page j / kKvPageRows. A cache grows and
+// shrinks by whole pages, so ragged caches waste under a page each, and its table's address
+// never changes (a CUDA graph replays while the cache grows). kKvPageRows is a multiple of
+// the attention's 32-key tiles, so that a tile never straddles two pages.
+constexpr int32_t kKvPageRows = 64;
+using KvPages = void* const*;  // device array: the cache's pages, in order
+
 // RoPE (HF rotate-half) and the KV append for a batch of sequences, one launch. qkv (N,
 // q_dim + 2 kv_dim) fp32 is the fused projection of all N tokens (sequence s owns rows
 // [row0[s], row0[s+1]), row0[0] = 0, non-decreasing). Rotates q in place and writes rotated k
@@ -58,8 +68,7 @@ constexpr int kMaxBatch = 64;  // sequences per launch (descriptors travel by va
 struct RopeStoreBatch {
     int32_t n_seq = 0;
     int32_t row0[kMaxBatch + 1] = {};
-    void* k_cache[kMaxBatch] = {};  // (capacity, kv_dim) Dt
-    void* v_cache[kMaxBatch] = {};
+    KvPages pages[kMaxBatch] = {};  // sequence s's cache (pages covering its new rows)
     int32_t slot0[kMaxBatch] = {};
     // optional device array (n_seq): each sequence's cache length AFTER this append; when
     // set, sequence s's first slot is read on the device as kv_len[s] - (row0[s+1] - row0[s])
@@ -77,8 +86,7 @@ struct AttnSeq {
     const float* q = nullptr;  // (n_q, q_stride) fp32, already rotated; head h at h*head_dim
     int32_t q_stride = 0;
     int32_t n_q = 0;
-    const void* k = nullptr;   // (n_kv, n_head_kv*head_dim) Dt
-    const void* v = nullptr;
+    KvPages pages = nullptr;   // the cache: n_kv rows (at least) of keys and values
     int32_t n_kv = 0;
     void* out = nullptr;       // (n_q, n_head*head_dim) Dt
     float* lse = nullptr;      // (n_q, n_head) log2-sum-exp2 of the scaled scores, for observe
@@ -151,17 +159,21 @@ cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_
 cudaError_t gather_rows(const void* src, size_t row_bytes, const int32_t* index, int32_t n,
                         void* dst, cudaStream_t stream);
 
-// Stable in-place compaction of many row sets in one launch (the KV caches' retain): for
-// each job, rows keep[i] move to row i for i in [first, n_keep), where keep (device memory,
-// n_keep entries) is strictly ascending and first is the first i with keep[i] != i (rows
-// below it stay where they are). Only rows [first, n_keep) of a job are written: the rows
-// below first and from n_keep on keep their bytes. Any row_bytes; 16-byte words when
-// row_bytes and base allow, else 4-byte words, else bytes. Jobs must not share rows.
+// Stable in-place compaction of many paged row sets in one launch (the KV caches' retain):
+// for each job, rows keep[i] move to row i for i in [first, n_keep), where keep (device
+// memory, n_keep entries) is strictly ascending and first is the first i with keep[i] != i
+// (rows below it stay where they are). Row r of a job is at byte offset + (r % kKvPageRows)
+// * row_bytes of page pages[r / kKvPageRows] (offset 0: the keys of a KV cache, kKvPageRows *
+// row_bytes: its values). Only rows [first, n_keep) of a job are written: the rows below
+// first and from n_keep on keep their bytes. Pages are 16-byte aligned (as cudaMalloc gives);
+// any row_bytes: 16-byte words when row_bytes and offset are multiples of 16, else 4-byte
+// words, else bytes. Jobs must not share rows.
 // jobs: a device array of n_jobs. max_row_bytes (> 0) sizes the launch: one block per
 // 1 KiB column slice of such rows per job (wider rows are still done, by fewer blocks).
 struct CompactJob {
-    void* base = nullptr;            // row 0 of the rows
+    KvPages pages = nullptr;         // device
     const int32_t* keep = nullptr;   // device
+    uint64_t offset = 0;             // bytes into each page
     uint64_t row_bytes = 0;
     int32_t n_keep = 0, first = 0;
 };

@@ -33,10 +33,10 @@ __global__ void rope_store_kernel(float* qkv, RopeStoreBatch batch, int32_t n_he
     }
     const int32_t first = batch.row0[s];
     // the cache row of token t; read only by the items that write the cache
-    auto cache_row = [&](void* cache) {
+    auto cache_row = [&](bool value) {
         const int32_t slot0 =
             batch.kv_len ? batch.kv_len[s] - (batch.row0[s + 1] - first) : batch.slot0[s];
-        return static_cast<T*>(cache) + (int64_t(slot0) + (t - first)) * kv_dim;
+        return kv_row<T>(batch.pages[s], slot0 + (t - first), kv_dim, value);
     };
     float* q = qkv + int64_t(t) * (q_dim + 2 * kv_dim);
     if (p < n_pairs) {
@@ -51,13 +51,13 @@ __global__ void rope_store_kernel(float* qkv, RopeStoreBatch batch, int32_t n_he
             const int32_t off = (h - n_head) * head_dim;
             const float* k = q + q_dim + off;
             const float a = k[i], b = k[i + half];
-            T* kc = cache_row(batch.k_cache[s]) + off;
+            T* kc = cache_row(false) + off;
             kc[i] = from_f32<T>(a * c - b * sn);
             kc[i + half] = from_f32<T>(b * c + a * sn);
         }
     } else {
         const int32_t i = p - n_pairs;
-        cache_row(batch.v_cache[s])[i] = from_f32<T>(q[q_dim + kv_dim + i]);
+        cache_row(true)[i] = from_f32<T>(q[q_dim + kv_dim + i]);
     }
 }
 
