@@ -25,6 +25,15 @@ int32_t forced_attn_splits() {
     return n;
 }
 
+// A decode step's bound on a cache's length (its launches read the true length on the
+// device): the capacity rounded up to a power of two, so that the bound, and with it a
+// captured graph's key, changes at doublings, not at every page the cache gains.
+int32_t decode_bound(int32_t capacity) {
+    int32_t b = kernels::kKvPageRows;
+    while (b < capacity) b *= 2;
+    return b;
+}
+
 CudaKvStorage& cuda_storage(KvCache& cache) {
     auto* s = dynamic_cast<CudaKvStorage*>(&cache.storage());
     PYR_ASSERT(s != nullptr);
@@ -72,10 +81,10 @@ size_t KvCompactor::bytes_for(size_t n_jobs, size_t n_keep) const {
     return 2 * n_jobs * sizeof(kernels::CompactJob) + n_keep * sizeof(int32_t);
 }
 
-void KvCompactor::add(const void* owner, void* k, void* v, size_t row_bytes,
-                      const std::vector<int32_t>& keep) {
+void KvCompactor::add(const void* owner, kernels::KvPages pages, size_t row_bytes,
+                      const std::vector<int32_t>& keep, std::vector<DeviceBuffer> emptied) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = index_.find(k);
+    const auto it = index_.find(pages);
     if (it != index_.end()) {  // rows of rows: keep indexes what the pending job keeps
         Job& j = jobs_[it->second];
         std::vector<int32_t> composed(keep.size());
@@ -86,32 +95,34 @@ void KvCompactor::add(const void* owner, void* k, void* v, size_t row_bytes,
         n_keep_ = n_keep_ - j.keep.size() + composed.size();
         j.keep = std::move(composed);
         j.first = first_moved(j.keep);
-        if (size_t(j.first) == j.keep.size()) remove(it->second);  // a prefix: nothing moves
+        for (DeviceBuffer& b : emptied) j.emptied.push_back(std::move(b));
+        // a prefix: nothing moves, and nothing reads the emptied pages any more
+        if (size_t(j.first) == j.keep.size()) remove(it->second);
         return;
     }
     const int32_t first = first_moved(keep);
-    if (size_t(first) == keep.size()) return;
+    if (size_t(first) == keep.size()) return;  // a prefix: `emptied` goes now
     const size_t need = bytes_for(jobs_.size() + 1, n_keep_ + keep.size());
     if (need > device_.bytes())
         device_ = ctx_->alloc(std::max({need, 2 * device_.bytes(), size_t(64) << 10}), Use::Scratch);
-    jobs_.push_back({owner, k, v, row_bytes, first, keep});
-    index_[k] = jobs_.size() - 1;
+    jobs_.push_back({owner, pages, row_bytes, first, keep, std::move(emptied)});
+    index_[pages] = jobs_.size() - 1;
     n_keep_ += keep.size();
 }
 
 void KvCompactor::remove(size_t i) {
     n_keep_ -= jobs_[i].keep.size();
-    index_.erase(jobs_[i].k);
+    index_.erase(jobs_[i].pages);
     if (i + 1 < jobs_.size()) {
         jobs_[i] = std::move(jobs_.back());
-        index_[jobs_[i].k] = i;
+        index_[jobs_[i].pages] = i;
     }
     jobs_.pop_back();
 }
 
-bool KvCompactor::pending(const void* k) {
+bool KvCompactor::pending(kernels::KvPages pages) {
     std::lock_guard<std::mutex> lock(mutex_);
-    return index_.count(k) > 0;
+    return index_.count(pages) > 0;
 }
 
 void KvCompactor::drop(const void* owner) {
@@ -145,18 +156,21 @@ void KvCompactor::flush() {
     for (size_t i = 0; i < jobs_.size(); ++i) {
         const Job& j = jobs_[i];
         std::copy(j.keep.begin(), j.keep.end(), keeps + at);
-        kernels::CompactJob c;
+        kernels::CompactJob c;  // the keys, then the values (kernels.h: a page's halves)
+        c.pages = j.pages;
         c.keep = keeps_dev + at;
         c.row_bytes = j.row_bytes;
         c.n_keep = int32_t(j.keep.size());
         c.first = j.first;
-        c.base = j.k;
         jobs[2 * i] = c;
-        c.base = j.v;
+        c.offset = uint64_t(kernels::kKvPageRows) * j.row_bytes;
         jobs[2 * i + 1] = c;
         at += j.keep.size();
         max_row_bytes = std::max(max_row_bytes, j.row_bytes);
     }
+    // the emptied pages are freed (stream-ordered) after the launch that reads them, also
+    // when queuing it fails
+    const std::vector<Job> done = std::move(jobs_);
     jobs_.clear();
     index_.clear();
     n_keep_ = 0;
@@ -172,33 +186,30 @@ void KvCompactor::flush() {
 CudaKvStorage::CudaKvStorage(std::shared_ptr<Context> ctx, std::shared_ptr<KvCompactor> compactor,
                              kernels::Dt dt, int n_layer, int32_t n_ctx, int32_t kv_dim)
     : ctx_(std::move(ctx)), compactor_(std::move(compactor)), dt_(dt), layers_(size_t(n_layer)),
-      n_ctx_(n_ctx), kv_dim_(kv_dim) {}
+      n_ctx_(n_ctx), kv_dim_(kv_dim),
+      max_pages_((n_ctx + kernels::kKvPageRows - 1) / kernels::kKvPageRows) {
+    tables_ = ctx_->alloc(size_t(n_layer) * size_t(max_pages_) * sizeof(void*), Use::Kv);
+}
 
 CudaKvStorage::~CudaKvStorage() { compactor_->drop(this); }
 
-// New buffers of `capacity` tokens holding the first n_rows of the old ones.
-void CudaKvStorage::reallocate(Layer& layer, int32_t capacity, int32_t n_rows) {
-    const size_t row = size_t(kv_dim_) * 2;
-    DeviceBuffer k = ctx_->alloc(size_t(capacity) * row, Use::Kv);
-    DeviceBuffer v = ctx_->alloc(size_t(capacity) * row, Use::Kv);
-    if (n_rows > 0) {
-        PYR_CUDA_CHECK(cudaMemcpyAsync(k.get(), layer.k.get(), size_t(n_rows) * row,
-                                       cudaMemcpyDeviceToDevice, ctx_->stream()));
-        PYR_CUDA_CHECK(cudaMemcpyAsync(v.get(), layer.v.get(), size_t(n_rows) * row,
-                                       cudaMemcpyDeviceToDevice, ctx_->stream()));
-    }
-    layer.k = std::move(k);
-    layer.v = std::move(v);
-    layer.capacity = capacity;
-}
-
-void CudaKvStorage::reserve(int il, int32_t n_total) {
+int32_t CudaKvStorage::reserve(int il, int32_t n_total) {
     Layer& layer = layers_[size_t(il)];
     PYR_ASSERT(n_total <= n_ctx_);
-    if (compactor_->pending(layer.k.get())) compactor_->flush();
-    if (n_total <= layer.capacity) return;
-    const int32_t want = std::min(n_ctx_, std::max({n_total, 2 * layer.capacity, 64}));
-    reallocate(layer, want, layer.size);
+    const int32_t first_new = n_pages(il);
+    if (compactor_->pending(table(il))) compactor_->flush();
+    const size_t need = size_t((n_total + kernels::kKvPageRows - 1) / kernels::kKvPageRows);
+    try {
+        while (layer.pages.size() < need) {
+            layer.pages.push_back(ctx_->alloc(page_bytes(), Use::Kv));
+            layer.table.push_back(layer.pages.back().get());
+        }
+    } catch (...) {  // out of memory: the layer as it was
+        layer.pages.resize(size_t(first_new));
+        layer.table.resize(size_t(first_new));
+        throw;
+    }
+    return first_new;
 }
 
 void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
@@ -208,17 +219,15 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     const int32_t n = int32_t(keep.size());
     if (n == layer.size) return;  // strictly ascending and all of them: nothing moves
     ctx_->make_current();
-    // Compacted in place, later, with every other cache's compactions (KvCompactor).
-    compactor_->add(this, layer.k.get(), layer.v.get(), size_t(kv_dim_) * 2, keep);
+    // Compacted in place, later, with every other cache's compactions (KvCompactor), which
+    // then frees the pages past the kept rows (the move reads them first).
+    const size_t used = size_t((n + kernels::kKvPageRows - 1) / kernels::kKvPageRows);
+    std::vector<DeviceBuffer> emptied;
+    for (size_t p = used; p < layer.pages.size(); ++p) emptied.push_back(std::move(layer.pages[p]));
+    compactor_->add(this, table(il), size_t(kv_dim_) * 2, keep, std::move(emptied));
+    layer.pages.resize(std::min(used, layer.pages.size()));
+    layer.table.resize(layer.pages.size());
     layer.size = n;
-    // The allocation shrinks with the cache, keeping room to grow again (a deep layer after
-    // a first prefill's pruning): the compacted rows move to a smaller buffer. (No host data
-    // travels here: an upload from pageable memory would wait for the stream.)
-    const int32_t cap = std::min(n_ctx_, std::max(64, 2 * n));
-    if (n < layer.capacity / 2 && cap < layer.capacity) {
-        compactor_->flush();
-        reallocate(layer, cap, n);
-    }
 }
 
 float* CudaKvStorage::last_logits(int32_t n_vocab) {
@@ -421,11 +430,12 @@ void CudaBackend::ensure_scores(size_t floats) {
 }
 
 // Decode attention (one new token per sequence) splits each head's keys over several blocks
-// when the heads alone leave SMs idle; how many follows the layer's largest cache capacity,
-// not the lengths, so that a captured graph's launch shape holds for the steps it replays.
-int32_t CudaBackend::attn_splits(int n_seq, int32_t max_capacity) const {
+// when the heads alone leave SMs idle; how many follows the layer's largest decode bound
+// (decode_bound), not the lengths, so that a captured graph's launch shape holds for the
+// steps it replays.
+int32_t CudaBackend::attn_splits(int n_seq, int32_t max_bound) const {
     if (forced_attn_splits()) return forced_attn_splits();
-    return kernels::attention_splits(n_seq, config_.n_head, max_capacity, ctx_->sm_count());
+    return kernels::attention_splits(n_seq, config_.n_head, max_bound, ctx_->sm_count());
 }
 
 // The split attention's workspace for n_split splits (grown, never shrunk).
@@ -577,10 +587,10 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
         CudaKvStorage& kv = cuda_storage(cache);
         PYR_ASSERT(kv.size(il) == cache.size(il));
         const int32_t first_new = cache.size(il);
-        kv.reserve(il, first_new + f.n);
+        reserve_kv(kv, il, first_new + f.n);
         kv.set_size(il, first_new + f.n);
         cache.appended(il, f.positions.data(), f.n);
-        place_sequence(lb, s, f.row0, f.n, kv.keys(il), kv.values(il), first_new + f.n);
+        place_sequence(lb, s, f.row0, f.n, kv.table(il), first_new + f.n);
         lb.rope.slot0[s] = first_new;
         kernels::AttnSeq& a = lb.attn.seq[s];
         // the attention kernel keeps the raw scores of the observed queries (no second pass
@@ -596,10 +606,10 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
     }
     lb.rope.row0[n_seq] = n_rows;
     if (n_rows == n_seq) {  // every sequence decodes one token
-        int32_t max_capacity = 0;
+        int32_t max_bound = 0;
         for (int s = 0; s < n_seq; ++s)
-            max_capacity = std::max(max_capacity, cuda_storage(*steps[s].cache).capacity(il));
-        lb.split.n_split = attn_splits(n_seq, max_capacity);
+            max_bound = std::max(max_bound, decode_bound(cuda_storage(*steps[s].cache).capacity(il)));
+        lb.split.n_split = attn_splits(n_seq, max_bound);
         if (lb.split.n_split > 1) lb.split.partial = ensure_attn_partial(n_seq, lb.split.n_split);
     }
     ensure_scores(score_floats);
@@ -609,20 +619,28 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
     return lb;
 }
 
+// Room for n_total tokens in layer il of a cache; the page table entries of the pages
+// added travel to the device in stream order, before the launches that read them.
+void CudaBackend::reserve_kv(CudaKvStorage& kv, int il, int32_t n_total) {
+    const int32_t first_new = kv.reserve(il, n_total);
+    const int32_t n_pages = kv.n_pages(il);
+    if (first_new < n_pages)
+        stage_upload(kv.table(il) + first_new, kv.host_table(il) + first_new,
+                     size_t(n_pages - first_new));
+}
+
 // Sequence s of a layer's launches: its n rows from row0 of the batch buffers, its cache
-// arrays k and v, n_kv keys (or a bound on them, with device lengths). Slots and observed
+// (page table), n_kv keys (or a bound on them, with device lengths). Slots and observed
 // scores are the caller's.
-void CudaBackend::place_sequence(LayerBatch& lb, int s, int32_t row0, int32_t n, void* k, void* v,
-                                 int32_t n_kv) const {
+void CudaBackend::place_sequence(LayerBatch& lb, int s, int32_t row0, int32_t n,
+                                 kernels::KvPages pages, int32_t n_kv) const {
     lb.rope.row0[s] = row0;
-    lb.rope.k_cache[s] = k;
-    lb.rope.v_cache[s] = v;
+    lb.rope.pages[s] = pages;
     kernels::AttnSeq& a = lb.attn.seq[s];
     a.q = s_.qkv.as<float>() + int64_t(row0) * qkv_dim_;
     a.q_stride = qkv_dim_;
     a.n_q = n;
-    a.k = k;
-    a.v = v;
+    a.pages = pages;
     a.n_kv = n_kv;
     a.out = s_.att.as<char>() + int64_t(row0) * q_dim_ * 2;
     a.lse = s_.lse.as<float>() + int64_t(row0) * config_.n_head;
@@ -926,9 +944,8 @@ void CudaBackend::read_logits(KvCache& cache, float* out) {
 // so one's graph replays the other.
 struct CudaBackend::DecodePlan {
     struct Seq {               // one sequence in one layer
-        void* k = nullptr;
-        void* v = nullptr;
-        int32_t capacity = 0;  // bounds the cache length in the launches; scores' row stride
+        kernels::KvPages pages = nullptr;
+        int32_t bound = 0;     // bounds the cache length in the launches; scores' row stride
         bool observed = false; // the policy measures the token's attention row
         size_t scores_off = 0, rows_off = 0;  // floats into s_.scores and s_.obs
     };
@@ -942,9 +959,8 @@ struct CudaBackend::DecodePlan {
         k.insert(k.end(), n_split.begin(), n_split.end());
         auto ptr = [&](const void* p) { k.push_back(uint64_t(reinterpret_cast<uintptr_t>(p))); };
         for (const Seq& q : seqs) {
-            ptr(q.k);
-            ptr(q.v);
-            k.insert(k.end(), {uint64_t(q.capacity), uint64_t(q.observed), q.scores_off, q.rows_off});
+            ptr(q.pages);
+            k.insert(k.end(), {uint64_t(q.bound), uint64_t(q.observed), q.scores_off, q.rows_off});
         }
         // every buffer the launches touch (the weights never move)
         for (const DeviceBuffer* b : {&sc.tokens, &sc.cos, &sc.sin, &sc.x, &sc.xn, &sc.qkv, &sc.att,
@@ -996,28 +1012,27 @@ bool CudaBackend::decode_step(SequenceStep* steps, int n_seq) {
             CudaKvStorage& kv = cuda_storage(cache);
             PYR_ASSERT(kv.size(il) == cache.size(il));
             const int32_t n_kv = cache.size(il) + 1;
-            kv.reserve(il, n_kv);
+            reserve_kv(kv, il, n_kv);
             kv.set_size(il, n_kv);
             cache.appended(il, steps[s].positions, 1);
             kv_len[i] = n_kv;
             DecodePlan::Seq& q = plan.seqs[i];
-            q.k = kv.keys(il);
-            q.v = kv.values(il);
-            q.capacity = kv.capacity(il);
+            q.pages = kv.table(il);
+            q.bound = decode_bound(kv.capacity(il));
             q.observed = reqs[i].last_rows > 0;
             if (!q.observed) continue;
             q.scores_off = score_floats;
             q.rows_off = obs_floats;
-            score_floats += size_t(c.n_head) * size_t(q.capacity);
-            obs_floats += size_t(q.capacity);
+            score_floats += size_t(c.n_head) * size_t(q.bound);
+            obs_floats += size_t(q.bound);
             deferred.push_back({s, il, 1, n_kv, q.rows_off, SIZE_MAX});
         }
     int32_t max_split = 1;
     plan.n_split.resize(size_t(c.n_layer));
     for (int il = 0; il < c.n_layer; ++il) {
-        int32_t max_capacity = 0;
-        for (int s = 0; s < n_seq; ++s) max_capacity = std::max(max_capacity, plan.at(il, s).capacity);
-        plan.n_split[size_t(il)] = attn_splits(n_seq, max_capacity);
+        int32_t max_bound = 0;
+        for (int s = 0; s < n_seq; ++s) max_bound = std::max(max_bound, plan.at(il, s).bound);
+        plan.n_split[size_t(il)] = attn_splits(n_seq, max_bound);
         max_split = std::max(max_split, plan.n_split[size_t(il)]);
     }
     if (max_split > 1) ensure_attn_partial(n_seq, max_split);
@@ -1052,7 +1067,7 @@ void CudaBackend::encode_decode(const DecodePlan& plan, cudaStream_t st) {
         lb.attn.kv_len = kv_len;
         for (int s = 0; s < n_seq; ++s) {
             const DecodePlan::Seq& q = plan.at(il, s);
-            place_sequence(lb, s, s, 1, q.k, q.v, q.capacity);
+            place_sequence(lb, s, s, 1, q.pages, q.bound);
             kernels::AttnSeq& a = lb.attn.seq[s];
             a.scores_from = q.observed ? 0 : 1;
             a.scores = q.observed ? s_.scores.as<float>() + q.scores_off : nullptr;
@@ -1067,8 +1082,8 @@ void CudaBackend::encode_decode(const DecodePlan& plan, cudaStream_t st) {
             if (q.observed)
                 rows.seq[rows.n_seq++] = {s_.scores.as<float>() + q.scores_off,
                                           s_.lse.as<float>() + int64_t(s) * c.n_head,
-                                          s_.obs.as<float>() + q.rows_off, 1, q.capacity,
-                                          q.capacity - 1, kv_len + s};
+                                          s_.obs.as<float>() + q.rows_off, 1, q.bound,
+                                          q.bound - 1, kv_len + s};
         }
         PYR_CUDA_CHECK(kernels::attention_rows(rows, c.n_head, st));
         mlp_block(il, n_seq, st);

@@ -1,7 +1,7 @@
 // The CUDA backend: the LLaMA forward pass on an NVIDIA GPU for a batch of sequences (one
 // stream; projections through cuda_linear, everything else through kernels/) and its KV
-// storage: per (session, layer) device arrays in the model's 16-bit type, ragged -- each
-// layer grows and is compacted on its own.
+// storage: per (session, layer) paged caches in the model's 16-bit type, ragged -- each
+// layer grows and is compacted on its own, by whole pages (kernels::kKvPageRows tokens).
 #pragma once
 
 #include <memory>
@@ -18,7 +18,8 @@ namespace pyr::cuda {
 
 // The KV caches' compactions in place (CudaKvStorage::retain), queued
 // and run together by flush(): one upload of the jobs and keep lists from pinned memory, one
-// launch (kernels::compact_rows). The buffers keep their addresses, so a decode step's CUDA
+// launch (kernels::compact_rows), then the pages the compactions emptied are freed (stream
+// order: after the launch). The page tables keep their addresses, so a decode step's CUDA
 // graph (keyed by them) replays after a compaction. One per backend, shared with every
 // storage it makes; storages are pruned and destroyed by session threads while the engine's
 // forward may run on another thread, so a mutex guards it. The backend flushes at the start
@@ -28,13 +29,15 @@ public:
     explicit KvCompactor(std::shared_ptr<Context> ctx)
         : ctx_(std::move(ctx)), uploaded_(std::make_unique<Event>()) {}
 
-    // Queues: rows keep[i] (ascending, keep.back() < the rows the buffers hold) of k and v,
-    // rows of row_bytes, move to row i. A job pending for the same k is composed with this
-    // one (both in one job). Device memory for the job is taken now (an out-of-memory error
-    // leaves nothing queued).
-    void add(const void* owner, void* k, void* v, size_t row_bytes, const std::vector<int32_t>& keep);
-    bool pending(const void* k);
-    // Forgets owner's jobs (its buffers are being freed).
+    // Queues: rows keep[i] (ascending, keep.back() < the rows the cache holds) of the paged
+    // cache `pages` (keys and values, rows of row_bytes) move to row i; `emptied` (the pages
+    // past the kept rows) are freed once the move is queued. A job pending for the same
+    // pages is composed with this one (both in one job). Device memory for the job is taken
+    // now (an out-of-memory error leaves nothing queued and frees nothing).
+    void add(const void* owner, kernels::KvPages pages, size_t row_bytes,
+             const std::vector<int32_t>& keep, std::vector<DeviceBuffer> emptied);
+    bool pending(kernels::KvPages pages);
+    // Forgets owner's jobs (its pages are being freed).
     void drop(const void* owner);
     // Queues the pending jobs on the context's stream (the calling thread's device must be
     // the context's).
@@ -43,11 +46,11 @@ public:
 private:
     struct Job {
         const void* owner;
-        void* k;
-        void* v;
+        kernels::KvPages pages;
         size_t row_bytes;
         int32_t first;  // the first i with keep[i] != i
         std::vector<int32_t> keep;
+        std::vector<DeviceBuffer> emptied;  // freed after the launch
     };
     size_t bytes_for(size_t n_jobs, size_t n_keep) const;
     void remove(size_t i);  // jobs_[i], the mutex held
@@ -55,7 +58,7 @@ private:
     std::shared_ptr<Context> ctx_;
     std::mutex mutex_;
     std::vector<Job> jobs_;
-    std::unordered_map<const void*, size_t> index_;  // k -> its job in jobs_
+    std::unordered_map<kernels::KvPages, size_t> index_;  // pages -> its job in jobs_
     size_t n_keep_ = 0;  // entries of the jobs' keep lists
     PinnedBuffer host_;       // the jobs and keep lists of the flushes in flight
     size_t host_used_ = 0;    // bytes of host_ whose copies may still be queued
@@ -70,20 +73,23 @@ public:
     ~CudaKvStorage() override;
 
     uint64_t bytes_per_token() const override { return 2 * uint64_t(kv_dim_) * 2; }
-    // Compacts the kept slots in place (a job for the compactor; the host view changes now);
-    // where the cache falls below half its capacity, the compacted rows then move to a
-    // right-sized buffer.
+    // Compacts the kept slots in place (a job for the compactor; the host view changes now)
+    // and gives back the pages past them.
     void retain(int il, const std::vector<int32_t>& keep) override;
     void truncate(int il, int32_t n) override;
 
-    // Makes room for n_total tokens in layer il (geometric growth, at most n_ctx). Flushes
+    // Makes room for n_total tokens in layer il: the pages that cover them. Returns the
+    // index of the first page it added (n_pages(il) when none): the caller uploads entries
+    // [that, n_pages(il)) of host_table(il) to table(il) before a launch reads them. Flushes
     // the compactor first if the layer has a job pending (appends must follow it).
-    void reserve(int il, int32_t n_total);
+    int32_t reserve(int il, int32_t n_total);
     void set_size(int il, int32_t n) { layers_[size_t(il)].size = n; }
     int32_t size(int il) const { return layers_[size_t(il)].size; }
-    int32_t capacity(int il) const { return layers_[size_t(il)].capacity; }
-    void* keys(int il) const { return layers_[size_t(il)].k.get(); }    // (capacity, kv_dim)
-    void* values(int il) const { return layers_[size_t(il)].v.get(); }
+    int32_t n_pages(int il) const { return int32_t(layers_[size_t(il)].pages.size()); }
+    int32_t capacity(int il) const { return n_pages(il) * kernels::kKvPageRows; }
+    // Layer il's page table on the device (its address never changes) and on the host.
+    void** table(int il) const { return tables_.as<void*>() + int64_t(il) * max_pages_; }
+    void* const* host_table(int il) const { return layers_[size_t(il)].table.data(); }
     int32_t kv_dim() const { return kv_dim_; }
     // The session's last logits when its step sampled on the device and left them there
     // (allocated on first use; Backend::read_logits copies them out). Null until then.
@@ -92,16 +98,18 @@ public:
 
 private:
     struct Layer {
-        DeviceBuffer k, v;
-        int32_t size = 0, capacity = 0;
+        std::vector<DeviceBuffer> pages;
+        std::vector<void*> table;  // the pages' addresses, as the device table holds them
+        int32_t size = 0;
     };
-    void reallocate(Layer& layer, int32_t capacity, int32_t n_rows);
+    size_t page_bytes() const { return 2 * size_t(kernels::kKvPageRows) * size_t(kv_dim_) * 2; }
 
     std::shared_ptr<Context> ctx_;
     std::shared_ptr<KvCompactor> compactor_;
     kernels::Dt dt_;
     std::vector<Layer> layers_;
-    int32_t n_ctx_, kv_dim_;
+    int32_t n_ctx_, kv_dim_, max_pages_;
+    DeviceBuffer tables_;  // (n_layer, max_pages_) page pointers
     DeviceBuffer last_logits_;
 };
 
@@ -167,13 +175,14 @@ private:
     void ensure_scratch(int32_t n_rows, int n_seq);
     void ensure_obs(size_t floats, size_t keep);
     void ensure_scores(size_t floats);
-    int32_t attn_splits(int n_seq, int32_t max_capacity) const;
+    int32_t attn_splits(int n_seq, int32_t max_bound) const;
     float* ensure_attn_partial(int n_seq, int32_t n_split);
     template <typename T> void stage_upload(void* dst, const T* src, size_t n);
 
     void forward_batch(SequenceStep* steps, int n_seq);
     LayerBatch describe_layer(int il, SequenceStep* steps, const std::vector<InFlight>& seqs);
-    void place_sequence(LayerBatch& lb, int s, int32_t row0, int32_t n, void* k, void* v,
+    void reserve_kv(CudaKvStorage& kv, int il, int32_t n_total);
+    void place_sequence(LayerBatch& lb, int s, int32_t row0, int32_t n, kernels::KvPages pages,
                         int32_t n_kv) const;
     void attention_block(int il, const LayerBatch& lb, int32_t n_rows, cudaStream_t st);
     void mlp_block(int il, int32_t n_rows, cudaStream_t st);
