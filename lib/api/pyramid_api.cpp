@@ -248,8 +248,7 @@ uint64_t pyr_engine_session_bytes_estimate(const pyr_engine* engine,
     try {
         pyr::SessionParams sp = to_session_params(params);
         const pyr::Engine& eng = *engine->engine;
-        uint64_t n_ctx = uint64_t(sp.n_ctx > 0 ? sp.n_ctx : eng.config().n_ctx_train);
-        return n_ctx * uint64_t(eng.config().n_layer) * eng.kv_bytes_per_token_layer();
+        return eng.kv_storage_bytes(sp.n_ctx > 0 ? sp.n_ctx : eng.config().n_ctx_train);
     } catch (...) {
         return 0;
     }

@@ -70,6 +70,9 @@ public:
 
     // Empty storage for one session's cache of at most n_ctx tokens per layer.
     virtual std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) = 0;
+    // The bytes such a storage holds when every layer holds n_ctx tokens (what the memory
+    // budget counts: on a GPU whole pages and their page tables).
+    virtual uint64_t kv_storage_bytes(int32_t n_ctx) const = 0;
 
     // Runs every sequence of the batch through all layers, appending their keys/values
     // (after RoPE) to each cache and writing the last token's logits. After each layer's

@@ -64,6 +64,10 @@ public:
 
     // KV bytes one token takes in one layer, uncompressed, on this engine's backend.
     uint64_t kv_bytes_per_token_layer() const { return kv_bytes_per_token_; }
+    // What a session's KV storage holds at n_ctx tokens in every layer (its worst case under
+    // the memory budget), and the device memory the backend holds now (0s on the CPU).
+    uint64_t kv_storage_bytes(int32_t n_ctx) const { return backend_->kv_storage_bytes(n_ctx); }
+    DeviceMemory device_memory() const { return backend_->device_memory(); }
 
 private:
     struct Request;

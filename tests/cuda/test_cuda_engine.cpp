@@ -17,6 +17,7 @@
 #include "common/error.h"
 #include "engine/engine.h"
 #include "engine/session.h"
+#include "kernels/kernels.h"
 #include "support/engine_util.h"
 
 using nlohmann::json;
@@ -87,6 +88,19 @@ void check_same_greedy(const Run& gpu, const Run& cpu, double tie, double logit_
         }
     }
     CHECK(gpu.tokens.size() == cpu.tokens.size());
+}
+
+// Device bytes a session's paged KV cache holds (kernels.h): per layer, its tokens in whole
+// pages of kKvPageRows (keys and values in the model's 16-bit type) and a page table of
+// n_ctx / kKvPageRows entries.
+uint64_t paged_kv_bytes(const pyr::Engine& e, const std::vector<int32_t>& layer_tokens, int32_t n_ctx) {
+    constexpr int32_t P = pyr::kernels::kKvPageRows;
+    const pyr::ModelConfig& c = e.config();
+    const uint64_t page = 2 * uint64_t(P) * uint64_t(c.n_head_kv) * uint64_t(c.head_dim) * 2;
+    const uint64_t table = uint64_t((n_ctx + P - 1) / P) * sizeof(void*);
+    uint64_t bytes = 0;
+    for (int32_t t : layer_tokens) bytes += uint64_t((t + P - 1) / P) * page + table;
+    return bytes;
 }
 
 std::string sample_text(size_t chars) {
@@ -310,6 +324,52 @@ TEST_CASE("the device memory budget: out-of-memory status, nothing lost") {
     s->reset();
     s->feed_text("def add(a, b):");
     CHECK(generate(*s, 8).tokens.size() == 8);
+}
+
+TEST_CASE("the KV cache holds whole pages: device memory follows each layer's tokens") {
+    auto gpu = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
+    const uint64_t before = gpu->device_memory().kv;
+    auto held = [&] { return gpu->device_memory().kv - before; };
+    const int32_t n_ctx = 2000;  // not a multiple of a page
+    CHECK(gpu->kv_storage_bytes(n_ctx) == paged_kv_bytes(*gpu, std::vector<int32_t>(size_t(gpu->config().n_layer), n_ctx), n_ctx));
+
+    // an uncompressed cache: its tokens rounded up to a page in every layer, before and after
+    // decoding past page boundaries (no doubling of the allocation as it grows)
+    auto full = greedy_session(gpu, 90, {}, n_ctx);
+    full->feed_text(sample_text(2400));
+    full->prefill();
+    const int32_t prompt = full->memory().layer_tokens[0];
+    CHECK(held() == paged_kv_bytes(*gpu, full->memory().layer_tokens, n_ctx));
+    generate(*full, 90);
+    CHECK(full->memory().layer_tokens[0] > (prompt + 63) / 64 * 64);  // crossed a page
+    CHECK(held() == paged_kv_bytes(*gpu, full->memory().layer_tokens, n_ctx));
+    const uint64_t full_bytes = held();
+
+    // a pyramid cache: each layer holds the pages of what it keeps. The compression after a
+    // step empties pages that are freed once the compaction reading them is queued, at the
+    // next forward: until then at most a page more per layer.
+    pyr::KvParams kv;
+    kv.policy = "pyramid";
+    kv.retention = 0.5f;
+    auto pyramid = greedy_session(gpu, 90, kv, n_ctx);
+    pyramid->feed_text(sample_text(2400));
+    pyramid->prefill();
+    const uint64_t page = paged_kv_bytes(*gpu, {1}, n_ctx) - paged_kv_bytes(*gpu, {0}, n_ctx);
+    for (int i = 0; i < 3; ++i) {
+        const uint64_t want = full_bytes + paged_kv_bytes(*gpu, pyramid->memory().layer_tokens, n_ctx);
+        CHECK(held() >= want);
+        CHECK(held() <= want + uint64_t(gpu->config().n_layer) * page);
+        generate(*pyramid, 30);
+    }
+    const std::vector<int32_t> kept = pyramid->memory().layer_tokens;
+    MESSAGE("KV on the device: full " << full_bytes << " bytes for " << full->memory().layer_tokens[0]
+            << " tokens a layer; pyramid " << held() - full_bytes << " bytes for " << kept.front()
+            << " .. " << kept.back() << " tokens a layer");
+    CHECK(held() - full_bytes < full_bytes);
+    pyramid.reset();
+    CHECK(held() == full_bytes);
+    full.reset();
+    CHECK(held() == 0);
 }
 
 TEST_CASE("cancel stops a CUDA prefill and leaves the session as before") {

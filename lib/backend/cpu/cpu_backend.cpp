@@ -204,6 +204,11 @@ std::unique_ptr<KvStorage> CpuBackend::new_kv_storage(int32_t n_ctx) {
                                           config_.n_head_kv * config_.head_dim, kv_budget_);
 }
 
+uint64_t CpuBackend::kv_storage_bytes(int32_t n_ctx) const {  // growth stops at n_ctx
+    return uint64_t(std::max(n_ctx, 0)) * uint64_t(config_.n_layer) * 2 *
+           uint64_t(config_.n_head_kv) * uint64_t(config_.head_dim) * sizeof(float);
+}
+
 void CpuBackend::check_step(const SequenceStep& step) const {
     check_sequence_step(config_, step, "cpu backend");
     PYR_ASSERT(cpu_storage(*step.cache).kv_dim() == config_.n_head_kv * config_.head_dim);

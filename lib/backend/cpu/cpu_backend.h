@@ -82,6 +82,7 @@ public:
 
     std::string device_name() const override { return "cpu"; }
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) override;
+    uint64_t kv_storage_bytes(int32_t n_ctx) const override;
     // As Backend::forward; a step with logits == nullptr skips the output head (a prefill
     // chunk whose logits nobody needs). Callers may be on any thread; calls serialise.
     void forward(SequenceStep* batch, int n_seq) override;

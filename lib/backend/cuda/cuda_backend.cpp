@@ -187,21 +187,26 @@ CudaKvStorage::CudaKvStorage(std::shared_ptr<Context> ctx, std::shared_ptr<KvCom
                              kernels::Dt dt, int n_layer, int32_t n_ctx, int32_t kv_dim)
     : ctx_(std::move(ctx)), compactor_(std::move(compactor)), dt_(dt), layers_(size_t(n_layer)),
       n_ctx_(n_ctx), kv_dim_(kv_dim),
-      max_pages_((n_ctx + kernels::kKvPageRows - 1) / kernels::kKvPageRows) {
+      max_pages_(pages_for(n_ctx)) {
     tables_ = ctx_->alloc(size_t(n_layer) * size_t(max_pages_) * sizeof(void*), Use::Kv);
 }
 
 CudaKvStorage::~CudaKvStorage() { compactor_->drop(this); }
+
+uint64_t CudaKvStorage::bytes_when_full(int n_layer, int32_t n_ctx, int32_t kv_dim) {
+    const uint64_t pages = uint64_t(pages_for(std::max(n_ctx, 0)));
+    return uint64_t(n_layer) * pages * (page_bytes(kv_dim) + sizeof(void*));
+}
 
 int32_t CudaKvStorage::reserve(int il, int32_t n_total) {
     Layer& layer = layers_[size_t(il)];
     PYR_ASSERT(n_total <= n_ctx_);
     const int32_t first_new = n_pages(il);
     if (compactor_->pending(table(il))) compactor_->flush();
-    const size_t need = size_t((n_total + kernels::kKvPageRows - 1) / kernels::kKvPageRows);
+    const size_t need = size_t(pages_for(n_total));
     try {
         while (layer.pages.size() < need) {
-            layer.pages.push_back(ctx_->alloc(page_bytes(), Use::Kv));
+            layer.pages.push_back(ctx_->alloc(page_bytes(kv_dim_), Use::Kv));
             layer.table.push_back(layer.pages.back().get());
         }
     } catch (...) {  // out of memory: the layer as it was
@@ -221,7 +226,7 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     ctx_->make_current();
     // Compacted in place, later, with every other cache's compactions (KvCompactor), which
     // then frees the pages past the kept rows (the move reads them first).
-    const size_t used = size_t((n + kernels::kKvPageRows - 1) / kernels::kKvPageRows);
+    const size_t used = size_t(pages_for(n));
     std::vector<DeviceBuffer> emptied;
     for (size_t p = used; p < layer.pages.size(); ++p) emptied.push_back(std::move(layer.pages[p]));
     compactor_->add(this, table(il), size_t(kv_dim_) * 2, keep, std::move(emptied));
@@ -368,6 +373,10 @@ void CudaBackend::randomize(uint64_t seed) {
 
 std::unique_ptr<KvStorage> CudaBackend::new_kv_storage(int32_t n_ctx) {
     return std::make_unique<CudaKvStorage>(ctx_, compactor_, dt_, config_.n_layer, n_ctx, kv_dim_);
+}
+
+uint64_t CudaBackend::kv_storage_bytes(int32_t n_ctx) const {
+    return CudaKvStorage::bytes_when_full(config_.n_layer, n_ctx, kv_dim_);
 }
 
 DeviceMemory CudaBackend::device_memory() const {

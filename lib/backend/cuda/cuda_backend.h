@@ -91,6 +91,8 @@ public:
     void** table(int il) const { return tables_.as<void*>() + int64_t(il) * max_pages_; }
     void* const* host_table(int il) const { return layers_[size_t(il)].table.data(); }
     int32_t kv_dim() const { return kv_dim_; }
+    // What a storage holds when all its layers are full (Backend::kv_storage_bytes).
+    static uint64_t bytes_when_full(int n_layer, int32_t n_ctx, int32_t kv_dim);
     // The session's last logits when its step sampled on the device and left them there
     // (allocated on first use; Backend::read_logits copies them out). Null until then.
     float* last_logits(int32_t n_vocab);
@@ -102,7 +104,8 @@ private:
         std::vector<void*> table;  // the pages' addresses, as the device table holds them
         int32_t size = 0;
     };
-    size_t page_bytes() const { return 2 * size_t(kernels::kKvPageRows) * size_t(kv_dim_) * 2; }
+    static size_t page_bytes(int32_t kv_dim) { return 2 * size_t(kernels::kKvPageRows) * size_t(kv_dim) * 2; }
+    static int32_t pages_for(int32_t n) { return (n + kernels::kKvPageRows - 1) / kernels::kKvPageRows; }
 
     std::shared_ptr<Context> ctx_;
     std::shared_ptr<KvCompactor> compactor_;
@@ -123,6 +126,7 @@ public:
 
     std::string device_name() const override { return "cuda:" + std::to_string(ctx_->device()); }
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) override;
+    uint64_t kv_storage_bytes(int32_t n_ctx) const override;
     void forward(SequenceStep* batch, int n_seq) override;
     DeviceMemory device_memory() const override;
     BackendStats stats() const override;
