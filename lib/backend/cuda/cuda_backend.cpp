@@ -82,7 +82,7 @@ size_t KvCompactor::bytes_for(size_t n_jobs, size_t n_keep) const {
 }
 
 void KvCompactor::add(const void* owner, kernels::KvPages pages, size_t row_bytes,
-                      const std::vector<int32_t>& keep, std::vector<DeviceBuffer> emptied) {
+                      const std::vector<int32_t>& keep, std::vector<DeviceBuffer>&& emptied) {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = index_.find(pages);
     if (it != index_.end()) {  // rows of rows: keep indexes what the pending job keeps
@@ -101,7 +101,10 @@ void KvCompactor::add(const void* owner, kernels::KvPages pages, size_t row_byte
         return;
     }
     const int32_t first = first_moved(keep);
-    if (size_t(first) == keep.size()) return;  // a prefix: `emptied` goes now
+    if (size_t(first) == keep.size()) {  // a prefix: nothing reads the emptied pages
+        emptied.clear();
+        return;
+    }
     const size_t need = bytes_for(jobs_.size() + 1, n_keep_ + keep.size());
     if (need > device_.bytes())
         device_ = ctx_->alloc(std::max({need, 2 * device_.bytes(), size_t(64) << 10}), Use::Scratch);
@@ -226,12 +229,17 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     ctx_->make_current();
     // Compacted in place, later, with every other cache's compactions (KvCompactor), which
     // then frees the pages past the kept rows (the move reads them first).
-    const size_t used = size_t(pages_for(n));
+    const size_t used = size_t(pages_for(n));  // <= the pages held: n < size <= capacity
     std::vector<DeviceBuffer> emptied;
     for (size_t p = used; p < layer.pages.size(); ++p) emptied.push_back(std::move(layer.pages[p]));
-    compactor_->add(this, table(il), size_t(kv_dim_) * 2, keep, std::move(emptied));
-    layer.pages.resize(std::min(used, layer.pages.size()));
-    layer.table.resize(layer.pages.size());
+    try {
+        compactor_->add(this, table(il), size_t(kv_dim_) * 2, keep, std::move(emptied));
+    } catch (...) {  // nothing queued: the layer as it was
+        for (size_t i = 0; i < emptied.size(); ++i) layer.pages[used + i] = std::move(emptied[i]);
+        throw;
+    }
+    layer.pages.resize(used);
+    layer.table.resize(used);
     layer.size = n;
 }
 

@@ -33,9 +33,9 @@ public:
     // cache `pages` (keys and values, rows of row_bytes) move to row i; `emptied` (the pages
     // past the kept rows) are freed once the move is queued. A job pending for the same
     // pages is composed with this one (both in one job). Device memory for the job is taken
-    // now (an out-of-memory error leaves nothing queued and frees nothing).
+    // now (an out-of-memory error leaves nothing queued and `emptied` as it was).
     void add(const void* owner, kernels::KvPages pages, size_t row_bytes,
-             const std::vector<int32_t>& keep, std::vector<DeviceBuffer> emptied);
+             const std::vector<int32_t>& keep, std::vector<DeviceBuffer>&& emptied);
     bool pending(kernels::KvPages pages);
     // Forgets owner's jobs (its pages are being freed).
     void drop(const void* owner);
