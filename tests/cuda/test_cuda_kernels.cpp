@@ -205,6 +205,110 @@ size_t count_bit_mismatches(const std::vector<T>& a, const std::vector<T>& b) {
     return n;
 }
 
+// ---- paged KV caches ----------------------------------------------------------------------
+
+// The bytes of a paged cache's allocations (DevicePagedCache), one vector per allocation.
+using PageImage = std::vector<std::vector<uint8_t>>;
+
+size_t count_bit_mismatches(const PageImage& a, const PageImage& b) {
+    REQUIRE(a.size() == b.size());
+    size_t n = 0;
+    for (size_t i = 0; i < a.size(); ++i) n += count_bit_mismatches(a[i], b[i]);
+    return n;
+}
+
+// A paged KV cache on the device (kernels.h: KvPages) of n_rows rows of keys and of values,
+// row_bytes each: its page table (exactly ceil(n_rows / kKvPageRows) entries, so that ASan
+// sees a read past it) and its pages, each a separate cudaMalloc of lead + 2 kKvPageRows
+// row_bytes + kGuard bytes, the rows at `lead` as kernels.h lays them out (keys, then
+// values; lead is 0 but for compact_rows' offsets). More pages are allocated than the table
+// needs, every byte poisoned (0xFF: NaN), and the table takes a random permutation of them:
+// a kernel that treats the cache as contiguous, or pages as consecutive in memory, reads
+// poison or another page's rows. The spare pages, the lead and guard bytes and the rows past
+// n_rows stay poison unless a kernel writes where it must not: compare download() with the
+// image the test expects (poisoned() with the rows set that the kernel may write).
+class DevicePagedCache {
+public:
+    static constexpr int32_t kPageRows = K::kKvPageRows;
+    static constexpr size_t kGuard = 16;
+
+    DevicePagedCache(Rng& rng, int32_t n_rows, size_t row_bytes, size_t lead = 0)
+        : n_rows_(n_rows),
+          row_bytes_(row_bytes),
+          lead_(lead),
+          page_bytes_(lead + 2 * size_t(kPageRows) * row_bytes + kGuard),
+          table_(size_t((n_rows + kPageRows - 1) / kPageRows)) {
+        REQUIRE(n_rows >= 0);
+        const size_t n_pages = table_.size(), n_alloc = n_pages + 1 + size_t(rng.index(3));
+        for (size_t a = 0; a < n_alloc; ++a) {
+            allocs_.emplace_back(page_bytes_);
+            allocs_.back().poison();
+        }
+        std::vector<size_t> perm(n_alloc);
+        for (size_t a = 0; a < n_alloc; ++a) perm[a] = a;
+        std::shuffle(perm.begin(), perm.end(), rng.gen);
+        page_alloc_.assign(perm.begin(), perm.begin() + ptrdiff_t(n_pages));
+        std::vector<void*> table(n_pages);
+        for (size_t i = 0; i < n_pages; ++i) table[i] = allocs_[page_alloc_[i]].get();
+        if (n_pages > 0) table_.upload(table);
+    }
+
+    K::KvPages pages() const { return table_.get(); }
+    int32_t n_rows() const { return n_rows_; }
+    size_t row_bytes() const { return row_bytes_; }
+    // bytes into each page of row 0 of the keys or the values (CompactJob::offset)
+    size_t offset(bool value) const { return lead_ + (value ? size_t(kPageRows) * row_bytes_ : 0); }
+
+    PageImage poisoned() const {
+        return PageImage(allocs_.size(), std::vector<uint8_t>(page_bytes_, 0xFF));
+    }
+    PageImage download() const {
+        PageImage im;
+        for (const DeviceArray<uint8_t>& a : allocs_) im.push_back(a.download());
+        return im;
+    }
+    void upload(const PageImage& im) {
+        REQUIRE(im.size() == allocs_.size());
+        for (size_t a = 0; a < allocs_.size(); ++a) allocs_[a].upload(im[a]);
+    }
+
+    // Key (or value) row r of an image of the cache.
+    uint8_t* row(PageImage& im, bool value, int32_t r) const {
+        if (r < 0 || r >= n_rows_) FAIL("row " << r << " of a cache of " << n_rows_);
+        return im[page_alloc_[size_t(r / kPageRows)]].data() + offset(value) +
+               size_t(r % kPageRows) * row_bytes_;
+    }
+    const uint8_t* row(const PageImage& im, bool value, int32_t r) const {
+        return row(const_cast<PageImage&>(im), value, r);
+    }
+    // Rows [r0, r0 + n) of the keys (values) of an image, as contiguous elements of T.
+    template <typename T>
+    std::vector<T> rows(const PageImage& im, bool value, int32_t r0, int32_t n) const {
+        REQUIRE(row_bytes_ % sizeof(T) == 0);
+        std::vector<T> out(size_t(n) * row_bytes_ / sizeof(T));
+        for (int32_t i = 0; i < n; ++i)
+            std::memcpy(reinterpret_cast<uint8_t*>(out.data()) + size_t(i) * row_bytes_,
+                        row(im, value, r0 + i), row_bytes_);
+        return out;
+    }
+    // Sets rows [r0, ...) of the keys (values) of an image from contiguous elements of T.
+    template <typename T>
+    void set_rows(PageImage& im, bool value, int32_t r0, const std::vector<T>& src) const {
+        const size_t bytes = src.size() * sizeof(T);
+        REQUIRE(bytes % row_bytes_ == 0);
+        for (size_t i = 0; i < bytes / row_bytes_; ++i)
+            std::memcpy(row(im, value, r0 + int32_t(i)),
+                        reinterpret_cast<const uint8_t*>(src.data()) + i * row_bytes_, row_bytes_);
+    }
+
+private:
+    int32_t n_rows_;
+    size_t row_bytes_, lead_, page_bytes_;
+    std::vector<DeviceArray<uint8_t>> allocs_;  // in allocation order
+    std::vector<size_t> page_alloc_;            // page i of the table is allocs_[page_alloc_[i]]
+    DeviceArray<void*> table_;
+};
+
 }  // namespace
 
 // ---- element-wise and row-wise kernels --------------------------------------------------
@@ -478,104 +582,145 @@ TEST_CASE("gather_rows: dst[i] = src[index[i]], 16-byte and 4-byte row copies") 
     }
 }
 
-TEST_CASE("compact_rows: many row sets compacted in place in one launch, stable, nothing else written") {
+TEST_CASE("compact_rows: many paged row sets compacted in place in one launch, stable, nothing else written") {
     GPU_OR_SKIP();
     SEEDED_RNG();
-    // 16-byte words (8 KiB: a 7B cache row; 768: the bundled model's; 4112: a slice and a
-    // word more), 4-byte words (rows of 20, rows of 48 at a base 4 bytes off), bytes (odd
-    // rows, a base 1 byte off, 2050 over three slices, single bytes).
+    constexpr int32_t kPageRows = K::kKvPageRows;
+    // Every job is one half of a paged cache (DevicePagedCache: shuffled pages), its keys
+    // (offset = lead) or its values (lead + kKvPageRows row_bytes); both halves of each cache
+    // are compacted in the one launch, with keep lists of their own. 16-byte words (8 KiB: a
+    // 7B cache row; 768: the bundled model's; 4112: a slice and a word more), 4-byte words
+    // (rows of 20; rows of 48 at a lead of 4 bytes: the offset decides), bytes (odd rows, rows
+    // of 36 at a lead of 2, of 13 at a lead of 1, 2050 over three slices, single bytes).
     struct Shape {
-        size_t row_bytes, base_offset;
+        size_t row_bytes, lead;
         int32_t max_rows;
     };
-    const Shape shapes[] = {{8192, 0, 70},  {768, 0, 200}, {4112, 0, 60}, {20, 0, 400}, {48, 4, 300},
-                            {7, 0, 400},    {13, 1, 300},  {2050, 0, 60}, {1, 0, 600}};
-    // what each job keeps of its n_old rows
+    const Shape shapes[] = {{8192, 0, 70},  {768, 0, 200},  {4112, 0, 100}, {20, 0, 400},
+                            {48, 4, 300},   {36, 2, 200},   {7, 0, 400},     {13, 1, 300},
+                            {2050, 0, 100}, {1, 0, 600}};
+    // what each job keeps of the cache's n_old rows
     enum Kind { Random, None, All, DropOne, LastFew, PrefixThenRandom, kKinds };
+    auto make_keep = [&](int kind, int32_t n) {
+        std::vector<int32_t> keep;
+        switch (kind) {
+            case Random:
+                for (int32_t r = 0; r < n; ++r)
+                    if (rng.index(5) < 3) keep.push_back(r);
+                break;
+            case None: break;
+            case All:
+                for (int32_t r = 0; r < n; ++r) keep.push_back(r);
+                break;
+            case DropOne: {  // streaming: the sinks, then all but the oldest other row
+                const int32_t sinks = rng.index(std::min(n, 5));
+                for (int32_t r = 0; r < n; ++r)
+                    if (r != sinks) keep.push_back(r);
+                break;
+            }
+            case LastFew:  // sources far beyond their destinations: a tile's reads meet later
+                           // tiles' rows, and rows of later pages move to the first
+                for (int32_t r = std::max(0, n - 1 - rng.index(40)); r < n; ++r) keep.push_back(r);
+                break;
+            default: {
+                const int32_t prefix = rng.index(n);
+                for (int32_t r = 0; r < n; ++r)
+                    if (r < prefix || rng.index(3) == 0) keep.push_back(r);
+                break;
+            }
+        }
+        return keep;
+    };
     struct Job {
-        size_t offset, row_bytes;
-        int32_t n_old;
+        size_t cache;
+        bool value;
         std::vector<int32_t> keep;
     };
+    std::vector<DevicePagedCache> caches;
+    caches.reserve(std::size(shapes) * kKinds);
+    std::vector<PageImage> before;  // the caches' bytes before the compaction
     std::vector<Job> jobs;
-    size_t total = 0, max_row_bytes = 0;
+    size_t max_row_bytes = 0;
     for (const Shape& sh : shapes)
         for (int kind = 0; kind < kKinds; ++kind) {
-            Job j;
-            j.row_bytes = sh.row_bytes;
-            j.n_old = 1 + rng.index(sh.max_rows);
-            const int32_t n = j.n_old;
-            switch (kind) {
-                case Random:
-                    for (int32_t r = 0; r < n; ++r)
-                        if (rng.index(5) < 3) j.keep.push_back(r);
-                    break;
-                case None: break;
-                case All:
-                    for (int32_t r = 0; r < n; ++r) j.keep.push_back(r);
-                    break;
-                case DropOne: {  // streaming: the sinks, then all but the oldest other row
-                    const int32_t sinks = rng.index(std::min(n, 5));
-                    for (int32_t r = 0; r < n; ++r)
-                        if (r != sinks) j.keep.push_back(r);
-                    break;
+            // LastFew's caches span more than a page (its kept rows come from the last one)
+            const int32_t n_old = kind == LastFew ? kPageRows + 1 + rng.index(sh.max_rows - kPageRows)
+                                                  : 1 + rng.index(sh.max_rows);
+            caches.emplace_back(rng, n_old, sh.row_bytes, sh.lead);
+            const DevicePagedCache& c = caches.back();
+            PageImage im = c.poisoned();  // rows from n_old on, spare pages, lead, guard: poison
+            for (bool value : {false, true})
+                for (int32_t r = 0; r < n_old; ++r) {
+                    uint8_t* p = c.row(im, value, r);
+                    for (size_t b = 0; b < sh.row_bytes; ++b) p[b] = uint8_t(rng.index(256));
                 }
-                case LastFew:  // sources far beyond their destinations: a tile's reads meet later tiles' rows
-                    for (int32_t r = std::max(0, n - 1 - rng.index(40)); r < n; ++r) j.keep.push_back(r);
-                    break;
-                default: {
-                    const int32_t prefix = rng.index(n);
-                    for (int32_t r = 0; r < n; ++r)
-                        if (r < prefix || rng.index(3) == 0) j.keep.push_back(r);
-                    break;
-                }
-            }
-            total = (total + 64 + 255) / 256 * 256;  // a guard of >= 64 untouched bytes between jobs
-            j.offset = total + sh.base_offset;
-            total = j.offset + j.row_bytes * size_t(n);
-            max_row_bytes = std::max(max_row_bytes, j.row_bytes);
-            jobs.push_back(std::move(j));
+            caches.back().upload(im);
+            before.push_back(std::move(im));
+            for (bool value : {false, true}) jobs.push_back({caches.size() - 1, value, make_keep(kind, n_old)});
+            max_row_bytes = std::max(max_row_bytes, sh.row_bytes);
         }
-    total += 64;
-    std::vector<uint8_t> data(total);
-    for (uint8_t& b : data) b = uint8_t(rng.index(256));
     std::vector<int32_t> keeps;
     for (const Job& j : jobs) keeps.insert(keeps.end(), j.keep.begin(), j.keep.end());
-    DeviceArray<uint8_t> d_data(data);
     DeviceArray<int32_t> d_keeps(std::max<size_t>(keeps.size(), 1));
     if (!keeps.empty()) d_keeps.upload(keeps);
 
     // the reference: rows [first, n_keep) of each job from the rows keep[i] of the original
-    std::vector<uint8_t> ref = data;
+    std::vector<PageImage> want = before;
     std::vector<K::CompactJob> descs;
     size_t at = 0;
     int32_t with_first = 0;
+    int32_t across_pages[17] = {};  // jobs that move a row to another page, by word size
     for (const Job& j : jobs) {
+        const DevicePagedCache& c = caches[j.cache];
         int32_t first = 0;
         while (first < int32_t(j.keep.size()) && j.keep[size_t(first)] == first) ++first;
         with_first += first > 0 && first < int32_t(j.keep.size());
-        for (size_t i = size_t(first); i < j.keep.size(); ++i)
-            std::memcpy(&ref[j.offset + i * j.row_bytes], &data[j.offset + size_t(j.keep[i]) * j.row_bytes],
-                        j.row_bytes);
+        bool across = false;
+        for (int32_t i = first; i < int32_t(j.keep.size()); ++i) {
+            std::memcpy(c.row(want[j.cache], j.value, i), c.row(before[j.cache], j.value, j.keep[size_t(i)]),
+                        c.row_bytes());
+            across |= j.keep[size_t(i)] / kPageRows != i / kPageRows;
+        }
         K::CompactJob d;
-        d.base = d_data.get() + j.offset;
+        d.pages = c.pages();
         d.keep = d_keeps.get() + at;
-        d.row_bytes = j.row_bytes;
+        d.offset = c.offset(j.value);
+        d.row_bytes = c.row_bytes();
         d.n_keep = int32_t(j.keep.size());
         d.first = first;
         descs.push_back(d);
         at += j.keep.size();
+        const uint64_t a = d.offset | d.row_bytes;
+        across_pages[a % 16 == 0 ? 16 : a % 4 == 0 ? 4 : 1] += across;
     }
     CHECK(with_first > 0);
+    CHECK(across_pages[16] > 0);  // every word size moves rows across pages
+    CHECK(across_pages[4] > 0);
+    CHECK(across_pages[1] > 0);
+    // bytes of the caches that differ from the reference, and the jobs whose halves differ
+    auto mismatches = [&]() {
+        size_t bytes = 0, bad_jobs = 0;
+        for (size_t c = 0; c < caches.size(); ++c) {
+            const PageImage got = caches[c].download();
+            bytes += count_bit_mismatches(got, want[c]);
+            for (bool value : {false, true}) {
+                const std::vector<uint8_t> g = caches[c].rows<uint8_t>(got, value, 0, caches[c].n_rows()),
+                                           w = caches[c].rows<uint8_t>(want[c], value, 0, caches[c].n_rows());
+                bad_jobs += g != w;
+            }
+        }
+        INFO(bad_jobs << " of " << jobs.size() << " jobs' rows differ");
+        CHECK(bytes == 0);
+    };
     DeviceArray<K::CompactJob> d_jobs(descs);
     INFO(jobs.size() << " jobs, max row_bytes " << max_row_bytes);
     LAUNCH_OK(K::compact_rows(d_jobs.get(), int32_t(descs.size()), max_row_bytes, nullptr));
-    CHECK(count_bit_mismatches(d_data.download(), ref) == 0);
+    mismatches();
 
     // a launch sized for narrower rows (one column slice per job) strides over the rest
-    d_data.upload(data);
+    for (size_t c = 0; c < caches.size(); ++c) caches[c].upload(before[c]);
     LAUNCH_OK(K::compact_rows(d_jobs.get(), int32_t(descs.size()), 1, nullptr));
-    CHECK(count_bit_mismatches(d_data.download(), ref) == 0);
+    mismatches();
 
     CHECK(K::compact_rows(nullptr, 0, 0, nullptr) == cudaSuccess);
     CHECK(K::compact_rows(d_jobs.get(), -1, max_row_bytes, nullptr) == cudaErrorInvalidValue);
@@ -1004,14 +1149,14 @@ namespace {
 
 // One rope_store launch on random inputs against the double reference: q rotated in place,
 // k and v of the projection untouched, sequence s's rotated k and v in its cache rows
-// [slot0[s], slot0[s] + tokens[s]) and nothing else of the caches written. With kv_len the
-// first slots travel only on the device (kv_len[s] = slot0[s] + tokens[s]) and batch.slot0
-// holds garbage.
+// [slot0[s], slot0[s] + tokens[s]) and nothing else of the caches written (each a paged cache
+// of slot0[s] + tokens[s] + 3 rows: DevicePagedCache). With kv_len the first slots travel
+// only on the device (kv_len[s] = slot0[s] + tokens[s]) and batch.slot0 holds garbage.
 void check_rope_store(Rng& rng, Dt dt, int32_t n_head, int32_t n_head_kv, int32_t hd,
                       const std::vector<int32_t>& tokens, const std::vector<int32_t>& slot0,
                       bool kv_len) {
     INFO("dt " << dt_name(dt) << ", heads " << n_head << "/" << n_head_kv << ", head_dim " << hd
-               << ", " << tokens.size() << " sequences" << (kv_len ? ", kv_len" : ""));
+               << ", " << tokens.size() << " sequences" << std::string(kv_len ? ", kv_len" : ""));
     const int32_t half = hd / 2, q_dim = n_head * hd, kv_dim = n_head_kv * hd;
     const int32_t width = q_dim + 2 * kv_dim;
     const int32_t n_seq = int32_t(tokens.size());
@@ -1027,16 +1172,13 @@ void check_rope_store(Rng& rng, Dt dt, int32_t n_head, int32_t n_head_kv, int32_
         sin[i] = std::sin(angle);
     }
     DeviceArray<float> d_qkv(qkv), d_cos(cos), d_sin(sin);
-    std::vector<DeviceArray<uint16_t>> k_cache, v_cache;
-    std::vector<int32_t> capacity(n_seq), lens(n_seq);
+    std::vector<DevicePagedCache> caches;
+    caches.reserve(size_t(n_seq));
+    std::vector<int32_t> lens(n_seq);
     for (int32_t s = 0; s < n_seq; ++s) {
-        capacity[s] = slot0[s] + tokens[s] + 3;  // rows after the new ones too
-        k_cache.emplace_back(size_t(capacity[s]) * kv_dim);
-        v_cache.emplace_back(size_t(capacity[s]) * kv_dim);
-        k_cache.back().poison();
-        v_cache.back().poison();
-        batch.k_cache[s] = k_cache.back().get();
-        batch.v_cache[s] = v_cache.back().get();
+        // rows after the new ones too; all poison
+        caches.emplace_back(rng, slot0[s] + tokens[s] + 3, size_t(kv_dim) * 2);
+        batch.pages[s] = caches.back().pages();
         batch.slot0[s] = kv_len ? -1000003 * (s + 1) : slot0[s];
         lens[s] = slot0[s] + tokens[s];
     }
@@ -1070,28 +1212,28 @@ void check_rope_store(Rng& rng, Dt dt, int32_t n_head, int32_t n_head_kv, int32_
     CHECK(count_bit_mismatches(kv_got, kv_ref) == 0);
 
     for (int32_t s = 0; s < n_seq; ++s) {
-        INFO("sequence " << s);
-        const std::vector<uint16_t> kc = k_cache[s].download(), vc = v_cache[s].download();
+        INFO("sequence " << s << " (slot0 " << slot0[s] << ", " << tokens[s] << " tokens)");
+        const DevicePagedCache& c = caches[s];
+        const PageImage got = c.download();
+        // the written rows: k within tolerance (then taken as they are), v bit-exact (one
+        // rounding); every other byte of the pages (rows, spare pages, guards) still poison
+        PageImage want = c.poisoned();
         std::vector<double> k_got, k_ref;
-        std::vector<uint16_t> v_ref(vc.size(), 0xFFFF), k_untouched;
-        for (int32_t slot = 0; slot < capacity[s]; ++slot) {
+        for (int32_t slot = slot0[s]; slot < slot0[s] + tokens[s]; ++slot) {
             const int32_t t = batch.row0[s] + slot - slot0[s];  // its token row
-            const bool written = slot >= slot0[s] && slot < slot0[s] + tokens[s];
-            for (int32_t c = 0; c < kv_dim; ++c) {
-                const uint16_t k_bits = kc[size_t(slot) * kv_dim + c];
-                if (!written) {
-                    k_untouched.push_back(k_bits);
-                    continue;
-                }
-                const float* k_row = &qkv[size_t(t) * width + q_dim];
-                k_got.push_back(from_bits(dt, k_bits));
-                k_ref.push_back(rotated(k_row + c / hd * hd, t, c % hd));
-                v_ref[size_t(slot) * kv_dim + c] = to_bits(dt, k_row[kv_dim + c]);
+            const float* k_row = &qkv[size_t(t) * width + q_dim];
+            const std::vector<uint16_t> k_bits = c.rows<uint16_t>(got, false, slot, 1);
+            std::vector<uint16_t> v_bits(static_cast<size_t>(kv_dim));
+            for (int32_t i = 0; i < kv_dim; ++i) {
+                k_got.push_back(from_bits(dt, k_bits[size_t(i)]));
+                k_ref.push_back(rotated(k_row + i / hd * hd, t, i % hd));
+                v_bits[size_t(i)] = to_bits(dt, k_row[kv_dim + i]);
             }
+            c.set_rows(want, false, slot, k_bits);
+            c.set_rows(want, true, slot, v_bits);
         }
         if (tokens[s] > 0) check_close(k_got, k_ref, tol16(dt));
-        CHECK(k_untouched == std::vector<uint16_t>(k_untouched.size(), 0xFFFF));
-        CHECK(count_bit_mismatches(vc, v_ref) == 0);  // v: one rounding, bit-exact
+        CHECK(count_bit_mismatches(got, want) == 0);
     }
 }
 
@@ -1101,17 +1243,21 @@ TEST_CASE("rope_store: q rotated in place, rotated k and v appended to each cach
     GPU_OR_SKIP();
     SEEDED_RNG();
     for (Dt dt : kDts) {
-        // ragged batch, one sequence with no new tokens; caches written from nonzero slots
+        // ragged batch, one sequence with no new tokens; caches written from nonzero slots:
+        // a page's last row (63), appends that run into the next page (60 + 10, 50 + 17)
         for (int32_t hd : {64, 80})
-            check_rope_store(rng, dt, 4, 2, hd, {1, 5, 0, 17}, {3, 11, 4, 2}, false);
-        // decode at LLaMA-2-7B shapes: one row of 32 + 32 heads of 128, spread over blocks
-        check_rope_store(rng, dt, 32, 32, 128, {1}, {37}, false);
+            check_rope_store(rng, dt, 4, 2, hd, {1, 10, 0, 17}, {63, 60, 4, 50}, false);
+        // decode at LLaMA-2-7B shapes: one row of 32 + 32 heads of 128, spread over blocks;
+        // the first row of the second page
+        check_rope_store(rng, dt, 32, 32, 128, {1}, {64}, false);
         // GQA decode batch (8 kv heads), and the largest head_dim
-        check_rope_store(rng, dt, 32, 8, 128, {1, 1, 1}, {0, 9, 300}, false);
-        check_rope_store(rng, dt, 3, 1, 256, {2, 1}, {5, 0}, false);
+        check_rope_store(rng, dt, 32, 8, 128, {1, 1, 1}, {0, 63, 300}, false);
+        check_rope_store(rng, dt, 3, 1, 256, {2, 1}, {63, 0}, false);
         // odd half (36 -> 18) and the smallest head (half 1): pairs straddle heads and blocks
-        check_rope_store(rng, dt, 5, 1, 36, {3, 4}, {0, 7}, false);
+        check_rope_store(rng, dt, 5, 1, 36, {3, 4}, {0, 62}, false);
         check_rope_store(rng, dt, 3, 3, 2, {2}, {1}, false);
+        // a prefill over more than a page, and an append over the end of a second page
+        check_rope_store(rng, dt, 2, 1, 8, {70, 3}, {0, 126}, false);
     }
 }
 
@@ -1121,7 +1267,7 @@ TEST_CASE("rope_store: every row finds its sequence among kMaxBatch, empty ones 
     std::vector<int32_t> tokens(K::kMaxBatch), slot0(K::kMaxBatch);
     for (int32_t s = 0; s < K::kMaxBatch; ++s) {
         tokens[s] = rng.index(4);  // 0..3, so some sequences are empty
-        slot0[s] = rng.index(20);
+        slot0[s] = rng.index(140);  // in the first three pages
     }
     tokens[0] = tokens[K::kMaxBatch - 1] = 0;  // empty at both ends
     tokens[1] = 2;
@@ -1132,9 +1278,9 @@ TEST_CASE("rope_store: kv_len gives the first slots on the device, slot0 ignored
     GPU_OR_SKIP();
     SEEDED_RNG();
     for (Dt dt : kDts) {
-        check_rope_store(rng, dt, 32, 32, 128, {1}, {37}, true);
-        check_rope_store(rng, dt, 4, 2, 64, {1, 5, 0, 17}, {3, 11, 4, 2}, true);
-        check_rope_store(rng, dt, 32, 8, 128, {1, 1, 1, 1}, {0, 9, 300, 2}, true);
+        check_rope_store(rng, dt, 32, 32, 128, {1}, {127}, true);
+        check_rope_store(rng, dt, 4, 2, 64, {1, 10, 0, 17}, {63, 60, 4, 50}, true);
+        check_rope_store(rng, dt, 32, 8, 128, {1, 1, 1, 1}, {0, 64, 300, 127}, true);
     }
 }
 
@@ -1191,30 +1337,31 @@ HostAttnSeq random_attn_seq(Rng& rng, Dt dt, int32_t n_q, int32_t n_kv, int32_t 
     return s;
 }
 
-// Its device buffers. The caches get rows beyond n_kv filled with NaN: reading (and
-// weighting by zero) a key or value the sequence does not have would show in the output.
-// `capacity` (>= n_kv; 0: n_kv) is the bound the launch is given when the true count comes
-// from the device (AttnBatch::kv_len): the caches' rows and the scores' row stride.
+// Its device buffers. The cache is paged (DevicePagedCache: shuffled pages, all poison but
+// the sequence's rows), with rows beyond n_kv filled with NaN: reading (and weighting by
+// zero) a key or value the sequence does not have would show in the output. `capacity`
+// (>= n_kv; 0: n_kv) is the bound the launch is given when the true count comes from the
+// device (AttnBatch::kv_len): the cache's rows and the scores' row stride.
 struct DeviceAttnSeq {
     static constexpr int32_t kSpareRows = 3;
     int32_t cap;
     DeviceArray<float> q;
-    DeviceArray<uint16_t> k, v, out;
+    DevicePagedCache cache;
+    DeviceArray<uint16_t> out;
     DeviceArray<float> lse, scores;
 
-    DeviceAttnSeq(const HostAttnSeq& h, int32_t n_head, int32_t n_head_kv, int32_t hd,
+    DeviceAttnSeq(Rng& rng, const HostAttnSeq& h, int32_t n_head, int32_t n_head_kv, int32_t hd,
                   int32_t capacity = 0)
         : cap(std::max(capacity, h.n_kv)),
           q(h.q),
-          k(size_t(cap + kSpareRows) * n_head_kv * hd),
-          v(size_t(cap + kSpareRows) * n_head_kv * hd),
+          cache(rng, cap + kSpareRows, size_t(n_head_kv) * hd * 2),
           out(size_t(h.n_q) * n_head * hd),
           lse(size_t(h.n_q) * n_head),
           scores(h.scores_from < 0 ? 0 : size_t(h.n_q - h.scores_from) * n_head * cap) {
-        k.poison();
-        v.poison();
-        CUDA_OK(cudaMemcpy(k.get(), h.k.data(), h.k.size() * 2, cudaMemcpyHostToDevice));
-        CUDA_OK(cudaMemcpy(v.get(), h.v.data(), h.v.size() * 2, cudaMemcpyHostToDevice));
+        PageImage im = cache.poisoned();
+        cache.set_rows(im, false, 0, h.k);
+        cache.set_rows(im, true, 0, h.v);
+        cache.upload(im);
         out.poison();
         lse.poison();
         scores.poison();
@@ -1224,8 +1371,7 @@ struct DeviceAttnSeq {
         s.q = q.get();
         s.q_stride = h.q_stride;
         s.n_q = h.n_q;
-        s.k = k.get();
-        s.v = v.get();
+        s.pages = cache.pages();
         s.n_kv = cap;
         s.out = out.get();
         s.lse = lse.get();
@@ -1352,7 +1498,7 @@ TEST_CASE("attention: causal softmax(q k / sqrt(d)) v of a ragged batch, lse and
                         const int32_t scores_from = s % 2 ? b.seqs[s].n_q / 2 : -1;
                         host.push_back(random_attn_seq(rng, dt, b.seqs[s].n_q, b.seqs[s].n_kv,
                                                        hs.n_head, hs.n_head_kv, hd, scores_from));
-                        dev.emplace_back(host.back(), hs.n_head, hs.n_head_kv, hd);
+                        dev.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd);
                         batch.seq[s] = dev.back().view(host.back());
                     }
                     LAUNCH_OK(K::attention(dt, batch, hs.n_head, hs.n_head_kv, hd, nullptr));
@@ -1395,8 +1541,8 @@ TEST_CASE("attention: true key counts read on the device (kv_len) under a larger
                         const int32_t scores_from = s % 2 ? 0 : shapes[s].n_q - 1;
                         host.push_back(random_attn_seq(rng, dt, shapes[s].n_q, shapes[s].n_kv,
                                                        hs.n_head, hs.n_head_kv, hd, scores_from));
-                        plain.emplace_back(host.back(), hs.n_head, hs.n_head_kv, hd);
-                        bounded.emplace_back(host.back(), hs.n_head, hs.n_head_kv, hd,
+                        plain.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd);
+                        bounded.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd,
                                              shapes[s].n_kv + extra[s % 5]);
                         b_plain.seq[s] = plain.back().view(host.back());
                         b_bounded.seq[s] = bounded.back().view(host.back());
@@ -1437,7 +1583,7 @@ TEST_CASE("attention: decode split over blocks (AttnSplit) merges its partial so
                     for (bool bounded : {false, true}) {
                         INFO("dt " << dt_name(dt) << ", head_dim " << hd << ", heads " << hs.n_head
                                    << "/" << hs.n_head_kv << ", " << n_split << " splits"
-                                   << (bounded ? ", kv_len under a larger bound" : ""));
+                                   << std::string(bounded ? ", kv_len under a larger bound" : ""));
                         std::vector<HostAttnSeq> host;
                         std::vector<DeviceAttnSeq> dev;
                         dev.reserve(shapes.size());
@@ -1447,7 +1593,7 @@ TEST_CASE("attention: decode split over blocks (AttnSplit) merges its partial so
                         for (size_t s = 0; s < shapes.size(); ++s) {
                             host.push_back(random_attn_seq(rng, dt, shapes[s].n_q, shapes[s].n_kv, hs.n_head,
                                                            hs.n_head_kv, hd, s % 2 ? 0 : -1));
-                            dev.emplace_back(host.back(), hs.n_head, hs.n_head_kv, hd,
+                            dev.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd,
                                              bounded ? shapes[s].n_kv + extra[s] : 0);
                             batch.seq[s] = dev.back().view(host.back());
                             lens.push_back(shapes[s].n_kv);
@@ -1502,7 +1648,7 @@ TEST_CASE("attention: the decode split's choice and refusals") {
     const int32_t n_head = 4, hd = 64;
     const HostAttnSeq one = random_attn_seq(rng, dt, 1, 40, n_head, n_head, hd, -1);
     const HostAttnSeq two = random_attn_seq(rng, dt, 2, 40, n_head, n_head, hd, -1);
-    const DeviceAttnSeq d_one(one, n_head, n_head, hd), d_two(two, n_head, n_head, hd);
+    const DeviceAttnSeq d_one(rng, one, n_head, n_head, hd), d_two(rng, two, n_head, n_head, hd);
     DeviceArray<float> partial(K::attention_split_floats(2, n_head, hd, K::kMaxAttnSplits + 1));
     K::AttnBatch decode, mixed;
     decode.n_seq = 1;
@@ -1526,7 +1672,7 @@ TEST_CASE("attention: the decode split's choice and refusals") {
 TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for KV policies") {
     GPU_OR_SKIP();
     SEEDED_RNG();
-    const int32_t n_q = 50, n_kv = 70, rows_from = 40, n_rows = n_q - rows_from;
+    const int32_t n_q = 50, n_kv = 150, rows_from = 40, n_rows = n_q - rows_from;
     struct Config {
         int32_t n_head, n_head_kv, hd;
     };
@@ -1539,7 +1685,7 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
             // attention() first: the observations are computed from its lse and scores
             const HostAttnSeq host =
                 random_attn_seq(rng, dt, n_q, n_kv, cf.n_head, cf.n_head_kv, cf.hd, rows_from);
-            const DeviceAttnSeq dev(host, cf.n_head, cf.n_head_kv, cf.hd);
+            const DeviceAttnSeq dev(rng, host, cf.n_head, cf.n_head_kv, cf.hd);
             K::AttnBatch batch;
             batch.n_seq = 1;
             batch.seq[0] = dev.view(host);
@@ -1578,7 +1724,7 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 // stride of scores and rows): the plain rows' bits, zeros past the true count;
                 // in one launch with the plain sequence again (a batch of unequal shapes)
                 const int32_t cap = n_kv + 45;
-                const DeviceAttnSeq bounded(host, cf.n_head, cf.n_head_kv, cf.hd, cap);
+                const DeviceAttnSeq bounded(rng, host, cf.n_head, cf.n_head_kv, cf.hd, cap);
                 DeviceArray<int32_t> d_len(std::vector<int32_t>{n_kv});
                 K::AttnBatch bb;
                 bb.n_seq = 1;
