@@ -86,7 +86,8 @@ struct AttnSeq {
     const float* q = nullptr;  // (n_q, q_stride) fp32, already rotated; head h at h*head_dim
     int32_t q_stride = 0;
     int32_t n_q = 0;
-    KvPages pages = nullptr;   // the cache: n_kv rows (at least) of keys and values
+    KvPages pages = nullptr;   // the cache: pages covering the keys and values it reads
+                               // (n_kv rows, or the true count of kv_len below)
     int32_t n_kv = 0;
     void* out = nullptr;       // (n_q, n_head*head_dim) Dt
     float* lse = nullptr;      // (n_q, n_head) log2-sum-exp2 of the scaled scores, for observe
