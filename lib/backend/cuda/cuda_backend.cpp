@@ -988,11 +988,13 @@ struct CudaBackend::DecodePlan {
     }
 };
 
-// A step in which every sequence decodes one token (after its first prefill) and no policy
-// needs column sums: the bookkeeping of all layers first, then the work of the whole step
-// queued at once -- replayed from a CUDA graph where the same plan ran before (cuda_graph.h).
-// The cache lengths travel in device memory (kv_len), so a replay sees this step's. The
-// cancel flags are checked once, before. Returns false (nothing done) for other steps.
+// A step in which every sequence decodes one token (after its first prefill): the
+// bookkeeping of all layers first, then the work of the whole step queued at once --
+// replayed from a CUDA graph where the same plan ran before (cuda_graph.h). The cache
+// lengths travel in device memory (kv_len), so a replay sees this step's. The cancel flags
+// are checked once, before. Column sums over a step's queries (H2O) are, with its one
+// query, that query's attention row: the rows kernel measures both. Returns false (nothing
+// done) for other steps.
 bool CudaBackend::decode_step(SequenceStep* steps, int n_seq) {
     const ModelConfig& c = config_;
     for (int s = 0; s < n_seq; ++s)
@@ -1001,9 +1003,7 @@ bool CudaBackend::decode_step(SequenceStep* steps, int n_seq) {
     for (int il = 0; il < c.n_layer; ++il)
         for (int s = 0; s < n_seq; ++s)
             if (steps[s].policy) {
-                const ObservationRequest r = steps[s].policy->observe(il);
-                if (r.column_sums) return false;
-                reqs[size_t(il) * size_t(n_seq) + size_t(s)] = r;
+                reqs[size_t(il) * size_t(n_seq) + size_t(s)] = steps[s].policy->observe(il);
             }
     check_cancel(steps, n_seq);
     ensure_scratch(n_seq, n_seq);
@@ -1036,13 +1036,15 @@ bool CudaBackend::decode_step(SequenceStep* steps, int n_seq) {
             DecodePlan::Seq& q = plan.seqs[i];
             q.pages = kv.table(il);
             q.bound = decode_bound(kv.capacity(il));
-            q.observed = reqs[i].last_rows > 0;
+            const bool row = reqs[i].last_rows > 0, sums = reqs[i].column_sums;
+            q.observed = row || sums;
             if (!q.observed) continue;
             q.scores_off = score_floats;
             q.rows_off = obs_floats;
             score_floats += size_t(c.n_head) * size_t(q.bound);
             obs_floats += size_t(q.bound);
-            deferred.push_back({s, il, 1, n_kv, q.rows_off, SIZE_MAX});
+            deferred.push_back({s, il, row ? 1 : 0, n_kv, row ? q.rows_off : SIZE_MAX,
+                                sums ? q.rows_off : SIZE_MAX});
         }
     int32_t max_split = 1;
     plan.n_split.resize(size_t(c.n_layer));
