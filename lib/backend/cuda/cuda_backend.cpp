@@ -389,7 +389,7 @@ uint64_t CudaBackend::kv_storage_bytes(int32_t n_ctx) const {
 
 DeviceMemory CudaBackend::device_memory() const {
     const MemoryUse u = ctx_->memory();
-    return {u.weights, u.kv, u.scratch, u.peak};
+    return {u.weights, u.kv, u.scratch, u.peak, ctx_->budget()};
 }
 
 // ---- scratch and staging ---------------------------------------------------------------
@@ -500,15 +500,25 @@ void CudaBackend::forward(SequenceStep* batch, int n_seq) {
         check_sequence_step(config_, batch[i], "cuda backend");
         PYR_ASSERT(cuda_storage(*batch[i].cache).kv_dim() == kv_dim_);
     }
-    try {
-        compactor_->flush();  // what the policies pruned after their sessions' last steps
-        for (int i = 0; i < n_seq; i += kernels::kMaxBatch)
-            forward_batch(batch + i, std::min(n_seq - i, kernels::kMaxBatch));
-    } catch (...) {
+    auto after_failure = [&] {
         // copies queued before the failure may still read the staging buffer
         cudaStreamSynchronize(ctx_->stream());
         cudaGetLastError();
         stage_used_ = 0;
+    };
+    try {
+        compactor_->flush();  // what the policies pruned after their sessions' last steps
+        for (int i = 0; i < n_seq; i += kernels::kMaxBatch)
+            forward_batch(batch + i, std::min(n_seq - i, kernels::kMaxBatch));
+    } catch (const Error& e) {
+        after_failure();
+        // A step too large for the budget may have grown the scratch for itself first: kept,
+        // it would leave the KV caches less room than before the step. The next step grows
+        // it again to what that one needs.
+        if (e.status() == PYR_ERR_OUT_OF_MEMORY) s_ = Scratch{};
+        throw;
+    } catch (...) {
+        after_failure();
         throw;
     }
 }
