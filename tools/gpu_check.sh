@@ -69,7 +69,7 @@ PY
   run() { local name=$1; shift; local j
           j=$(timeout 180 "$B" --bandwidth-gbs "${bw:-3000}" --json "$@" 2>> "$OUT/bench.log")
           echo "{\"name\": \"$name\", \"env\": \"${BENCH_ENV:-}\", \"result\": ${j:-null}}" >> "$OUT/bench.jsonl"
-          log "bench $name ${BENCH_ENV:-} $(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print({k: round(d[k], 2) for k in ('prefill_ms','decode_tokens_per_s') if k in d}, 'bw fraction', round(d['bandwidth'].get('fraction') or 0, 3), 'steps', d.get('decode_steps'), 'kv MiB', round(d['device_memory']['kv'] / 2**20, 1), 'peak MiB', round(d['device_memory']['peak'] / 2**20))" "${j:-null}" 2>&1)"; }
+          log "bench $name ${BENCH_ENV:-} $(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print({k: round(d[k], 2) for k in ('batch','prefill_ms','decode_tokens_per_s','total_tokens_per_s') if k in d}, 'bw fraction', round(d['bandwidth'].get('fraction') or 0, 3), 'steps', d.get('decode_steps'), 'kv MiB', round(d['device_memory']['kv'] / 2**20, 1), 'peak MiB', round(d['device_memory']['peak'] / 2**20))" "${j:-null}" 2>&1)"; }
   # the Done-when run, then each decode speed-up switched off alone (same machine, same call)
   run 7b_full --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   BENCH_ENV=PYRAMID_CUDA_GRAPHS=0 PYRAMID_CUDA_GRAPHS=0 run 7b_full_nographs --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
@@ -86,6 +86,9 @@ PY
   if [ -n "${BENCH_BATCH:-}" ]; then  # throughput: the paper's point (minutes more)
     run 7b_full_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256
     run 7b_pyramid_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
+    # the largest batch that fits the GPU, full against pyramid (retention 0.5)
+    run 7b_full_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256
+    run 7b_pyramid_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
   fi
   run bundled --model models/tiny-code-llama --batch 1 --prompt 512 --gen 256
 fi

@@ -1,7 +1,8 @@
 // pyramid-bench: prefill and decode throughput of a backend, with and without KV compression.
 //
 // B sequences run together, as the engine would batch them: one batched forward for all B
-// prompts, then G decode steps of one token per sequence, each step one batched forward.
+// prompts (or N at a time: --prefill-batch), then G decode steps of one token per sequence,
+// each step one batched forward.
 // Each sequence has its own KvCache and KV policy, driven the way Session drives them
 // (begin_step -> forward -> set_n_processed -> after_step). Weights are random (--shape,
 // no checkpoint needed) or a real checkpoint (--model). The policies are wrapped in a
@@ -64,6 +65,8 @@ struct Options {
     std::string dtype = "f16";
     bool dtype_given = false;
     int32_t batch = 1, prompt = 512, gen = 256;
+    bool batch_max = false;       // --batch max: the largest batch that fits (find_max_batch)
+    int32_t prefill_batch = 0;    // sequences per prefill forward, 0 = all
     int32_t warmup = 1, repeat = 1, threads = 0;
     uint64_t seed = 42;
     uint64_t max_device_bytes = 0;
@@ -82,8 +85,11 @@ const char* const kUsage =
     "  --model DIR          an HF LLaMA checkpoint instead of random weights\n"
     "  --device D           auto (default: cuda:0 if there is a GPU, else cpu) | cpu | cuda[:N]\n"
     "  --dtype T            f16 (default) | bf16: the random weights' type\n"
-    "  --batch B            sequences decoded together (default 1)\n"
+    "  --batch B|max        sequences decoded together (default 1); max: the most that fit\n"
+    "                       the memory limit (see 'batch max' below)\n"
     "  --prompt P           prompt tokens per sequence (default 512)\n"
+    "  --prefill-batch N    prefill N sequences per forward (default: all B in one), as an\n"
+    "                       engine chunks long prefills: bounds the scratch a large B takes\n"
     "  --gen G              decode steps, one token per sequence each (default 256)\n"
     "  --seed S             seed of the random weights and prompt tokens (default 42)\n"
     "  --warmup N           untimed runs first, the same shape with G = min(G, 4) (default 1):\n"
@@ -91,7 +97,8 @@ const char* const kUsage =
     "  --repeat N           timed runs; the medians are reported (default 1)\n"
     "  --threads N          CPU threads (default 0 = all)\n"
     "  --max-device-bytes N GPU memory budget, bytes, or with a K/M/G/T suffix (binary);\n"
-    "                       default 0 = the whole device\n"
+    "                       default 0 = the whole device. On the CPU: the KV caches' budget\n"
+    "                       (default none)\n"
     "  --bandwidth-gbs X    measured device copy bandwidth in GB/s (1e9 bytes/s): reports the\n"
     "                       fraction of it that decode achieves under the bandwidth model\n"
     "  --json               one JSON object on stdout instead of the table\n"
@@ -100,6 +107,7 @@ const char* const kUsage =
     "What is measured (wall clock, std::chrono::steady_clock):\n"
     "  prefill_ms           the whole prefill step of all B sequences: begin_step, ONE\n"
     "                       batched forward (synchronous: it returns the next tokens), after_step\n"
+    "                       (with --prefill-batch N: one such step per N sequences)\n"
     "  prefill_tokens_per_s B * P / prefill time\n"
     "  decode_ms            the G decode steps: begin_step, batched forward, after_step\n"
     "                       (generation-phase compression happens there); the greedy next\n"
@@ -123,6 +131,15 @@ const char* const kUsage =
     "  decode_steps         how the CUDA backend ran the decode steps (last run): replayed\n"
     "                       from a CUDA graph, captured into one, or launched kernel by kernel\n"
     "                       (PYRAMID_CUDA_GRAPHS=0 launches every step)\n"
+    "\n"
+    "batch max (the paper's measure: a smaller cache lets more sequences share the weights):\n"
+    "  a run of one sequence (P and G as given) measures the KV memory a sequence holds at\n"
+    "  most and the scratch for one, a prefill of two the scratch each more adds; the estimate\n"
+    "  is how many sequences the limit (--max-device-bytes, else the device's memory) leaves\n"
+    "  room for beside the weights. Whole runs at that batch are tried, 1/16 fewer sequences\n"
+    "  after each out-of-memory, until one fits; these runs are the warm-up. JSON\n"
+    "  batch_search has the measures and the tries. On the CPU only the KV caches count, so\n"
+    "  it needs --max-device-bytes there.\n"
     "\n"
     "KV cache policy (one policy per sequence):\n";
 
@@ -181,11 +198,13 @@ bool takes_value(const std::string& flag) {
     static const char* const flags[] = {
         "--shape",   "--model",  "--device", "--dtype",   "--batch",            "--prompt",
         "--gen",     "--warmup", "--repeat", "--threads", "--seed",             "--max-device-bytes",
-        "--bandwidth-gbs"};
+        "--bandwidth-gbs", "--prefill-batch"};
     for (const char* f : flags)
         if (flag == f) return true;
     return pyr_examples::kv_flag_takes_value(flag);
 }
+
+constexpr int32_t kMaxBatch = 4096;
 
 Options parse_args(int argc, char** argv) {
     Options o;
@@ -223,7 +242,10 @@ Options parse_args(int argc, char** argv) {
             o.dtype = v;
             o.dtype_given = true;
         } else if (a == "--batch") {
-            o.batch = int32_t(parse_int(a, v, 1, 4096));
+            o.batch_max = v == "max";
+            if (!o.batch_max) o.batch = int32_t(parse_int(a, v, 1, kMaxBatch));
+        } else if (a == "--prefill-batch") {
+            o.prefill_batch = int32_t(parse_int(a, v, 1, kMaxBatch));
         } else if (a == "--prompt") {
             o.prompt = int32_t(parse_int(a, v, 1, kMaxTokens));
         } else if (a == "--gen") {
@@ -247,6 +269,9 @@ Options parse_args(int argc, char** argv) {
     }
     if (shape_given && !o.model.empty()) usage_error("--shape and --model exclude each other");
     o.device = resolve_device(o.device);
+    if (o.batch_max && o.device == "cpu" && o.max_device_bytes == 0)
+        usage_error("--batch max on the CPU needs --max-device-bytes (the KV caches' budget: "
+                    "nothing else counts there)");
     return o;
 }
 
@@ -425,7 +450,7 @@ void open_backend(const Options& o, Target& t) {
     const bool bf16 = o.dtype == "bf16";
     if (o.device == "cpu") {
         if (t.model) {
-            t.backend = pyr::make_cpu_backend(t.model, o.threads);
+            t.backend = pyr::make_cpu_backend(t.model, o.threads, o.max_device_bytes);
             return;
         }
         std::fprintf(stderr, "pyramid-bench: making random %s weights (%s) on the host...\n",
@@ -434,7 +459,8 @@ void open_backend(const Options& o, Target& t) {
         t.host_weight_bytes = hw->bytes;
         const pyr::ModelWeights& w = hw->weights;
         // The backend holds views into hw; passing it as the owner keeps it alive as long.
-        t.backend = std::make_unique<pyr::CpuBackend>(t.config, w, o.threads, std::move(hw));
+        t.backend = std::make_unique<pyr::CpuBackend>(t.config, w, o.threads, std::move(hw),
+                                                      o.max_device_bytes);
         return;
     }
     if (t.model) {
@@ -526,6 +552,8 @@ struct RunResult {
     std::vector<double> step_s;      // each decode step
     KvBytes kv_prefill, kv_end;      // summed over the sequences
     double mean_kv_read = 0;         // KV bytes the attention read per decode step
+    uint64_t kv_held_max = 0;        // the most memory the caches held (DeviceMemory::kv),
+                                     // seen after each forward
     pyr::DeviceMemory memory;        // with the run's caches still alive
     pyr::BackendStats steps;         // how the backend ran the run's decode steps
     nlohmann::json params;           // the first sequence's policy parameters as used
@@ -559,10 +587,10 @@ double take_selection_seconds(std::vector<Sequence>& seqs) {
     return s;
 }
 
-// The first prefill of every sequence in one batched forward, as Session::prefill does it
-// for one.
+// The first prefill of every sequence, as Session::prefill does it for one: in one batched
+// forward, or `group` sequences per forward (0: all).
 void run_prefill(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_prompt,
-                 RunResult& r) {
+                 int32_t group, RunResult& r) {
     std::vector<int32_t> positions(static_cast<size_t>(n_prompt));
     for (int32_t i = 0; i < n_prompt; ++i) positions[size_t(i)] = i;
     std::vector<pyr::SequenceStep> steps(seqs.size());
@@ -571,14 +599,19 @@ void run_prefill(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_p
         steps[i] = {s.prompt.data(), positions.data(), n_prompt, s.cache.get(), s.policy.get()};
         s.wants_next(steps[i], backend.samples_on_device());
     }
+    const size_t per_forward = group > 0 ? size_t(group) : seqs.size();
     const Clock::time_point t0 = Clock::now();
-    for (Sequence& s : seqs) s.policy->begin_step(n_prompt, true);
-    const Clock::time_point tf = Clock::now();
-    backend.forward(steps.data(), int(steps.size()));
-    r.prefill_forward_s = seconds_since(tf);
-    for (Sequence& s : seqs) {
-        s.cache->set_n_processed(n_prompt);
-        s.policy->after_step(*s.cache);
+    for (size_t first = 0; first < seqs.size(); first += per_forward) {
+        const size_t end = std::min(seqs.size(), first + per_forward);
+        for (size_t i = first; i < end; ++i) seqs[i].policy->begin_step(n_prompt, true);
+        const Clock::time_point tf = Clock::now();
+        backend.forward(steps.data() + first, int(end - first));
+        r.prefill_forward_s += seconds_since(tf);
+        r.kv_held_max = std::max(r.kv_held_max, backend.device_memory().kv);
+        for (size_t i = first; i < end; ++i) {
+            seqs[i].cache->set_n_processed(n_prompt);
+            seqs[i].policy->after_step(*seqs[i].cache);
+        }
     }
     r.prefill_s = seconds_since(t0);
     r.prefill_select_s = take_selection_seconds(seqs);
@@ -610,6 +643,7 @@ void run_decode(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_pr
         r.decode_forward_s += seconds_since(tf);
         // Before after_step compresses: the cache as this step's attention read it.
         kv_read += double(kv_bytes(seqs).bytes);
+        r.kv_held_max = std::max(r.kv_held_max, backend.device_memory().kv);
         for (Sequence& s : seqs) {
             s.cache->set_n_processed(n_prompt + g + 1);
             s.policy->after_step(*s.cache);
@@ -643,11 +677,11 @@ nlohmann::json policy_params(const pyr::KvPolicy& p) {
 }
 
 RunResult run_once(Target& t, const pyr::KvParams& kv, int32_t batch, int32_t n_prompt,
-                   int32_t n_gen, std::mt19937_64& rng) {
+                   int32_t prefill_batch, int32_t n_gen, std::mt19937_64& rng) {
     std::vector<Sequence> seqs =
         new_sequences(*t.backend, t.config, kv, batch, n_prompt, n_prompt + n_gen, rng);
     RunResult r;
-    run_prefill(*t.backend, seqs, n_prompt, r);
+    run_prefill(*t.backend, seqs, n_prompt, prefill_batch, r);
     const pyr::BackendStats before = t.backend->stats();
     run_decode(*t.backend, seqs, n_prompt, n_gen, r);
     const pyr::BackendStats after = t.backend->stats();
@@ -657,6 +691,69 @@ RunResult run_once(Target& t, const pyr::KvParams& kv, int32_t batch, int32_t n_
     r.memory = t.backend->device_memory();
     r.params = policy_params(*seqs.front().policy);
     return r;
+}
+
+// ---- batch max ------------------------------------------------------------------------
+
+struct BatchSearch {
+    uint64_t limit = 0, weights = 0;       // bytes
+    uint64_t kv_per_sequence = 0;          // the most the caches of one sequence held
+    uint64_t scratch = 0, scratch_per_sequence = 0;  // for one sequence; for each more
+    int32_t estimate = 0;
+    struct Try {
+        int32_t batch;
+        bool fits;
+        std::string error;  // why it did not
+    };
+    std::vector<Try> tries;
+};
+
+// The largest batch whose whole run (prefill, then G steps) fits the backend's memory limit.
+// A run of one sequence gives the most KV memory a sequence holds and the scratch (working
+// buffers) for one; a prefill of two, the scratch each more sequence adds. Runs are tried at
+// the batch that leaves room for, then 1/16 fewer after each out-of-memory, until one fits.
+// The estimate is a little high where buffers grow in doublings or a compressing prefill
+// holds a layer's whole prompt for a moment; low only where a compressing policy keeps a
+// little less for other prompts than for the first. Returns the batch found.
+int32_t find_max_batch(Target& t, const pyr::KvParams& kv, int32_t n_prompt,
+                       int32_t prefill_batch, int32_t n_gen, std::mt19937_64& rng,
+                       BatchSearch& search) {
+    std::fprintf(stderr, "pyramid-bench: batch max: one sequence, then a prefill of two...\n");
+    const RunResult one = run_once(t, kv, 1, n_prompt, 0, n_gen, rng);
+    const RunResult two = run_once(t, kv, 2, n_prompt, 0, 0, rng);
+    search.limit = one.memory.limit;
+    search.weights = one.memory.weights;
+    search.kv_per_sequence = std::max<uint64_t>(one.kv_held_max, 1);
+    search.scratch = one.memory.scratch;
+    search.scratch_per_sequence = two.memory.scratch > one.memory.scratch
+                                      ? two.memory.scratch - one.memory.scratch : 0;
+    if (search.limit == 0)
+        pyr::fail(PYR_ERR_INVALID_ARGUMENT, "--batch max: the backend reports no memory limit");
+    // weights + scratch + (B - 1) * scratch_per_sequence + B * kv_per_sequence <= limit, where
+    // the scratch grows with the sequences prefilled together (prefill_batch: no further)
+    const uint64_t first = search.weights + search.scratch + search.kv_per_sequence;
+    const uint64_t room = search.limit > first ? search.limit - first : 0;
+    uint64_t more = room / (search.kv_per_sequence + search.scratch_per_sequence);
+    if (prefill_batch > 0 && more + 1 > uint64_t(prefill_batch)) {
+        const uint64_t grown = uint64_t(prefill_batch - 1) * search.scratch_per_sequence;
+        if (room > grown) more = (room - grown) / search.kv_per_sequence;
+    }
+    search.estimate = int32_t(std::min<uint64_t>(more + 1, kMaxBatch));
+    for (int32_t b = search.estimate;;) {
+        std::fprintf(stderr, "pyramid-bench: batch max: trying %d sequences (each %.2f MiB KV "
+                             "and %.2f MiB scratch; limit %.1f MiB)...\n",
+                     b, double(search.kv_per_sequence) / 1048576,
+                     double(search.scratch_per_sequence) / 1048576, double(search.limit) / 1048576);
+        try {
+            run_once(t, kv, b, n_prompt, prefill_batch, n_gen, rng);
+            search.tries.push_back({b, true, ""});
+            return b;
+        } catch (const pyr::Error& e) {
+            if (e.status() != PYR_ERR_OUT_OF_MEMORY || b == 1) throw;
+            search.tries.push_back({b, false, e.what()});
+            b -= std::max(1, b / 16);
+        }
+    }
 }
 
 // ---- report ---------------------------------------------------------------------------
@@ -732,8 +829,25 @@ nlohmann::json run_json(const RunResult& r) {
               {"max", steps_ms.empty() ? 0.0 : *std::max_element(steps_ms.begin(), steps_ms.end())}}}};
 }
 
+nlohmann::json search_json(const BatchSearch& b) {
+    nlohmann::json tries = nlohmann::json::array();
+    for (const BatchSearch::Try& t : b.tries) {
+        nlohmann::json j = {{"batch", t.batch}, {"fits", t.fits}};
+        if (!t.fits) j["error"] = t.error;
+        tries.push_back(j);
+    }
+    return {{"limit_bytes", b.limit},
+            {"weights_bytes", b.weights},
+            {"kv_per_sequence_bytes", b.kv_per_sequence},
+            {"scratch_bytes", b.scratch},
+            {"scratch_per_sequence_bytes", b.scratch_per_sequence},
+            {"estimate", b.estimate},
+            {"tries", tries}};
+}
+
 nlohmann::json report_json(const Options& o, const Target& t, const pyr::KvParams& kv,
-                           const std::vector<RunResult>& runs, const Summary& s) {
+                           const std::vector<RunResult>& runs, const Summary& s,
+                           const BatchSearch* search) {
     const RunResult& last = runs.back();
     nlohmann::json runs_j = nlohmann::json::array();
     for (const RunResult& r : runs) runs_j.push_back(run_json(r));
@@ -751,6 +865,8 @@ nlohmann::json report_json(const Options& o, const Target& t, const pyr::KvParam
         {"shape", t.shape},
         {"dtype", t.dtype},
         {"batch", o.batch},
+        {"prefill_batch", o.prefill_batch > 0 ? nlohmann::json(std::min(o.prefill_batch, o.batch))
+                                              : nlohmann::json(o.batch)},
         {"prompt", o.prompt},
         {"gen", o.gen},
         {"repeat", o.repeat},
@@ -786,6 +902,7 @@ nlohmann::json report_json(const Options& o, const Target& t, const pyr::KvParam
           {"graph_captures", last.steps.graph_captures},
           {"launched", last.steps.direct_decode_steps}}},
         {"runs", runs_j},
+        {"batch_search", search ? search_json(*search) : nlohmann::json()},
     };
 }
 
@@ -799,13 +916,22 @@ std::string human_bytes(double b) {
 }
 
 void print_table(const Options& o, const Target& t, const pyr::KvParams& kv,
-                 const std::vector<RunResult>& runs, const Summary& s) {
+                 const std::vector<RunResult>& runs, const Summary& s, const BatchSearch* search) {
     const RunResult& last = runs.back();
     std::printf("pyramid-bench: %s, %s %s, batch %d, prompt %d, gen %d, kv %s",
                 t.backend->device_name().c_str(), t.shape.c_str(), t.dtype.c_str(), o.batch,
                 o.prompt, o.gen, kv.policy.c_str());
     if (kv.retention > 0) std::printf(" (retention %.3g)", double(kv.retention));
     std::printf("%s\n", o.repeat > 1 ? (", median of " + std::to_string(o.repeat) + " runs").c_str() : "");
+    if (search) {
+        std::printf("  batch max: %d sequences fit %s (estimate %d: each %s KV, %s scratch; tries:",
+                    o.batch, human_bytes(double(search->limit)).c_str(), search->estimate,
+                    human_bytes(double(search->kv_per_sequence)).c_str(),
+                    human_bytes(double(search->scratch_per_sequence)).c_str());
+        for (const BatchSearch::Try& tr : search->tries)
+            std::printf(" %d %s", tr.batch, tr.fits ? "fits" : "out of memory,");
+        std::printf(")\n");
+    }
     std::printf("  %-9s %12s %14s\n", "phase", "time", "tokens/s");
     std::printf("  %-9s %9.1f ms %14.1f   (forward %.1f ms)\n", "prefill", s.prefill_ms,
                 s.prefill_tok_s, s.prefill_forward_ms);
@@ -862,7 +988,7 @@ void check_against_model(const Options& o, const Target& t, const pyr::KvParams&
                      o.prompt + o.gen, t.config.n_ctx_train);
 }
 
-int run(const Options& o) {
+int run(Options o) {
     const pyr::KvParams kv = kv_params(o.kv);
     if (!o.model.empty() && o.dtype_given)
         std::fprintf(stderr, "pyramid-bench: note: --dtype applies to random weights; the "
@@ -877,23 +1003,28 @@ int run(const Options& o) {
     open_backend(o, t);
 
     std::mt19937_64 rng(o.seed);
+    std::optional<BatchSearch> search;
+    if (o.batch_max) {  // its runs are the warm-up
+        search.emplace();
+        o.batch = find_max_batch(t, kv, o.prompt, o.prefill_batch, o.gen, rng, *search);
+    }
     // Warm-up at the timed prompt length: besides loading kernels and cuBLAS, the backend's
     // scratch grows to B * P rows here rather than inside the timed prefill.
-    for (int i = 0; i < o.warmup; ++i) {
+    for (int i = 0; i < (o.batch_max ? 0 : o.warmup); ++i) {
         std::fprintf(stderr, "pyramid-bench: warming up (%d/%d)...\n", i + 1, o.warmup);
-        run_once(t, kv, o.batch, o.prompt, std::min(o.gen, 4), rng);
+        run_once(t, kv, o.batch, o.prompt, o.prefill_batch, std::min(o.gen, 4), rng);
     }
     std::vector<RunResult> runs;
     for (int i = 0; i < o.repeat; ++i) {
         std::fprintf(stderr, "pyramid-bench: run %d/%d: prefill %d x %d tokens, decode %d steps...\n",
                      i + 1, o.repeat, o.batch, o.prompt, o.gen);
-        runs.push_back(run_once(t, kv, o.batch, o.prompt, o.gen, rng));
+        runs.push_back(run_once(t, kv, o.batch, o.prompt, o.prefill_batch, o.gen, rng));
     }
     const Summary s = summarize(o, t, runs);
     if (o.json)
-        std::printf("%s\n", report_json(o, t, kv, runs, s).dump().c_str());
+        std::printf("%s\n", report_json(o, t, kv, runs, s, search ? &*search : nullptr).dump().c_str());
     else
-        print_table(o, t, kv, runs, s);
+        print_table(o, t, kv, runs, s, search ? &*search : nullptr);
     return 0;
 }
 

@@ -42,9 +42,13 @@ struct SequenceStep {
     // and, unless `logits` is set too, the logits stay on the device: Backend::read_logits.
 };
 
-// Device memory a backend holds, by use (0 on the CPU backend).
+// Memory a backend holds, by use, the most it held together (peak) and what it may hold
+// together (limit: max_device_bytes, or the device's memory; 0 = no limit). On the CPU
+// backend only the KV caches count (host memory; the weights are mapped from the checkpoint):
+// weights and scratch are 0 there and limit is max_kv_bytes.
 struct DeviceMemory {
     uint64_t weights = 0, kv = 0, scratch = 0, peak = 0;
+    uint64_t limit = 0;
 };
 
 // How a backend ran its steps, for benchmarks and tests (0 where it does not apply): decode

@@ -6,6 +6,8 @@
 #   tools/cuda_sim/run.sh --engine [doctest args...]  the library's CUDA backend on the
 #       simulated device: tests/cuda/test_cuda_engine.cpp and the
 #       sim's own tests (tools/cuda_sim/test_sim_runtime.cpp), e.g. -tc='*graph*'
+#   tools/cuda_sim/run.sh --bench [pyramid-bench args...]  pyramid-bench on the simulated
+#       device, e.g. --shape tiny --prompt 64 --gen 8 (small: the sim is slow)
 #
 # Environment: PYR_SIM_BUILD (build folder, default build-cuda-sim/, build-cuda-sim-engine/
 # with --engine), PYR_SIM_ASAN=1 (AddressSanitizer build, in build-cuda-sim[-engine]-asan/),
@@ -18,6 +20,9 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 mode=kernels
 if [[ "${1:-}" == "--engine" ]]; then
     mode=engine
+    shift
+elif [[ "${1:-}" == "--bench" ]]; then
+    mode=bench
     shift
 fi
 
@@ -33,8 +38,8 @@ if [[ -z "${CUDA_INC:-}" ]]; then
          "folder (the headers alone suffice, e.g. pip's nvidia-cuda-runtime wheel)" >&2
     exit 77  # ctest shows it as "Skipped"
 fi
-if [[ $mode == engine && ! -f "$CUDA_INC/cublas_v2.h" ]]; then
-    echo "SKIPPED: cuda-sim --engine: no cublas_v2.h next to $CUDA_INC/cuda_fp16.h (the" \
+if [[ $mode != kernels && ! -f "$CUDA_INC/cublas_v2.h" ]]; then
+    echo "SKIPPED: cuda-sim --$mode: no cublas_v2.h next to $CUDA_INC/cuda_fp16.h (the" \
          "backend's declarations of cuBLAS are needed; pip's nvidia-cublas wheel has them)" >&2
     exit 77
 fi
@@ -45,6 +50,9 @@ binary=test_cuda_kernels
 if [[ $mode == engine ]]; then
     folder="$ROOT/build-cuda-sim-engine"
     binary=test_cuda_engine
+elif [[ $mode == bench ]]; then  # the engine mode's objects, and pyramid-bench's main
+    folder="$ROOT/build-cuda-sim-engine"
+    binary=pyramid-bench
 fi
 if [[ "${PYR_SIM_ASAN:-0}" == 1 ]]; then
     folder="$folder-asan"

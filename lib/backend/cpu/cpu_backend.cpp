@@ -17,7 +17,18 @@ bool KvBudget::try_take(uint64_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (limit_ > 0 && used_ + bytes > limit_) return false;
     used_ += bytes;
+    peak_ = std::max(peak_, used_);
     return true;
+}
+
+uint64_t KvBudget::used() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return used_;
+}
+
+uint64_t KvBudget::peak() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return peak_;
 }
 
 void KvBudget::take(uint64_t bytes) {
@@ -197,6 +208,14 @@ CpuBackend::CpuBackend(const ModelConfig& config, const ModelWeights& weights, i
     : owner_(std::move(owner)), config_(config), weights_(weights), pool_(n_threads),
       kv_budget_(std::make_shared<KvBudget>(max_kv_bytes)) {
     check_weights(config_, weights_);
+}
+
+DeviceMemory CpuBackend::device_memory() const {
+    DeviceMemory m;
+    m.kv = kv_budget_->used();
+    m.peak = kv_budget_->peak();
+    m.limit = kv_budget_->limit();
+    return m;
 }
 
 std::unique_ptr<KvStorage> CpuBackend::new_kv_storage(int32_t n_ctx) {

@@ -22,11 +22,14 @@ public:
     // The same, or throws PYR_ERR_OUT_OF_MEMORY (nothing counted) past the limit.
     void take(uint64_t bytes);
     void give_back(uint64_t bytes) noexcept;
+    uint64_t limit() const { return limit_; }
+    uint64_t used() const;
+    uint64_t peak() const;  // the most used at once
 
 private:
     mutable std::mutex mutex_;
     const uint64_t limit_;
-    uint64_t used_ = 0;
+    uint64_t used_ = 0, peak_ = 0;
 };
 
 // Keys and values of one session, per layer, fp32, token-major: k, v (n_tokens, kv_dim)
@@ -83,6 +86,7 @@ public:
     std::string device_name() const override { return "cpu"; }
     std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) override;
     uint64_t kv_storage_bytes(int32_t n_ctx) const override;
+    DeviceMemory device_memory() const override;  // the KV caches' room (host memory)
     // As Backend::forward; a step with logits == nullptr skips the output head (a prefill
     // chunk whose logits nobody needs). Callers may be on any thread; calls serialise.
     void forward(SequenceStep* batch, int n_seq) override;

@@ -120,6 +120,7 @@ public:
 
     DeviceBuffer alloc(size_t bytes, Use use) { return DeviceBuffer(shared_from_this(), bytes, use); }
     MemoryUse memory() const;
+    uint64_t budget() const { return budget_; }  // max_device_bytes, or the device's memory
     void sync() const;
 
 private:
