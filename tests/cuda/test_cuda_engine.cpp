@@ -14,10 +14,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "backend/backend.h"
 #include "common/error.h"
 #include "engine/engine.h"
 #include "engine/session.h"
 #include "kernels/kernels.h"
+#include "kv/kv_cache.h"
+#include "kv/kv_policy.h"
+#include "model/model.h"
 #include "support/engine_util.h"
 
 using nlohmann::json;
@@ -234,6 +238,102 @@ TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching ea
             // every h2o decode step launched directly)
             if (std::string(name) != "pyramid") CHECK(replays >= uint64_t(n_gen) / 2);
             if (std::string(name) == "pyramid") CHECK(captures <= 2);
+        }
+    }
+}
+
+// A batch of sequences driven through the backend directly, as the engine's scheduler
+// would batch them (every sequence in every forward): ragged prompts in one prefill, then
+// greedy decode steps of one token each. Returns the logits of every step and sequence.
+static std::vector<std::vector<float>> run_batch(pyr::Backend& backend, const pyr::ModelConfig& c,
+                                                 const pyr::KvParams& kv, int n_seq, int n_prompt,
+                                                 int n_gen, std::vector<std::vector<int32_t>>* kept) {
+    struct Seq {
+        std::unique_ptr<pyr::KvCache> cache;
+        std::unique_ptr<pyr::KvPolicy> policy;
+        std::vector<int32_t> tokens, positions;
+        std::vector<float> logits;
+    };
+    std::vector<Seq> seqs(static_cast<size_t>(n_seq));
+    std::vector<pyr::SequenceStep> steps(seqs.size());
+    for (int s = 0; s < n_seq; ++s) {
+        Seq& q = seqs[size_t(s)];
+        q.cache = std::make_unique<pyr::KvCache>(c.n_layer, backend.new_kv_storage(n_prompt + n_seq + n_gen));
+        q.policy = pyr::make_kv_policy(kv, c.n_layer);
+        q.logits.assign(size_t(c.n_vocab), 0.0f);
+        for (int i = 0; i < n_prompt + s; ++i) {  // ragged: sequence s has n_prompt + s tokens
+            q.tokens.push_back(3 + (i * 7 + s * 13) % (c.n_vocab - 3));
+            q.positions.push_back(i);
+        }
+        steps[size_t(s)] = {q.tokens.data(), q.positions.data(), int32_t(q.tokens.size()),
+                            q.cache.get(), q.policy.get(), q.logits.data()};
+        q.policy->begin_step(int32_t(q.tokens.size()), true);
+    }
+    std::vector<std::vector<float>> out;
+    backend.forward(steps.data(), n_seq);
+    for (int g = 0;; ++g) {
+        for (Seq& q : seqs) {
+            q.cache->set_n_processed(q.positions.back() + 1);
+            q.policy->after_step(*q.cache);
+            out.push_back(q.logits);
+        }
+        if (g == n_gen) break;
+        for (int s = 0; s < n_seq; ++s) {
+            Seq& q = seqs[size_t(s)];
+            const int32_t next = int32_t(std::max_element(q.logits.begin(), q.logits.end()) - q.logits.begin());
+            const int32_t pos = q.positions.back() + 1;
+            q.tokens.assign(1, next);
+            q.positions.assign(1, pos);
+            steps[size_t(s)] = {q.tokens.data(), q.positions.data(), 1, q.cache.get(),
+                                q.policy.get(), q.logits.data()};
+            q.policy->begin_step(1, false);
+        }
+        backend.forward(steps.data(), n_seq);
+    }
+    if (kept)
+        for (Seq& q : seqs)
+            for (int il = 0; il < c.n_layer; ++il) kept->push_back(q.cache->positions(il));
+    return out;
+}
+
+TEST_CASE("batched decode steps with cuBLAS projections replay CUDA graphs with the same bits") {
+    // past kGemvMaxTokens sequences the projections are cuBLAS GEMMs: captured into the step's
+    // graph with the context's workspace (a capture cannot allocate one)
+    auto model = pyr::Model::load(PYR_TEST_MODEL_DIR);
+    auto backend_with_graphs = [&](bool on) {
+        setenv("PYRAMID_CUDA_GRAPHS", on ? "1" : "0", 1);
+        auto b = pyr::make_cuda_backend(model, 0, 0);
+        unsetenv("PYRAMID_CUDA_GRAPHS");
+        return b;
+    };
+    auto graphs = backend_with_graphs(true);
+    auto launches = backend_with_graphs(false);
+    const int n_seq = pyr::kernels::kGemvMaxTokens + 4, n_prompt = 20, n_gen = 18;
+    for (const char* name : {"full", "pyramid"}) {
+        SUBCASE(name) {
+            pyr::KvParams kv;
+            kv.policy = name;
+            kv.retention = 0.5f;
+            std::vector<std::vector<int32_t>> g_kept, l_kept;
+            const pyr::BackendStats before = graphs->stats();
+            const auto g = run_batch(*graphs, model->config(), kv, n_seq, n_prompt, n_gen, &g_kept);
+            const pyr::BackendStats after = graphs->stats();
+            const auto l = run_batch(*launches, model->config(), kv, n_seq, n_prompt, n_gen, &l_kept);
+            const uint64_t replays = after.graph_replays - before.graph_replays;
+            const uint64_t captures = after.graph_captures - before.graph_captures;
+            MESSAGE(std::string(name) << ", " << n_seq << " sequences: " << captures << " graphs captured, " << replays
+                         << " replays, " << after.direct_decode_steps - before.direct_decode_steps
+                         << " steps launched directly");
+            REQUIRE(g.size() == l.size());
+            for (size_t i = 0; i < g.size(); ++i)
+                REQUIRE_MESSAGE(g[i] == l[i], "step " << i / size_t(n_seq) << ", sequence "
+                                                      << i % size_t(n_seq) << ": logits differ");
+            CHECK(g_kept == l_kept);
+            CHECK(replays >= uint64_t(n_gen) / 2);
+            CHECK(launches->stats().graph_replays == 0);
+            // cuBLAS's workspace (Hopper: 32 MiB, at most 1/64 of the budget) is scratch
+            const pyr::DeviceMemory mem = graphs->device_memory();
+            CHECK(mem.scratch >= (std::min<uint64_t>(32u << 20, mem.limit / 64) & ~uint64_t(255)));
         }
     }
 }

@@ -60,6 +60,9 @@ if [[ "${PYR_SIM_ASAN:-0}" == 1 ]]; then
 fi
 BUILD="${PYR_SIM_BUILD:-$folder}"
 mkdir -p "$BUILD"
+# absolute: the compiler's dependency files name their targets by the path given, and a
+# relative one would not match them (headers changed, objects not rebuilt)
+BUILD="$(cd "$BUILD" && pwd)"
 echo "cuda-sim: building in $BUILD (CUDA headers from $CUDA_INC)"
 make --no-print-directory -f "$ROOT/tools/cuda_sim/Makefile" -j"${JOBS:-2}" \
     ROOT="$ROOT" BUILD="$BUILD" CUDA_INC="$CUDA_INC" "${extra[@]}" "$BUILD/$binary"

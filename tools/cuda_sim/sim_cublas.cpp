@@ -1,5 +1,5 @@
-// cuda-sim: the cuBLAS calls of lib/backend/cuda (handles, streams, cublasGemmEx) on the CPU,
-// for engine mode. A GEMM is queued on the handle's stream like a kernel (pyr_sim::enqueue):
+// cuda-sim: the cuBLAS calls of lib/backend/cuda (handles, streams, workspaces,
+// cublasGemmEx) on the CPU, for engine mode. A GEMM is queued on the handle's stream like a kernel (pyr_sim::enqueue):
 // it runs at once, or is recorded into a capturing stream's graph and reads its operands at
 // each replay. Anything else of cuBLAS is absent (a link error names it).
 
@@ -9,6 +9,7 @@
 #include <cublas_v2.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -19,6 +20,11 @@
 
 struct cublasContext {  // what cublasHandle_t points at
     cudaStream_t stream = nullptr;
+    // the user's workspace (cublasSetWorkspace; may be none: 0 bytes); cublasSetStream
+    // drops it, as cuBLAS does
+    bool workspace_set = false;
+    void* workspace = nullptr;
+    size_t workspace_bytes = 0;
 };
 
 namespace {
@@ -185,6 +191,20 @@ cublasStatus_t cublasDestroy_v2(cublasHandle_t handle) {
 cublasStatus_t cublasSetStream_v2(cublasHandle_t handle, cudaStream_t stream) {
     if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     handle->stream = stream;
+    handle->workspace_set = false;  // back to cuBLAS's own pool
+    handle->workspace = nullptr;
+    handle->workspace_bytes = 0;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t handle, void* workspace, size_t bytes) {
+    if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if ((bytes > 0 && !workspace) || (workspace && !pyr_sim::is_device_range(workspace, bytes)) ||
+        reinterpret_cast<uintptr_t>(workspace) % 256 != 0)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    handle->workspace_set = true;
+    handle->workspace = workspace;
+    handle->workspace_bytes = bytes;
     return CUBLAS_STATUS_SUCCESS;
 }
 const char* cublasGetStatusName(cublasStatus_t status) {
@@ -243,6 +263,14 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
         return CUBLAS_STATUS_NOT_SUPPORTED;
     }
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    // Without a workspace of the caller's, cuBLAS may allocate one: not inside a capture.
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(handle->stream, &capturing) == cudaSuccess &&
+        capturing != cudaStreamCaptureStatusNone && !handle->workspace_set) {
+        std::fprintf(stderr, "cuda-sim: cublasGemmEx captured into a graph without cublasSetWorkspace "
+                     "after the handle's last cublasSetStream\n");
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
     const Gemm g{transa, transb, m, n, k, A, B, C, Atype, Btype, lda, ldb, ldc,
                  *static_cast<const float*>(alpha), *static_cast<const float*>(beta)};
     if (const char* which = g.bad_operand()) {

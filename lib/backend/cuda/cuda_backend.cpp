@@ -1072,9 +1072,8 @@ bool CudaBackend::decode_step(SequenceStep* steps, int n_seq) {
     stage_upload(s_.sin.get(), sin.data(), sin.size());
     stage_upload(s_.kv_len.get(), kv_len.data(), kv_len.size());
 
-    // a graph holds no cuBLAS call: only steps whose projections all take the gemv kernel
     graphs_->run(plan.key(s_), [&](cudaStream_t st) { encode_decode(plan, st); },
-                 linear_uses_gemv(n_seq));
+                 !linear_uses_gemv(n_seq));
     std::vector<int32_t> out_seqs(static_cast<size_t>(n_seq));
     for (int s = 0; s < n_seq; ++s) out_seqs[size_t(s)] = s;
     finish_step(steps, out_seqs, deferred, obs_floats);

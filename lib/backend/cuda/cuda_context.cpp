@@ -49,6 +49,10 @@ std::shared_ptr<Context> Context::open(int index, uint64_t max_bytes) {
     size_t free_b = 0, total_b = 0;
     PYR_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     ctx->budget_ = max_bytes ? max_bytes : uint64_t(total_b);
+    // what cuBLAS recommends, but no more than 1/64 of a tight budget (cuBLAS then takes
+    // algorithms that fit), 256-byte aligned
+    const uint64_t ws = std::min<uint64_t>(uint64_t(prop.major >= 9 ? 32 : 4) << 20, ctx->budget_ / 64);
+    ctx->gemm_ws_bytes_ = size_t(ws & ~uint64_t(255));
     // Keep freed blocks in the stream-ordered pool instead of returning them at each sync:
     // KV compaction and growing scratch allocate and free every few steps.
     cudaMemPool_t pool = nullptr;
@@ -58,6 +62,7 @@ std::shared_ptr<Context> Context::open(int index, uint64_t max_bytes) {
     PYR_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->stream_, cudaStreamNonBlocking));
     PYR_CUBLAS_CHECK(cublasCreate(&ctx->cublas_));
     PYR_CUBLAS_CHECK(cublasSetStream(ctx->cublas_, ctx->stream_));
+    if (ctx->gemm_ws_bytes_ > 0) ctx->gemm_ws_ = ctx->raw_alloc(ctx->gemm_ws_bytes_, Use::Scratch);
     PYR_LOG_INFO("cuda:" + std::to_string(index) + " " + ctx->name_ + ", " +
                  std::to_string(free_b >> 20) + " MiB free, budget " +
                  std::to_string(ctx->budget_ >> 20) + " MiB");
@@ -68,6 +73,8 @@ Context::~Context() {
     cudaSetDevice(device_);
     if (stream_) cudaStreamSynchronize(stream_);
     if (cublas_) cublasDestroy(cublas_);
+    if (gemm_ws_) raw_free(gemm_ws_, gemm_ws_bytes_, Use::Scratch);
+    if (stream_) cudaStreamSynchronize(stream_);
     if (stream_) cudaStreamDestroy(stream_);
 }
 

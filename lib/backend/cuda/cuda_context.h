@@ -121,6 +121,13 @@ public:
     DeviceBuffer alloc(size_t bytes, Use use) { return DeviceBuffer(shared_from_this(), bytes, use); }
     MemoryUse memory() const;
     uint64_t budget() const { return budget_; }  // max_device_bytes, or the device's memory
+    // cuBLAS's workspace, taken from the budget (as scratch) when the context opens and
+    // never moved: with it, no cuBLAS call allocates (a decode step captured as a CUDA graph
+    // could not), and every product of a shape takes the same algorithm, captured or not.
+    // 32 MiB on Hopper (what cuBLAS recommends there), 4 MiB before, at most 1/64 of the
+    // budget (none when that is under 256 bytes).
+    void* gemm_workspace() const { return gemm_ws_; }
+    size_t gemm_workspace_bytes() const { return gemm_ws_bytes_; }
     void sync() const;
 
 private:
@@ -135,6 +142,8 @@ private:
     cudaStream_t stream_ = nullptr;
     cublasHandle_t cublas_ = nullptr;
     uint64_t budget_ = 0;
+    void* gemm_ws_ = nullptr;
+    size_t gemm_ws_bytes_ = 0;
     mutable std::mutex mutex_;  // guards the counters (KV storage is touched by session threads)
     MemoryUse use_;
 };

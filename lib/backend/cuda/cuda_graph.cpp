@@ -41,9 +41,9 @@ cudaGraphExec_t StepGraphs::capture(const std::function<void(cudaStream_t)>& enc
 }
 
 void StepGraphs::run(const Key& key, const std::function<void(cudaStream_t)>& encode,
-                     bool capturable) {
+                     bool with_cublas) {
     const cudaStream_t stream = ctx_->stream();
-    if (!enabled_ || !capturable) {
+    if (!enabled_ || (with_cublas && !cublas_enabled_)) {
         ++stats_.direct;
         encode(stream);
         return;
@@ -68,8 +68,9 @@ void StepGraphs::run(const Key& key, const std::function<void(cudaStream_t)>& en
         exec = capture(encode);
     } catch (const Error& e) {
         PYR_LOG_WARN(std::string("cuda backend: capturing a decode step as a CUDA graph failed (") +
-                     e.what() + "); steps are launched directly from now on");
-        enabled_ = false;
+                     e.what() + "); " + (with_cublas ? "steps with cuBLAS projections" : "steps") +
+                     " are launched directly from now on");
+        (with_cublas ? cublas_enabled_ : enabled_) = false;
         ++stats_.direct;
         encode(stream);
         return;

@@ -31,11 +31,12 @@ public:
     StepGraphs& operator=(const StepGraphs&) = delete;
 
     // Queues the step's work on the context's stream: replays the graph of `key`, or
-    // captures `encode` into one, or calls encode(ctx.stream()) directly (always when not
-    // `capturable`). `encode` queues all of its work on the stream it is given and must
-    // neither allocate nor wait (it may run inside a capture). A failed capture turns graphs
-    // off (with a warning) and the step runs directly.
-    void run(const Key& key, const std::function<void(cudaStream_t)>& encode, bool capturable);
+    // captures `encode` into one, or calls encode(ctx.stream()) directly. `encode` queues all
+    // of its work on the stream it is given and must neither allocate nor wait (it may run
+    // inside a capture). `with_cublas`: the step's projections are cuBLAS calls (batches
+    // past the gemv kernel's tokens). A failed capture runs the step directly and, with a
+    // warning, turns graphs off for such steps (with_cublas) or for all.
+    void run(const Key& key, const std::function<void(cudaStream_t)>& encode, bool with_cublas);
 
     bool enabled() const { return enabled_; }
     const Stats& stats() const { return stats_; }
@@ -49,6 +50,7 @@ private:
 
     std::shared_ptr<Context> ctx_;
     bool enabled_;
+    bool cublas_enabled_ = true;             // false after a step with cuBLAS failed to capture
     cudaStream_t capture_stream_ = nullptr;  // private: no other thread's work can join a capture
     std::list<Entry> entries_;               // most recently used first
     Key last_key_;

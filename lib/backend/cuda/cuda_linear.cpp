@@ -33,6 +33,8 @@ void linear(Context& ctx, cudaStream_t stream, kernels::Dt dt, const void* W, in
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     const cudaDataType_t t = dt == kernels::Dt::F16 ? CUDA_R_16F : CUDA_R_16BF;
     PYR_CUBLAS_CHECK(cublasSetStream(ctx.cublas(), stream));
+    // after each cublasSetStream, which resets the workspace to cuBLAS's own
+    PYR_CUBLAS_CHECK(cublasSetWorkspace(ctx.cublas(), ctx.gemm_workspace(), ctx.gemm_workspace_bytes()));
     PYR_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &alpha,
                                   W, t, cols, a, t, cols, &beta, y, CUDA_R_32F, ld,
                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));

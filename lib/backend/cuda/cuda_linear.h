@@ -23,11 +23,4 @@ void linear_swiglu(Context& ctx, cudaStream_t stream, kernels::Dt dt, const void
                    const void* b_gate_up, int32_t n_ff, int32_t cols, const void* a, int32_t n,
                    float* gu, void* h);
 
-// The MLP's h (n, n_ff) Dt = silu(gate) * up, gate|up (n, 2 n_ff) = a (n, cols) .
-// W_gate_up (2 n_ff, cols)^T [+ b_gate_up]. A few tokens without a bias take gemv_swiglu (one
-// pass over W, no fp32 gate|up); otherwise linear into gu (n, 2 n_ff) fp32 scratch, the bias,
-// then silu_mul.
-void linear_swiglu(Context& ctx, kernels::Dt dt, const void* W_gate_up, const void* b_gate_up,
-                   int32_t n_ff, int32_t cols, const void* a, int32_t n, float* gu, void* h);
-
 }  // namespace pyr::cuda
