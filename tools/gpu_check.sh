@@ -10,6 +10,8 @@
 # summed per kernel into profile.txt: launches, device time, share, DRAM GB/s.
 # Dependencies missing on the GPU machine (nlohmann-json, doctest) can be carried in
 # .gpu-deps/ (an install prefix: include/, share/cmake/, lib/cmake/).
+# GPU_CHECK_SECONDS (default 540): the call's time; a bench run or stage that would start
+# with under 40 s left is skipped (logged), so that the results so far come back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -17,6 +19,9 @@ mkdir -p "$OUT"
 stages=${*:-build test bench}
 has() { [[ " $stages " == *" $1 "* ]]; }
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))
+time_left() { echo $((deadline - SECONDS)); }
+in_time() { [ "$(time_left)" -ge 40 ] || { log "skipped $1: $(time_left) s left"; return 1; }; }
 
 if has build; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/summary.txt"
@@ -38,14 +43,14 @@ if has cpu; then
   grep -E "\(Failed\)|FAILED|ERROR" "$OUT/ctest.log" | head -20
 fi
 
-if has test; then
-  timeout 300 ./build-gpu/bin/test_cuda > "$OUT/test_cuda.log" 2>&1
+if has test && in_time test; then
+  timeout $(( $(time_left) < 300 ? $(time_left) : 300 )) ./build-gpu/bin/test_cuda > "$OUT/test_cuda.log" 2>&1
   log "test_cuda rc=$? $(grep -E '^\[doctest\] (test cases|assertions)' "$OUT/test_cuda.log" | tr '\n' ' ')"
   grep -E "MESSAGE|near-tie|layers keep|ERROR|FAILED" "$OUT/test_cuda.log" | head -40
 fi
 
-if has sanitize; then
-  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
+if has sanitize && in_time sanitize; then
+  timeout $(( $(time_left) < 300 ? $(time_left) : 300 )) compute-sanitizer --tool memcheck --error-exitcode 9 \
     ./build-gpu/bin/test_cuda > "$OUT/memcheck.log" 2>&1
   log "memcheck rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1)"
 fi
@@ -67,11 +72,14 @@ PY
   B=./build-gpu/bin/pyramid-bench
   # each run: one JSON line in bench.jsonl ({"name": ..., "env": ..., the bench's fields})
   run() { local name=$1; shift; local j
-          j=$(timeout 180 "$B" --bandwidth-gbs "${bw:-3000}" --json "$@" 2>> "$OUT/bench.log")
+          in_time "bench $name" || return 0
+          j=$(timeout $(( $(time_left) < 180 ? $(time_left) : 180 )) "$B" --bandwidth-gbs "${bw:-3000}" --json "$@" 2>> "$OUT/bench.log")
           echo "{\"name\": \"$name\", \"env\": \"${BENCH_ENV:-}\", \"result\": ${j:-null}}" >> "$OUT/bench.jsonl"
           log "bench $name ${BENCH_ENV:-} $(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print({k: round(d[k], 2) for k in ('batch','prefill_ms','decode_tokens_per_s','total_tokens_per_s') if k in d}, 'bw fraction', round(d['bandwidth'].get('fraction') or 0, 3), 'steps', d.get('decode_steps'), 'kv MiB', round(d['device_memory']['kv'] / 2**20, 1), 'peak MiB', round(d['device_memory']['peak'] / 2**20))" "${j:-null}" 2>&1)"; }
-  # the Done-when run, then each decode speed-up switched off alone (same machine, same call)
+  # the Done-when runs first (decode at batch 1; pyramid's prefill against full's), then
+  # each decode speed-up switched off alone (same machine, same call), then the others
   run 7b_full --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
+  run 7b_pyramid --shape llama2-7b --batch 1 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5 --repeat 3
   BENCH_ENV=PYRAMID_CUDA_GRAPHS=0 PYRAMID_CUDA_GRAPHS=0 run 7b_full_nographs --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   BENCH_ENV=PYRAMID_FUSE_SWIGLU=0 PYRAMID_FUSE_SWIGLU=0 run 7b_full_unfused --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   BENCH_ENV=PYRAMID_PDL=0 PYRAMID_PDL=0 run 7b_full_nopdl --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
@@ -80,21 +88,42 @@ PY
   run 7b_full_p3840 --shape llama2-7b --batch 1 --prompt 3840 --gen 256
   BENCH_ENV=PYRAMID_ATTN_SPLITS=1 PYRAMID_ATTN_SPLITS=1 run 7b_full_p3840_nosplit --shape llama2-7b --batch 1 --prompt 3840 --gen 256
   # prefill at retention 0.5 against 7b_full's (the Done-when ratio) and the selection overhead
-  for p in pyramid snapshrink snapkv h2o streaming; do
+  for p in snapshrink snapkv h2o streaming; do
     run 7b_$p --shape llama2-7b --batch 1 --prompt 512 --gen 256 --kv-policy $p --kv-retention 0.5 --repeat 3
   done
   if [ -n "${BENCH_BATCH:-}" ]; then  # throughput: the paper's point (minutes more)
     run 7b_full_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256
+    # cuBLAS steps captured into graphs (since 2026-12-06) against launching them
+    BENCH_ENV=PYRAMID_CUDA_GRAPHS=0 PYRAMID_CUDA_GRAPHS=0 run 7b_full_b32_nographs --shape llama2-7b --batch 32 --prompt 512 --gen 256
     run 7b_pyramid_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
     # the largest batch that fits the GPU, full against pyramid (retention 0.5)
     run 7b_full_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256
     run 7b_pyramid_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
   fi
   run bundled --model models/tiny-code-llama --batch 1 --prompt 512 --gen 256
+  # the issue's Done-when figures from bench.jsonl
+  [ -f "$OUT/bench.jsonl" ] && python3 - "$OUT/bench.jsonl" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import json, sys
+runs = {}
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d.get("result"): runs[d["name"]] = d["result"]
+full, pyr = runs.get("7b_full"), runs.get("7b_pyramid")
+if full:
+    bw = full["bandwidth"]
+    print(f"DONE-WHEN decode: 7B fp16 b1 P512 G256 {full['decode_tokens_per_s']:.1f} tok/s, "
+          f"{(bw.get('fraction') or 0):.3f} of the bandwidth limit (target 0.80; "
+          f"{bw.get('bandwidth_gbs')} GB/s copy, {bw['bytes_per_step'] / 1e9:.2f} GB per step)")
+if full and pyr:
+    print(f"DONE-WHEN prefill: pyramid 0.5 {pyr['prefill_ms']:.2f} ms vs full {full['prefill_ms']:.2f} ms "
+          f"(ratio {pyr['prefill_ms'] / full['prefill_ms']:.3f}, target < 1); selection at b1: "
+          f"prefill {pyr['selection']['prefill_ms']:.2f} ms, decode {pyr['selection']['decode_ms']:.2f} ms "
+          f"over {pyr['gen']} steps; KV retention at the end {pyr['kv_end']['retention']:.3f}")
+PY
 fi
 
-if has profile; then
-  timeout 400 ncu --clock-control none --print-units base --csv --nvtx --nvtx-include "decode/" \
+if has profile && in_time profile; then
+  timeout $(( $(time_left) < 400 ? $(time_left) : 400 )) ncu --clock-control none --print-units base --csv --nvtx --nvtx-include "decode/" \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
     ./build-gpu/bin/pyramid-bench --shape llama2-7b --batch 1 --prompt 512 --gen 2 --repeat 1 \
     > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
