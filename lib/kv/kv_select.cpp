@@ -69,8 +69,14 @@ void RecentRows::push(const float* rows, int32_t n_rows, int32_t n_keys, int32_t
     // Rows that would leave again at once are not copied.
     for (int32_t i = std::max(0, n_rows - capacity_); i < n_rows; ++i) {
         const float* r = rows + int64_t(i) * n_keys;
-        rows_.emplace_back(r + first, r + n_keys);
-        if (int32_t(rows_.size()) > capacity_) rows_.pop_front();
+        int32_t slot = head_ + count_;
+        if (count_ < capacity_) {
+            ++count_;
+        } else {  // the oldest row leaves: its slot takes the new one
+            slot = head_;
+            head_ = (head_ + 1) % capacity_;
+        }
+        slots_[size_t(slot % capacity_)].assign(r + first, r + n_keys);
     }
 }
 
@@ -81,16 +87,19 @@ std::vector<double> RecentRows::scores(int32_t begin, int32_t end, bool weighted
     const int32_t n_rows = size();
     for (int32_t i = 0; i < n_rows; ++i) {
         const double w = row_weight(i, n_rows, weighted);
-        const std::vector<float>& row = rows_[size_t(i)];
-        for (int32_t j = begin; j < std::min(end, int32_t(row.size())); ++j)
-            s[size_t(j - begin)] += w * row[size_t(j)];
+        const std::vector<float>& r = row(i);
+        const int32_t stop = std::min(end, int32_t(r.size()));
+        for (int32_t j = begin; j < stop; ++j) s[size_t(j - begin)] += w * r[size_t(j)];
     }
     for (double& v : s) v /= n_rows > 0 ? n_rows : 1;
     return s;
 }
 
 void RecentRows::drop_front(int32_t n) {
-    for (auto& row : rows_) row.erase(row.begin(), row.begin() + std::min<std::ptrdiff_t>(n, std::ptrdiff_t(row.size())));
+    for (int32_t i = 0; i < count_; ++i) {
+        std::vector<float>& r = slots_[size_t((head_ + i) % capacity_)];
+        r.erase(r.begin(), r.begin() + std::min<std::ptrdiff_t>(n, std::ptrdiff_t(r.size())));
+    }
 }
 
 }  // namespace pyr

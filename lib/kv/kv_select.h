@@ -2,8 +2,8 @@
 // stable top-k, and the rolling window of recent attention rows a layer keeps.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
-#include <deque>
 #include <vector>
 
 namespace pyr {
@@ -27,9 +27,9 @@ std::vector<int32_t> top_k_in_order(const std::vector<double>& scores, int32_t k
 // are not kept). Column c of the window is that slot + c. A key newer than a row has 0 in it.
 class RecentRows {
 public:
-    explicit RecentRows(int32_t capacity = 0) : capacity_(capacity) {}
+    explicit RecentRows(int32_t capacity = 0) : capacity_(capacity), slots_(size_t(std::max(capacity, 0))) {}
     int32_t capacity() const { return capacity_; }
-    int32_t size() const { return int32_t(rows_.size()); }
+    int32_t size() const { return count_; }
     // Adds rows (n_rows, n_keys) over all n_keys slots, keeping their columns from slot
     // `first` on (the window's start); the oldest rows beyond capacity leave.
     void push(const float* rows, int32_t n_rows, int32_t n_keys, int32_t first);
@@ -39,8 +39,14 @@ public:
     void drop_front(int32_t n);
 
 private:
+    // Row i (oldest first) is slots_[(head_ + i) % capacity_]. The slots are reused, not
+    // reallocated: a layer pushes a row at every decode step, for every sequence of a batch
+    // (host time per sequence and layer adds to every step of a large batch).
+    const std::vector<float>& row(int32_t i) const { return slots_[size_t((head_ + i) % capacity_)]; }
+
     int32_t capacity_;
-    std::deque<std::vector<float>> rows_;  // each row's window columns (shorter: zeros follow)
+    std::vector<std::vector<float>> slots_;  // each row's window columns (shorter: zeros follow)
+    int32_t head_ = 0, count_ = 0;
 };
 
 }  // namespace pyr

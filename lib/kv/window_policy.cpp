@@ -11,7 +11,7 @@ namespace pyr {
 WindowPolicy::WindowPolicy(const KvParams& params, int n_layer)
     : params_(params), n_layer_(n_layer), shrink_start_(std::max(params.shrink_start, 0)),
       layers_(size_t(n_layer)), staged_(size_t(n_layer)),
-      staged_keys_(size_t(n_layer), 0) {}
+      staged_width_(size_t(n_layer), 0) {}
 
 void WindowPolicy::begin_step(int32_t n_tokens, bool first_prefill) {
     first_prefill_ = first_prefill;
@@ -32,9 +32,15 @@ ObservationRequest WindowPolicy::observe(int) const {
 std::optional<std::vector<int32_t>> WindowPolicy::on_layer(int il, const Observation& obs,
                                                            const KvCache& cache) {
     PYR_ASSERT(obs.n_keys == cache.size(il));
-    if (!first_prefill_) {  // generation: remember the rows; after_step decides
-        staged_[size_t(il)].assign(obs.rows, obs.rows + int64_t(obs.n_rows) * obs.n_keys);
-        staged_keys_[size_t(il)] = obs.n_keys;
+    if (!first_prefill_) {  // generation: remember the rows' window columns; after_step decides
+        const int32_t first = std::min(layers_[size_t(il)].n_compressed, obs.n_keys);
+        std::vector<float>& staged = staged_[size_t(il)];
+        staged.clear();
+        for (int32_t i = 0; i < obs.n_rows; ++i) {
+            const float* r = obs.rows + int64_t(i) * obs.n_keys;
+            staged.insert(staged.end(), r + first, r + obs.n_keys);
+        }
+        staged_width_[size_t(il)] = obs.n_keys - first;
         return std::nullopt;
     }
     std::vector<int32_t> keep = select_prefill(il, obs);
@@ -74,10 +80,9 @@ void WindowPolicy::after_step(KvCache& cache) {
     for (int il = 0; il < n_layer_; ++il) {
         auto& staged = staged_[size_t(il)];
         if (!staged.empty()) {
-            const int32_t n_keys = staged_keys_[size_t(il)];
-            Layer& layer = layers_[size_t(il)];
-            layer.rows.push(staged.data(), int32_t(staged.size() / size_t(n_keys)), n_keys,
-                            layer.n_compressed);
+            const int32_t width = staged_width_[size_t(il)];  // columns from n_compressed on
+            layers_[size_t(il)].rows.push(staged.data(), int32_t(staged.size() / size_t(width)),
+                                          width, 0);
             staged.clear();
         }
         compress_blocks(il, cache);

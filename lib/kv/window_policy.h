@@ -57,7 +57,7 @@ private:
     };
     std::vector<Layer> layers_;
     std::vector<std::vector<float>> staged_;  // rows observed in the current step, per layer
-    std::vector<int32_t> staged_keys_;
+    std::vector<int32_t> staged_width_;  // their columns: from the layer's n_compressed on
     bool first_prefill_ = false;
     int32_t step_tokens_ = 0;
 };

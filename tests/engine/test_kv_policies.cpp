@@ -90,6 +90,47 @@ TEST_CASE("selection helpers") {
     CHECK(again.scores(0, 3, true) == pyr::window_scores(padded, 2, 3, 0, 3, true));
 }
 
+TEST_CASE("RecentRows (a ring of reused rows) scores as a plain list of rows would") {
+    // The obvious model: every pushed row's window columns in a list, the oldest dropped
+    // beyond capacity, drop_front erasing columns; scores as window_scores over the rows
+    // padded with zeros.
+    const uint32_t seed = std::random_device{}();
+    CAPTURE(seed);
+    std::mt19937 gen(seed);
+    std::uniform_real_distribution<float> prob(0.0f, 1.0f);
+    for (int32_t capacity : {1, 3, 5}) {
+        pyr::RecentRows ring(capacity);
+        std::vector<std::vector<float>> model;
+        int32_t n_keys = 4, first = 0;
+        for (int op = 0; op < 300; ++op) {
+            if (gen() % 5 == 0 && first + 2 <= n_keys) {  // a block leaves the window
+                const int32_t n = 1 + int32_t(gen() % 2);
+                ring.drop_front(n);
+                for (auto& r : model) r.erase(r.begin(), r.begin() + std::min<size_t>(size_t(n), r.size()));
+                first += n;
+            }
+            n_keys += 1;
+            const int32_t n_rows = 1 + int32_t(gen() % uint32_t(capacity + 2));  // may pass capacity
+            std::vector<float> rows(size_t(n_rows) * size_t(n_keys));
+            for (float& f : rows) f = prob(gen);
+            ring.push(rows.data(), n_rows, n_keys, first);
+            for (int32_t i = 0; i < n_rows; ++i) {
+                const float* r = rows.data() + size_t(i) * size_t(n_keys);
+                model.emplace_back(r + first, r + n_keys);
+                if (int32_t(model.size()) > capacity) model.erase(model.begin());
+            }
+            REQUIRE(ring.size() == int32_t(model.size()));
+            const int32_t width = n_keys - first;
+            std::vector<float> padded(model.size() * size_t(width), 0.0f);
+            for (size_t i = 0; i < model.size(); ++i)
+                std::copy(model[i].begin(), model[i].end(), padded.begin() + ptrdiff_t(i * size_t(width)));
+            for (bool weighted : {false, true})
+                REQUIRE(ring.scores(0, width, weighted) ==
+                        pyr::window_scores(padded.data(), int32_t(model.size()), width, 0, width, weighted));
+        }
+    }
+}
+
 TEST_CASE("top_k_in_order equals the obvious selection for every k, ties included") {
     // The obvious way: order all indices best first (ties: earlier index), take k, sort.
     auto obvious = [](const std::vector<double>& s, int32_t k) {
