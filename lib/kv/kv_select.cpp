@@ -26,7 +26,7 @@ std::vector<double> window_scores(const float* rows, int32_t n_rows, int32_t n_k
     return s;
 }
 
-std::vector<double> max_pool(const std::vector<double>& scores, int32_t kernel) {
+std::vector<double> max_pool(std::vector<double> scores, int32_t kernel) {
     if (kernel <= 1) return scores;
     const int64_t half = kernel / 2, n = int64_t(scores.size());
     std::vector<double> out(scores.size());

@@ -16,7 +16,7 @@ std::vector<double> window_scores(const float* rows, int32_t n_rows, int32_t n_k
 
 // Max-pool over neighbouring scores (kernel odd, stride 1, window clipped at the ends), as
 // SnapKV smooths its votes so that whole phrases survive. kernel <= 1 leaves them.
-std::vector<double> max_pool(const std::vector<double>& scores, int32_t kernel);
+std::vector<double> max_pool(std::vector<double> scores, int32_t kernel);
 
 // Indices of the k best scores, in ascending index order. Ties go to the earlier index.
 std::vector<int32_t> top_k_in_order(const std::vector<double>& scores, int32_t k);

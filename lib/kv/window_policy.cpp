@@ -104,6 +104,7 @@ void WindowPolicy::compress_blocks(int il, KvCache& cache) {
         std::vector<double> s = max_pool(layer.rows.scores(0, e, weighted_), pool_);
         const int32_t k = std::clamp(block_keep(il), 1, e);
         std::vector<int32_t> keep;
+        keep.reserve(size_t(len - e + k));
         for (int32_t j = 0; j < first; ++j) keep.push_back(j);
         for (int32_t j : top_k_in_order(s, k)) keep.push_back(first + j);
         for (int32_t j = first + e; j < len; ++j) keep.push_back(j);
