@@ -64,7 +64,8 @@ using KvPages = void* const*;  // device array: the cache's pages, in order
 // [row0[s], row0[s+1]), row0[0] = 0, non-decreasing). Rotates q in place and writes rotated k
 // and v as Dt to sequence s's cache rows [slot0[s], slot0[s] + its tokens). cos, sin (N,
 // head_dim/2). head_dim even; any n_head, n_head_kv.
-constexpr int kMaxBatch = 64;  // sequences per launch (descriptors travel by value)
+constexpr int kMaxBatch = 64;  // sequences per launch (descriptors travel by value); the
+                                // backend launches a larger batch in parts
 struct RopeStoreBatch {
     int32_t n_seq = 0;
     int32_t row0[kMaxBatch + 1] = {};

@@ -508,8 +508,7 @@ void CudaBackend::forward(SequenceStep* batch, int n_seq) {
     };
     try {
         compactor_->flush();  // what the policies pruned after their sessions' last steps
-        for (int i = 0; i < n_seq; i += kernels::kMaxBatch)
-            forward_batch(batch + i, std::min(n_seq - i, kernels::kMaxBatch));
+        forward_batch(batch, n_seq);
     } catch (const Error& e) {
         after_failure();
         // A step too large for the budget may have grown the scratch for itself first: kept,
@@ -524,8 +523,9 @@ void CudaBackend::forward(SequenceStep* batch, int n_seq) {
 }
 
 // The sequences' tokens go through the layers together: one projection per weight matrix
-// for all rows of the batch, one RoPE/append launch and one attention launch per layer over
-// the ragged caches. KV policies observe and prune per sequence as on the CPU backend
+// for all rows of the batch (however many sequences: the weights are read once a step), one
+// RoPE/append launch and one attention launch per layer over the ragged caches of each
+// kernels::kMaxBatch sequences. KV policies observe and prune per sequence as on the CPU backend
 // (CpuBackend::forward_sequence is the reference narrative). A step in which every sequence
 // decodes one token goes through decode_step instead.
 void CudaBackend::forward_batch(SequenceStep* steps, int n_seq) {
@@ -602,9 +602,7 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
                                                     const std::vector<InFlight>& seqs) {
     const ModelConfig& c = config_;
     const int n_seq = int(seqs.size());
-    LayerBatch lb;
-    lb.rope.n_seq = lb.attn.n_seq = n_seq;
-    lb.reqs.resize(seqs.size());
+    LayerBatch lb(n_seq);
     std::vector<size_t> score_off(seqs.size(), 0);
     size_t score_floats = 0;
     int32_t n_rows = 0;
@@ -618,8 +616,8 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
         kv.set_size(il, first_new + f.n);
         cache.appended(il, f.positions.data(), f.n);
         place_sequence(lb, s, f.row0, f.n, kv.table(il), first_new + f.n);
-        lb.rope.slot0[s] = first_new;
-        kernels::AttnSeq& a = lb.attn.seq[s];
+        lb.slot0[size_t(s)] = first_new;
+        kernels::AttnSeq& a = lb.attn[size_t(s)];
         // the attention kernel keeps the raw scores of the observed queries (no second pass
         // over the keys for the rows)
         a.scores_from = a.n_q;  // no rows observed unless the policy asks
@@ -631,7 +629,7 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
         }
         n_rows += f.n;
     }
-    lb.rope.row0[n_seq] = n_rows;
+    lb.row0[size_t(n_seq)] = n_rows;
     if (n_rows == n_seq) {  // every sequence decodes one token
         int32_t max_bound = 0;
         for (int s = 0; s < n_seq; ++s)
@@ -641,8 +639,8 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
     }
     ensure_scores(score_floats);
     for (int s = 0; s < n_seq; ++s)
-        if (lb.attn.seq[s].scores_from < lb.attn.seq[s].n_q)
-            lb.attn.seq[s].scores = s_.scores.as<float>() + score_off[size_t(s)];
+        if (lb.attn[size_t(s)].scores_from < lb.attn[size_t(s)].n_q)
+            lb.attn[size_t(s)].scores = s_.scores.as<float>() + score_off[size_t(s)];
     return lb;
 }
 
@@ -661,9 +659,9 @@ void CudaBackend::reserve_kv(CudaKvStorage& kv, int il, int32_t n_total) {
 // scores are the caller's.
 void CudaBackend::place_sequence(LayerBatch& lb, int s, int32_t row0, int32_t n,
                                  kernels::KvPages pages, int32_t n_kv) const {
-    lb.rope.row0[s] = row0;
-    lb.rope.pages[s] = pages;
-    kernels::AttnSeq& a = lb.attn.seq[s];
+    lb.row0[size_t(s)] = row0;
+    lb.pages[size_t(s)] = pages;
+    kernels::AttnSeq& a = lb.attn[size_t(s)];
     a.q = s_.qkv.as<float>() + int64_t(row0) * qkv_dim_;
     a.q_stride = qkv_dim_;
     a.n_q = n;
@@ -684,14 +682,47 @@ void CudaBackend::attention_block(int il, const LayerBatch& lb, int32_t n_rows, 
     if (L.bqkv.get())
         PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.qkv.as<float>(), n_rows, qkv_dim_, qkv_dim_,
                                          L.bqkv.get(), st));
-    PYR_CUDA_CHECK(kernels::rope_store(dt_, s_.qkv.as<float>(), lb.rope, c.n_head, c.n_head_kv,
-                                       c.head_dim, s_.cos.as<float>(), s_.sin.as<float>(), st));
-    PYR_CUDA_CHECK(kernels::attention(dt_, lb.attn, c.n_head, c.n_head_kv, c.head_dim, st, lb.split));
+    // kMaxBatch sequences a launch (the descriptors travel by value), all RoPE first. A
+    // launch's rows are counted from its first sequence's. The split workspace is reused
+    // launch after launch (stream order).
+    const int n_seq = lb.n_seq();
+    const int64_t half = c.head_dim / 2;
+    for (int c0 = 0; c0 < n_seq; c0 += kernels::kMaxBatch) {
+        const int n = std::min(n_seq - c0, kernels::kMaxBatch);
+        const int32_t r0 = lb.row0[size_t(c0)];
+        kernels::RopeStoreBatch rope;
+        rope.n_seq = n;
+        for (int i = 0; i <= n; ++i) rope.row0[i] = lb.row0[size_t(c0 + i)] - r0;
+        std::copy_n(lb.pages.begin() + c0, n, rope.pages);
+        std::copy_n(lb.slot0.begin() + c0, n, rope.slot0);
+        rope.kv_len = lb.kv_len ? lb.kv_len + c0 : nullptr;
+        PYR_CUDA_CHECK(kernels::rope_store(dt_, s_.qkv.as<float>() + int64_t(r0) * qkv_dim_, rope,
+                                           c.n_head, c.n_head_kv, c.head_dim,
+                                           s_.cos.as<float>() + r0 * half,
+                                           s_.sin.as<float>() + r0 * half, st));
+    }
+    for (int c0 = 0; c0 < n_seq; c0 += kernels::kMaxBatch) {
+        kernels::AttnBatch attn;
+        attn.n_seq = std::min(n_seq - c0, kernels::kMaxBatch);
+        std::copy_n(lb.attn.begin() + c0, attn.n_seq, attn.seq);
+        attn.kv_len = lb.kv_len ? lb.kv_len + c0 : nullptr;
+        PYR_CUDA_CHECK(kernels::attention(dt_, attn, c.n_head, c.n_head_kv, c.head_dim, st, lb.split));
+    }
     linear(*ctx_, st, dt_, L.wo.get(), c.n_embd, q_dim_, s_.att.get(), n_rows, s_.x.as<float>(),
            c.n_embd, true);
     if (L.bo.get())
         PYR_CUDA_CHECK(kernels::add_bias(dt_, s_.x.as<float>(), n_rows, c.n_embd, c.n_embd,
                                          L.bo.get(), st));
+}
+
+// The policies' attention rows (attention_rows), kMaxBatch sequences a launch.
+void CudaBackend::launch_rows(const std::vector<kernels::RowsSeq>& rows, cudaStream_t st) const {
+    for (size_t c0 = 0; c0 < rows.size(); c0 += kernels::kMaxBatch) {
+        kernels::RowsBatch batch;
+        batch.n_seq = int32_t(std::min(rows.size() - c0, size_t(kernels::kMaxBatch)));
+        std::copy_n(rows.begin() + ptrdiff_t(c0), batch.n_seq, batch.seq);
+        PYR_CUDA_CHECK(kernels::attention_rows(batch, config_.n_head, st));
+    }
 }
 
 // x += down(silu(gate(xn)) * up(xn)) over n_rows rows.
@@ -734,7 +765,7 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
     size_t end_later = obs_used, end_now = 0;
     for (size_t s = 0; s < seqs.size(); ++s) {
         if (!steps[s].policy) continue;
-        const kernels::AttnSeq& a = lb.attn.seq[s];
+        const kernels::AttnSeq& a = lb.attn[s];
         const int32_t n_obs = a.scores ? a.n_q - a.scores_from : 0;  // rows asked for
         const bool sums = lb.reqs[s].column_sums;
         const size_t need = size_t(n_obs) * size_t(a.n_kv) + (sums ? size_t(a.n_kv) : 0);
@@ -748,13 +779,13 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
     ensure_obs(end_later + end_now, obs_used);
     float* base = s_.obs.as<float>();
     // the rows of every sequence in one launch; column sums (H2O) one sequence at a time
-    kernels::RowsBatch rows;
+    std::vector<kernels::RowsSeq> rows;
     auto launch = [&](const Measured& m, size_t shift) {
-        const kernels::AttnSeq& a = lb.attn.seq[size_t(m.seq)];
+        const kernels::AttnSeq& a = lb.attn[size_t(m.seq)];
         if (m.rows_off != SIZE_MAX)
-            rows.seq[rows.n_seq++] = {a.scores, a.lse + int64_t(a.scores_from) * c.n_head,
-                                      base + shift + m.rows_off, m.n_rows, m.n_keys,
-                                      m.n_keys - a.n_q + a.scores_from, nullptr};
+            rows.push_back({a.scores, a.lse + int64_t(a.scores_from) * c.n_head,
+                            base + shift + m.rows_off, m.n_rows, m.n_keys,
+                            m.n_keys - a.n_q + a.scores_from, nullptr});
         if (m.sums_off != SIZE_MAX) {
             PYR_CUDA_CHECK(cudaMemsetAsync(base + shift + m.sums_off, 0, size_t(m.n_keys) * 4, st));
             PYR_CUDA_CHECK(kernels::attention_col_sums(dt_, a, c.n_head, c.n_head_kv, c.head_dim,
@@ -763,7 +794,7 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
     };
     for (const Measured& m : later) launch(m, 0);
     for (const Measured& m : now) launch(m, end_later);
-    PYR_CUDA_CHECK(kernels::attention_rows(rows, c.n_head, st));
+    launch_rows(rows, st);
     deferred.insert(deferred.end(), later.begin(), later.end());
     obs_used = end_later;
     if (end_now > 0) {
@@ -1089,31 +1120,29 @@ void CudaBackend::encode_decode(const DecodePlan& plan, cudaStream_t st) {
                                   s_.x.as<float>(), st));
     for (int il = 0; il < c.n_layer; ++il) {
         const int32_t* kv_len = s_.kv_len.as<int32_t>() + int64_t(il) * n_seq;
-        LayerBatch lb;
-        lb.rope.n_seq = lb.attn.n_seq = n_seq;
-        lb.rope.kv_len = kv_len;
-        lb.attn.kv_len = kv_len;
+        LayerBatch lb(n_seq);
+        lb.kv_len = kv_len;
         for (int s = 0; s < n_seq; ++s) {
             const DecodePlan::Seq& q = plan.at(il, s);
             place_sequence(lb, s, s, 1, q.pages, q.bound);
-            kernels::AttnSeq& a = lb.attn.seq[s];
+            kernels::AttnSeq& a = lb.attn[size_t(s)];
             a.scores_from = q.observed ? 0 : 1;
             a.scores = q.observed ? s_.scores.as<float>() + q.scores_off : nullptr;
         }
-        lb.rope.row0[n_seq] = n_seq;
+        lb.row0[size_t(n_seq)] = n_seq;
         lb.split.n_split = plan.n_split[size_t(il)];
         if (lb.split.n_split > 1) lb.split.partial = s_.attn_partial.as<float>();
         attention_block(il, lb, n_seq, st);
-        kernels::RowsBatch rows;  // the observed tokens' attention rows, one launch
+        std::vector<kernels::RowsSeq> rows;  // the observed tokens' attention rows
         for (int s = 0; s < n_seq; ++s) {
             const DecodePlan::Seq& q = plan.at(il, s);
             if (q.observed)
-                rows.seq[rows.n_seq++] = {s_.scores.as<float>() + q.scores_off,
-                                          s_.lse.as<float>() + int64_t(s) * c.n_head,
-                                          s_.obs.as<float>() + q.rows_off, 1, q.bound,
-                                          q.bound - 1, kv_len + s};
+                rows.push_back({s_.scores.as<float>() + q.scores_off,
+                                s_.lse.as<float>() + int64_t(s) * c.n_head,
+                                s_.obs.as<float>() + q.rows_off, 1, q.bound, q.bound - 1,
+                                kv_len + s});
         }
-        PYR_CUDA_CHECK(kernels::attention_rows(rows, c.n_head, st));
+        launch_rows(rows, st);
         mlp_block(il, n_seq, st);
     }
     output_head(s_.x.as<float>(), n_seq, st);

@@ -155,10 +155,19 @@ private:
         std::vector<int32_t> positions;   // of the rows still in flight
         bool first_prefill = false;
     };
-    // One layer's launches over the batch: where each sequence's tokens and cache are.
+    // One layer's launches over the batch: where each sequence's tokens and cache are. Any
+    // number of sequences: the per-sequence kernels take kernels::kMaxBatch of them a launch
+    // (attention_block, launch_rows), the projections all rows at once.
     struct LayerBatch {
-        kernels::RopeStoreBatch rope;
-        kernels::AttnBatch attn;
+        explicit LayerBatch(int n_seq)
+            : row0(size_t(n_seq) + 1, 0), pages(size_t(n_seq)), slot0(size_t(n_seq), 0),
+              attn(size_t(n_seq)), reqs(size_t(n_seq)) {}
+        int n_seq() const { return int(attn.size()); }
+        std::vector<int32_t> row0;            // sequence s has rows [row0[s], row0[s+1])
+        std::vector<kernels::KvPages> pages;  // its cache's page table
+        std::vector<int32_t> slot0;           // its first new cache slot
+        const int32_t* kv_len = nullptr;      // device (n_seq): cache lengths (decode plans)
+        std::vector<kernels::AttnSeq> attn;
         kernels::AttnSplit split;              // decode: each head's keys over several blocks
         std::vector<ObservationRequest> reqs;  // what each sequence's policy observes here
     };
@@ -189,6 +198,7 @@ private:
     void place_sequence(LayerBatch& lb, int s, int32_t row0, int32_t n, kernels::KvPages pages,
                         int32_t n_kv) const;
     void attention_block(int il, const LayerBatch& lb, int32_t n_rows, cudaStream_t st);
+    void launch_rows(const std::vector<kernels::RowsSeq>& rows, cudaStream_t st) const;
     void mlp_block(int il, int32_t n_rows, cudaStream_t st);
     void output_head(const float* x, int32_t n_out, cudaStream_t st);
     std::vector<Measured> measure_layer(int il, SequenceStep* steps, const LayerBatch& lb,
