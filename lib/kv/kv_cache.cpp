@@ -13,15 +13,15 @@ void KvCache::appended(int il, const int32_t* positions, int32_t n) {
 
 void KvCache::retain(int il, const std::vector<int32_t>& keep) {
     auto& pos = positions_[il];
-    std::vector<int32_t> kept;
-    kept.reserve(keep.size());
     for (size_t i = 0; i < keep.size(); ++i) {
         PYR_ASSERT(keep[i] >= 0 && keep[i] < int32_t(pos.size()));
         PYR_ASSERT(i == 0 || keep[i] > keep[i - 1]);
-        kept.push_back(pos[size_t(keep[i])]);
     }
-    storage_->retain(il, keep);
-    pos = std::move(kept);
+    storage_->retain(il, keep);  // may throw: the positions change only after it
+    // in place (a policy prunes every step, for every sequence of a batch): keep[i] >= i, so
+    // a slot is read before it is overwritten
+    for (size_t i = 0; i < keep.size(); ++i) pos[i] = pos[size_t(keep[i])];
+    pos.resize(keep.size());
 }
 
 void KvCache::truncate(const std::vector<int32_t>& sizes) {

@@ -49,6 +49,7 @@ private:
     std::vector<int32_t> sinks_and_recent(int32_t n) const {
         const int32_t sinks = std::min(params_.sinks, budget_);
         std::vector<int32_t> keep;
+        keep.reserve(size_t(budget_));
         for (int32_t j = 0; j < sinks; ++j) keep.push_back(j);
         for (int32_t j = n - (budget_ - sinks); j < n; ++j) keep.push_back(j);
         return keep;
