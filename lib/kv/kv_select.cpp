@@ -69,14 +69,12 @@ void RecentRows::push(const float* rows, int32_t n_rows, int32_t n_keys, int32_t
     // Rows that would leave again at once are not copied.
     for (int32_t i = std::max(0, n_rows - capacity_); i < n_rows; ++i) {
         const float* r = rows + int64_t(i) * n_keys;
-        int32_t slot = head_ + count_;
         if (count_ < capacity_) {
             ++count_;
         } else {  // the oldest row leaves: its slot takes the new one
-            slot = head_;
             head_ = (head_ + 1) % capacity_;
         }
-        slots_[size_t(slot % capacity_)].assign(r + first, r + n_keys);
+        slots_[slot(count_ - 1)].assign(r + first, r + n_keys);
     }
 }
 
@@ -87,7 +85,7 @@ std::vector<double> RecentRows::scores(int32_t begin, int32_t end, bool weighted
     const int32_t n_rows = size();
     for (int32_t i = 0; i < n_rows; ++i) {
         const double w = row_weight(i, n_rows, weighted);
-        const std::vector<float>& r = row(i);
+        const std::vector<float>& r = slots_[slot(i)];
         const int32_t stop = std::min(end, int32_t(r.size()));
         for (int32_t j = begin; j < stop; ++j) s[size_t(j - begin)] += w * r[size_t(j)];
     }
@@ -97,7 +95,7 @@ std::vector<double> RecentRows::scores(int32_t begin, int32_t end, bool weighted
 
 void RecentRows::drop_front(int32_t n) {
     for (int32_t i = 0; i < count_; ++i) {
-        std::vector<float>& r = slots_[size_t((head_ + i) % capacity_)];
+        std::vector<float>& r = slots_[slot(i)];
         r.erase(r.begin(), r.begin() + std::min<std::ptrdiff_t>(n, std::ptrdiff_t(r.size())));
     }
 }

@@ -27,7 +27,8 @@ std::vector<int32_t> top_k_in_order(const std::vector<double>& scores, int32_t k
 // are not kept). Column c of the window is that slot + c. A key newer than a row has 0 in it.
 class RecentRows {
 public:
-    explicit RecentRows(int32_t capacity = 0) : capacity_(capacity), slots_(size_t(std::max(capacity, 0))) {}
+    explicit RecentRows(int32_t capacity = 0)
+        : capacity_(capacity), slots_(size_t(std::max(capacity, 0))) {}
     int32_t capacity() const { return capacity_; }
     int32_t size() const { return count_; }
     // Adds rows (n_rows, n_keys) over all n_keys slots, keeping their columns from slot
@@ -39,10 +40,10 @@ public:
     void drop_front(int32_t n);
 
 private:
-    // Row i (oldest first) is slots_[(head_ + i) % capacity_]. The slots are reused, not
+    // Row i (oldest first) is slots_[slot(i)]. The slots are reused, not
     // reallocated: a layer pushes a row at every decode step, for every sequence of a batch
     // (host time per sequence and layer adds to every step of a large batch).
-    const std::vector<float>& row(int32_t i) const { return slots_[size_t((head_ + i) % capacity_)]; }
+    size_t slot(int32_t i) const { return size_t((head_ + i) % capacity_); }
 
     int32_t capacity_;
     std::vector<std::vector<float>> slots_;  // each row's window columns (shorter: zeros follow)

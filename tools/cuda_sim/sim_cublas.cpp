@@ -1,7 +1,7 @@
 // cuda-sim: the cuBLAS calls of lib/backend/cuda (handles, streams, workspaces,
-// cublasGemmEx) on the CPU, for engine mode. A GEMM is queued on the handle's stream like a kernel (pyr_sim::enqueue):
-// it runs at once, or is recorded into a capturing stream's graph and reads its operands at
-// each replay. Anything else of cuBLAS is absent (a link error names it).
+// cublasGemmEx) on the CPU, for engine mode. A GEMM is queued on the handle's stream like a
+// kernel (pyr_sim::enqueue): it runs at once, or is recorded into a capturing stream's graph
+// and reads its operands at each replay. Anything else of cuBLAS is absent (a link error names it).
 
 // first: it defines __shared__ & co. before the toolkit headers would
 #include "cuda_sim_device.h"
@@ -20,11 +20,9 @@
 
 struct cublasContext {  // what cublasHandle_t points at
     cudaStream_t stream = nullptr;
-    // the user's workspace (cublasSetWorkspace; may be none: 0 bytes); cublasSetStream
-    // drops it, as cuBLAS does
+    // whether the caller gave a workspace (cublasSetWorkspace, maybe of 0 bytes) since the
+    // last cublasSetStream, which drops it as cuBLAS does; the GEMMs here need none
     bool workspace_set = false;
-    void* workspace = nullptr;
-    size_t workspace_bytes = 0;
 };
 
 namespace {
@@ -192,8 +190,6 @@ cublasStatus_t cublasSetStream_v2(cublasHandle_t handle, cudaStream_t stream) {
     if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     handle->stream = stream;
     handle->workspace_set = false;  // back to cuBLAS's own pool
-    handle->workspace = nullptr;
-    handle->workspace_bytes = 0;
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -203,8 +199,6 @@ cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t handle, void* workspace, siz
         reinterpret_cast<uintptr_t>(workspace) % 256 != 0)
         return CUBLAS_STATUS_INVALID_VALUE;
     handle->workspace_set = true;
-    handle->workspace = workspace;
-    handle->workspace_bytes = bytes;
     return CUBLAS_STATUS_SUCCESS;
 }
 const char* cublasGetStatusName(cublasStatus_t status) {

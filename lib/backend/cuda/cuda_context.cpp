@@ -73,9 +73,8 @@ Context::~Context() {
     cudaSetDevice(device_);
     if (stream_) cudaStreamSynchronize(stream_);
     if (cublas_) cublasDestroy(cublas_);
-    if (gemm_ws_) raw_free(gemm_ws_, gemm_ws_bytes_, Use::Scratch);
-    if (stream_) cudaStreamSynchronize(stream_);
-    if (stream_) cudaStreamDestroy(stream_);
+    if (gemm_ws_) raw_free(gemm_ws_, gemm_ws_bytes_, Use::Scratch);  // stream-ordered
+    if (stream_) cudaStreamDestroy(stream_);  // returns at once; the free still runs
 }
 
 void Context::make_current() const { PYR_CUDA_CHECK(cudaSetDevice(device_)); }
