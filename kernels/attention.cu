@@ -15,6 +15,7 @@
 // state (m, l, unnormalised acc) to a workspace, and split_merge_kernel merges the splits
 // with the same function (merge_states) the block used for its warps.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include "common.cuh"
@@ -274,6 +275,239 @@ __global__ void split_merge_kernel(AttnBatch batch, int32_t n_head, int32_t hd, 
                         merge_states(ps, ps + n_split, 1, ps + 2 * n_split + d, hd, n_split));
 }
 
+// ---- prefill on tensor cores (sm_80+) -------------------------------------------------
+// attention_mma_kernel: a block owns 64 queries of one head, a warp 16 of them; the block
+// stages 64 keys and values at a time in shared memory, and each warp computes its 16 x 64
+// scores with mma_m16n8k16 (common.cuh), keeps the online softmax of its rows in registers
+// and adds P V with mma_m16n8k16 again: the scores' accumulator layout (two 8-key tiles) is
+// the layout of P as the A operand of a 16-key step, so P never leaves the registers.
+// The query is fp32 and the tensor cores take 16-bit operands: it goes in as two terms of T,
+// hi = T(q) and lo = T(q - hi), whose sum is within 2^-17 of q (bf16; 2^-22 for fp16), so
+// that scores, lse and the observed raw scores stay as exact as the CUDA-core kernel's, on
+// which the KV policies' choices depend. P is rounded to T for P V (as the output will be).
+constexpr int kMmaQueries = 64;  // a block's queries: 4 warps of 16 rows
+constexpr int kMmaKeys = 64;     // keys a tile (64-aligned: one page, kernels.h)
+constexpr int kMmaMinQueries = 16;  // attention() takes this kernel from here on
+
+template <int HD>
+constexpr int kMmaRowStride = HD + 8;  // elements; +16 bytes: conflict-free fragment loads
+
+template <typename T, int HD>
+constexpr size_t mma_smem_bytes() { return 2 * size_t(kMmaKeys) * kMmaRowStride<HD> * sizeof(T); }
+
+// Keys (or values) [base, base + kMmaKeys) of KV head kvh into dst (kMmaKeys, LD); rows
+// from `end' on are zeros (a value row of NaN weighted by 0 would still poison P V).
+template <typename T, int HD>
+__device__ __forceinline__ void stage_tile(const AttnSeq& sq, int32_t base, int32_t end, int kvh,
+                                           int64_t kv_dim, bool value, T* dst) {
+    static_assert(kKvPageRows % kMmaKeys == 0, "a tile must not straddle pages");
+    constexpr int LD = kMmaRowStride<HD>, kVecs = HD / 8;  // 16-byte vectors a row
+    const T* src = kv_row<const T>(sq.pages, base, kv_dim, value) + kvh * HD;
+    for (int i = threadIdx.x; i < kMmaKeys * kVecs; i += blockDim.x) {
+        const int r = i / kVecs, c = (i % kVecs) * 8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (base + r < end) v = *reinterpret_cast<const uint4*>(src + r * kv_dim + c);
+        *reinterpret_cast<uint4*>(dst + r * LD + c) = v;
+    }
+}
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(128)
+attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float qscale) {
+    static_assert(HD % 16 == 0, "16-dim steps");
+    constexpr int LD = kMmaRowStride<HD>, kSteps = HD / 16, kDimTiles = HD / 8,
+                  kKeyTiles = kMmaKeys / 8;
+    let_next_grid_start();  // o_proj follows
+    const AttnSeq& sq = batch.seq[blockIdx.z];
+    const int32_t q0 = int32_t(blockIdx.x) * kMmaQueries;
+    if (q0 >= sq.n_q) return;
+    const int32_t nq = min(kMmaQueries, sq.n_q - q0);
+    const int h = blockIdx.y, kvh = h / (n_head / n_head_kv);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int64_t kv_dim = int64_t(n_head_kv) * HD;
+    const int32_t n_kv = batch.kv_len ? min(max(batch.kv_len[blockIdx.z], sq.n_q), sq.n_kv) : sq.n_kv;
+    const int32_t first_limit = n_kv - sq.n_q + q0;  // last key query q0 sees
+    const int32_t kend = first_limit + nq;           // keys [0, kend) matter to the block
+    // this warp's rows: block rows w0 .. w0 + 15, the keys [0, w_end) matter to them; this
+    // lane holds rows g and g + 8 of them (r = 0, 1)
+    const int32_t w0 = warp * 16, w_nq = max(0, min(16, nq - w0));
+    const int32_t w_end = w_nq > 0 ? first_limit + w0 + w_nq : 0;
+    bool valid[2];
+    int32_t last[2];   // the last key each row sees
+    float* observed[2];  // the row's raw scores, when asked for
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int32_t row = w0 + g + 8 * r;
+        valid[r] = row < nq;
+        last[r] = first_limit + row;
+        observed[r] = sq.scores && valid[r] && q0 + row >= sq.scores_from
+                          ? sq.scores + (int64_t(q0 + row - sq.scores_from) * n_head + h) * sq.n_kv
+                          : nullptr;
+    }
+
+    // the query rows as A fragments, hi and lo terms (zero rows past the block's queries)
+    uint32_t qa[2][kSteps][4];
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int32_t row = w0 + g + 8 * (j & 1);
+            const int col = kk * 16 + 2 * t + 8 * (j >> 1);
+            float x[2] = {0.0f, 0.0f};
+            if (row < nq) {
+                const float* q = sq.q + int64_t(q0 + row) * sq.q_stride + h * HD + col;
+                x[0] = q[0];
+                x[1] = q[1];
+            }
+            const T hi0 = from_f32<T>(x[0]), hi1 = from_f32<T>(x[1]);
+            qa[0][kk][j] = pack2(hi0, hi1);
+            qa[1][kk][j] = pack2(from_f32<T>(x[0] - to_f32(hi0)), from_f32<T>(x[1] - to_f32(hi1)));
+        }
+
+    extern __shared__ float smem[];
+    T* Ks = reinterpret_cast<T*>(smem);  // (kMmaKeys, LD)
+    T* Vs = Ks + kMmaKeys * LD;          // (kMmaKeys, LD)
+
+    float o[kDimTiles][4];  // output accumulators: rows g, g + 8, dims 8 n + 2t, + 1
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // the rows' running max, sum
+
+    for (int32_t base = 0; base < kend; base += kMmaKeys) {
+        __syncthreads();  // every warp is done with the tile before
+        stage_tile<T, HD>(sq, base, kend, kvh, kv_dim, false, Ks);
+        stage_tile<T, HD>(sq, base, kend, kvh, kv_dim, true, Vs);
+        __syncthreads();
+        if (base >= w_end) continue;  // past this warp's causal horizon (warp-uniform)
+
+        // s = q k over the tile: rows g, g + 8, keys 8 n + 2t, + 1
+        float s[kKeyTiles][4];
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < kSteps; ++kk)
+#pragma unroll
+            for (int n = 0; n < kKeyTiles; ++n) {
+                const T* k = Ks + (n * 8 + g) * LD + kk * 16 + 2 * t;  // B[d][j] = K[j][d]
+                const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(k),
+                                       *reinterpret_cast<const uint32_t*>(k + 8)};
+                mma_m16n8k16<T>(s[n], qa[1][kk], b);
+                mma_m16n8k16<T>(s[n], qa[0][kk], b);
+            }
+
+        // online softmax of each row; a row's 64 keys lie with the 4 lanes of its group
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int32_t j = base + n * 8 + 2 * t + c;
+                    float v = s[n][2 * r + c] * qscale;
+                    if (!valid[r] || j > last[r]) v = -INFINITY;
+                    else if (observed[r]) observed[r][j] = v;
+                    s[n][2 * r + c] = v;
+                    mx = fmaxf(mx, v);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m[r], mx);
+            const float ref = m_new == -INFINITY ? 0.0f : m_new;  // no -inf - -inf
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float p = exp2f(s[n][2 * r + c] - ref);
+                    s[n][2 * r + c] = p;
+                    sum += p;
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float corr = exp2f(m[r] - ref);
+            l[r] = l[r] * corr + sum;
+            m[r] = m_new;
+#pragma unroll
+            for (int n = 0; n < kDimTiles; ++n) {
+                o[n][2 * r] *= corr;
+                o[n][2 * r + 1] *= corr;
+            }
+        }
+
+        // o += P V, 16 keys a step: key tiles 2 ks and 2 ks + 1 are P's A fragment
+#pragma unroll
+        for (int ks = 0; ks < kKeyTiles / 2; ++ks) {
+            const float* p0 = s[2 * ks];
+            const float* p1 = s[2 * ks + 1];
+            const uint32_t pa[4] = {pack2(from_f32<T>(p0[0]), from_f32<T>(p0[1])),
+                                    pack2(from_f32<T>(p0[2]), from_f32<T>(p0[3])),
+                                    pack2(from_f32<T>(p1[0]), from_f32<T>(p1[1])),
+                                    pack2(from_f32<T>(p1[2]), from_f32<T>(p1[3]))};
+#pragma unroll
+            for (int n = 0; n < kDimTiles; ++n) {
+                const T* v = Vs + (ks * 16 + 2 * t) * LD + n * 8 + g;  // B[j][d] = V[j][d]
+                const uint32_t b[2] = {pack2(v[0], v[LD]), pack2(v[8 * LD], v[9 * LD])};
+                mma_m16n8k16<T>(o[n], pa, b);
+            }
+        }
+    }
+
+    // out = o / l, lse = m + log2 l
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (!valid[r]) continue;
+        const int32_t q = q0 + w0 + g + 8 * r;
+        T* out = static_cast<T*>(sq.out) + int64_t(q) * n_head * HD + h * HD + 2 * t;
+#pragma unroll
+        for (int n = 0; n < kDimTiles; ++n)
+            *reinterpret_cast<uint32_t*>(out + n * 8) =
+                pack2(from_f32<T>(o[n][2 * r] / l[r]), from_f32<T>(o[n][2 * r + 1] / l[r]));
+        if (t == 0 && sq.lse) sq.lse[int64_t(q) * n_head + h] = m[r] + log2f(l[r]);
+    }
+}
+
+// Whether attention() may take the tensor-core kernel on the current device: compute
+// capability 8.0 or newer and the kernel built for it (a build for older GPUs has a trap
+// there). Asked once per device.
+template <typename T, int HD>
+bool mma_attention_ok() {
+#ifdef __CUDACC__
+    constexpr int kDevices = 16;
+    static std::atomic<int> verdict[kDevices];  // 0 unknown, 1 yes, -1 no
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
+        cudaGetLastError();
+        return false;
+    }
+    int v = verdict[dev].load(std::memory_order_relaxed);
+    if (v == 0) {
+        int major = 0;
+        cudaFuncAttributes attr{};
+        const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                        major >= 8 &&
+                        cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(attention_mma_kernel<T, HD>)) == cudaSuccess &&
+                        attr.binaryVersion >= 80;
+        cudaGetLastError();
+        v = ok ? 1 : -1;
+        verdict[dev].store(v, std::memory_order_relaxed);
+    }
+    return v > 0;
+#else
+    return true;  // tools/cuda_sim computes mma_m16n8k16 itself
+#endif
+}
+
+template <typename T, int HD>
+cudaError_t launch_attention_mma(const AttnBatch& batch, int32_t max_q, int32_t n_head,
+                                 int32_t n_head_kv, cudaStream_t stream) {
+    const dim3 grid(unsigned((max_q + kMmaQueries - 1) / kMmaQueries), unsigned(n_head),
+                    unsigned(batch.n_seq));
+    attention_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(), stream>>>(
+        batch, n_head, n_head_kv, query_scale(HD));
+    return cudaGetLastError();
+}
+
 template <typename T, int QT, int DPL>
 cudaError_t launch_attention(const AttnBatch& batch, int32_t max_q, int32_t n_head,
                              int32_t n_head_kv, int32_t hd, const AttnSplit& split,
@@ -372,8 +606,15 @@ size_t attention_split_floats(int32_t n_seq, int32_t n_head, int32_t head_dim, i
     return size_t(n_seq) * size_t(n_head) * size_t(n_split) * size_t(head_dim + 2);
 }
 
+bool attention_on_tensor_cores(Dt dt, int32_t max_q, int32_t head_dim, bool tensor_cores) {
+    if (!tensor_cores || max_q < kMmaMinQueries || (head_dim != 64 && head_dim != 128)) return false;
+    if (head_dim == 64) PYR_DISPATCH_DT(dt, return (mma_attention_ok<T, 64>()));
+    PYR_DISPATCH_DT(dt, return (mma_attention_ok<T, 128>()));
+}
+
 cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,
-                      int32_t head_dim, cudaStream_t stream, const AttnSplit& split) {
+                      int32_t head_dim, cudaStream_t stream, const AttnSplit& split,
+                      bool tensor_cores) {
     if (batch.n_seq <= 0 || batch.n_seq > kMaxBatch || head_dim <= 0 || head_dim > 256 ||
         head_dim % 2 != 0 || n_head_kv <= 0 || n_head % n_head_kv != 0 || split.n_split < 1 ||
         split.n_split > kMaxAttnSplits || (split.n_split > 1 && !split.partial))
@@ -385,6 +626,11 @@ cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_h
     }
     if (split.n_split > 1 && max_q > 1) return cudaErrorInvalidValue;  // decode only
     if (max_q == 0) return cudaSuccess;
+    if (attention_on_tensor_cores(dt, max_q, head_dim, tensor_cores)) {
+        if (head_dim == 64)
+            PYR_DISPATCH_DT(dt, return (launch_attention_mma<T, 64>(batch, max_q, n_head, n_head_kv, stream)));
+        PYR_DISPATCH_DT(dt, return (launch_attention_mma<T, 128>(batch, max_q, n_head, n_head_kv, stream)));
+    }
     if (max_q < 8)
         PYR_DISPATCH_DT(dt, return (by_head_dim<T, 1>(batch, max_q, n_head, n_head_kv, head_dim, split, stream)));
     PYR_DISPATCH_DT(dt, return (by_head_dim<T, 8>(batch, max_q, n_head, n_head_kv, head_dim, split, stream)));

@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -70,6 +72,43 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #if defined(__CUDA_ARCH__)
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 #endif
+}
+
+// Tensor cores (sm_80+): c += A (16x16) B (16x8) for one warp, fp32 sums, elements of T
+// (mma.sync.aligned.m16n8k16). Every lane of the warp calls it with its registers in the PTX
+// ISA's fragment layout; with g = lane / 4 and t = lane % 4, two elements a register, the
+// first in the low half:
+//   a[0] A[g][2t, 2t+1]   a[1] A[g+8][2t, 2t+1]   a[2] A[g][2t+8, 2t+9]   a[3] A[g+8][2t+8, 2t+9]
+//   b[0] B[2t, 2t+1][g]   b[1] B[2t+8, 2t+9][g]
+//   c[0], c[1] C[g][2t, 2t+1]   c[2], c[3] C[g+8][2t, 2t+1]
+// tools/cuda_sim computes the same product from the same layout.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same_v<T, __half>)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif !defined(__CUDACC__)
+    pyr_sim::mma_m16n8k16<T>(c, a, b);
+#else
+    __trap();  // no tensor-core path is launched on an older device (attention.cu checks)
+#endif
+}
+
+// Two 16-bit elements in one register, `lo' in the low half (the fragment layout's order).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+    T e[2] = {lo, hi};
+    uint32_t r;
+    memcpy(&r, e, sizeof r);
+    return r;
 }
 
 // Row j of a paged KV cache (kernels.h: kKvPageRows): its key, or its value when `value`.

@@ -85,7 +85,10 @@ PY
   BENCH_ENV=PYRAMID_PDL=0 PYRAMID_PDL=0 run 7b_full_nopdl --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   BENCH_ENV=PYRAMID_ATTN_SPLITS=1 PYRAMID_ATTN_SPLITS=1 run 7b_full_nosplit --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   BENCH_ENV=PYRAMID_GPU_SAMPLING=0 PYRAMID_GPU_SAMPLING=0 run 7b_full_hostsampling --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
+  # prefill attention on tensor cores (since 2026-12-06) against the CUDA-core kernel
+  BENCH_ENV=PYRAMID_TENSOR_CORE_ATTENTION=0 PYRAMID_TENSOR_CORE_ATTENTION=0 run 7b_full_cudacore_attn --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   run 7b_full_p3840 --shape llama2-7b --batch 1 --prompt 3840 --gen 256
+  BENCH_ENV=PYRAMID_TENSOR_CORE_ATTENTION=0 PYRAMID_TENSOR_CORE_ATTENTION=0 run 7b_full_p3840_cudacore_attn --shape llama2-7b --batch 1 --prompt 3840 --gen 256
   BENCH_ENV=PYRAMID_ATTN_SPLITS=1 PYRAMID_ATTN_SPLITS=1 run 7b_full_p3840_nosplit --shape llama2-7b --batch 1 --prompt 3840 --gen 256
   # prefill at retention 0.5 against 7b_full's (the Done-when ratio) and the selection overhead
   for p in snapshrink snapkv h2o streaming; do
@@ -119,6 +122,10 @@ if full and pyr:
           f"(ratio {pyr['prefill_ms'] / full['prefill_ms']:.3f}, target < 1); selection at b1: "
           f"prefill {pyr['selection']['prefill_ms']:.2f} ms, decode {pyr['selection']['decode_ms']:.2f} ms "
           f"over {pyr['gen']} steps; KV retention at the end {pyr['kv_end']['retention']:.3f}")
+for tc, cc in (("7b_full", "7b_full_cudacore_attn"), ("7b_full_p3840", "7b_full_p3840_cudacore_attn")):
+    if tc in runs and cc in runs:
+        print(f"prefill attention on tensor cores: {tc} {runs[tc]['prefill_ms']:.2f} ms, on CUDA cores "
+              f"{runs[cc]['prefill_ms']:.2f} ms (ratio {runs[tc]['prefill_ms'] / runs[cc]['prefill_ms']:.3f})")
 PY
 fi
 

@@ -1475,19 +1475,29 @@ TEST_CASE("attention: causal softmax(q k / sqrt(d)) v of a ragged batch, lse and
         const char* name;
         std::vector<SeqShape> seqs;
     };
-    // attention() takes its decode kernel when every sequence has fewer than 8 queries
+    // attention() takes its decode kernel when every sequence has fewer than 8 queries, and
+    // its tensor-core kernel (64 queries, 64 keys a block step) from 16 queries on where it can
     const Batch batches[] = {
         {"decode", {{1, 1}, {1, 300}, {3, 40}, {7, 7}, {2, 129}}},
         {"prefill", {{37, 37}, {20, 133}, {8, 8}, {9, 300}}},
         {"mixed", {{1, 1}, {1, 300}, {3, 40}, {37, 37}, {20, 133}}},
+        {"long prefill", {{130, 130}, {70, 201}, {16, 16}, {1, 65}, {64, 64}}},
     };
     // 36 is not a multiple of 8 (element-wise dot products), 80 not of 32 (partial lanes)
     for (int32_t hd : {32, 36, 64, 80, 128, 256})
         for (const Heads& hs : heads)
             for (const Batch& b : batches)
-                for (Dt dt : kDts) {
+                for (Dt dt : kDts)
+                    for (bool tensor_cores : {false, true}) {
+                    int32_t max_q = 0;
+                    for (const SeqShape& sh : b.seqs) max_q = std::max(max_q, sh.n_q);
+                    const bool on_tc = K::attention_on_tensor_cores(dt, max_q, hd, tensor_cores);
+                    // every device the tests run on has tensor cores (sm_80+, or the sim's)
+                    CHECK(on_tc == (tensor_cores && max_q >= 16 && (hd == 64 || hd == 128)));
+                    if (tensor_cores && !on_tc) continue;  // the same launch as without
                     INFO("dt " << dt_name(dt) << ", head_dim " << hd << ", heads " << hs.n_head
-                               << "/" << hs.n_head_kv << ", batch " << b.name);
+                               << "/" << hs.n_head_kv << ", batch " << b.name
+                               << (on_tc ? ", tensor cores" : ""));
                     std::vector<HostAttnSeq> host;
                     std::vector<DeviceAttnSeq> dev;
                     dev.reserve(b.seqs.size());
@@ -1501,7 +1511,8 @@ TEST_CASE("attention: causal softmax(q k / sqrt(d)) v of a ragged batch, lse and
                         dev.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd);
                         batch.seq[s] = dev.back().view(host.back());
                     }
-                    LAUNCH_OK(K::attention(dt, batch, hs.n_head, hs.n_head_kv, hd, nullptr));
+                    LAUNCH_OK(K::attention(dt, batch, hs.n_head, hs.n_head_kv, hd, nullptr, {},
+                                           tensor_cores));
                     for (size_t s = 0; s < host.size(); ++s) {
                         INFO("sequence " << s << " (n_q " << host[s].n_q << ", n_kv " << host[s].n_kv << ")");
                         check_attention(dt, host[s], dev[s],
@@ -1518,7 +1529,7 @@ TEST_CASE("attention: true key counts read on the device (kv_len) under a larger
     // launch that bound and the true counts on the device: the plain run's bits must come out.
     const std::vector<SeqShape> batches[] = {
         {{1, 1}, {1, 300}, {3, 40}, {7, 7}, {2, 129}},  // decode kernel
-        {{37, 37}, {20, 133}, {1, 1}, {9, 300}},         // prefill kernel
+        {{37, 37}, {20, 133}, {1, 1}, {9, 300}},         // prefill kernel (tensor cores at 128)
     };
     const int32_t extra[] = {1, 31, 32, 100, 5};  // capacity - n_kv: within and past tiles
     struct Heads {
@@ -1527,9 +1538,12 @@ TEST_CASE("attention: true key counts read on the device (kv_len) under a larger
     for (int32_t hd : {36, 128})
         for (const Heads& hs : {Heads{8, 2}, Heads{4, 4}})
             for (const std::vector<SeqShape>& shapes : batches)
-                for (Dt dt : kDts) {
+                for (Dt dt : kDts)
+                    for (bool tensor_cores : {false, true}) {
+                    if (tensor_cores && hd != 128) continue;  // the same launch as without
                     INFO("dt " << dt_name(dt) << ", head_dim " << hd << ", heads " << hs.n_head
-                               << "/" << hs.n_head_kv << ", " << shapes.size() << " sequences");
+                               << "/" << hs.n_head_kv << ", " << shapes.size() << " sequences"
+                               << (tensor_cores ? ", tensor cores where it can" : ""));
                     std::vector<HostAttnSeq> host;
                     std::vector<DeviceAttnSeq> plain, bounded;
                     plain.reserve(shapes.size());
@@ -1550,8 +1564,10 @@ TEST_CASE("attention: true key counts read on the device (kv_len) under a larger
                     }
                     DeviceArray<int32_t> d_lens(lens);
                     b_bounded.kv_len = d_lens.get();
-                    LAUNCH_OK(K::attention(dt, b_plain, hs.n_head, hs.n_head_kv, hd, nullptr));
-                    LAUNCH_OK(K::attention(dt, b_bounded, hs.n_head, hs.n_head_kv, hd, nullptr));
+                    LAUNCH_OK(K::attention(dt, b_plain, hs.n_head, hs.n_head_kv, hd, nullptr, {},
+                                           tensor_cores));
+                    LAUNCH_OK(K::attention(dt, b_bounded, hs.n_head, hs.n_head_kv, hd, nullptr, {},
+                                           tensor_cores));
                     for (size_t s = 0; s < host.size(); ++s) {
                         INFO("sequence " << s << " (n_q " << host[s].n_q << ", n_kv " << host[s].n_kv
                                          << ", bound " << bounded[s].cap << ")");

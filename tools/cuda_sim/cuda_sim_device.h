@@ -180,6 +180,53 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
 
+// ---- tensor cores: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16} ----------------------
+// common.cuh's mma_m16n8k16 calls this here. D = A (16x16) B (16x8) + C, fp32 sums, from the
+// registers every lane of the warp holds, in the PTX ISA's fragment layout ("Matrix Fragments
+// for mma.m16n8k16 with floating point type"; g = lane / 4, t = lane % 4, two 16-bit elements
+// a register, the lower-numbered one in the low half):
+//   a[0] A[g][2t..2t+1]  a[1] A[g+8][2t..2t+1]  a[2] A[g][2t+8..2t+9]  a[3] A[g+8][2t+8..2t+9]
+//   b[0] B[2t..2t+1][g]  b[1] B[2t+8..2t+9][g]
+//   c[0..1] C[g][2t..2t+1]  c[2..3] C[g+8][2t..2t+1]
+// Each lane widens its own registers to floats once and shares a pointer to them in a warp
+// exchange (so the whole warp must call it, as on the device); a second exchange holds every
+// lane until all have read.
+namespace pyr_sim {
+template <typename T>
+void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+    static_assert(sizeof(T) == 2, "16-bit elements");
+    struct Elements {
+        float a[8], b[4];  // register i's elements at 2i (low half) and 2i + 1
+    };
+    Elements mine;
+    auto widen = [](const uint32_t* regs, int n, float* out) {
+        for (int i = 0; i < n; ++i) {
+            T v[2];
+            std::memcpy(v, &regs[i], 4);
+            out[2 * i] = float(v[0]);
+            out[2 * i + 1] = float(v[1]);
+        }
+    };
+    widen(a, 4, mine.a);
+    widen(b, 2, mine.b);
+    const Exchange e = warp_exchange(0xffffffffu, to_slot(&mine));
+    const Elements* lane[32];
+    for (int l = 0; l < 32; ++l) lane[l] = from_slot<const Elements*>(e.slots[l]);
+    auto A = [&](int r, int k) { return lane[(r % 8) * 4 + (k % 8) / 2]->a[2 * ((r >= 8) + 2 * (k >= 8)) + k % 2]; };
+    auto B = [&](int k, int n) { return lane[n * 4 + (k % 8) / 2]->b[2 * (k >= 8) + k % 2]; };
+    const int g = e.lane / 4, t = e.lane % 4;
+    float d[4];
+    for (int i = 0; i < 4; ++i) {
+        const int r = g + 8 * (i / 2), n = 2 * t + i % 2;
+        float acc = c[i];
+        for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
+        d[i] = acc;
+    }
+    warp_exchange(0xffffffffu, 0);
+    std::memcpy(c, d, sizeof d);
+}
+}  // namespace pyr_sim
+
 // ---- atomics: real ones, since blocks on different workers run at the same time ----------
 // The value operand does not take part in deduction, as with CUDA's overloads
 // (atomicAdd(unsigned*, 1) is fine).

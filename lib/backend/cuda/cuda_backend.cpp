@@ -287,6 +287,8 @@ void CudaBackend::init_common() {
     graphs_ = std::make_unique<StepGraphs>(ctx_, env_int("PYRAMID_CUDA_GRAPHS", 1) != 0);
     // PYRAMID_GPU_SAMPLING=0: the logits of every step come back and the host samples
     sample_on_device_ = env_int("PYRAMID_GPU_SAMPLING", 1) != 0;
+    // PYRAMID_TENSOR_CORE_ATTENTION=0: prefill attention on the CUDA cores (for comparing)
+    attention_on_tensor_cores_ = env_int("PYRAMID_TENSOR_CORE_ATTENTION", 1) != 0;
     obs_ready_ = std::make_unique<Event>();
     compactor_ = std::make_shared<KvCompactor>(ctx_);
 }
@@ -706,7 +708,8 @@ void CudaBackend::attention_block(int il, const LayerBatch& lb, int32_t n_rows, 
         attn.n_seq = std::min(n_seq - c0, kernels::kMaxBatch);
         std::copy_n(lb.attn.begin() + c0, attn.n_seq, attn.seq);
         attn.kv_len = lb.kv_len ? lb.kv_len + c0 : nullptr;
-        PYR_CUDA_CHECK(kernels::attention(dt_, attn, c.n_head, c.n_head_kv, c.head_dim, st, lb.split));
+        PYR_CUDA_CHECK(kernels::attention(dt_, attn, c.n_head, c.n_head_kv, c.head_dim, st, lb.split,
+                                          attention_on_tensor_cores_));
     }
     linear(*ctx_, st, dt_, L.wo.get(), c.n_embd, q_dim_, s_.att.get(), n_rows, s_.x.as<float>(),
            c.n_embd, true);

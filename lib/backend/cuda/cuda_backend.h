@@ -230,6 +230,7 @@ private:
     mutable std::mutex mutex_;  // one forward at a time: the scratch is shared
     int32_t q_dim_ = 0, kv_dim_ = 0, qkv_dim_ = 0;
     bool sample_on_device_ = true;  // PYRAMID_GPU_SAMPLING=0: the host samples (comparing)
+    bool attention_on_tensor_cores_ = true;  // PYRAMID_TENSOR_CORE_ATTENTION=0: CUDA cores
     uint64_t device_samples_ = 0, undecided_samples_ = 0;  // BackendStats
 };
 
