@@ -74,7 +74,13 @@ void RecentRows::push(const float* rows, int32_t n_rows, int32_t n_keys, int32_t
         } else {  // the oldest row leaves: its slot takes the new one
             head_ = (head_ + 1) % capacity_;
         }
-        slots_[slot(count_ - 1)].assign(r + first, r + n_keys);
+        Row& row = slots_[slot(count_ - 1)];
+        // the window is a little wider at each step until a compression: room to spare, so
+        // that a reused row is not reallocated every time
+        const size_t width = size_t(n_keys - first);
+        if (row.cols.capacity() < width) row.cols.reserve(width + width / 4 + 16);
+        row.cols.assign(r + first, r + n_keys);
+        row.base = dropped_;
     }
 }
 
@@ -85,19 +91,15 @@ std::vector<double> RecentRows::scores(int32_t begin, int32_t end, bool weighted
     const int32_t n_rows = size();
     for (int32_t i = 0; i < n_rows; ++i) {
         const double w = row_weight(i, n_rows, weighted);
-        const std::vector<float>& r = slots_[slot(i)];
-        const int32_t stop = std::min(end, int32_t(r.size()));
-        for (int32_t j = begin; j < stop; ++j) s[size_t(j - begin)] += w * r[size_t(j)];
+        const Row& row = slots_[slot(i)];
+        const int64_t skip = dropped_ - row.base;  // its columns that left the window
+        const float* r = row.cols.data() + std::min<int64_t>(skip, int64_t(row.cols.size()));
+        const int32_t width = int32_t(std::max<int64_t>(int64_t(row.cols.size()) - skip, 0));
+        const int32_t stop = std::min(end, width);
+        for (int32_t j = begin; j < stop; ++j) s[size_t(j - begin)] += w * r[j];
     }
     for (double& v : s) v /= n_rows > 0 ? n_rows : 1;
     return s;
-}
-
-void RecentRows::drop_front(int32_t n) {
-    for (int32_t i = 0; i < count_; ++i) {
-        std::vector<float>& r = slots_[slot(i)];
-        r.erase(r.begin(), r.begin() + std::min<std::ptrdiff_t>(n, std::ptrdiff_t(r.size())));
-    }
 }
 
 }  // namespace pyr

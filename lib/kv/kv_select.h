@@ -37,17 +37,25 @@ public:
     // window_scores() of window columns [begin, end) over the rows, oldest first.
     std::vector<double> scores(int32_t begin, int32_t end, bool weighted) const;
     // The window's first n columns leave it (their slots became final or were dropped).
-    void drop_front(int32_t n);
+    void drop_front(int32_t n) { dropped_ += n; }
 
 private:
     // Row i (oldest first) is slots_[slot(i)]. The slots are reused, not
     // reallocated: a layer pushes a row at every decode step, for every sequence of a batch
-    // (host time per sequence and layer adds to every step of a large batch).
+    // (host time per sequence and layer adds to every step of a large batch). A row keeps
+    // the columns it was pushed with; the window's column c is its element
+    // c + dropped_ - base (columns that left the window are skipped, not erased: erasing
+    // them moved every row's data at each compression).
+    struct Row {
+        std::vector<float> cols;  // window columns from `base` on (shorter: zeros follow)
+        int64_t base = 0;         // dropped_ when pushed
+    };
     size_t slot(int32_t i) const { return size_t((head_ + i) % capacity_); }
 
     int32_t capacity_;
-    std::vector<std::vector<float>> slots_;  // each row's window columns (shorter: zeros follow)
+    std::vector<Row> slots_;
     int32_t head_ = 0, count_ = 0;
+    int64_t dropped_ = 0;  // window columns dropped so far
 };
 
 }  // namespace pyr
