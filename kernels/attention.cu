@@ -15,7 +15,6 @@
 // state (m, l, unnormalised acc) to a workspace, and split_merge_kernel merges the splits
 // with the same function (merge_states) the block used for its warps.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 
 #include "common.cuh"
@@ -323,13 +322,13 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
     if (q0 >= sq.n_q) return;
     const int32_t nq = min(kMmaQueries, sq.n_q - q0);
     const int h = blockIdx.y, kvh = h / (n_head / n_head_kv);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t kv_dim = int64_t(n_head_kv) * HD;
     const int32_t n_kv = batch.kv_len ? min(max(batch.kv_len[blockIdx.z], sq.n_q), sq.n_kv) : sq.n_kv;
     const int32_t first_limit = n_kv - sq.n_q + q0;  // last key query q0 sees
     const int32_t kend = first_limit + nq;           // keys [0, kend) matter to the block
     // this warp's rows: block rows w0 .. w0 + 15, the keys [0, w_end) matter to them; this
-    // lane holds rows g and g + 8 of them (r = 0, 1)
+    // lane's accumulators hold two of them, r = 0, 1 (elements 2r, 2r + 1: c_row(lane, 2r))
     const int32_t w0 = warp * 16, w_nq = max(0, min(16, nq - w0));
     const int32_t w_end = w_nq > 0 ? first_limit + w0 + w_nq : 0;
     bool valid[2];
@@ -337,7 +336,7 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
     float* observed[2];  // the row's raw scores, when asked for
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int32_t row = w0 + g + 8 * r;
+        const int32_t row = w0 + c_row(lane, 2 * r);
         valid[r] = row < nq;
         last[r] = first_limit + row;
         observed[r] = sq.scores && valid[r] && q0 + row >= sq.scores_from
@@ -351,8 +350,8 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
     for (int kk = 0; kk < kSteps; ++kk)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int32_t row = w0 + g + 8 * (j & 1);
-            const int col = kk * 16 + 2 * t + 8 * (j >> 1);
+            const int32_t row = w0 + a_row(lane, j);
+            const int col = kk * 16 + a_col(lane, j);
             float x[2] = {0.0f, 0.0f};
             if (row < nq) {
                 const float* q = sq.q + int64_t(q0 + row) * sq.q_stride + h * HD + col;
@@ -368,7 +367,7 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
     T* Ks = reinterpret_cast<T*>(smem);  // (kMmaKeys, LD)
     T* Vs = Ks + kMmaKeys * LD;          // (kMmaKeys, LD)
 
-    float o[kDimTiles][4];  // output accumulators: rows g, g + 8, dims 8 n + 2t, + 1
+    float o[kDimTiles][4];  // output accumulators: dims 8 n + c_col(lane, i)
 #pragma unroll
     for (int n = 0; n < kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // the rows' running max, sum
@@ -380,7 +379,7 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
         __syncthreads();
         if (base >= w_end) continue;  // past this warp's causal horizon (warp-uniform)
 
-        // s = q k over the tile: rows g, g + 8, keys 8 n + 2t, + 1
+        // s = q k over the tile: keys base + 8 n + c_col(lane, i)
         float s[kKeyTiles][4];
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
@@ -388,14 +387,14 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
         for (int kk = 0; kk < kSteps; ++kk)
 #pragma unroll
             for (int n = 0; n < kKeyTiles; ++n) {
-                const T* k = Ks + (n * 8 + g) * LD + kk * 16 + 2 * t;  // B[d][j] = K[j][d]
-                const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(k),
-                                       *reinterpret_cast<const uint32_t*>(k + 8)};
+                const T* k = Ks + (n * 8 + b_n(lane)) * LD + kk * 16;  // B[d][j] = K[j][d]
+                const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(k + b_k(lane, 0)),
+                                       *reinterpret_cast<const uint32_t*>(k + b_k(lane, 1))};
                 mma_m16n8k16<T>(s[n], qa[1][kk], b);
                 mma_m16n8k16<T>(s[n], qa[0][kk], b);
             }
 
-        // online softmax of each row; a row's 64 keys lie with the 4 lanes of its group
+        // online softmax of each row; a row's 64 keys lie with 4 lanes (lane ^ 1, lane ^ 2)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float mx = -INFINITY;
@@ -403,7 +402,7 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
             for (int n = 0; n < kKeyTiles; ++n)
 #pragma unroll
                 for (int c = 0; c < 2; ++c) {
-                    const int32_t j = base + n * 8 + 2 * t + c;
+                    const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
                     float v = s[n][2 * r + c] * qscale;
                     if (!valid[r] || j > last[r]) v = -INFINITY;
                     else if (observed[r]) observed[r][j] = v;
@@ -438,16 +437,14 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
         // o += P V, 16 keys a step: key tiles 2 ks and 2 ks + 1 are P's A fragment
 #pragma unroll
         for (int ks = 0; ks < kKeyTiles / 2; ++ks) {
-            const float* p0 = s[2 * ks];
-            const float* p1 = s[2 * ks + 1];
-            const uint32_t pa[4] = {pack2(from_f32<T>(p0[0]), from_f32<T>(p0[1])),
-                                    pack2(from_f32<T>(p0[2]), from_f32<T>(p0[3])),
-                                    pack2(from_f32<T>(p1[0]), from_f32<T>(p1[1])),
-                                    pack2(from_f32<T>(p1[2]), from_f32<T>(p1[3]))};
+            uint32_t pa[4];
+            a_from_accumulators<T>(s[2 * ks], s[2 * ks + 1], pa);
 #pragma unroll
             for (int n = 0; n < kDimTiles; ++n) {
-                const T* v = Vs + (ks * 16 + 2 * t) * LD + n * 8 + g;  // B[j][d] = V[j][d]
-                const uint32_t b[2] = {pack2(v[0], v[LD]), pack2(v[8 * LD], v[9 * LD])};
+                const T* v = Vs + ks * 16 * LD + n * 8 + b_n(lane);  // B[j][d] = V[j][d]
+                const T* v0 = v + b_k(lane, 0) * LD;
+                const T* v1 = v + b_k(lane, 1) * LD;
+                const uint32_t b[2] = {pack2(v0[0], v0[LD]), pack2(v1[0], v1[LD])};
                 mma_m16n8k16<T>(o[n], pa, b);
             }
         }
@@ -457,45 +454,14 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         if (!valid[r]) continue;
-        const int32_t q = q0 + w0 + g + 8 * r;
-        T* out = static_cast<T*>(sq.out) + int64_t(q) * n_head * HD + h * HD + 2 * t;
+        const int32_t q = q0 + w0 + c_row(lane, 2 * r);
+        T* out = static_cast<T*>(sq.out) + int64_t(q) * n_head * HD + h * HD + c_col(lane, 2 * r);
 #pragma unroll
         for (int n = 0; n < kDimTiles; ++n)
             *reinterpret_cast<uint32_t*>(out + n * 8) =
                 pack2(from_f32<T>(o[n][2 * r] / l[r]), from_f32<T>(o[n][2 * r + 1] / l[r]));
-        if (t == 0 && sq.lse) sq.lse[int64_t(q) * n_head + h] = m[r] + log2f(l[r]);
+        if (c_col(lane, 0) == 0 && sq.lse) sq.lse[int64_t(q) * n_head + h] = m[r] + log2f(l[r]);
     }
-}
-
-// Whether attention() may take the tensor-core kernel on the current device: compute
-// capability 8.0 or newer and the kernel built for it (a build for older GPUs has a trap
-// there). Asked once per device.
-template <typename T, int HD>
-bool mma_attention_ok() {
-#ifdef __CUDACC__
-    constexpr int kDevices = 16;
-    static std::atomic<int> verdict[kDevices];  // 0 unknown, 1 yes, -1 no
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
-        cudaGetLastError();
-        return false;
-    }
-    int v = verdict[dev].load(std::memory_order_relaxed);
-    if (v == 0) {
-        int major = 0;
-        cudaFuncAttributes attr{};
-        const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                        major >= 8 &&
-                        cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(attention_mma_kernel<T, HD>)) == cudaSuccess &&
-                        attr.binaryVersion >= 80;
-        cudaGetLastError();
-        v = ok ? 1 : -1;
-        verdict[dev].store(v, std::memory_order_relaxed);
-    }
-    return v > 0;
-#else
-    return true;  // tools/cuda_sim computes mma_m16n8k16 itself
-#endif
 }
 
 template <typename T, int HD>
@@ -606,15 +572,14 @@ size_t attention_split_floats(int32_t n_seq, int32_t n_head, int32_t head_dim, i
     return size_t(n_seq) * size_t(n_head) * size_t(n_split) * size_t(head_dim + 2);
 }
 
-bool attention_on_tensor_cores(Dt dt, int32_t max_q, int32_t head_dim, bool tensor_cores) {
-    if (!tensor_cores || max_q < kMmaMinQueries || (head_dim != 64 && head_dim != 128)) return false;
-    if (head_dim == 64) PYR_DISPATCH_DT(dt, return (mma_attention_ok<T, 64>()));
-    PYR_DISPATCH_DT(dt, return (mma_attention_ok<T, 128>()));
+bool attention_on_tensor_cores(Dt dt, int32_t max_q, int32_t head_dim, bool allow_tensor_cores) {
+    return allow_tensor_cores && max_q >= kMmaMinQueries && (head_dim == 64 || head_dim == 128) &&
+           tensor_cores(dt) == TensorCores::Usable;
 }
 
 cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,
                       int32_t head_dim, cudaStream_t stream, const AttnSplit& split,
-                      bool tensor_cores) {
+                      bool allow_tensor_cores) {
     if (batch.n_seq <= 0 || batch.n_seq > kMaxBatch || head_dim <= 0 || head_dim > 256 ||
         head_dim % 2 != 0 || n_head_kv <= 0 || n_head % n_head_kv != 0 || split.n_split < 1 ||
         split.n_split > kMaxAttnSplits || (split.n_split > 1 && !split.partial))
@@ -626,7 +591,7 @@ cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_h
     }
     if (split.n_split > 1 && max_q > 1) return cudaErrorInvalidValue;  // decode only
     if (max_q == 0) return cudaSuccess;
-    if (attention_on_tensor_cores(dt, max_q, head_dim, tensor_cores)) {
+    if (attention_on_tensor_cores(dt, max_q, head_dim, allow_tensor_cores)) {
         if (head_dim == 64)
             PYR_DISPATCH_DT(dt, return (launch_attention_mma<T, 64>(batch, max_q, n_head, n_head_kv, stream)));
         PYR_DISPATCH_DT(dt, return (launch_attention_mma<T, 128>(batch, max_q, n_head, n_head_kv, stream)));

@@ -13,16 +13,17 @@
 
 namespace pyr::kernels {
 
-template <typename T> __device__ __forceinline__ float to_f32(T x);
-template <> __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) {
+// (Host code uses them too: tensor_cores.cu's check.)
+template <typename T> __host__ __device__ __forceinline__ float to_f32(T x);
+template <> __host__ __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+template <> __host__ __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) {
     return __bfloat162float(x);
 }
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) {
+template <typename T> __host__ __device__ __forceinline__ T from_f32(float x);
+template <> __host__ __device__ __forceinline__ __half from_f32<__half>(float x) {
     return __float2half_rn(x);
 }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+template <> __host__ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
 }
 
@@ -102,6 +103,17 @@ __device__ __forceinline__ void mma_m16n8k16(float c[4], const uint32_t a[4], co
 #endif
 }
 
+// Where a lane's fragment elements lie (the layout above), for the kernels that fill and
+// read fragments; tensor_cores() checks these on the device. Register `reg' of an A fragment
+// holds A[a_row][a_col] and A[a_row][a_col + 1]; register `reg' of a B fragment B[b_k][b_n]
+// and B[b_k + 1][b_n]; accumulator element i is C[c_row][c_col].
+__device__ __forceinline__ int a_row(int lane, int reg) { return (lane >> 2) + 8 * (reg & 1); }
+__device__ __forceinline__ int a_col(int lane, int reg) { return 2 * (lane & 3) + 8 * (reg >> 1); }
+__device__ __forceinline__ int b_k(int lane, int reg) { return 2 * (lane & 3) + 8 * reg; }
+__device__ __forceinline__ int b_n(int lane) { return lane >> 2; }
+__device__ __forceinline__ int c_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
+__device__ __forceinline__ int c_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
+
 // Two 16-bit elements in one register, `lo' in the low half (the fragment layout's order).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
@@ -109,6 +121,17 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
     uint32_t r;
     memcpy(&r, e, sizeof r);
     return r;
+}
+
+// The A fragment of a 16-column step from two accumulator tiles (columns 0-7: `lo', 8-15:
+// `hi'), rounded to T: the accumulator layout holds each element where the A layout wants
+// it, so one product (attention's probabilities) feeds the next without leaving registers.
+template <typename T>
+__device__ __forceinline__ void a_from_accumulators(const float lo[4], const float hi[4], uint32_t a[4]) {
+    a[0] = pack2(from_f32<T>(lo[0]), from_f32<T>(lo[1]));
+    a[1] = pack2(from_f32<T>(lo[2]), from_f32<T>(lo[3]));
+    a[2] = pack2(from_f32<T>(hi[0]), from_f32<T>(hi[1]));
+    a[3] = pack2(from_f32<T>(hi[2]), from_f32<T>(hi[3]));
 }
 
 // Row j of a paged KV cache (kernels.h: kKvPageRows): its key, or its value when `value`.

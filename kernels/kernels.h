@@ -127,17 +127,28 @@ size_t attention_split_floats(int32_t n_seq, int32_t n_head, int32_t head_dim, i
 // head_dim: even, <= 256. Query head h reads KV head h / (n_head / n_head_kv).
 // split.n_split must be in [1, kMaxAttnSplits]; n_split > 1 needs split.partial and at most
 // one query per sequence (cudaErrorInvalidValue otherwise).
-// tensor_cores: a launch where some sequence has 16 or more queries (a prefill) runs on the
-// tensor cores when head_dim is 64 or 128 and the device has them (compute capability 8.0
-// or newer; attention_on_tensor_cores says), otherwise, or with false, on the CUDA cores.
-// The same results within rounding: the fp32 query enters the tensor cores as two 16-bit
-// terms, so scores and lse keep fp32 accuracy; the probabilities meet V rounded to Dt.
+// allow_tensor_cores: a launch where some sequence has 16 or more queries (a prefill) runs
+// on the tensor cores when head_dim is 64 or 128 and tensor_cores(dt) is Usable
+// (attention_on_tensor_cores says), otherwise, or with false, on the CUDA cores. The same
+// results within rounding: the fp32 query enters the tensor cores as two 16-bit terms, so
+// scores and lse keep fp32 accuracy; the probabilities meet V rounded to Dt.
 cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,
                       int32_t head_dim, cudaStream_t stream, const AttnSplit& split = {},
-                      bool tensor_cores = true);
+                      bool allow_tensor_cores = true);
 // Whether attention() runs a launch whose longest sequence has max_q queries on the tensor
 // cores of the current device.
-bool attention_on_tensor_cores(Dt dt, int32_t max_q, int32_t head_dim, bool tensor_cores = true);
+bool attention_on_tensor_cores(Dt dt, int32_t max_q, int32_t head_dim,
+                               bool allow_tensor_cores = true);
+
+// The current device's tensor cores for the kernels that use them (tensor_cores.cu): Usable
+// when its compute capability is 8.0 or newer, the kernels are built for it, and a check
+// run on it once per (device, Dt) finds the register layout common.cuh assumes (exact
+// products of small integers; a few microseconds, one small allocation outside any budget).
+// Absent: too old a device or build. LayoutMismatch: the check's products came out wrong.
+// Unchecked: the check could not run (asked again next time).
+enum class TensorCores { Usable, Absent, LayoutMismatch, Unchecked };
+TensorCores tensor_cores(Dt dt);
+const char* tensor_cores_name(TensorCores t);
 
 // What KV policies observe (kv_policy.h), exact softmax probabilities averaged over the
 // query heads, from what attention() stored:

@@ -1464,6 +1464,18 @@ struct SeqShape {
 
 }  // namespace
 
+TEST_CASE("tensor_cores: the device computes with the register layout the kernels assume") {
+    GPU_OR_SKIP();
+    // every device the GPU tests run on has them (sm_80+; the sim computes them itself); a
+    // wrong transcription of the layout in common.cuh shows here as LayoutMismatch
+    for (Dt dt : kDts) {
+        INFO("dt " << dt_name(dt));
+        const K::TensorCores t = K::tensor_cores(dt);
+        CHECK_MESSAGE(t == K::TensorCores::Usable, K::tensor_cores_name(t));
+        CHECK(K::tensor_cores(dt) == t);  // asked once, then remembered
+    }
+}
+
 TEST_CASE("attention: causal softmax(q k / sqrt(d)) v of a ragged batch, lse and scores") {
     GPU_OR_SKIP();
     SEEDED_RNG();

@@ -289,6 +289,17 @@ void CudaBackend::init_common() {
     sample_on_device_ = env_int("PYRAMID_GPU_SAMPLING", 1) != 0;
     // PYRAMID_TENSOR_CORE_ATTENTION=0: prefill attention on the CUDA cores (for comparing)
     attention_on_tensor_cores_ = env_int("PYRAMID_TENSOR_CORE_ATTENTION", 1) != 0;
+    if (attention_on_tensor_cores_) {  // the device's check runs now, not in a first prefill
+        const kernels::TensorCores tc = kernels::tensor_cores(dt_);
+        const std::string what = std::string("tensor cores ") + kernels::tensor_cores_name(tc);
+        if (tc == kernels::TensorCores::Usable || tc == kernels::TensorCores::Absent)
+            PYR_LOG_INFO(what + (c.head_dim == 64 || c.head_dim == 128
+                                     ? ""
+                                     : "; head_dim " + std::to_string(c.head_dim) +
+                                           ": prefill attention on the CUDA cores"));
+        else
+            PYR_LOG_WARN(what + "; prefill attention runs on the CUDA cores");
+    }
     obs_ready_ = std::make_unique<Event>();
     compactor_ = std::make_shared<KvCompactor>(ctx_);
 }

@@ -1,0 +1,158 @@
+// Whether the tensor-core kernels may run on the current device: compute capability 8.0 or
+// newer, the library's kernels built for it, and the register layout that common.cuh
+// transcribes from the PTX ISA (mma_m16n8k16, a_row & co.) confirmed by the device itself.
+//
+// The check: products of small integers, exact in every 16-bit type and in fp32 sums, made
+// the ways attention_mma_kernel makes them. S = A B + C with B read as keys are (pairs along
+// k from an n-major copy) and again as values are (from a k-major copy); then P V with P the
+// A fragment built from two accumulator tiles of S (a_from_accumulators). The host compares
+// each with its own product. A device or toolkit that placed an element elsewhere would give
+// other numbers here, and attention then stays on the CUDA cores instead of computing wrong
+// values.
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "common.cuh"
+
+namespace pyr::kernels {
+namespace {
+
+// One warp. a (16, 16), bt (16, 16) = B's transpose (n-major: keys), b (16, 16) = B
+// (k-major: values), c (16, 16), v (16, 8), all row-major; out: S as keys (16, 16), S as
+// values (16, 16), P V (16, 8) with P = S rounded to T.
+template <typename T>
+__global__ void tensor_core_check_kernel(const T* a, const T* bt, const T* b, const float* c,
+                                         const T* v, float* out) {
+    const int lane = threadIdx.x;
+    uint32_t af[4];
+    for (int reg = 0; reg < 4; ++reg) {
+        const T* e = a + a_row(lane, reg) * 16 + a_col(lane, reg);
+        af[reg] = pack2(e[0], e[1]);
+    }
+    float s_keys[2][4], s_values[2][4];  // two 8-column tiles of S
+    for (int tile = 0; tile < 2; ++tile) {
+        const int n = tile * 8 + b_n(lane);
+        const uint32_t from_keys[2] = {*reinterpret_cast<const uint32_t*>(bt + n * 16 + b_k(lane, 0)),
+                                       *reinterpret_cast<const uint32_t*>(bt + n * 16 + b_k(lane, 1))};
+        const uint32_t from_values[2] = {pack2(b[b_k(lane, 0) * 16 + n], b[(b_k(lane, 0) + 1) * 16 + n]),
+                                         pack2(b[b_k(lane, 1) * 16 + n], b[(b_k(lane, 1) + 1) * 16 + n])};
+        for (int i = 0; i < 4; ++i)
+            s_keys[tile][i] = s_values[tile][i] = c[c_row(lane, i) * 16 + tile * 8 + c_col(lane, i)];
+        mma_m16n8k16<T>(s_keys[tile], af, from_keys);
+        mma_m16n8k16<T>(s_values[tile], af, from_values);
+        for (int i = 0; i < 4; ++i) {
+            const int at = c_row(lane, i) * 16 + tile * 8 + c_col(lane, i);
+            out[at] = s_keys[tile][i];
+            out[256 + at] = s_values[tile][i];
+        }
+    }
+    uint32_t pa[4];
+    a_from_accumulators<T>(s_keys[0], s_keys[1], pa);
+    const uint32_t vf[2] = {pack2(v[b_k(lane, 0) * 8 + b_n(lane)], v[(b_k(lane, 0) + 1) * 8 + b_n(lane)]),
+                            pack2(v[b_k(lane, 1) * 8 + b_n(lane)], v[(b_k(lane, 1) + 1) * 8 + b_n(lane)])};
+    float pv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma_m16n8k16<T>(pv, pa, vf);
+    for (int i = 0; i < 4; ++i) out[512 + c_row(lane, i) * 8 + c_col(lane, i)] = pv[i];
+}
+
+template <typename T>
+TensorCores check_on_device() {
+#ifdef __CUDACC__  // tools/cuda_sim has no devices to refuse, and runs the check as it is
+    int dev = 0, major = 0;
+    cudaFuncAttributes attr{};
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        major < 8 ||
+        cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(tensor_core_check_kernel<T>)) != cudaSuccess ||
+        attr.binaryVersion < 80) {
+        cudaGetLastError();
+        return TensorCores::Absent;
+    }
+#endif
+    // integers in [-2, 2]: |S| <= 16 * 4 + 2 = 66 and |P V| <= 16 * 66 * 2, all exact
+    auto small = [](int i, int salt) { return float((i * 7 + salt * 3 + i / 5) % 5 - 2); };
+    std::vector<T> a(256), bt(256), b(256), v(128);
+    std::vector<float> c(256);
+    for (int i = 0; i < 256; ++i) {
+        a[size_t(i)] = from_f32<T>(small(i, 1));
+        b[size_t(i)] = from_f32<T>(small(i, 2));
+        c[size_t(i)] = small(i, 3);
+    }
+    for (int k = 0; k < 16; ++k)
+        for (int n = 0; n < 16; ++n) bt[size_t(n * 16 + k)] = b[size_t(k * 16 + n)];
+    for (int i = 0; i < 128; ++i) v[size_t(i)] = from_f32<T>(small(i, 4));
+    std::vector<float> want(640, 0.0f);
+    for (int r = 0; r < 16; ++r)
+        for (int n = 0; n < 16; ++n) {
+            float s = c[size_t(r * 16 + n)];
+            for (int k = 0; k < 16; ++k) s += to_f32(a[size_t(r * 16 + k)]) * to_f32(b[size_t(k * 16 + n)]);
+            want[size_t(r * 16 + n)] = want[size_t(256 + r * 16 + n)] = s;
+        }
+    for (int r = 0; r < 16; ++r)
+        for (int n = 0; n < 8; ++n) {
+            float s = 0.0f;
+            for (int k = 0; k < 16; ++k) s += want[size_t(r * 16 + k)] * to_f32(v[size_t(k * 8 + n)]);
+            want[size_t(512 + r * 8 + n)] = s;
+        }
+
+    // device copies: a | bt | b | v (16-bit), then c | out (fp32)
+    void* mem = nullptr;
+    const size_t halves = 256 * 3 + 128, bytes = halves * 2 + (256 + 640) * 4;
+    if (cudaMalloc(&mem, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        return TensorCores::Unchecked;
+    }
+    T* d_a = static_cast<T*>(mem);
+    T *d_bt = d_a + 256, *d_b = d_bt + 256, *d_v = d_b + 256;
+    float* d_c = reinterpret_cast<float*>(d_v + 128);
+    float* d_out = d_c + 256;
+    std::vector<float> got(640);
+    bool ran = cudaMemcpy(d_a, a.data(), 512, cudaMemcpyHostToDevice) == cudaSuccess &&
+               cudaMemcpy(d_bt, bt.data(), 512, cudaMemcpyHostToDevice) == cudaSuccess &&
+               cudaMemcpy(d_b, b.data(), 512, cudaMemcpyHostToDevice) == cudaSuccess &&
+               cudaMemcpy(d_v, v.data(), 256, cudaMemcpyHostToDevice) == cudaSuccess &&
+               cudaMemcpy(d_c, c.data(), 1024, cudaMemcpyHostToDevice) == cudaSuccess;
+    if (ran) {
+        tensor_core_check_kernel<T><<<1, 32>>>(d_a, d_bt, d_b, d_c, d_v, d_out);
+        ran = cudaGetLastError() == cudaSuccess &&
+              cudaMemcpy(got.data(), d_out, 640 * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
+    }
+    cudaFree(mem);
+    cudaGetLastError();
+    if (!ran) return TensorCores::Unchecked;
+    return got == want ? TensorCores::Usable : TensorCores::LayoutMismatch;
+}
+
+}  // namespace
+
+TensorCores tensor_cores(Dt dt) {
+    constexpr int kDevices = 16;
+    static std::atomic<int> verdict[kDevices][2];  // TensorCores + 1; 0: not asked yet
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
+        cudaGetLastError();
+        return TensorCores::Unchecked;
+    }
+    std::atomic<int>& v = verdict[dev][dt == Dt::F16 ? 0 : 1];
+    int known = v.load(std::memory_order_relaxed);
+    if (known == 0) {
+        TensorCores found = TensorCores::Unchecked;
+        PYR_DISPATCH_DT(dt, found = check_on_device<T>());
+        known = int(found) + 1;
+        if (found != TensorCores::Unchecked) v.store(known, std::memory_order_relaxed);
+    }
+    return TensorCores(known - 1);
+}
+
+const char* tensor_cores_name(TensorCores t) {
+    switch (t) {
+        case TensorCores::Usable: return "usable";
+        case TensorCores::Absent: return "absent (compute capability below 8.0, or kernels not built for it)";
+        case TensorCores::LayoutMismatch: return "not used: their register layout on this device differs from the kernels' (check failed)";
+        case TensorCores::Unchecked: return "not used: the check could not run";
+    }
+    return "?";
+}
+
+}  // namespace pyr::kernels
