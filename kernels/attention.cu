@@ -297,17 +297,61 @@ constexpr size_t mma_smem_bytes() { return 2 * size_t(kMmaKeys) * kMmaRowStride<
 // Keys (or values) [base, base + kMmaKeys) of KV head kvh into dst (kMmaKeys, LD); rows
 // from `end' on are zeros (a value row of NaN weighted by 0 would still poison P V).
 template <typename T, int HD>
-__device__ __forceinline__ void stage_tile(const AttnSeq& sq, int32_t base, int32_t end, int kvh,
+__device__ __forceinline__ void stage_tile(KvPages pages, int32_t base, int32_t end, int kvh,
                                            int64_t kv_dim, bool value, T* dst) {
     static_assert(kKvPageRows % kMmaKeys == 0, "a tile must not straddle pages");
     constexpr int LD = kMmaRowStride<HD>, kVecs = HD / 8;  // 16-byte vectors a row
-    const T* src = kv_row<const T>(sq.pages, base, kv_dim, value) + kvh * HD;
+    const T* src = kv_row<const T>(pages, base, kv_dim, value) + kvh * HD;
     for (int i = threadIdx.x; i < kMmaKeys * kVecs; i += blockDim.x) {
         const int r = i / kVecs, c = (i % kVecs) * 8;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
         if (base + r < end) v = *reinterpret_cast<const uint4*>(src + r * kv_dim + c);
         *reinterpret_cast<uint4*>(dst + r * LD + c) = v;
     }
+}
+
+// A warp's 16 query rows (row i at q + i * q_stride, head_dim HD, fp32; rows from n_rows
+// on are zeros) as A fragments of T: qa[0] = T(q), qa[1] = T(q - qa[0]) (see above).
+template <typename T, int HD>
+__device__ __forceinline__ void query_fragments(const float* q, int64_t q_stride, int32_t n_rows,
+                                                uint32_t (&qa)[2][HD / 16][4]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int32_t row = a_row(lane, j);
+            float x[2] = {0.0f, 0.0f};
+            if (row < n_rows) {
+                const float* e = q + row * q_stride + kk * 16 + a_col(lane, j);
+                x[0] = e[0];
+                x[1] = e[1];
+            }
+            const T hi0 = from_f32<T>(x[0]), hi1 = from_f32<T>(x[1]);
+            qa[0][kk][j] = pack2(hi0, hi1);
+            qa[1][kk][j] = pack2(from_f32<T>(x[0] - to_f32(hi0)), from_f32<T>(x[1] - to_f32(hi1)));
+        }
+}
+
+// s = q k (unscaled) of a warp's 16 rows and the kMmaKeys staged keys Ks (kMmaKeys, LD):
+// s[n][i] is key 8 n + c_col(lane, i) of row c_row(lane, i). The lo term goes first.
+template <typename T, int HD>
+__device__ __forceinline__ void tile_scores(const uint32_t (&qa)[2][HD / 16][4], const T* Ks,
+                                            float (&s)[kMmaKeys / 8][4]) {
+    constexpr int LD = kMmaRowStride<HD>;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int n = 0; n < kMmaKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk)
+#pragma unroll
+        for (int n = 0; n < kMmaKeys / 8; ++n) {
+            const T* k = Ks + (n * 8 + b_n(lane)) * LD + kk * 16;  // B[d][j] = K[j][d]
+            const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(k + b_k(lane, 0)),
+                                   *reinterpret_cast<const uint32_t*>(k + b_k(lane, 1))};
+            mma_m16n8k16<T>(s[n], qa[1][kk], b);
+            mma_m16n8k16<T>(s[n], qa[0][kk], b);
+        }
 }
 
 template <typename T, int HD>
@@ -346,22 +390,7 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
 
     // the query rows as A fragments, hi and lo terms (zero rows past the block's queries)
     uint32_t qa[2][kSteps][4];
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int32_t row = w0 + a_row(lane, j);
-            const int col = kk * 16 + a_col(lane, j);
-            float x[2] = {0.0f, 0.0f};
-            if (row < nq) {
-                const float* q = sq.q + int64_t(q0 + row) * sq.q_stride + h * HD + col;
-                x[0] = q[0];
-                x[1] = q[1];
-            }
-            const T hi0 = from_f32<T>(x[0]), hi1 = from_f32<T>(x[1]);
-            qa[0][kk][j] = pack2(hi0, hi1);
-            qa[1][kk][j] = pack2(from_f32<T>(x[0] - to_f32(hi0)), from_f32<T>(x[1] - to_f32(hi1)));
-        }
+    query_fragments<T, HD>(sq.q + int64_t(q0 + w0) * sq.q_stride + h * HD, sq.q_stride, w_nq, qa);
 
     extern __shared__ float smem[];
     T* Ks = reinterpret_cast<T*>(smem);  // (kMmaKeys, LD)
@@ -374,25 +403,14 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
 
     for (int32_t base = 0; base < kend; base += kMmaKeys) {
         __syncthreads();  // every warp is done with the tile before
-        stage_tile<T, HD>(sq, base, kend, kvh, kv_dim, false, Ks);
-        stage_tile<T, HD>(sq, base, kend, kvh, kv_dim, true, Vs);
+        stage_tile<T, HD>(sq.pages, base, kend, kvh, kv_dim, false, Ks);
+        stage_tile<T, HD>(sq.pages, base, kend, kvh, kv_dim, true, Vs);
         __syncthreads();
         if (base >= w_end) continue;  // past this warp's causal horizon (warp-uniform)
 
         // s = q k over the tile: keys base + 8 n + c_col(lane, i)
         float s[kKeyTiles][4];
-#pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < kSteps; ++kk)
-#pragma unroll
-            for (int n = 0; n < kKeyTiles; ++n) {
-                const T* k = Ks + (n * 8 + b_n(lane)) * LD + kk * 16;  // B[d][j] = K[j][d]
-                const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(k + b_k(lane, 0)),
-                                       *reinterpret_cast<const uint32_t*>(k + b_k(lane, 1))};
-                mma_m16n8k16<T>(s[n], qa[1][kk], b);
-                mma_m16n8k16<T>(s[n], qa[0][kk], b);
-            }
+        tile_scores<T, HD>(qa, Ks, s);
 
         // online softmax of each row; a row's 64 keys lie with 4 lanes (lane ^ 1, lane ^ 2)
 #pragma unroll
@@ -461,6 +479,75 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
             *reinterpret_cast<uint32_t*>(out + n * 8) =
                 pack2(from_f32<T>(o[n][2 * r] / l[r]), from_f32<T>(o[n][2 * r + 1] / l[r]));
         if (c_col(lane, 0) == 0 && sq.lse) sq.lse[int64_t(q) * n_head + h] = m[r] + log2f(l[r]);
+    }
+}
+
+// rows_mma_kernel: the observed rows of attention_rows, recomputed instead of read from
+// stored raw scores: a block owns 64 rows (4 warps of 16) and one tile of 64 keys, and sums
+// over the heads in order (as rows_kernel does) exp2(q k * qscale - lse) with q k made by
+// tile_scores, as attention_mma_kernel made it: the same bits as its scores through
+// rows_kernel.
+template <typename T, int HD>
+__global__ void __launch_bounds__(128)
+rows_mma_kernel(RowsMmaBatch batch, int32_t n_head, int32_t n_head_kv, float qscale) {
+    constexpr int kKeyTiles = kMmaKeys / 8;
+    const RowsMmaSeq& sq = batch.seq[blockIdx.z];
+    const int32_t base = int32_t(blockIdx.x) * kMmaKeys, r0 = int32_t(blockIdx.y) * kMmaQueries;
+    if (base >= sq.n_kv || r0 >= sq.n_rows) return;
+    const int32_t nr = min(kMmaQueries, sq.n_rows - r0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int32_t w0 = warp * 16, w_nr = max(0, min(16, nr - w0));
+    const int64_t kv_dim = int64_t(n_head_kv) * HD;
+    const int group = n_head / n_head_kv;
+    const int32_t kend = min(sq.n_kv, sq.first_limit + r0 + nr);  // keys any row sees
+    bool valid[2];
+    int32_t last[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int32_t row = w0 + c_row(lane, 2 * r);
+        valid[r] = row < nr;
+        last[r] = sq.first_limit + r0 + row;
+    }
+    float acc[kKeyTiles][4];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+    extern __shared__ float smem[];
+    T* Ks = reinterpret_cast<T*>(smem);  // (kMmaKeys, LD)
+    for (int kvh = 0; kvh < n_head_kv && base < kend; ++kvh) {  // none seen: zeros
+        __syncthreads();  // every warp is done with the tile before
+        stage_tile<T, HD>(sq.pages, base, kend, kvh, kv_dim, false, Ks);
+        __syncthreads();
+        if (w_nr == 0) continue;
+        for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+            uint32_t qa[2][HD / 16][4];
+            query_fragments<T, HD>(sq.q + int64_t(r0 + w0) * sq.q_stride + h * HD, sq.q_stride, w_nr, qa);
+            float s[kKeyTiles][4];
+            tile_scores<T, HD>(qa, Ks, s);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float lse = valid[r] ? sq.lse[int64_t(r0 + w0 + c_row(lane, 2 * r)) * n_head + h] : 0.0f;
+#pragma unroll
+                for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
+                        if (valid[r] && j <= last[r]) acc[n][2 * r + c] += exp2f(s[n][2 * r + c] * qscale - lse);
+                    }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (!valid[r]) continue;
+        float* row = sq.rows + int64_t(r0 + w0 + c_row(lane, 2 * r)) * sq.n_kv;
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
+                if (j < sq.n_kv) row[j] = acc[n][2 * r + c] / float(n_head);
+            }
     }
 }
 
@@ -611,6 +698,31 @@ cudaError_t attention_rows(const RowsBatch& batch, int32_t n_head, cudaStream_t 
     if (max_rows <= 0 || max_kv <= 0) return cudaSuccess;
     const dim3 grid(blocks_for(max_kv, 128), unsigned(max_rows), unsigned(batch.n_seq));
     rows_kernel<<<grid, 128, 0, stream>>>(batch, n_head);
+    return cudaGetLastError();
+}
+
+bool attention_rows_mma_supported(Dt dt, int32_t head_dim) {
+    return (head_dim == 64 || head_dim == 128) && tensor_cores(dt) == TensorCores::Usable;
+}
+
+cudaError_t attention_rows_mma(Dt dt, const RowsMmaBatch& batch, int32_t n_head, int32_t n_head_kv,
+                               int32_t head_dim, cudaStream_t stream) {
+    if (batch.n_seq < 0 || batch.n_seq > kMaxBatch || n_head <= 0 || n_head_kv <= 0 ||
+        n_head % n_head_kv != 0 || !attention_rows_mma_supported(dt, head_dim))
+        return cudaErrorInvalidValue;
+    int32_t max_rows = 0, max_kv = 0;
+    for (int s = 0; s < batch.n_seq; ++s) {
+        max_rows = std::max(max_rows, batch.seq[s].n_rows);
+        max_kv = std::max(max_kv, batch.seq[s].n_kv);
+    }
+    if (max_rows <= 0 || max_kv <= 0) return cudaSuccess;
+    const dim3 grid(blocks_for(max_kv, kMmaKeys), blocks_for(max_rows, kMmaQueries), unsigned(batch.n_seq));
+    if (head_dim == 64)
+        PYR_DISPATCH_DT(dt, (rows_mma_kernel<T, 64><<<grid, 128, mma_smem_bytes<T, 64>() / 2, stream>>>(
+                                batch, n_head, n_head_kv, query_scale(64))));
+    else
+        PYR_DISPATCH_DT(dt, (rows_mma_kernel<T, 128><<<grid, 128, mma_smem_bytes<T, 128>() / 2, stream>>>(
+                                batch, n_head, n_head_kv, query_scale(128))));
     return cudaGetLastError();
 }
 

@@ -140,7 +140,12 @@ cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_h
 bool attention_on_tensor_cores(Dt dt, int32_t max_q, int32_t head_dim,
                                bool allow_tensor_cores = true);
 
-// The current device's tensor cores for the kernels that use them (tensor_cores.cu): Usable
+// Whether the library's kernels can run on the current device (device.cu): cudaSuccess, or
+// the runtime's refusal when the build has no code for its architecture (no matching
+// binary, nor PTX it can compile).
+cudaError_t kernels_runnable();
+
+// The current device's tensor cores for the kernels that use them (device.cu): Usable
 // when its compute capability is 8.0 or newer, the kernels are built for it, and a check
 // run on it once per (device, Dt) finds the register layout common.cuh assumes (exact
 // products of small integers; a few microseconds, one small allocation outside any budget).
@@ -171,6 +176,27 @@ struct RowsBatch {
     RowsSeq seq[kMaxBatch];
 };
 cudaError_t attention_rows(const RowsBatch& batch, int32_t n_head, cudaStream_t stream);
+// attention_rows_mma: the same rows without raw scores stored for them (AttnSeq::scores
+// unset): recomputed from the queries, the cache and lse on the tensor cores, bit for bit
+// what attention() on the tensor cores and attention_rows give. A prefill's observation
+// then takes n_rows * n_kv floats instead of n_head times more (pyramid observes the last
+// fifth of a prompt: 7B at 4096 tokens, 430 MB of raw scores). Only where
+// attention_rows_mma_supported (cudaErrorInvalidValue otherwise).
+struct RowsMmaSeq {
+    const float* q = nullptr;    // (n_rows, q_stride) fp32, rotated: the observed queries
+    int32_t q_stride = 0;
+    KvPages pages = nullptr;     // the cache (n_kv rows)
+    const float* lse = nullptr;  // (n_rows, n_head), from attention()
+    float* rows = nullptr;       // (n_rows, n_kv)
+    int32_t n_rows = 0, n_kv = 0, first_limit = 0;  // row r sees keys <= first_limit + r
+};
+struct RowsMmaBatch {
+    int32_t n_seq = 0;
+    RowsMmaSeq seq[kMaxBatch];
+};
+bool attention_rows_mma_supported(Dt dt, int32_t head_dim);
+cudaError_t attention_rows_mma(Dt dt, const RowsMmaBatch& batch, int32_t n_head, int32_t n_head_kv,
+                               int32_t head_dim, cudaStream_t stream);
 // attention_col_sums: col_sums (n_kv), zeroed beforehand, += the probabilities summed over
 // all of the sequence's queries (recomputed from q, k and lse).
 cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,

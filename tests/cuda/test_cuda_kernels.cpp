@@ -1466,6 +1466,7 @@ struct SeqShape {
 
 TEST_CASE("tensor_cores: the device computes with the register layout the kernels assume") {
     GPU_OR_SKIP();
+    CHECK(K::kernels_runnable() == cudaSuccess);
     // every device the GPU tests run on has them (sm_80+; the sim computes them itself); a
     // wrong transcription of the layout in common.cuh shows here as LayoutMismatch
     for (Dt dt : kDts) {
@@ -1695,6 +1696,82 @@ TEST_CASE("attention: the decode split's choice and refusals") {
     LAUNCH_OK(run(mixed, 1, nullptr));  // no split: no workspace needed
     LAUNCH_OK(run(decode, K::kMaxAttnSplits, partial.get()));
     check_attention(dt, one, d_one, attention_ref(dt, one, n_head, n_head, hd), n_head);
+}
+
+TEST_CASE("attention_rows_mma: observed rows recomputed on the tensor cores, attention_rows' bits") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    struct Config {
+        int32_t n_head, n_head_kv, hd;
+    };
+    // 2 row blocks and 5 key tiles (the first sequence), a short one; GQA 4 and 3, MHA
+    const std::vector<SeqShape> shapes = {{150, 300}, {40, 40}};
+    const int32_t observed[] = {70, 10};
+    for (const Config& cf : {Config{8, 2, 64}, Config{6, 2, 64}, Config{4, 4, 128}})
+        for (Dt dt : kDts) {
+            INFO("dt " << dt_name(dt) << ", heads " << cf.n_head << "/" << cf.n_head_kv
+                       << ", head_dim " << cf.hd);
+            REQUIRE(K::attention_rows_mma_supported(dt, cf.hd));
+            std::vector<HostAttnSeq> host;
+            std::vector<DeviceAttnSeq> dev;
+            dev.reserve(shapes.size());
+            K::AttnBatch batch;
+            batch.n_seq = int32_t(shapes.size());
+            K::RowsBatch from_scores;
+            K::RowsMmaBatch from_q;
+            from_scores.n_seq = from_q.n_seq = batch.n_seq;
+            std::vector<DeviceArray<float>> rows_scores, rows_q;
+            for (size_t s = 0; s < shapes.size(); ++s) {
+                const int32_t n_q = shapes[s].n_q, n_kv = shapes[s].n_kv, n_rows = observed[s];
+                host.push_back(random_attn_seq(rng, dt, n_q, n_kv, cf.n_head, cf.n_head_kv, cf.hd,
+                                               n_q - n_rows));
+                dev.emplace_back(rng, host.back(), cf.n_head, cf.n_head_kv, cf.hd);
+                batch.seq[s] = dev.back().view(host.back());
+                rows_scores.emplace_back(size_t(n_rows) * n_kv);
+                rows_q.emplace_back(size_t(n_rows) * n_kv);
+                rows_scores.back().poison();
+                rows_q.back().poison();
+                const int32_t first_limit = n_kv - n_q + (n_q - n_rows);
+                const float* lse = dev.back().lse.get() + size_t(n_q - n_rows) * cf.n_head;
+                from_scores.seq[s] = {dev.back().scores.get(), lse, rows_scores.back().get(), n_rows,
+                                      n_kv, first_limit, nullptr};
+                K::RowsMmaSeq& r = from_q.seq[s];
+                r.q = dev.back().q.get() + size_t(n_q - n_rows) * host.back().q_stride;
+                r.q_stride = host.back().q_stride;
+                r.pages = dev.back().cache.pages();
+                r.lse = lse;
+                r.rows = rows_q.back().get();
+                r.n_rows = n_rows;
+                r.n_kv = n_kv;
+                r.first_limit = first_limit;
+            }
+            REQUIRE(K::attention_on_tensor_cores(dt, 150, cf.hd));
+            LAUNCH_OK(K::attention(dt, batch, cf.n_head, cf.n_head_kv, cf.hd, nullptr));
+            LAUNCH_OK(K::attention_rows(from_scores, cf.n_head, nullptr));
+            LAUNCH_OK(K::attention_rows_mma(dt, from_q, cf.n_head, cf.n_head_kv, cf.hd, nullptr));
+            for (size_t s = 0; s < shapes.size(); ++s) {
+                INFO("sequence " << s);
+                const HostAttnSeq& h = host[s];
+                const std::vector<float> got = rows_q[s].download();
+                CHECK(count_bit_mismatches(got, rows_scores[s].download()) == 0);
+                const AttnRef ref = attention_ref(dt, h, cf.n_head, cf.n_head_kv, cf.hd);
+                std::vector<double> want(got.size(), 0.0);
+                for (int32_t r = 0; r < observed[s]; ++r)
+                    for (int32_t hh = 0; hh < cf.n_head; ++hh)
+                        for (int32_t j = 0; j < h.n_kv; ++j)
+                            want[size_t(r) * h.n_kv + j] +=
+                                ref.probs[(size_t(h.scores_from + r) * cf.n_head + hh) * h.n_kv + j] / cf.n_head;
+                check_close(widen(got), want, 1e-3);
+                size_t nonzero_masked = 0;  // exact zeros where the query cannot see the key
+                for (int32_t r = 0; r < observed[s]; ++r)
+                    for (int32_t j = h.n_kv - h.n_q + h.scores_from + r + 1; j < h.n_kv; ++j)
+                        nonzero_masked += got[size_t(r) * h.n_kv + j] != 0.0f;
+                CHECK(nonzero_masked == 0);
+            }
+        }
+    K::RowsMmaBatch none;
+    CHECK(K::attention_rows_mma(Dt::F16, none, 4, 4, 80, nullptr) == cudaErrorInvalidValue);
+    CHECK(!K::attention_rows_mma_supported(Dt::F16, 80));
 }
 
 TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for KV policies") {

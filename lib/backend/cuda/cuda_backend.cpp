@@ -299,6 +299,7 @@ void CudaBackend::init_common() {
                                            ": prefill attention on the CUDA cores"));
         else
             PYR_LOG_WARN(what + "; prefill attention runs on the CUDA cores");
+        rows_on_tensor_cores_ = kernels::attention_rows_mma_supported(dt_, c.head_dim);
     }
     obs_ready_ = std::make_unique<Event>();
     compactor_ = std::make_shared<KvCompactor>(ctx_);
@@ -631,14 +632,19 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
         place_sequence(lb, s, f.row0, f.n, kv.table(il), first_new + f.n);
         lb.slot0[size_t(s)] = first_new;
         kernels::AttnSeq& a = lb.attn[size_t(s)];
-        // the attention kernel keeps the raw scores of the observed queries (no second pass
-        // over the keys for the rows)
+        // The attention kernel keeps the raw scores of the observed queries (no second pass
+        // over the keys for the rows), n_head floats per row and key; a prefill's many rows
+        // (pyramid: a fifth of the prompt) are recomputed instead where the tensor cores can.
         a.scores_from = a.n_q;  // no rows observed unless the policy asks
         if (steps[s].policy) {
             lb.reqs[size_t(s)] = steps[s].policy->observe(il);
-            a.scores_from = a.n_q - std::min(lb.reqs[size_t(s)].last_rows, a.n_q);
-            score_off[size_t(s)] = score_floats;
-            score_floats += size_t(a.n_q - a.scores_from) * size_t(c.n_head) * size_t(a.n_kv);
+            const int32_t n_obs = std::min(lb.reqs[size_t(s)].last_rows, a.n_q);
+            lb.obs_rows[size_t(s)] = n_obs;
+            if (n_obs <= 1 || !rows_on_tensor_cores_) {
+                a.scores_from = a.n_q - n_obs;
+                score_off[size_t(s)] = score_floats;
+                score_floats += size_t(n_obs) * size_t(c.n_head) * size_t(a.n_kv);
+            }
         }
         n_rows += f.n;
     }
@@ -739,6 +745,17 @@ void CudaBackend::launch_rows(const std::vector<kernels::RowsSeq>& rows, cudaStr
     }
 }
 
+// The prefills' observed rows recomputed on the tensor cores, kMaxBatch sequences a launch.
+void CudaBackend::launch_rows_mma(const std::vector<kernels::RowsMmaSeq>& rows, cudaStream_t st) const {
+    const ModelConfig& c = config_;
+    for (size_t c0 = 0; c0 < rows.size(); c0 += kernels::kMaxBatch) {
+        kernels::RowsMmaBatch batch;
+        batch.n_seq = int32_t(std::min(rows.size() - c0, size_t(kernels::kMaxBatch)));
+        std::copy_n(rows.begin() + ptrdiff_t(c0), batch.n_seq, batch.seq);
+        PYR_CUDA_CHECK(kernels::attention_rows_mma(dt_, batch, c.n_head, c.n_head_kv, c.head_dim, st));
+    }
+}
+
 // x += down(silu(gate(xn)) * up(xn)) over n_rows rows.
 void CudaBackend::mlp_block(int il, int32_t n_rows, cudaStream_t st) {
     const ModelConfig& c = config_;
@@ -780,7 +797,7 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
     for (size_t s = 0; s < seqs.size(); ++s) {
         if (!steps[s].policy) continue;
         const kernels::AttnSeq& a = lb.attn[s];
-        const int32_t n_obs = a.scores ? a.n_q - a.scores_from : 0;  // rows asked for
+        const int32_t n_obs = lb.obs_rows[s];  // rows asked for
         const bool sums = lb.reqs[s].column_sums;
         const size_t need = size_t(n_obs) * size_t(a.n_kv) + (sums ? size_t(a.n_kv) : 0);
         size_t& end = seqs[s].first_prefill ? end_now : end_later;
@@ -794,12 +811,25 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
     float* base = s_.obs.as<float>();
     // the rows of every sequence in one launch; column sums (H2O) one sequence at a time
     std::vector<kernels::RowsSeq> rows;
+    std::vector<kernels::RowsMmaSeq> rows_mma;
     auto launch = [&](const Measured& m, size_t shift) {
         const kernels::AttnSeq& a = lb.attn[size_t(m.seq)];
-        if (m.rows_off != SIZE_MAX)
-            rows.push_back({a.scores, a.lse + int64_t(a.scores_from) * c.n_head,
-                            base + shift + m.rows_off, m.n_rows, m.n_keys,
-                            m.n_keys - a.n_q + a.scores_from, nullptr});
+        const int32_t from = a.n_q - m.n_rows;  // the first observed query
+        if (m.rows_off != SIZE_MAX && a.scores)
+            rows.push_back({a.scores, a.lse + int64_t(from) * c.n_head, base + shift + m.rows_off,
+                            m.n_rows, m.n_keys, m.n_keys - a.n_q + from, nullptr});
+        if (m.rows_off != SIZE_MAX && !a.scores) {
+            kernels::RowsMmaSeq r;
+            r.q = a.q + int64_t(from) * a.q_stride;
+            r.q_stride = a.q_stride;
+            r.pages = a.pages;
+            r.lse = a.lse + int64_t(from) * c.n_head;
+            r.rows = base + shift + m.rows_off;
+            r.n_rows = m.n_rows;
+            r.n_kv = m.n_keys;
+            r.first_limit = m.n_keys - a.n_q + from;
+            rows_mma.push_back(r);
+        }
         if (m.sums_off != SIZE_MAX) {
             PYR_CUDA_CHECK(cudaMemsetAsync(base + shift + m.sums_off, 0, size_t(m.n_keys) * 4, st));
             PYR_CUDA_CHECK(kernels::attention_col_sums(dt_, a, c.n_head, c.n_head_kv, c.head_dim,
@@ -809,6 +839,7 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
     for (const Measured& m : later) launch(m, 0);
     for (const Measured& m : now) launch(m, end_later);
     launch_rows(rows, st);
+    launch_rows_mma(rows_mma, st);
     deferred.insert(deferred.end(), later.begin(), later.end());
     obs_used = end_later;
     if (end_now > 0) {

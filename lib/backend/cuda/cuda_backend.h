@@ -161,7 +161,7 @@ private:
     struct LayerBatch {
         explicit LayerBatch(int n_seq)
             : row0(size_t(n_seq) + 1, 0), pages(size_t(n_seq)), slot0(size_t(n_seq), 0),
-              attn(size_t(n_seq)), reqs(size_t(n_seq)) {}
+              attn(size_t(n_seq)), reqs(size_t(n_seq)), obs_rows(size_t(n_seq), 0) {}
         int n_seq() const { return int(attn.size()); }
         std::vector<int32_t> row0;            // sequence s has rows [row0[s], row0[s+1])
         std::vector<kernels::KvPages> pages;  // its cache's page table
@@ -170,6 +170,9 @@ private:
         std::vector<kernels::AttnSeq> attn;
         kernels::AttnSplit split;              // decode: each head's keys over several blocks
         std::vector<ObservationRequest> reqs;  // what each sequence's policy observes here
+        // the attention rows it observes: from the raw scores attention() keeps (attn[s].scores)
+        // or, where there are none, recomputed on the tensor cores (attention_rows_mma)
+        std::vector<int32_t> obs_rows;
     };
     // An observation measured on the device, handed to the policy when it has arrived on
     // the host: in a first prefill during the same layer, otherwise after the step.
@@ -199,6 +202,7 @@ private:
                         int32_t n_kv) const;
     void attention_block(int il, const LayerBatch& lb, int32_t n_rows, cudaStream_t st);
     void launch_rows(const std::vector<kernels::RowsSeq>& rows, cudaStream_t st) const;
+    void launch_rows_mma(const std::vector<kernels::RowsMmaSeq>& rows, cudaStream_t st) const;
     void mlp_block(int il, int32_t n_rows, cudaStream_t st);
     void output_head(const float* x, int32_t n_out, cudaStream_t st);
     std::vector<Measured> measure_layer(int il, SequenceStep* steps, const LayerBatch& lb,
@@ -231,6 +235,7 @@ private:
     int32_t q_dim_ = 0, kv_dim_ = 0, qkv_dim_ = 0;
     bool sample_on_device_ = true;  // PYRAMID_GPU_SAMPLING=0: the host samples (comparing)
     bool attention_on_tensor_cores_ = true;  // PYRAMID_TENSOR_CORE_ATTENTION=0: CUDA cores
+    bool rows_on_tensor_cores_ = false;      // a prefill's observed rows: attention_rows_mma
     uint64_t device_samples_ = 0, undecided_samples_ = 0;  // BackendStats
 };
 

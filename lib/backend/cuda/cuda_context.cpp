@@ -3,6 +3,12 @@
 #include <algorithm>
 
 #include "common/log.h"
+#include "kernels/kernels.h"
+
+// The architectures the kernels were built for (CMake sets it; tools/cuda_sim does not).
+#ifndef PYR_CUDA_ARCHITECTURES
+#define PYR_CUDA_ARCHITECTURES "?"
+#endif
 
 namespace pyr::cuda {
 
@@ -44,6 +50,15 @@ std::shared_ptr<Context> Context::open(int index, uint64_t max_bytes) {
                                       prop.name + ") has compute capability " +
                                       std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                                       "; pyramid needs 7.0 or newer");
+    if (const cudaError_t e = kernels::kernels_runnable(); e != cudaSuccess) {
+        const std::string cc = std::to_string(prop.major) + std::to_string(prop.minor);
+        fail(PYR_ERR_UNSUPPORTED,
+             std::string("device cuda:") + std::to_string(index) + " (" + prop.name +
+                 ", compute capability " + std::to_string(prop.major) + "." +
+                 std::to_string(prop.minor) + "): this build of pyramid has no CUDA kernels it can run (" +
+                 cudaGetErrorString(e) + "; built for CUDA architectures " PYR_CUDA_ARCHITECTURES
+                 "); rebuild with -DCMAKE_CUDA_ARCHITECTURES=" + cc + ", or use the CPU");
+    }
     ctx->name_ = prop.name;
     ctx->sm_count_ = prop.multiProcessorCount;
     size_t free_b = 0, total_b = 0;

@@ -1,8 +1,9 @@
-// Whether the tensor-core kernels may run on the current device: compute capability 8.0 or
-// newer, the library's kernels built for it, and the register layout that common.cuh
-// transcribes from the PTX ISA (mma_m16n8k16, a_row & co.) confirmed by the device itself.
+// What the current device can run: the library's kernels at all (built for its
+// architecture), and the tensor-core kernels: compute capability 8.0 or newer, the kernels
+// built for it, and the register layout that common.cuh transcribes from the PTX ISA
+// (mma_m16n8k16, a_row & co.) confirmed by the device itself.
 //
-// The check: products of small integers, exact in every 16-bit type and in fp32 sums, made
+// The tensor cores' check: products of small integers, exact in every 16-bit type and in fp32 sums, made
 // the ways attention_mma_kernel makes them. S = A B + C with B read as keys are (pairs along
 // k from an n-major copy) and again as values are (from a k-major copy); then P V with P the
 // A fragment built from two accumulator tiles of S (a_from_accumulators). The host compares
@@ -125,6 +126,19 @@ TensorCores check_on_device() {
 }
 
 }  // namespace
+
+cudaError_t kernels_runnable() {
+#ifdef __CUDACC__
+    // any kernel: they are all built for the same architectures
+    cudaFuncAttributes attr{};
+    const cudaError_t e =
+        cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(tensor_core_check_kernel<__half>));
+    if (e != cudaSuccess) cudaGetLastError();
+    return e;
+#else
+    return cudaSuccess;  // tools/cuda_sim runs them all
+#endif
+}
 
 TensorCores tensor_cores(Dt dt) {
     constexpr int kDevices = 16;
