@@ -551,6 +551,86 @@ rows_mma_kernel(RowsMmaBatch batch, int32_t n_head, int32_t n_head_kv, float qsc
     }
 }
 
+// col_sums_mma_kernel: attention_col_sums on the tensor cores: a block owns 64 queries and
+// one tile of 64 keys, sums exp2(q k * scale - lse) over its queries and every head (q k
+// from tile_scores), and adds its 64 sums to col_sums (atomics: blocks of other queries add
+// to the same keys).
+template <typename T, int HD>
+__global__ void __launch_bounds__(128)
+col_sums_mma_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, float qscale, float* col_sums) {
+    constexpr int kKeyTiles = kMmaKeys / 8;
+    const int32_t base = int32_t(blockIdx.x) * kMmaKeys, q0 = int32_t(blockIdx.y) * kMmaQueries;
+    if (base >= sq.n_kv || q0 >= sq.n_q) return;
+    const int32_t nq = min(kMmaQueries, sq.n_q - q0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int32_t w0 = warp * 16, w_nq = max(0, min(16, nq - w0));
+    const int64_t kv_dim = int64_t(n_head_kv) * HD;
+    const int group = n_head / n_head_kv;
+    const int32_t first_limit = sq.n_kv - sq.n_q + q0;       // last key query q0 sees
+    const int32_t kend = min(sq.n_kv, first_limit + nq);     // keys any query of the block sees
+    bool valid[2];
+    int32_t last[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int32_t row = w0 + c_row(lane, 2 * r);
+        valid[r] = row < nq;
+        last[r] = first_limit + row;
+    }
+    float acc[kKeyTiles][4];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+    extern __shared__ float smem[];
+    T* Ks = reinterpret_cast<T*>(smem);  // (kMmaKeys, LD)
+    for (int kvh = 0; kvh < n_head_kv && base < kend; ++kvh) {  // none seen: adds zeros
+        __syncthreads();  // every warp is done with the tile before
+        stage_tile<T, HD>(sq.pages, base, kend, kvh, kv_dim, false, Ks);
+        __syncthreads();
+        if (w_nq == 0) continue;
+        for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+            uint32_t qa[2][HD / 16][4];
+            query_fragments<T, HD>(sq.q + int64_t(q0 + w0) * sq.q_stride + h * HD, sq.q_stride, w_nq, qa);
+            float s[kKeyTiles][4];
+            tile_scores<T, HD>(qa, Ks, s);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float lse = valid[r] ? sq.lse[int64_t(q0 + w0 + c_row(lane, 2 * r)) * n_head + h] : 0.0f;
+#pragma unroll
+                for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
+                        if (valid[r] && j <= last[r]) acc[n][2 * r + c] += exp2f(s[n][2 * r + c] * qscale - lse);
+                    }
+            }
+        }
+    }
+    // the block's sum per key: this lane's two rows, the 8 lanes holding the same keys
+    // (lane bits 2-4), then the 4 warps
+    float col[kKeyTiles][2];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            float v = acc[n][c] + acc[n][2 + c];
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            col[n][c] = v;
+        }
+    __syncthreads();  // the key tile is done with: its space holds the warps' sums
+    float* part = smem;  // (4 warps, kMmaKeys)
+    if (lane < 4)
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) part[warp * kMmaKeys + n * 8 + c_col(lane, c)] = col[n][c];
+    __syncthreads();
+    for (int i = threadIdx.x; i < kMmaKeys; i += blockDim.x) {
+        const float v = part[i] + part[kMmaKeys + i] + part[2 * kMmaKeys + i] + part[3 * kMmaKeys + i];
+        if (base + i < sq.n_kv) atomicAdd(&col_sums[base + i], v / float(n_head));
+    }
+}
+
 template <typename T, int HD>
 cudaError_t launch_attention_mma(const AttnBatch& batch, int32_t max_q, int32_t n_head,
                                  int32_t n_head_kv, cudaStream_t stream) {
@@ -727,10 +807,21 @@ cudaError_t attention_rows_mma(Dt dt, const RowsMmaBatch& batch, int32_t n_head,
 }
 
 cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,
-                               int32_t head_dim, float* col_sums, cudaStream_t stream) {
+                               int32_t head_dim, float* col_sums, cudaStream_t stream,
+                               bool allow_tensor_cores) {
     if (!seq.lse || head_dim <= 0 || head_dim > 256 || n_head_kv <= 0 || n_head % n_head_kv != 0)
         return cudaErrorInvalidValue;
     if (seq.n_q <= 0 || seq.n_kv <= 0) return cudaSuccess;
+    if (allow_tensor_cores && seq.n_q >= kMmaMinQueries && attention_rows_mma_supported(dt, head_dim)) {
+        const dim3 grid(blocks_for(seq.n_kv, kMmaKeys), blocks_for(seq.n_q, kMmaQueries));
+        if (head_dim == 64)
+            PYR_DISPATCH_DT(dt, (col_sums_mma_kernel<T, 64><<<grid, 128, mma_smem_bytes<T, 64>() / 2, stream>>>(
+                                    seq, n_head, n_head_kv, query_scale(64), col_sums)));
+        else
+            PYR_DISPATCH_DT(dt, (col_sums_mma_kernel<T, 128><<<grid, 128, mma_smem_bytes<T, 128>() / 2, stream>>>(
+                                    seq, n_head, n_head_kv, query_scale(128), col_sums)));
+        return cudaGetLastError();
+    }
     constexpr int32_t kChunk = 4, kThreads = 128;
     const dim3 grid(blocks_for(seq.n_kv, kThreads), blocks_for(seq.n_q, kChunk));
     const size_t smem = sizeof(float) * size_t(n_head) * size_t(head_dim);

@@ -1855,18 +1855,21 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 CHECK(count_bit_mismatches(head, rows) == 0);
                 CHECK(tail == std::vector<float>(tail.size(), 0.0f));
             }
-            {  // column sums over all queries, zeroed beforehand
+            // column sums over all queries, zeroed beforehand: on the CUDA cores, and on the
+            // tensor cores where they can (head_dim 64 here)
+            for (bool tensor_cores : {false, true}) {
+                INFO((tensor_cores ? "tensor cores where they can" : "CUDA cores"));
                 DeviceArray<float> d_cols(static_cast<size_t>(n_kv));
                 d_cols.zero();
                 LAUNCH_OK(K::attention_col_sums(dt, batch.seq[0], cf.n_head, cf.n_head_kv, cf.hd,
-                                                d_cols.get(), nullptr));
+                                                d_cols.get(), nullptr, tensor_cores));
                 check_close(widen(d_cols.download()), cols_ref, tol);
 
                 // they add to what is there (the sums of earlier steps)
                 const std::vector<float> before = rng.floats(size_t(n_kv), 0.0f, 3.0f);
                 d_cols.upload(before);
                 LAUNCH_OK(K::attention_col_sums(dt, batch.seq[0], cf.n_head, cf.n_head_kv, cf.hd,
-                                                d_cols.get(), nullptr));
+                                                d_cols.get(), nullptr, tensor_cores));
                 std::vector<double> expect(cols_ref);
                 for (int32_t j = 0; j < n_kv; ++j) expect[j] += before[j];
                 check_close(widen(d_cols.download()), expect, tol);
