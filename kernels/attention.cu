@@ -123,6 +123,14 @@ __device__ __forceinline__ F* split_state(F* partial, int32_t s, int h, int32_t 
     return partial + (int64_t(s) * n_head + h) * n_split * (hd + 2);
 }
 
+// The true key count of the block's sequence: the device's (graph replays) or the host's;
+// its n_kv is then only the launch's bound and the scores' row stride (clamped: never read
+// past the cache).
+__device__ __forceinline__ int32_t true_kv_len(const AttnBatch& batch) {
+    const AttnSeq& sq = batch.seq[blockIdx.z];
+    return batch.kv_len ? min(max(batch.kv_len[blockIdx.z], sq.n_q), sq.n_kv) : sq.n_kv;
+}
+
 // SPLIT (decode only, QT == 1): blockIdx.x is the split of the keys, the query the
 // sequence's only one. A template parameter: the unsplit kernels stay as they were.
 template <typename T, int QT, int DPL, int WARPS, bool SPLIT>
@@ -138,9 +146,7 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
     const int h = blockIdx.y, kvh = h / (n_head / n_head_kv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t kv_dim = int64_t(n_head_kv) * hd;
-    // the true key count: the device's (graph replays) or the host's; sq.n_kv is then only
-    // the launch's bound and the scores' row stride (clamped: never read past the cache)
-    const int32_t n_kv = batch.kv_len ? min(max(batch.kv_len[blockIdx.z], sq.n_q), sq.n_kv) : sq.n_kv;
+    const int32_t n_kv = true_kv_len(batch);
 
     extern __shared__ float smem[];
     float* q_s = smem;  // (QT, hd) pre-scaled queries
@@ -368,7 +374,7 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
     const int h = blockIdx.y, kvh = h / (n_head / n_head_kv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t kv_dim = int64_t(n_head_kv) * HD;
-    const int32_t n_kv = batch.kv_len ? min(max(batch.kv_len[blockIdx.z], sq.n_q), sq.n_kv) : sq.n_kv;
+    const int32_t n_kv = true_kv_len(batch);
     const int32_t first_limit = n_kv - sq.n_q + q0;  // last key query q0 sees
     const int32_t kend = first_limit + nq;           // keys [0, kend) matter to the block
     // this warp's rows: block rows w0 .. w0 + 15, the keys [0, w_end) matter to them; this
@@ -482,79 +488,81 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
     }
 }
 
+// The probabilities exp2(q k * qscale - lse) of a block's rows (up to kMmaQueries: row i's
+// query at q + i * q_stride, its lse at lse + i * n_head, it sees keys <= first_last + i)
+// and the keys [base, base + kMmaKeys), summed over every head in order into this warp's
+// acc (the accumulator layout: row c_row(lane, i) of the warp's 16, key base + 8 n +
+// c_col(lane, i)). q k is tile_scores', as attention_mma_kernel makes it. The block stages
+// each KV head's keys (those before `end') in Ks; every thread of the block must call it.
+template <typename T, int HD>
+__device__ __forceinline__ void probs_over_heads(const float* q, int32_t q_stride, const float* lse,
+                                                 KvPages pages, int32_t base, int32_t end,
+                                                 int32_t n_rows, int32_t first_last, int32_t n_head,
+                                                 int32_t n_head_kv, float qscale, T* Ks,
+                                                 float (&acc)[kMmaKeys / 8][4]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int32_t w0 = warp * 16, w_rows = max(0, min(16, n_rows - w0));
+    const int64_t kv_dim = int64_t(n_head_kv) * HD;
+    const int group = n_head / n_head_kv;
+#pragma unroll
+    for (int n = 0; n < kMmaKeys / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    for (int kvh = 0; kvh < n_head_kv && base < end; ++kvh) {  // no key seen: zeros
+        __syncthreads();  // every warp is done with the tile before
+        stage_tile<T, HD>(pages, base, end, kvh, kv_dim, false, Ks);
+        __syncthreads();
+        if (w_rows == 0) continue;
+        for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+            uint32_t qa[2][HD / 16][4];
+            query_fragments<T, HD>(q + int64_t(w0) * q_stride + h * HD, q_stride, w_rows, qa);
+            float s[kMmaKeys / 8][4];
+            tile_scores<T, HD>(qa, Ks, s);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int32_t row = w0 + c_row(lane, i);
+                if (row >= n_rows) continue;
+                const float row_lse = lse[int64_t(row) * n_head + h];
+#pragma unroll
+                for (int n = 0; n < kMmaKeys / 8; ++n)
+                    if (base + n * 8 + c_col(lane, i) <= first_last + row)
+                        acc[n][i] += exp2f(s[n][i] * qscale - row_lse);
+            }
+        }
+    }
+}
+
 // rows_mma_kernel: the observed rows of attention_rows, recomputed instead of read from
-// stored raw scores: a block owns 64 rows (4 warps of 16) and one tile of 64 keys, and sums
-// over the heads in order (as rows_kernel does) exp2(q k * qscale - lse) with q k made by
-// tile_scores, as attention_mma_kernel made it: the same bits as its scores through
-// rows_kernel.
+// stored raw scores: a block owns 64 rows and one tile of 64 keys; the heads are summed in
+// order, as rows_kernel sums them, so the bits are those of attention_mma_kernel's scores
+// through rows_kernel.
 template <typename T, int HD>
 __global__ void __launch_bounds__(128)
 rows_mma_kernel(RowsMmaBatch batch, int32_t n_head, int32_t n_head_kv, float qscale) {
-    constexpr int kKeyTiles = kMmaKeys / 8;
     const RowsMmaSeq& sq = batch.seq[blockIdx.z];
     const int32_t base = int32_t(blockIdx.x) * kMmaKeys, r0 = int32_t(blockIdx.y) * kMmaQueries;
     if (base >= sq.n_kv || r0 >= sq.n_rows) return;
     const int32_t nr = min(kMmaQueries, sq.n_rows - r0);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int32_t w0 = warp * 16, w_nr = max(0, min(16, nr - w0));
-    const int64_t kv_dim = int64_t(n_head_kv) * HD;
-    const int group = n_head / n_head_kv;
-    const int32_t kend = min(sq.n_kv, sq.first_limit + r0 + nr);  // keys any row sees
-    bool valid[2];
-    int32_t last[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int32_t row = w0 + c_row(lane, 2 * r);
-        valid[r] = row < nr;
-        last[r] = sq.first_limit + r0 + row;
-    }
-    float acc[kKeyTiles][4];
-#pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-
+    const int lane = threadIdx.x & 31, w0 = (threadIdx.x >> 5) * 16;
     extern __shared__ float smem[];
-    T* Ks = reinterpret_cast<T*>(smem);  // (kMmaKeys, LD)
-    for (int kvh = 0; kvh < n_head_kv && base < kend; ++kvh) {  // none seen: zeros
-        __syncthreads();  // every warp is done with the tile before
-        stage_tile<T, HD>(sq.pages, base, kend, kvh, kv_dim, false, Ks);
-        __syncthreads();
-        if (w_nr == 0) continue;
-        for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
-            uint32_t qa[2][HD / 16][4];
-            query_fragments<T, HD>(sq.q + int64_t(r0 + w0) * sq.q_stride + h * HD, sq.q_stride, w_nr, qa);
-            float s[kKeyTiles][4];
-            tile_scores<T, HD>(qa, Ks, s);
+    float acc[kMmaKeys / 8][4];
+    probs_over_heads<T, HD>(sq.q + int64_t(r0) * sq.q_stride, sq.q_stride, sq.lse + int64_t(r0) * n_head,
+                            sq.pages, base, min(sq.n_kv, sq.first_limit + r0 + nr), nr,
+                            sq.first_limit + r0, n_head, n_head_kv, qscale,
+                            reinterpret_cast<T*>(smem), acc);
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const float lse = valid[r] ? sq.lse[int64_t(r0 + w0 + c_row(lane, 2 * r)) * n_head + h] : 0.0f;
+    for (int i = 0; i < 4; ++i) {
+        const int32_t row = w0 + c_row(lane, i);
+        if (row >= nr) continue;
 #pragma unroll
-                for (int n = 0; n < kKeyTiles; ++n)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
-                        if (valid[r] && j <= last[r]) acc[n][2 * r + c] += exp2f(s[n][2 * r + c] * qscale - lse);
-                    }
-            }
+        for (int n = 0; n < kMmaKeys / 8; ++n) {
+            const int32_t j = base + n * 8 + c_col(lane, i);
+            if (j < sq.n_kv) sq.rows[int64_t(r0 + row) * sq.n_kv + j] = acc[n][i] / float(n_head);
         }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (!valid[r]) continue;
-        float* row = sq.rows + int64_t(r0 + w0 + c_row(lane, 2 * r)) * sq.n_kv;
-#pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
-                if (j < sq.n_kv) row[j] = acc[n][2 * r + c] / float(n_head);
-            }
     }
 }
 
 // col_sums_mma_kernel: attention_col_sums on the tensor cores: a block owns 64 queries and
-// one tile of 64 keys, sums exp2(q k * scale - lse) over its queries and every head (q k
-// from tile_scores), and adds its 64 sums to col_sums (atomics: blocks of other queries add
-// to the same keys).
+// one tile of 64 keys, sums the probabilities over its queries and every head, and adds its
+// 64 sums to col_sums (atomics: blocks of other queries add to the same keys).
 template <typename T, int HD>
 __global__ void __launch_bounds__(128)
 col_sums_mma_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, float qscale, float* col_sums) {
@@ -563,48 +571,12 @@ col_sums_mma_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, float qscale,
     if (base >= sq.n_kv || q0 >= sq.n_q) return;
     const int32_t nq = min(kMmaQueries, sq.n_q - q0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int32_t w0 = warp * 16, w_nq = max(0, min(16, nq - w0));
-    const int64_t kv_dim = int64_t(n_head_kv) * HD;
-    const int group = n_head / n_head_kv;
-    const int32_t first_limit = sq.n_kv - sq.n_q + q0;       // last key query q0 sees
-    const int32_t kend = min(sq.n_kv, first_limit + nq);     // keys any query of the block sees
-    bool valid[2];
-    int32_t last[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int32_t row = w0 + c_row(lane, 2 * r);
-        valid[r] = row < nq;
-        last[r] = first_limit + row;
-    }
-    float acc[kKeyTiles][4];
-#pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-
+    const int32_t first_last = sq.n_kv - sq.n_q + q0;  // last key query q0 sees
     extern __shared__ float smem[];
-    T* Ks = reinterpret_cast<T*>(smem);  // (kMmaKeys, LD)
-    for (int kvh = 0; kvh < n_head_kv && base < kend; ++kvh) {  // none seen: adds zeros
-        __syncthreads();  // every warp is done with the tile before
-        stage_tile<T, HD>(sq.pages, base, kend, kvh, kv_dim, false, Ks);
-        __syncthreads();
-        if (w_nq == 0) continue;
-        for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
-            uint32_t qa[2][HD / 16][4];
-            query_fragments<T, HD>(sq.q + int64_t(q0 + w0) * sq.q_stride + h * HD, sq.q_stride, w_nq, qa);
-            float s[kKeyTiles][4];
-            tile_scores<T, HD>(qa, Ks, s);
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const float lse = valid[r] ? sq.lse[int64_t(q0 + w0 + c_row(lane, 2 * r)) * n_head + h] : 0.0f;
-#pragma unroll
-                for (int n = 0; n < kKeyTiles; ++n)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
-                        if (valid[r] && j <= last[r]) acc[n][2 * r + c] += exp2f(s[n][2 * r + c] * qscale - lse);
-                    }
-            }
-        }
-    }
+    float acc[kKeyTiles][4];
+    probs_over_heads<T, HD>(sq.q + int64_t(q0) * sq.q_stride, sq.q_stride, sq.lse + int64_t(q0) * n_head,
+                            sq.pages, base, min(sq.n_kv, first_last + nq), nq, first_last, n_head,
+                            n_head_kv, qscale, reinterpret_cast<T*>(smem), acc);
     // the block's sum per key: this lane's two rows, the 8 lanes holding the same keys
     // (lane bits 2-4), then the 4 warps
     float col[kKeyTiles][2];
