@@ -131,6 +131,9 @@ const char* const kUsage =
     "  decode_steps         how the CUDA backend ran the decode steps (last run): replayed\n"
     "                       from a CUDA graph, captured into one, or launched kernel by kernel\n"
     "                       (PYRAMID_CUDA_GRAPHS=0 launches every step)\n"
+    "  prefill_attention_launches  the CUDA backend's prefill attention launches (last run)\n"
+    "                       on tensor cores and on CUDA cores (PYRAMID_TENSOR_CORE_ATTENTION=0:\n"
+    "                       all on CUDA cores)\n"
     "\n"
     "batch max (the paper's measure: a smaller cache lets more sequences share the weights):\n"
     "  a run of one sequence (P and G as given) measures the KV memory a sequence holds at\n"
@@ -681,6 +684,7 @@ RunResult run_once(Target& t, const pyr::KvParams& kv, int32_t batch, int32_t n_
     std::vector<Sequence> seqs =
         new_sequences(*t.backend, t.config, kv, batch, n_prompt, n_prompt + n_gen, rng);
     RunResult r;
+    const pyr::BackendStats start = t.backend->stats();
     run_prefill(*t.backend, seqs, n_prompt, prefill_batch, r);
     const pyr::BackendStats before = t.backend->stats();
     run_decode(*t.backend, seqs, n_prompt, n_gen, r);
@@ -688,6 +692,10 @@ RunResult run_once(Target& t, const pyr::KvParams& kv, int32_t batch, int32_t n_
     r.steps = {after.graph_replays - before.graph_replays,
                after.graph_captures - before.graph_captures,
                after.direct_decode_steps - before.direct_decode_steps};
+    r.steps.prefill_attention_tensor_cores =
+        before.prefill_attention_tensor_cores - start.prefill_attention_tensor_cores;
+    r.steps.prefill_attention_cuda_cores =
+        before.prefill_attention_cuda_cores - start.prefill_attention_cuda_cores;
     r.memory = t.backend->device_memory();
     r.params = policy_params(*seqs.front().policy);
     return r;
@@ -901,6 +909,9 @@ nlohmann::json report_json(const Options& o, const Target& t, const pyr::KvParam
          {{"graph_replays", last.steps.graph_replays},
           {"graph_captures", last.steps.graph_captures},
           {"launched", last.steps.direct_decode_steps}}},
+        {"prefill_attention_launches",
+         {{"tensor_cores", last.steps.prefill_attention_tensor_cores},
+          {"cuda_cores", last.steps.prefill_attention_cuda_cores}}},
         {"runs", runs_j},
         {"batch_search", search ? search_json(*search) : nlohmann::json()},
     };
@@ -959,6 +970,10 @@ void print_table(const Options& o, const Target& t, const pyr::KvParams& kv,
                     "kernel by kernel\n",
                     (unsigned long long)g.graph_replays, (unsigned long long)g.graph_captures,
                     (unsigned long long)g.direct_decode_steps);
+    if (g.prefill_attention_tensor_cores + g.prefill_attention_cuda_cores > 0)
+        std::printf("  prefill attention: %llu launches on tensor cores, %llu on CUDA cores\n",
+                    (unsigned long long)g.prefill_attention_tensor_cores,
+                    (unsigned long long)g.prefill_attention_cuda_cores);
     if (o.gen > 0) {
         std::printf("  decode bandwidth model: %s per step (weights %s + kv %s) -> %.1f GB/s",
                     human_bytes(s.bytes_per_step).c_str(), human_bytes(s.weight_bytes).c_str(),

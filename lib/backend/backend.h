@@ -57,6 +57,8 @@ struct DeviceMemory {
 struct BackendStats {
     uint64_t graph_replays = 0, graph_captures = 0, direct_decode_steps = 0;
     uint64_t device_samples = 0, undecided_samples = 0;
+    // attention launches of a prefill (some sequence with more than one query), by kernel
+    uint64_t prefill_attention_tensor_cores = 0, prefill_attention_cuda_cores = 0;
 };
 
 class Backend {

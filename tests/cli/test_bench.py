@@ -115,6 +115,9 @@ else:
     p = batch_max("pyramid", limit, 128, 4, 2)
     if f and p:
         check(f["device"].startswith("cuda") and f["sampling"] == "device", "on the (simulated) GPU")
+        # the tiny shape's head_dim 64: every prefill attention launch on the tensor cores
+        pa = f["prefill_attention_launches"]
+        check(pa["tensor_cores"] > 0 and pa["cuda_cores"] == 0, f"prefill attention launches: {pa}")
         check_search(f, "full")
         check_search(p, "pyramid")
         fs, ps = f["batch_search"], p["batch_search"]

@@ -502,7 +502,8 @@ void CudaBackend::stage_upload(void* dst, const T* src, size_t n) {
 BackendStats CudaBackend::stats() const {
     std::lock_guard<std::mutex> lock(mutex_);
     const StepGraphs::Stats& g = graphs_->stats();
-    return {g.replays, g.captures, g.direct, device_samples_, undecided_samples_};
+    return {g.replays, g.captures, g.direct, device_samples_, undecided_samples_,
+            prefill_attention_tc_, prefill_attention_cc_};
 }
 
 // ---- the forward pass -----------------------------------------------------------------
@@ -725,6 +726,12 @@ void CudaBackend::attention_block(int il, const LayerBatch& lb, int32_t n_rows, 
         attn.n_seq = std::min(n_seq - c0, kernels::kMaxBatch);
         std::copy_n(lb.attn.begin() + c0, attn.n_seq, attn.seq);
         attn.kv_len = lb.kv_len ? lb.kv_len + c0 : nullptr;
+        int32_t max_q = 0;
+        for (int i = 0; i < attn.n_seq; ++i) max_q = std::max(max_q, attn.seq[i].n_q);
+        if (max_q > 1)
+            ++(kernels::attention_on_tensor_cores(dt_, max_q, c.head_dim, attention_on_tensor_cores_)
+                   ? prefill_attention_tc_
+                   : prefill_attention_cc_);
         PYR_CUDA_CHECK(kernels::attention(dt_, attn, c.n_head, c.n_head_kv, c.head_dim, st, lb.split,
                                           attention_on_tensor_cores_));
     }

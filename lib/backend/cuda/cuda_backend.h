@@ -237,6 +237,7 @@ private:
     bool attention_on_tensor_cores_ = true;  // PYRAMID_TENSOR_CORE_ATTENTION=0: CUDA cores
     bool rows_on_tensor_cores_ = false;      // a prefill's observed rows: attention_rows_mma
     uint64_t device_samples_ = 0, undecided_samples_ = 0;  // BackendStats
+    uint64_t prefill_attention_tc_ = 0, prefill_attention_cc_ = 0;  // BackendStats
 };
 
 }  // namespace pyr::cuda
