@@ -297,8 +297,24 @@ constexpr int kMmaMinQueries = 16;  // attention() takes this kernel from here o
 template <int HD>
 constexpr int kMmaRowStride = HD + 8;  // elements; +16 bytes: conflict-free fragment loads
 
+// A tile of keys, and of values too where the kernel stages them.
 template <typename T, int HD>
-constexpr size_t mma_smem_bytes() { return 2 * size_t(kMmaKeys) * kMmaRowStride<HD> * sizeof(T); }
+constexpr size_t mma_smem_bytes(bool with_values) {
+    return (with_values ? 2 : 1) * size_t(kMmaKeys) * kMmaRowStride<HD> * sizeof(T);
+}
+
+// Runs `body` with the constant HD bound to head_dim: 64, or else 128, the sizes the
+// tensor-core kernels are built for (attention_rows_mma_supported).
+#define PYR_DISPATCH_MMA_HD(head_dim, body) \
+    do {                                    \
+        if ((head_dim) == 64) {             \
+            constexpr int HD = 64;          \
+            body;                           \
+        } else {                            \
+            constexpr int HD = 128;         \
+            body;                           \
+        }                                   \
+    } while (0)
 
 // Keys (or values) [base, base + kMmaKeys) of KV head kvh into dst (kMmaKeys, LD); rows
 // from `end' on are zeros (a value row of NaN weighted by 0 would still poison P V).
@@ -608,7 +624,7 @@ cudaError_t launch_attention_mma(const AttnBatch& batch, int32_t max_q, int32_t 
                                  int32_t n_head_kv, cudaStream_t stream) {
     const dim3 grid(unsigned((max_q + kMmaQueries - 1) / kMmaQueries), unsigned(n_head),
                     unsigned(batch.n_seq));
-    attention_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(), stream>>>(
+    attention_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(true), stream>>>(
         batch, n_head, n_head_kv, query_scale(HD));
     return cudaGetLastError();
 }
@@ -711,9 +727,14 @@ size_t attention_split_floats(int32_t n_seq, int32_t n_head, int32_t head_dim, i
     return size_t(n_seq) * size_t(n_head) * size_t(n_split) * size_t(head_dim + 2);
 }
 
+// The head sizes the tensor-core kernels are built for (PYR_DISPATCH_MMA_HD), on a device
+// whose tensor cores passed their check: every tensor-core path asks this.
+bool attention_rows_mma_supported(Dt dt, int32_t head_dim) {
+    return (head_dim == 64 || head_dim == 128) && tensor_cores(dt) == TensorCores::Usable;
+}
+
 bool attention_on_tensor_cores(Dt dt, int32_t max_q, int32_t head_dim, bool allow_tensor_cores) {
-    return allow_tensor_cores && max_q >= kMmaMinQueries && (head_dim == 64 || head_dim == 128) &&
-           tensor_cores(dt) == TensorCores::Usable;
+    return allow_tensor_cores && max_q >= kMmaMinQueries && attention_rows_mma_supported(dt, head_dim);
 }
 
 cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,
@@ -730,31 +751,32 @@ cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_h
     }
     if (split.n_split > 1 && max_q > 1) return cudaErrorInvalidValue;  // decode only
     if (max_q == 0) return cudaSuccess;
-    if (attention_on_tensor_cores(dt, max_q, head_dim, allow_tensor_cores)) {
-        if (head_dim == 64)
-            PYR_DISPATCH_DT(dt, return (launch_attention_mma<T, 64>(batch, max_q, n_head, n_head_kv, stream)));
-        PYR_DISPATCH_DT(dt, return (launch_attention_mma<T, 128>(batch, max_q, n_head, n_head_kv, stream)));
-    }
+    if (attention_on_tensor_cores(dt, max_q, head_dim, allow_tensor_cores))
+        PYR_DISPATCH_DT(dt, PYR_DISPATCH_MMA_HD(head_dim, return (launch_attention_mma<T, HD>(
+                                                              batch, max_q, n_head, n_head_kv, stream))));
     if (max_q < 8)
         PYR_DISPATCH_DT(dt, return (by_head_dim<T, 1>(batch, max_q, n_head, n_head_kv, head_dim, split, stream)));
     PYR_DISPATCH_DT(dt, return (by_head_dim<T, 8>(batch, max_q, n_head, n_head_kv, head_dim, split, stream)));
 }
 
-cudaError_t attention_rows(const RowsBatch& batch, int32_t n_head, cudaStream_t stream) {
-    if (batch.n_seq < 0 || batch.n_seq > kMaxBatch || n_head <= 0) return cudaErrorInvalidValue;
-    int32_t max_rows = 0, max_kv = 0;
+// The most rows and keys of a batch's sequences (RowsBatch, RowsMmaBatch): its launch's shape.
+template <typename Batch>
+void rows_shape(const Batch& batch, int32_t& max_rows, int32_t& max_kv) {
+    max_rows = max_kv = 0;
     for (int s = 0; s < batch.n_seq; ++s) {
         max_rows = std::max(max_rows, batch.seq[s].n_rows);
         max_kv = std::max(max_kv, batch.seq[s].n_kv);
     }
+}
+
+cudaError_t attention_rows(const RowsBatch& batch, int32_t n_head, cudaStream_t stream) {
+    if (batch.n_seq < 0 || batch.n_seq > kMaxBatch || n_head <= 0) return cudaErrorInvalidValue;
+    int32_t max_rows, max_kv;
+    rows_shape(batch, max_rows, max_kv);
     if (max_rows <= 0 || max_kv <= 0) return cudaSuccess;
     const dim3 grid(blocks_for(max_kv, 128), unsigned(max_rows), unsigned(batch.n_seq));
     rows_kernel<<<grid, 128, 0, stream>>>(batch, n_head);
     return cudaGetLastError();
-}
-
-bool attention_rows_mma_supported(Dt dt, int32_t head_dim) {
-    return (head_dim == 64 || head_dim == 128) && tensor_cores(dt) == TensorCores::Usable;
 }
 
 cudaError_t attention_rows_mma(Dt dt, const RowsMmaBatch& batch, int32_t n_head, int32_t n_head_kv,
@@ -762,19 +784,12 @@ cudaError_t attention_rows_mma(Dt dt, const RowsMmaBatch& batch, int32_t n_head,
     if (batch.n_seq < 0 || batch.n_seq > kMaxBatch || n_head <= 0 || n_head_kv <= 0 ||
         n_head % n_head_kv != 0 || !attention_rows_mma_supported(dt, head_dim))
         return cudaErrorInvalidValue;
-    int32_t max_rows = 0, max_kv = 0;
-    for (int s = 0; s < batch.n_seq; ++s) {
-        max_rows = std::max(max_rows, batch.seq[s].n_rows);
-        max_kv = std::max(max_kv, batch.seq[s].n_kv);
-    }
+    int32_t max_rows, max_kv;
+    rows_shape(batch, max_rows, max_kv);
     if (max_rows <= 0 || max_kv <= 0) return cudaSuccess;
     const dim3 grid(blocks_for(max_kv, kMmaKeys), blocks_for(max_rows, kMmaQueries), unsigned(batch.n_seq));
-    if (head_dim == 64)
-        PYR_DISPATCH_DT(dt, (rows_mma_kernel<T, 64><<<grid, 128, mma_smem_bytes<T, 64>() / 2, stream>>>(
-                                batch, n_head, n_head_kv, query_scale(64))));
-    else
-        PYR_DISPATCH_DT(dt, (rows_mma_kernel<T, 128><<<grid, 128, mma_smem_bytes<T, 128>() / 2, stream>>>(
-                                batch, n_head, n_head_kv, query_scale(128))));
+    PYR_DISPATCH_DT(dt, PYR_DISPATCH_MMA_HD(head_dim, (rows_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(false), stream>>>(
+                                                          batch, n_head, n_head_kv, query_scale(HD)))));
     return cudaGetLastError();
 }
 
@@ -786,12 +801,8 @@ cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_
     if (seq.n_q <= 0 || seq.n_kv <= 0) return cudaSuccess;
     if (allow_tensor_cores && seq.n_q >= kMmaMinQueries && attention_rows_mma_supported(dt, head_dim)) {
         const dim3 grid(blocks_for(seq.n_kv, kMmaKeys), blocks_for(seq.n_q, kMmaQueries));
-        if (head_dim == 64)
-            PYR_DISPATCH_DT(dt, (col_sums_mma_kernel<T, 64><<<grid, 128, mma_smem_bytes<T, 64>() / 2, stream>>>(
-                                    seq, n_head, n_head_kv, query_scale(64), col_sums)));
-        else
-            PYR_DISPATCH_DT(dt, (col_sums_mma_kernel<T, 128><<<grid, 128, mma_smem_bytes<T, 128>() / 2, stream>>>(
-                                    seq, n_head, n_head_kv, query_scale(128), col_sums)));
+        PYR_DISPATCH_DT(dt, PYR_DISPATCH_MMA_HD(head_dim, (col_sums_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(false), stream>>>(
+                                                              seq, n_head, n_head_kv, query_scale(HD), col_sums))));
         return cudaGetLastError();
     }
     constexpr int32_t kChunk = 4, kThreads = 128;

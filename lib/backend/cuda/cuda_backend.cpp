@@ -292,14 +292,14 @@ void CudaBackend::init_common() {
     if (attention_on_tensor_cores_) {  // the device's check runs now, not in a first prefill
         const kernels::TensorCores tc = kernels::tensor_cores(dt_);
         const std::string what = std::string("tensor cores ") + kernels::tensor_cores_name(tc);
+        rows_on_tensor_cores_ = kernels::attention_rows_mma_supported(dt_, c.head_dim);
         if (tc == kernels::TensorCores::Usable || tc == kernels::TensorCores::Absent)
-            PYR_LOG_INFO(what + (c.head_dim == 64 || c.head_dim == 128
+            PYR_LOG_INFO(what + (rows_on_tensor_cores_ || tc != kernels::TensorCores::Usable
                                      ? ""
                                      : "; head_dim " + std::to_string(c.head_dim) +
                                            ": prefill attention on the CUDA cores"));
         else
             PYR_LOG_WARN(what + "; prefill attention runs on the CUDA cores");
-        rows_on_tensor_cores_ = kernels::attention_rows_mma_supported(dt_, c.head_dim);
     }
     obs_ready_ = std::make_unique<Event>();
     compactor_ = std::make_shared<KvCompactor>(ctx_);
@@ -742,25 +742,32 @@ void CudaBackend::attention_block(int il, const LayerBatch& lb, int32_t n_rows, 
                                          L.bo.get(), st));
 }
 
-// The policies' attention rows (attention_rows), kMaxBatch sequences a launch.
-void CudaBackend::launch_rows(const std::vector<kernels::RowsSeq>& rows, cudaStream_t st) const {
-    for (size_t c0 = 0; c0 < rows.size(); c0 += kernels::kMaxBatch) {
-        kernels::RowsBatch batch;
-        batch.n_seq = int32_t(std::min(rows.size() - c0, size_t(kernels::kMaxBatch)));
-        std::copy_n(rows.begin() + ptrdiff_t(c0), batch.n_seq, batch.seq);
-        PYR_CUDA_CHECK(kernels::attention_rows(batch, config_.n_head, st));
+namespace {
+// Calls launch(batch) for each kernels::kMaxBatch of `seqs`, copied into a Batch descriptor
+// (n_seq, seq[kMaxBatch]: they travel by value).
+template <typename Batch, typename Seq, typename Launch>
+void in_launches(const std::vector<Seq>& seqs, Launch launch) {
+    for (size_t c0 = 0; c0 < seqs.size(); c0 += kernels::kMaxBatch) {
+        Batch batch;
+        batch.n_seq = int32_t(std::min(seqs.size() - c0, size_t(kernels::kMaxBatch)));
+        std::copy_n(seqs.begin() + ptrdiff_t(c0), batch.n_seq, batch.seq);
+        PYR_CUDA_CHECK(launch(batch));
     }
 }
+}  // namespace
 
-// The prefills' observed rows recomputed on the tensor cores, kMaxBatch sequences a launch.
+// The policies' attention rows: from kept raw scores (attention_rows), or recomputed on the
+// tensor cores (attention_rows_mma, a prefill's).
+void CudaBackend::launch_rows(const std::vector<kernels::RowsSeq>& rows, cudaStream_t st) const {
+    in_launches<kernels::RowsBatch>(
+        rows, [&](const kernels::RowsBatch& b) { return kernels::attention_rows(b, config_.n_head, st); });
+}
+
 void CudaBackend::launch_rows_mma(const std::vector<kernels::RowsMmaSeq>& rows, cudaStream_t st) const {
     const ModelConfig& c = config_;
-    for (size_t c0 = 0; c0 < rows.size(); c0 += kernels::kMaxBatch) {
-        kernels::RowsMmaBatch batch;
-        batch.n_seq = int32_t(std::min(rows.size() - c0, size_t(kernels::kMaxBatch)));
-        std::copy_n(rows.begin() + ptrdiff_t(c0), batch.n_seq, batch.seq);
-        PYR_CUDA_CHECK(kernels::attention_rows_mma(dt_, batch, c.n_head, c.n_head_kv, c.head_dim, st));
-    }
+    in_launches<kernels::RowsMmaBatch>(rows, [&](const kernels::RowsMmaBatch& b) {
+        return kernels::attention_rows_mma(dt_, b, c.n_head, c.n_head_kv, c.head_dim, st);
+    });
 }
 
 // x += down(silu(gate(xn)) * up(xn)) over n_rows rows.
