@@ -131,19 +131,28 @@ __device__ __forceinline__ int32_t true_kv_len(const AttnBatch& batch) {
     return batch.kv_len ? min(max(batch.kv_len[blockIdx.z], sq.n_q), sq.n_kv) : sq.n_kv;
 }
 
-// SPLIT (decode only, QT == 1): blockIdx.x is the split of the keys, the query the
-// sequence's only one. A template parameter: the unsplit kernels stay as they were.
-template <typename T, int QT, int DPL, int WARPS, bool SPLIT>
+// A block's rows: QT queries of head blockIdx.y, or, with GROUP (decode, grouped-query
+// attention), the group's query heads of KV head blockIdx.y for one query, which then share
+// each key and value the block loads (the cache is read once, not once per query head).
+// Every row's math is the same either way, in the same order: the same bits come out.
+// SPLIT (decode only, QT == 1 or GROUP): blockIdx.x is the split of the keys, the query the
+// sequence's only one. Template parameters: the other kernels stay as they were.
+template <typename T, int QT, int DPL, int WARPS, bool SPLIT, bool GROUP>
 __global__ void __launch_bounds__(WARPS * 32)
 attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd, float qscale,
                  int32_t n_split, float* partial) {
-    static_assert(!SPLIT || QT == 1, "the decode split has one query per sequence");
+    static_assert(!SPLIT || QT == 1 || GROUP, "the decode split has one query per sequence");
     let_next_grid_start();  // o_proj (or the split's merge) follows
     const AttnSeq& sq = batch.seq[blockIdx.z];
-    const int32_t q0 = SPLIT ? 0 : int32_t(blockIdx.x) * QT;
+    const int32_t group = n_head / n_head_kv;
+    const int32_t q0 = SPLIT ? 0 : int32_t(blockIdx.x) * (GROUP ? 1 : QT);
     if (q0 >= sq.n_q) return;
-    const int32_t nq = min(QT, sq.n_q - q0);
-    const int h = blockIdx.y, kvh = h / (n_head / n_head_kv);
+    const int32_t nq = GROUP ? 1 : min(QT, sq.n_q - q0);  // the block's queries
+    const int32_t n_rows = GROUP ? group : nq;             // GROUP: group <= QT
+    const int kvh = GROUP ? int(blockIdx.y) : int(blockIdx.y) / group;
+    // row r is query row_query(r) at head row_head(r)
+    auto row_query = [&](int r) { return GROUP ? q0 : q0 + r; };
+    auto row_head = [&](int r) { return GROUP ? kvh * group + r : int(blockIdx.y); };
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t kv_dim = int64_t(n_head_kv) * hd;
     const int32_t n_kv = true_kv_len(batch);
@@ -151,8 +160,9 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
     extern __shared__ float smem[];
     float* q_s = smem;  // (QT, hd) pre-scaled queries
     for (int32_t i = threadIdx.x; i < QT * hd; i += blockDim.x) {
-        const int32_t qi = i / hd, d = i % hd;
-        q_s[i] = qi < nq ? sq.q[int64_t(q0 + qi) * sq.q_stride + h * hd + d] * qscale : 0.0f;
+        const int32_t r = i / hd, d = i % hd;
+        q_s[i] = r < n_rows ? sq.q[int64_t(row_query(r)) * sq.q_stride + row_head(r) * hd + d] * qscale
+                            : 0.0f;
     }
     __syncthreads();
 
@@ -188,10 +198,11 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
         float p[QT];
 #pragma unroll
         for (int qi = 0; qi < QT; ++qi) {
-            if (qi >= nq || j >= kstop || j > first_limit + qi) s[qi] = -INFINITY;
+            if (qi >= n_rows || j >= kstop || j > first_limit + row_query(qi) - q0) s[qi] = -INFINITY;
             // the raw scores of the observed queries, for attention_rows()
-            if (sq.scores && j < kstop && qi < nq && q0 + qi >= sq.scores_from)
-                sq.scores[(int64_t(q0 + qi - sq.scores_from) * n_head + h) * sq.n_kv + j] = s[qi];
+            if (sq.scores && j < kstop && qi < n_rows && row_query(qi) >= sq.scores_from)
+                sq.scores[(int64_t(row_query(qi) - sq.scores_from) * n_head + row_head(qi)) * sq.n_kv + j] =
+                    s[qi];
             const float m_new = fmaxf(m[qi], warp_max(s[qi]));
             p[qi] = 0.0f;
             if (m_new == -INFINITY) continue;  // uniform: nothing visible yet
@@ -249,18 +260,18 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
         for (int i = 0; i < DPL; ++i)
             if (lane * DPL + i < hd) ca[(warp * QT + qi) * hd + lane * DPL + i] = acc[qi][i];
     __syncthreads();
-    for (int32_t i = threadIdx.x; i < nq * hd; i += blockDim.x) {
+    for (int32_t i = threadIdx.x; i < n_rows * hd; i += blockDim.x) {
         const int32_t qi = i / hd, d = i % hd;
         const SoftmaxState st = merge_states(cm + qi, cl + qi, QT, ca + qi * hd + d, QT * hd, WARPS);
         if constexpr (SPLIT) {  // the split's state, for split_merge_kernel
-            float* ps = split_state(partial, blockIdx.z, h, n_head, hd, n_split);
+            float* ps = split_state(partial, blockIdx.z, row_head(qi), n_head, hd, n_split);
             if (d == 0) {
                 ps[blockIdx.x] = st.m;
                 ps[n_split + blockIdx.x] = st.l;
             }
             ps[2 * n_split + int64_t(blockIdx.x) * hd + d] = st.o;
         } else {
-            store_output<T>(sq, q0 + qi, h, n_head, hd, d, st);
+            store_output<T>(sq, row_query(qi), row_head(qi), n_head, hd, d, st);
         }
     }
 }
@@ -629,25 +640,28 @@ cudaError_t launch_attention_mma(const AttnBatch& batch, int32_t max_q, int32_t 
     return cudaGetLastError();
 }
 
-template <typename T, int QT, int DPL>
+// Decode (fewer than 8 queries a sequence): a block per query, 8 warps split its keys; its
+// rows are the query's head, or its KV head's group of query heads (GROUP: up to QT of
+// them). Prefill: a block per QT queries of a head, which share each key load, 4 warps.
+template <typename T, int QT, int DPL, bool GROUP>
 cudaError_t launch_attention(const AttnBatch& batch, int32_t max_q, int32_t n_head,
                              int32_t n_head_kv, int32_t hd, const AttnSplit& split,
                              cudaStream_t stream) {
-    // Decode: one query per block (or per split of its keys), 8 warps split its keys.
-    // Prefill: 8 queries per block share each key load, 4 warps.
-    constexpr int WARPS = QT == 1 ? 8 : 4;
+    constexpr bool kDecode = QT == 1 || GROUP;
+    constexpr int WARPS = kDecode ? 8 : 4;
     const size_t smem = sizeof(float) * (QT * hd + 2 * WARPS * QT + WARPS * QT * hd);
+    const unsigned head_blocks = unsigned(GROUP ? n_head_kv : n_head);
     if (split.n_split <= 1) {
-        const dim3 grid(unsigned((max_q + QT - 1) / QT), unsigned(n_head), unsigned(batch.n_seq));
-        attention_kernel<T, QT, DPL, WARPS, false><<<grid, WARPS * 32, smem, stream>>>(
+        const dim3 grid(unsigned(kDecode ? max_q : (max_q + QT - 1) / QT), head_blocks, unsigned(batch.n_seq));
+        attention_kernel<T, QT, DPL, WARPS, false, GROUP><<<grid, WARPS * 32, smem, stream>>>(
             batch, n_head, n_head_kv, hd, query_scale(hd), 1, nullptr);
         return cudaGetLastError();
     }
-    if constexpr (QT != 1) {
+    if constexpr (!kDecode) {
         return cudaErrorInvalidValue;  // attention() refuses it before
     } else {
-        const dim3 grid(unsigned(split.n_split), unsigned(n_head), unsigned(batch.n_seq));
-        attention_kernel<T, 1, DPL, WARPS, true><<<grid, WARPS * 32, smem, stream>>>(
+        const dim3 grid(unsigned(split.n_split), head_blocks, unsigned(batch.n_seq));
+        attention_kernel<T, QT, DPL, WARPS, true, GROUP><<<grid, WARPS * 32, smem, stream>>>(
             batch, n_head, n_head_kv, hd, query_scale(hd), split.n_split, split.partial);
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
@@ -662,10 +676,38 @@ template <typename T, int QT>
 cudaError_t by_head_dim(const AttnBatch& batch, int32_t max_q, int32_t n_head,
                         int32_t n_head_kv, int32_t hd, const AttnSplit& split,
                         cudaStream_t stream) {
-    if (hd <= 32) return launch_attention<T, QT, 1>(batch, max_q, n_head, n_head_kv, hd, split, stream);
-    if (hd <= 64) return launch_attention<T, QT, 2>(batch, max_q, n_head, n_head_kv, hd, split, stream);
-    if (hd <= 128) return launch_attention<T, QT, 4>(batch, max_q, n_head, n_head_kv, hd, split, stream);
-    return launch_attention<T, QT, 8>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    if (hd <= 32) return launch_attention<T, QT, 1, false>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    if (hd <= 64) return launch_attention<T, QT, 2, false>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    if (hd <= 128) return launch_attention<T, QT, 4, false>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    return launch_attention<T, QT, 8, false>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+}
+
+// The rows of a grouped decode block (query heads a KV head, rounded up to 2, 4 or 8), or 0
+// where decode keeps a block per query head: no groups, groups past 8 (registers), head
+// sizes outside 33..128 (the two instantiated; LLaMA-family heads are 64 or 128 wide).
+int32_t grouped_decode_rows(int32_t n_head, int32_t n_head_kv, int32_t hd) {
+    const int32_t group = n_head / n_head_kv;
+    if (group < 2 || group > 8 || hd <= 32 || hd > 128) return 0;
+    return group <= 2 ? 2 : group <= 4 ? 4 : 8;
+}
+
+template <typename T, int QT>
+cudaError_t grouped_by_head_dim(const AttnBatch& batch, int32_t max_q, int32_t n_head,
+                                int32_t n_head_kv, int32_t hd, const AttnSplit& split,
+                                cudaStream_t stream) {
+    if (hd <= 64) return launch_attention<T, QT, 2, true>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    return launch_attention<T, QT, 4, true>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+}
+
+template <typename T>
+cudaError_t grouped_decode(const AttnBatch& batch, int32_t max_q, int32_t n_head,
+                           int32_t n_head_kv, int32_t hd, const AttnSplit& split,
+                           cudaStream_t stream) {
+    switch (grouped_decode_rows(n_head, n_head_kv, hd)) {
+    case 2: return grouped_by_head_dim<T, 2>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    case 4: return grouped_by_head_dim<T, 4>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    default: return grouped_by_head_dim<T, 8>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    }
 }
 
 // rows[r, j] = mean over heads of exp2(score - lse): a thread per (row, key). n_kv is the
@@ -714,9 +756,15 @@ __global__ void col_sums_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, i
 
 }  // namespace
 
-int32_t attention_splits(int32_t n_seq, int32_t n_head, int32_t max_kv, int32_t n_sm) {
+int32_t attention_decode_head_blocks(int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                                     bool group_heads) {
+    if (n_head_kv <= 0 || n_head % n_head_kv != 0) return n_head;
+    return group_heads && grouped_decode_rows(n_head, n_head_kv, head_dim) ? n_head_kv : n_head;
+}
+
+int32_t attention_splits(int32_t n_seq, int32_t head_blocks, int32_t max_kv, int32_t n_sm) {
     constexpr int32_t kMinKeys = 256;  // a tile for each of a block's 8 warps
-    const int64_t blocks = int64_t(n_seq) * n_head;
+    const int64_t blocks = int64_t(n_seq) * head_blocks;
     if (blocks <= 0 || n_sm <= 0 || blocks >= n_sm) return 1;
     const int64_t n = std::min<int64_t>({2 * int64_t(n_sm) / blocks, max_kv / kMinKeys, kMaxAttnSplits});
     return int32_t(std::max<int64_t>(n, 1));
@@ -739,7 +787,7 @@ bool attention_on_tensor_cores(Dt dt, int32_t max_q, int32_t head_dim, bool allo
 
 cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,
                       int32_t head_dim, cudaStream_t stream, const AttnSplit& split,
-                      bool allow_tensor_cores) {
+                      bool allow_tensor_cores, bool group_heads) {
     if (batch.n_seq <= 0 || batch.n_seq > kMaxBatch || head_dim <= 0 || head_dim > 256 ||
         head_dim % 2 != 0 || n_head_kv <= 0 || n_head % n_head_kv != 0 || split.n_split < 1 ||
         split.n_split > kMaxAttnSplits || (split.n_split > 1 && !split.partial))
@@ -754,6 +802,8 @@ cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_h
     if (attention_on_tensor_cores(dt, max_q, head_dim, allow_tensor_cores))
         PYR_DISPATCH_DT(dt, PYR_DISPATCH_MMA_HD(head_dim, return (launch_attention_mma<T, HD>(
                                                               batch, max_q, n_head, n_head_kv, stream))));
+    if (max_q < 8 && attention_decode_head_blocks(n_head, n_head_kv, head_dim, group_heads) != n_head)
+        PYR_DISPATCH_DT(dt, return (grouped_decode<T>(batch, max_q, n_head, n_head_kv, head_dim, split, stream)));
     if (max_q < 8)
         PYR_DISPATCH_DT(dt, return (by_head_dim<T, 1>(batch, max_q, n_head, n_head_kv, head_dim, split, stream)));
     PYR_DISPATCH_DT(dt, return (by_head_dim<T, 8>(batch, max_q, n_head, n_head_kv, head_dim, split, stream)));

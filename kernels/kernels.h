@@ -118,10 +118,17 @@ struct AttnSplit {
     int32_t n_split = 1;
     float* partial = nullptr;
 };
+// The blocks a decode launch (fewer than 8 queries a sequence) gives each query along the
+// heads: one per KV head where it groups them (group_heads, grouped-query attention with 2
+// to 8 query heads a KV head, head_dim 33..128): such a block computes its group's query
+// heads over each key and value it loads, so the cache is read once, not once per query
+// head; otherwise one per query head. The same results, bit for bit, either way.
+int32_t attention_decode_head_blocks(int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                                     bool group_heads = true);
 // n_split for a decode batch: about 2 blocks per SM in all, each split at least 256 keys of
 // max_kv (the launch's bound: with graphs, the caches' capacity), at most kMaxAttnSplits;
-// 1 when n_seq * n_head blocks already fill the n_sm SMs.
-int32_t attention_splits(int32_t n_seq, int32_t n_head, int32_t max_kv, int32_t n_sm);
+// 1 when n_seq * head_blocks blocks (attention_decode_head_blocks) already fill the n_sm SMs.
+int32_t attention_splits(int32_t n_seq, int32_t head_blocks, int32_t max_kv, int32_t n_sm);
 size_t attention_split_floats(int32_t n_seq, int32_t n_head, int32_t head_dim, int32_t n_split);
 
 // head_dim: even, <= 256. Query head h reads KV head h / (n_head / n_head_kv).
@@ -132,9 +139,11 @@ size_t attention_split_floats(int32_t n_seq, int32_t n_head, int32_t head_dim, i
 // (attention_on_tensor_cores says), otherwise, or with false, on the CUDA cores. The same
 // results within rounding: the fp32 query enters the tensor cores as two 16-bit terms, so
 // scores and lse keep fp32 accuracy; the probabilities meet V rounded to Dt.
+// group_heads: a decode launch groups the query heads of a KV head in one block where
+// attention_decode_head_blocks(..., true) says so (false: a block per query head).
 cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,
                       int32_t head_dim, cudaStream_t stream, const AttnSplit& split = {},
-                      bool allow_tensor_cores = true);
+                      bool allow_tensor_cores = true, bool group_heads = true);
 // Whether attention() runs a launch whose longest sequence has max_q queries on the tensor
 // cores of the current device.
 bool attention_on_tensor_cores(Dt dt, int32_t max_q, int32_t head_dim,

@@ -12,6 +12,8 @@
 # .gpu-deps/ (an install prefix: include/, share/cmake/, lib/cmake/).
 # GPU_CHECK_SECONDS (default 540): the call's time; a bench run or stage that would start
 # with under 40 s left is skipped (logged), so that the results so far come back.
+# BENCH_BATCH=1: batch 32 and the largest batch too; BENCH_GQA=1: the LLaMA-3-8B shape's
+# grouped decode attention against a block per query head (batch 1 and 32, prompt 2048).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -103,6 +105,13 @@ PY
     run 7b_full_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256
     run 7b_pyramid_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
   fi
+  if [ -n "${BENCH_GQA:-}" ]; then  # grouped-query attention (LLaMA-3-8B shape): decode blocks
+    # grouped by KV head (since 2026-12-07) against a block per query head
+    for b in 1 32; do
+      run 8b_b${b}_p2048 --shape llama3-8b --batch $b --prompt 2048 --gen 128
+      BENCH_ENV=PYRAMID_GROUPED_DECODE=0 PYRAMID_GROUPED_DECODE=0 run 8b_b${b}_p2048_per_head --shape llama3-8b --batch $b --prompt 2048 --gen 128
+    done
+  fi
   run bundled --model models/tiny-code-llama --batch 1 --prompt 512 --gen 256
   # the issue's Done-when figures from bench.jsonl
   [ -f "$OUT/bench.jsonl" ] && python3 - "$OUT/bench.jsonl" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
@@ -126,6 +135,11 @@ for tc, cc in (("7b_full", "7b_full_cudacore_attn"), ("7b_full_p3840", "7b_full_
     if tc in runs and cc in runs:
         print(f"prefill attention on tensor cores: {tc} {runs[tc]['prefill_ms']:.2f} ms, on CUDA cores "
               f"{runs[cc]['prefill_ms']:.2f} ms (ratio {runs[tc]['prefill_ms'] / runs[cc]['prefill_ms']:.3f})")
+for b in (1, 32):
+    g, h = runs.get(f"8b_b{b}_p2048"), runs.get(f"8b_b{b}_p2048_per_head")
+    if g and h:
+        print(f"GQA decode, 8B b{b} P2048: grouped {g['decode_tokens_per_s']:.1f} tok/s, a block per query head "
+              f"{h['decode_tokens_per_s']:.1f} tok/s (ratio {g['decode_tokens_per_s'] / h['decode_tokens_per_s']:.3f})")
 PY
 fi
 

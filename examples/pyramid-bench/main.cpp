@@ -81,7 +81,8 @@ const char* const kUsage =
     "greedy decode steps (one token per sequence per step, one batched forward per step).\n"
     "\n"
     "  --shape NAME         random weights of a model shape: llama2-7b (default), llama2-13b,\n"
-    "                       tiny (512 wide, 8 layers: for smoke tests)\n"
+    "                       llama3-8b (grouped-query attention, 8 KV heads), tiny (512 wide,\n"
+    "                       8 layers: for smoke tests)\n"
     "  --model DIR          an HF LLaMA checkpoint instead of random weights\n"
     "  --device D           auto (default: cuda:0 if there is a GPU, else cpu) | cpu | cuda[:N]\n"
     "  --dtype T            f16 (default) | bf16: the random weights' type\n"
@@ -232,8 +233,8 @@ Options parse_args(int argc, char** argv) {
             const std::string err = o.kv.set(a, v);
             if (!err.empty()) usage_error(err);
         } else if (a == "--shape") {
-            if (v != "llama2-7b" && v != "llama2-13b" && v != "tiny")
-                usage_error("--shape expects llama2-7b, llama2-13b or tiny, got '" + v + "'");
+            if (v != "llama2-7b" && v != "llama2-13b" && v != "llama3-8b" && v != "tiny")
+                usage_error("--shape expects llama2-7b, llama2-13b, llama3-8b or tiny, got '" + v + "'");
             o.shape = v;
             shape_given = true;
         } else if (a == "--model") {
@@ -309,6 +310,11 @@ pyr::ModelConfig shape_config(const std::string& shape) {
         c.n_embd = 4096, c.n_ff = 11008, c.n_layer = 32, c.n_head = 32, c.n_head_kv = 32;
     } else if (shape == "llama2-13b") {
         c.n_embd = 5120, c.n_ff = 13824, c.n_layer = 40, c.n_head = 40, c.n_head_kv = 40;
+    } else if (shape == "llama3-8b") {  // 4 query heads a KV head; a 128256-token vocabulary
+        c.n_embd = 4096, c.n_ff = 14336, c.n_layer = 32, c.n_head = 32, c.n_head_kv = 8;
+        c.n_vocab = 128256;
+        c.n_ctx_train = 8192;
+        c.rope_theta = 500000.0f;
     } else {  // tiny: grouped-query attention, so that path is exercised too
         c.n_embd = 512, c.n_ff = 1376, c.n_layer = 8, c.n_head = 8, c.n_head_kv = 4;
         c.head_dim = 64;

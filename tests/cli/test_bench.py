@@ -104,7 +104,8 @@ if mode == "cpu":
     for args, says in [(["--batch", "max"], "--max-device-bytes"),
                        (["--batch", "0"], "--batch"),
                        (["--batch", "many"], "--batch"),
-                       (["--prefill-batch", "0"], "--prefill-batch")]:
+                       (["--prefill-batch", "0"], "--prefill-batch"),
+                       (["--shape", "llama4"], "llama3-8b")]:
         r = run(*TINY, *args)
         check(r.returncode == 2 and says in r.stderr, f"{args}: exit {r.returncode}: {r.stderr}")
 else:

@@ -1644,6 +1644,84 @@ TEST_CASE("attention: decode split over blocks (AttnSplit) merges its partial so
                     }
 }
 
+TEST_CASE("attention: a decode block computes a KV head's group of query heads, the per-head blocks' bits") {
+    // attention_decode_head_blocks: grouped where 2..8 query heads share a KV head and
+    // head_dim is 33..128
+    CHECK(K::attention_decode_head_blocks(32, 8, 128) == 8);   // LLaMA-3-8B
+    CHECK(K::attention_decode_head_blocks(32, 8, 128, false) == 32);
+    CHECK(K::attention_decode_head_blocks(6, 2, 64) == 2);     // the bundled model
+    CHECK(K::attention_decode_head_blocks(64, 8, 128) == 8);
+    CHECK(K::attention_decode_head_blocks(28, 4, 128) == 4);   // groups of 7
+    CHECK(K::attention_decode_head_blocks(32, 32, 128) == 32); // no groups (MHA)
+    CHECK(K::attention_decode_head_blocks(36, 4, 128) == 36);  // groups of 9
+    CHECK(K::attention_decode_head_blocks(8, 2, 32) == 8);     // head_dim 32
+    CHECK(K::attention_decode_head_blocks(8, 2, 256) == 8);    // head_dim 256
+    CHECK(K::attention_decode_head_blocks(8, 3, 128) == 8);    // not a grouping at all
+
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    struct Heads {
+        int32_t n_head, n_head_kv;
+    };
+    // groups of 2, 3 and 4 (blocks of 4 rows, one unused for 3), 7 and 8 (blocks of 8)
+    const Heads heads[] = {{4, 2}, {6, 2}, {8, 2}, {7, 1}, {16, 2}};
+    // a plain decode launch may hold up to 7 queries a sequence; a split one at most 1
+    const std::vector<SeqShape> plain_shapes = {{1, 1}, {1, 300}, {3, 40}, {0, 9}, {7, 7}, {2, 129}};
+    const std::vector<SeqShape> split_shapes = {{1, 1}, {1, 300}, {1, 33}, {0, 5}, {1, 700}};
+    const int32_t extra[] = {1, 31, 32, 100, 5, 64};  // capacity - n_kv, under kv_len
+    for (int32_t hd : {36, 64, 128})
+        for (const Heads& hs : heads)
+            for (Dt dt : kDts)
+                for (int32_t n_split : {1, 3}) {
+                    const bool bounded = n_split > 1;
+                    const std::vector<SeqShape>& shapes = n_split > 1 ? split_shapes : plain_shapes;
+                    INFO("dt " << dt_name(dt) << ", head_dim " << hd << ", heads " << hs.n_head
+                               << "/" << hs.n_head_kv << ", " << n_split << " splits"
+                               << std::string(bounded ? ", kv_len under a larger bound" : ""));
+                    CHECK(K::attention_decode_head_blocks(hs.n_head, hs.n_head_kv, hd) == hs.n_head_kv);
+                    std::vector<HostAttnSeq> host;
+                    std::vector<DeviceAttnSeq> grouped, per_head;
+                    grouped.reserve(shapes.size());
+                    per_head.reserve(shapes.size());
+                    K::AttnBatch b_grouped, b_per_head;
+                    b_grouped.n_seq = b_per_head.n_seq = int32_t(shapes.size());
+                    std::vector<int32_t> lens;
+                    for (size_t s = 0; s < shapes.size(); ++s) {
+                        // raw scores of every other sequence (the observed decode rows)
+                        const int32_t scores_from = s % 2 ? 0 : -1;
+                        host.push_back(random_attn_seq(rng, dt, shapes[s].n_q, shapes[s].n_kv,
+                                                       hs.n_head, hs.n_head_kv, hd, scores_from));
+                        const int32_t cap = bounded ? shapes[s].n_kv + extra[s] : 0;
+                        grouped.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd, cap);
+                        per_head.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd, cap);
+                        b_grouped.seq[s] = grouped.back().view(host.back());
+                        b_per_head.seq[s] = per_head.back().view(host.back());
+                        lens.push_back(shapes[s].n_kv);
+                    }
+                    DeviceArray<int32_t> d_lens(lens);
+                    if (bounded) b_grouped.kv_len = b_per_head.kv_len = d_lens.get();
+                    DeviceArray<float> partial(
+                        K::attention_split_floats(int32_t(shapes.size()), hs.n_head, hd, n_split));
+                    partial.poison();
+                    const K::AttnSplit split{n_split, n_split > 1 ? partial.get() : nullptr};
+                    LAUNCH_OK(K::attention(dt, b_grouped, hs.n_head, hs.n_head_kv, hd, nullptr, split,
+                                           true, true));
+                    partial.poison();
+                    LAUNCH_OK(K::attention(dt, b_per_head, hs.n_head, hs.n_head_kv, hd, nullptr, split,
+                                           true, false));
+                    for (size_t s = 0; s < host.size(); ++s) {
+                        INFO("sequence " << s << " (n_q " << host[s].n_q << ", n_kv " << host[s].n_kv << ")");
+                        check_attention(dt, host[s], grouped[s],
+                                        attention_ref(dt, host[s], hs.n_head, hs.n_head_kv, hd),
+                                        hs.n_head);
+                        CHECK(count_bit_mismatches(grouped[s].out.download(), per_head[s].out.download()) == 0);
+                        CHECK(count_bit_mismatches(grouped[s].lse.download(), per_head[s].lse.download()) == 0);
+                        CHECK(count_bit_mismatches(visible_scores(host[s], grouped[s], hs.n_head),
+                                                   visible_scores(host[s], per_head[s], hs.n_head)) == 0);
+                    }
+                }
+}
+
 TEST_CASE("attention: the decode split's choice and refusals") {
     // attention_splits: the 7B decode shapes on an H100 (132 SMs)
     CHECK(K::attention_splits(1, 32, 768, 132) == 3);    // >= 256 keys a split

@@ -289,6 +289,8 @@ void CudaBackend::init_common() {
     sample_on_device_ = env_int("PYRAMID_GPU_SAMPLING", 1) != 0;
     // PYRAMID_TENSOR_CORE_ATTENTION=0: prefill attention on the CUDA cores (for comparing)
     attention_on_tensor_cores_ = env_int("PYRAMID_TENSOR_CORE_ATTENTION", 1) != 0;
+    // PYRAMID_GROUPED_DECODE=0: a decode attention block per query head, also under GQA
+    group_heads_ = env_int("PYRAMID_GROUPED_DECODE", 1) != 0;
     if (attention_on_tensor_cores_) {  // the device's check runs now, not in a first prefill
         const kernels::TensorCores tc = kernels::tensor_cores(dt_);
         const std::string what = std::string("tensor cores ") + kernels::tensor_cores_name(tc);
@@ -466,7 +468,9 @@ void CudaBackend::ensure_scores(size_t floats) {
 // steps it replays.
 int32_t CudaBackend::attn_splits(int n_seq, int32_t max_bound) const {
     if (forced_attn_splits()) return forced_attn_splits();
-    return kernels::attention_splits(n_seq, config_.n_head, max_bound, ctx_->sm_count());
+    const int32_t head_blocks = kernels::attention_decode_head_blocks(config_.n_head, config_.n_head_kv,
+                                                                     config_.head_dim, group_heads_);
+    return kernels::attention_splits(n_seq, head_blocks, max_bound, ctx_->sm_count());
 }
 
 // The split attention's workspace for n_split splits (grown, never shrunk).
@@ -733,7 +737,7 @@ void CudaBackend::attention_block(int il, const LayerBatch& lb, int32_t n_rows, 
                    ? prefill_attention_tc_
                    : prefill_attention_cc_);
         PYR_CUDA_CHECK(kernels::attention(dt_, attn, c.n_head, c.n_head_kv, c.head_dim, st, lb.split,
-                                          attention_on_tensor_cores_));
+                                          attention_on_tensor_cores_, group_heads_));
     }
     linear(*ctx_, st, dt_, L.wo.get(), c.n_embd, q_dim_, s_.att.get(), n_rows, s_.x.as<float>(),
            c.n_embd, true);

@@ -236,6 +236,7 @@ private:
     bool sample_on_device_ = true;  // PYRAMID_GPU_SAMPLING=0: the host samples (comparing)
     bool attention_on_tensor_cores_ = true;  // PYRAMID_TENSOR_CORE_ATTENTION=0: CUDA cores
     bool rows_on_tensor_cores_ = false;      // a prefill's observed rows: attention_rows_mma
+    bool group_heads_ = true;  // PYRAMID_GROUPED_DECODE=0: a decode block per query head
     uint64_t device_samples_ = 0, undecided_samples_ = 0;  // BackendStats
     uint64_t prefill_attention_tc_ = 0, prefill_attention_cc_ = 0;  // BackendStats
 };
