@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
@@ -501,6 +502,55 @@ TEST_CASE("CpuKvStorage: append, retain and truncate keep the right rows") {
     CHECK(s.size(0) == n_ctx);
     CHECK_THROWS_AS(s.retain(1, {2, 1}), pyr::Error);
     CHECK_THROWS_AS(s.retain(1, {0, 9}), pyr::Error);
+}
+
+TEST_CASE("CpuKvStorage: room for what a layer holds and an eighth more, counted in the budget") {
+    const int32_t kv_dim = 4, n_ctx = 3000;
+    const uint64_t token = 2 * kv_dim * sizeof(float);  // bytes of a token in one layer
+    auto budget = std::make_shared<pyr::KvBudget>(0);   // no limit: counts only
+    auto held = [&] { return budget->used() / token; };  // tokens of room, all layers
+    const std::vector<float> rows(size_t(n_ctx) * kv_dim, 1.0f);
+    {
+        pyr::CpuKvStorage s(2, n_ctx, kv_dim, budget);
+        s.append(0, rows.data(), rows.data(), 100);  // a first fill: what it needs
+        CHECK(held() == 100);
+        s.append(0, rows.data(), rows.data(), 1);  // growth: 16 tokens more (an eighth is less)
+        CHECK(held() == 117);
+        s.append(0, rows.data(), rows.data(), 16);  // 117 fit
+        CHECK(held() == 117);
+        s.append(0, rows.data(), rows.data(), 883);  // 1000: an eighth more
+        CHECK(held() == 1125);
+        s.append(1, rows.data(), rows.data(), 10);
+        CHECK(held() == 1135);
+        // compressed to 500: more than twice the spare room unused, cut to 500 + 62
+        std::vector<int32_t> keep(500);
+        for (int32_t i = 0; i < 500; ++i) keep[size_t(i)] = 2 * i;
+        s.retain(0, keep);
+        CHECK(s.size(0) == 500);
+        CHECK(held() == 562 + 10);
+        keep.resize(480);
+        for (int32_t i = 0; i < 480; ++i) keep[size_t(i)] = i;
+        s.retain(0, keep);  // 82 unused: within the margin (twice 60)
+        CHECK(held() == 562 + 10);
+        s.append(0, rows.data(), rows.data(), n_ctx - 480);  // never past n_ctx
+        CHECK(held() == uint64_t(n_ctx) + 10);
+        s.truncate(1, 0);  // an emptied layer gives everything back
+        CHECK(held() == uint64_t(n_ctx));
+    }
+    CHECK(budget->used() == 0);  // the storage gone, its room too
+
+    // Near the limit: a layer's spare room goes back when another layer needs the memory.
+    auto tight = std::make_shared<pyr::KvBudget>(2 * 40 * token);  // 40 tokens in each of 2 layers
+    pyr::CpuKvStorage s(2, n_ctx, kv_dim, tight);
+    s.append(0, rows.data(), rows.data(), 20);
+    s.append(1, rows.data(), rows.data(), 20);
+    s.append(0, rows.data(), rows.data(), 19);  // 39 + 16 spare: 55 + 20 <= 80
+    CHECK(tight->used() == (55 + 20) * token);
+    s.append(1, rows.data(), rows.data(), 19);  // 20 + 39 + 16 > 80, 55 + 39 too: layer 0 gives 16 back
+    CHECK(tight->used() == (39 + 39) * token);
+    CHECK_THROWS_AS(s.append(1, rows.data(), rows.data(), 3), pyr::Error);  // 39 + 42 > 80
+    CHECK(s.size(1) == 39);
+    CHECK(tight->used() == (39 + 39) * token);
 }
 
 TEST_CASE("KvCache over CpuKvStorage keeps positions and rows together") {

@@ -65,16 +65,30 @@ uint64_t CpuKvStorage::held_bytes(int il) const {
     return (l.k.capacity() + l.v.capacity()) * sizeof(float);
 }
 
+// The room a layer of `tokens` tokens keeps beyond them: an eighth more, at least 16 tokens,
+// so that a growing cache is copied to a bigger buffer only every n/8 tokens while at most
+// about 12 % of its room stays unused (doubling left up to half).
+int32_t CpuKvStorage::room_for(int32_t tokens) const {
+    return std::min(n_ctx_, tokens + std::max(16, tokens / 8));
+}
+
 void CpuKvStorage::make_room(int il, int32_t n_new) {
     Layer& layer = layers_[size_t(il)];
     const size_t row = size_t(kv_dim_);
     const int32_t need = size(il) + n_new, cap = capacity(il);
     PYR_ASSERT(n_new >= 0 && need <= n_ctx_);
     if (need <= cap) return;
-    // Geometric growth (never past n_ctx); near the budget, what is needed only.
-    int32_t want = std::min(n_ctx_, std::max({need, 2 * cap, 16}));
+    // A first fill (a prefill) gets what it needs, growth the usual spare room. Near the
+    // budget, what is needed only, and if even that does not fit, the session's other layers
+    // give their spare room back first (else the layers that grew earlier in a step would
+    // keep theirs and a later one would fail).
+    int32_t want = cap == 0 ? need : room_for(need);
     auto bytes = [&](int32_t tokens) { return 2 * uint64_t(tokens - cap) * row * sizeof(float); };
-    if (budget_ && !budget_->try_take(bytes(want))) budget_->take(bytes(want = need));
+    if (budget_ && !budget_->try_take(bytes(want)) && !budget_->try_take(bytes(want = need))) {
+        for (int other = 0; other < int(layers_.size()); ++other)
+            if (other != il) shrink_room(other, size(other));
+        budget_->take(bytes(want));
+    }
     const uint64_t before = held_bytes(il);
     try {
         layer.k.reserve(size_t(want) * row);
@@ -86,18 +100,16 @@ void CpuKvStorage::make_room(int il, int32_t n_new) {
     }
 }
 
-// A layer well below its room gives memory back, keeping room to grow (2x its size), so that
-// compression and rolled-back steps free budget for other sessions.
-void CpuKvStorage::release_spare_room(int il) {
+// Layer il's room cut to `tokens` (>= its size) by a copy, giving the bytes back; when even
+// the smaller copy cannot be had, the layer keeps its room.
+void CpuKvStorage::shrink_room(int il, int32_t tokens) {
     Layer& layer = layers_[size_t(il)];
-    const int32_t n = size(il);
-    if (n >= capacity(il) / 2) return;
+    if (tokens >= capacity(il)) return;
     const uint64_t before = held_bytes(il);
-    const size_t room = size_t(std::min(n_ctx_, std::max(16, 2 * n))) * size_t(kv_dim_);
-    try {  // a smaller copy; when even that cannot be had, the layer keeps its room
+    try {
         std::vector<float> k, v;
-        k.reserve(room);
-        v.reserve(room);
+        k.reserve(size_t(tokens) * size_t(kv_dim_));
+        v.reserve(size_t(tokens) * size_t(kv_dim_));
         k.assign(layer.k.begin(), layer.k.end());
         v.assign(layer.v.begin(), layer.v.end());
         layer.k.swap(k);
@@ -106,6 +118,16 @@ void CpuKvStorage::release_spare_room(int il) {
         return;
     }
     if (budget_) budget_->give_back(before - held_bytes(il));
+}
+
+// A layer with more than twice its usual spare room unused (compressed, or a step rolled
+// back) gives the excess back, so that other sessions can have it; the margin keeps a cache
+// that compresses a little every few steps from being copied each time. An empty layer
+// gives everything back.
+void CpuKvStorage::release_spare_room(int il) {
+    const int32_t n = size(il);
+    if (n == 0) shrink_room(il, 0);
+    else if (capacity(il) - n > 2 * (room_for(n) - n)) shrink_room(il, room_for(n));
 }
 
 uint64_t CpuKvStorage::bytes_per_token() const {

@@ -33,9 +33,10 @@ private:
 };
 
 // Keys and values of one session, per layer, fp32, token-major: k, v (n_tokens, kv_dim)
-// with kv_dim = n_head_kv * head_dim. Grows geometrically up to n_ctx tokens per layer (a
-// layer only as far as the tokens that reach it: a shrinking prefill gives deeper layers
-// fewer); the room it holds counts against the backend's KvBudget until it is destroyed.
+// with kv_dim = n_head_kv * head_dim. A layer holds room for its tokens and an eighth more
+// (at least 16 tokens; room_for), up to n_ctx: only as far as the tokens that reach it (a
+// shrinking prefill gives deeper layers fewer), and it gives room back when compressed. The
+// room it holds counts against the backend's KvBudget until it is destroyed.
 class CpuKvStorage final : public KvStorage {
 public:
     // budget null: no limit, nothing counted.
@@ -65,9 +66,11 @@ private:
     };
     int32_t capacity(int il) const;
     uint64_t held_bytes(int il) const;  // the layer's room, as counted in budget_
+    int32_t room_for(int32_t tokens) const;  // tokens plus the spare room kept
     // Grows layer il to hold n_new more tokens, counting the bytes first.
     void make_room(int il, int32_t n_new);
-    void release_spare_room(int il);  // never throws: truncate() runs in rollbacks
+    void shrink_room(int il, int32_t tokens);  // never throws: truncate() runs in rollbacks
+    void release_spare_room(int il);           // the same
 
     std::vector<Layer> layers_;
     int32_t n_ctx_;
