@@ -1,6 +1,6 @@
 // Small helpers shared by the JSON readers of lib/model/ (config.json, safetensors headers,
-// model.safetensors.index.json): strict UTF-8 checking and parse errors turned into
-// pyr::Error messages that name the file. Private to lib/model/.
+// model.safetensors.index.json): opening and reading their files, strict UTF-8 checking and
+// parse errors turned into pyr::Error messages that name the file. Private to lib/model/.
 #pragma once
 
 #include <fcntl.h>
@@ -74,9 +74,10 @@ inline json parse(const char* text, size_t size, const std::string& source,
     }
 }
 
-// Reads a whole (small) file: config.json, the shard index. PYR_ERR_IO "<path>: ..." with
-// strerror when it cannot be opened or read; files over `max_size` bytes are PYR_ERR_FORMAT.
-inline std::string read_text_file(const std::string& path, size_t max_size = 100000000) {
+// Opens a regular file for reading: its descriptor (the caller closes it), and its size in
+// `size`. PYR_ERR_IO "<path>: ..." with strerror when it cannot be opened or stat'ed, or is
+// not a regular file.
+inline int open_regular_file(const std::string& path, uint64_t& size) {
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) fail(PYR_ERR_IO, path + ": cannot open: " + std::strerror(errno));
     struct stat st {};
@@ -89,13 +90,22 @@ inline std::string read_text_file(const std::string& path, size_t max_size = 100
         ::close(fd);
         fail(PYR_ERR_IO, path + ": not a regular file");
     }
-    if (uint64_t(st.st_size) > max_size) {
+    size = uint64_t(st.st_size);
+    return fd;
+}
+
+// Reads a whole (small) file: config.json, the shard index. PYR_ERR_IO "<path>: ..." with
+// strerror when it cannot be opened or read; files over `max_size` bytes are PYR_ERR_FORMAT.
+inline std::string read_text_file(const std::string& path, size_t max_size = 100000000) {
+    uint64_t size = 0;
+    const int fd = open_regular_file(path, size);
+    if (size > max_size) {
         ::close(fd);
-        fail(PYR_ERR_FORMAT, path + ": file is " + std::to_string(st.st_size) +
+        fail(PYR_ERR_FORMAT, path + ": file is " + std::to_string(size) +
                                  " bytes, more than the " + std::to_string(max_size) +
                                  "-byte limit");
     }
-    std::string text(size_t(st.st_size), '\0');
+    std::string text(size_t(size), '\0');
     size_t done = 0;
     while (done < text.size()) {
         ssize_t n = ::read(fd, &text[done], text.size() - done);

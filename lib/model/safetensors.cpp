@@ -4,9 +4,7 @@
 // pointer is handed out, so that a malformed file is an error, never an out-of-bounds read.
 #include "model/safetensors.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -186,24 +184,14 @@ json parse_header_json(const char* text, size_t size, const std::string& path) {
 }  // namespace
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) fail(PYR_ERR_IO, path + ": cannot open: " + std::strerror(errno));
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-        int err = errno;
+    uint64_t size = 0;
+    const int fd = json_util::open_regular_file(path, size);
+    if (size < 8) {
         ::close(fd);
-        fail(PYR_ERR_IO, path + ": cannot stat: " + std::strerror(err));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        ::close(fd);
-        fail(PYR_ERR_IO, path + ": not a regular file");
-    }
-    if (st.st_size < 8) {
-        ::close(fd);
-        fail(PYR_ERR_FORMAT, path + ": file is " + std::to_string(st.st_size) +
+        fail(PYR_ERR_FORMAT, path + ": file is " + std::to_string(size) +
                                  " bytes, too small for the 8-byte header length");
     }
-    map_size_ = size_t(st.st_size);
+    map_size_ = size_t(size);
     void* map = ::mmap(nullptr, map_size_, PROT_READ, MAP_PRIVATE, fd, 0);
     int err = errno;
     ::close(fd);  // the mapping keeps the file alive
