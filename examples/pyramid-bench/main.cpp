@@ -19,7 +19,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <string>
@@ -30,6 +32,7 @@
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
 #include "common/error.h"
+#include "common/thread_pool.h"
 #include "kv/kv_cache.h"
 #include "kv/kv_params.h"
 #include "kv/kv_policy.h"
@@ -96,7 +99,8 @@ const char* const kUsage =
     "  --warmup N           untimed runs first, the same shape with G = min(G, 4) (default 1):\n"
     "                       loads kernels and cuBLAS, sizes the scratch buffers\n"
     "  --repeat N           timed runs; the medians are reported (default 1)\n"
-    "  --threads N          CPU threads (default 0 = all)\n"
+    "  --threads N          CPU threads (default 0 = all): the CPU backend's, and those that\n"
+    "                       run the sequences' after_step (as sessions do, each on its thread)\n"
     "  --max-device-bytes N GPU memory budget, bytes, or with a K/M/G/T suffix (binary);\n"
     "                       default 0 = the whole device. On the CPU: the KV caches' budget\n"
     "                       (default none)\n"
@@ -118,7 +122,8 @@ const char* const kUsage =
     "  decode_tokens_per_s  B * G / decode time;  decode_ms_per_step = decode time / G\n"
     "  total_tokens_per_s   B * (P + G) / (prefill time + decode time)\n"
     "  *_forward_ms         the backend's forward calls alone, within those\n"
-    "  selection overhead   wall time inside the policies' on_layer and after_step, and its\n"
+    "  selection overhead   wall time inside the policies' on_layer and after_step (the\n"
+    "                       sequences' after_step at once on the --threads), and its\n"
     "                       fraction of the phase time: the keep/drop decisions, plus the\n"
     "                       cache compactions after_step triggers (KvCache::retain moves the\n"
     "                       bytes on the device); the attention measurements the policies\n"
@@ -411,6 +416,7 @@ struct Target {
     std::shared_ptr<const pyr::Model> model;  // with --model
     std::unique_ptr<pyr::Backend> backend;
     uint64_t host_weight_bytes = 0;  // the weights' size where the backend is the CPU
+    std::unique_ptr<pyr::ThreadPool> host;  // --threads: the sequences' after_step
 };
 
 int cuda_index(const std::string& device) {
@@ -485,12 +491,11 @@ void open_backend(const Options& o, Target& t) {
 
 // ---- the timed policy -----------------------------------------------------------------
 
-// Forwards every call to the real policy and adds up the wall time spent in on_layer and
-// after_step: the host-side keep/drop decisions, which sit on the critical path (on_layer
-// runs between layers in a first prefill, at the end of the forward later on the CUDA
-// backend; after_step between steps). after_step's time also holds the compactions it
-// makes through KvCache::retain: the storage cannot be wrapped to tell them apart, since
-// the backends downcast it to their own type.
+// Forwards every call to the real policy and adds up the wall time spent in on_layer: the
+// host-side keep/drop decisions inside the forward (between layers in a first prefill, at
+// its end later on the CUDA backend), which run one after another. after_step, between
+// steps, runs for all sequences at once on the host threads (after_steps) and is clocked
+// there.
 class TimedPolicy final : public pyr::KvPolicy {
 public:
     explicit TimedPolicy(std::unique_ptr<pyr::KvPolicy> inner) : inner_(std::move(inner)) {}
@@ -508,11 +513,7 @@ public:
         return keep;
     }
     bool shrink_prefill(int il) const override { return inner_->shrink_prefill(il); }
-    void after_step(pyr::KvCache& cache) override {
-        const Clock::time_point t0 = Clock::now();
-        inner_->after_step(cache);
-        seconds_ += seconds_since(t0);
-    }
+    void after_step(pyr::KvCache& cache) override { inner_->after_step(cache); }
     void abort_step() override { inner_->abort_step(); }
     double param(const std::string& name) const override { return inner_->param(name); }
 
@@ -596,10 +597,34 @@ double take_selection_seconds(std::vector<Sequence>& seqs) {
     return s;
 }
 
+// Sequences [first, end) have processed n tokens: their after_step, spread over the host
+// threads as the engine's sessions run theirs, each on its own thread (the caches' storage
+// is safe for that). Returns the wall time it took; the first error is rethrown.
+double after_steps(pyr::ThreadPool& host, std::vector<Sequence>& seqs, size_t first, size_t end,
+                   int32_t n) {
+    const Clock::time_point t0 = Clock::now();
+    std::mutex mutex;
+    std::exception_ptr error;
+    host.parallel_for(int64_t(end - first), [&](int64_t b, int64_t e) {
+        try {
+            for (int64_t i = b; i < e; ++i) {
+                Sequence& s = seqs[first + size_t(i)];
+                s.cache->set_n_processed(n);
+                s.policy->after_step(*s.cache);
+            }
+        } catch (...) {
+            std::lock_guard<std::mutex> lock(mutex);
+            if (!error) error = std::current_exception();
+        }
+    });
+    if (error) std::rethrow_exception(error);
+    return seconds_since(t0);
+}
+
 // The first prefill of every sequence, as Session::prefill does it for one: in one batched
 // forward, or `group` sequences per forward (0: all).
-void run_prefill(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_prompt,
-                 int32_t group, RunResult& r) {
+void run_prefill(pyr::Backend& backend, pyr::ThreadPool& host, std::vector<Sequence>& seqs,
+                 int32_t n_prompt, int32_t group, RunResult& r) {
     std::vector<int32_t> positions(static_cast<size_t>(n_prompt));
     for (int32_t i = 0; i < n_prompt; ++i) positions[size_t(i)] = i;
     std::vector<pyr::SequenceStep> steps(seqs.size());
@@ -610,6 +635,7 @@ void run_prefill(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_p
     }
     const size_t per_forward = group > 0 ? size_t(group) : seqs.size();
     const Clock::time_point t0 = Clock::now();
+    double after_s = 0;
     for (size_t first = 0; first < seqs.size(); first += per_forward) {
         const size_t end = std::min(seqs.size(), first + per_forward);
         for (size_t i = first; i < end; ++i) seqs[i].policy->begin_step(n_prompt, true);
@@ -617,23 +643,20 @@ void run_prefill(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_p
         backend.forward(steps.data() + first, int(end - first));
         r.prefill_forward_s += seconds_since(tf);
         r.kv_held_max = std::max(r.kv_held_max, backend.device_memory().kv);
-        for (size_t i = first; i < end; ++i) {
-            seqs[i].cache->set_n_processed(n_prompt);
-            seqs[i].policy->after_step(*seqs[i].cache);
-        }
+        after_s += after_steps(host, seqs, first, end, n_prompt);
     }
     r.prefill_s = seconds_since(t0);
-    r.prefill_select_s = take_selection_seconds(seqs);
+    r.prefill_select_s = take_selection_seconds(seqs) + after_s;
     r.kv_prefill = kv_bytes(seqs);
 }
 
 // n_gen greedy steps, all sequences in one batched forward per step.
-void run_decode(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_prompt,
-                int32_t n_gen, RunResult& r) {
+void run_decode(pyr::Backend& backend, pyr::ThreadPool& host, std::vector<Sequence>& seqs,
+                int32_t n_prompt, int32_t n_gen, RunResult& r) {
     const size_t n = seqs.size();
     std::vector<int32_t> tokens(n), positions(n);
     std::vector<pyr::SequenceStep> steps(n);
-    double kv_read = 0;
+    double kv_read = 0, after_s = 0;
     const Clock::time_point t0 = Clock::now();
     for (int32_t g = 0; g < n_gen; ++g) {
         const Clock::time_point ts = Clock::now();
@@ -653,14 +676,11 @@ void run_decode(pyr::Backend& backend, std::vector<Sequence>& seqs, int32_t n_pr
         // Before after_step compresses: the cache as this step's attention read it.
         kv_read += double(kv_bytes(seqs).bytes);
         r.kv_held_max = std::max(r.kv_held_max, backend.device_memory().kv);
-        for (Sequence& s : seqs) {
-            s.cache->set_n_processed(n_prompt + g + 1);
-            s.policy->after_step(*s.cache);
-        }
+        after_s += after_steps(host, seqs, 0, n, n_prompt + g + 1);
         r.step_s.push_back(seconds_since(ts));
     }
     r.decode_s = seconds_since(t0);
-    r.decode_select_s = take_selection_seconds(seqs);
+    r.decode_select_s = take_selection_seconds(seqs) + after_s;
     r.mean_kv_read = n_gen > 0 ? kv_read / n_gen : 0.0;
     r.kv_end = kv_bytes(seqs);
 }
@@ -691,9 +711,9 @@ RunResult run_once(Target& t, const pyr::KvParams& kv, int32_t batch, int32_t n_
         new_sequences(*t.backend, t.config, kv, batch, n_prompt, n_prompt + n_gen, rng);
     RunResult r;
     const pyr::BackendStats start = t.backend->stats();
-    run_prefill(*t.backend, seqs, n_prompt, prefill_batch, r);
+    run_prefill(*t.backend, *t.host, seqs, n_prompt, prefill_batch, r);
     const pyr::BackendStats before = t.backend->stats();
-    run_decode(*t.backend, seqs, n_prompt, n_gen, r);
+    run_decode(*t.backend, *t.host, seqs, n_prompt, n_gen, r);
     const pyr::BackendStats after = t.backend->stats();
     r.steps = {after.graph_replays - before.graph_replays,
                after.graph_captures - before.graph_captures,
@@ -1022,6 +1042,7 @@ int run(Options o) {
     Target t = describe_target(o);
     check_against_model(o, t, kv);
     open_backend(o, t);
+    t.host = std::make_unique<pyr::ThreadPool>(o.threads);
 
     std::mt19937_64 rng(o.seed);
     std::optional<BatchSearch> search;
