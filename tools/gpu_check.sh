@@ -101,6 +101,8 @@ PY
     # cuBLAS steps captured into graphs (since 2026-12-06) against launching them
     BENCH_ENV=PYRAMID_CUDA_GRAPHS=0 PYRAMID_CUDA_GRAPHS=0 run 7b_full_b32_nographs --shape llama2-7b --batch 32 --prompt 512 --gen 256
     run 7b_pyramid_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
+    # the sequences' after_step on one host thread, as before 2026-12-07 (now on all of them)
+    run 7b_pyramid_b32_host1 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5 --threads 1
     # the largest batch that fits the GPU, full against pyramid (retention 0.5)
     run 7b_full_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256
     run 7b_pyramid_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
