@@ -682,13 +682,14 @@ cudaError_t by_head_dim(const AttnBatch& batch, int32_t max_q, int32_t n_head,
     return launch_attention<T, QT, 8, false>(batch, max_q, n_head, n_head_kv, hd, split, stream);
 }
 
-// The rows of a grouped decode block (query heads a KV head, rounded up to 2, 4 or 8), or 0
-// where decode keeps a block per query head: no groups, groups past 8 (registers), head
-// sizes outside 33..128 (the two instantiated; LLaMA-family heads are 64 or 128 wide).
+// The rows of a grouped decode block (query heads a KV head, rounded up to 4 or 8: fewer
+// instantiations, and a decode block's spare rows cost arithmetic, not memory), or 0 where
+// decode keeps a block per query head: no groups, groups past 8 (registers), head sizes
+// outside 33..128 (the two instantiated; LLaMA-family heads are 64 or 128 wide).
 int32_t grouped_decode_rows(int32_t n_head, int32_t n_head_kv, int32_t hd) {
     const int32_t group = n_head / n_head_kv;
     if (group < 2 || group > 8 || hd <= 32 || hd > 128) return 0;
-    return group <= 2 ? 2 : group <= 4 ? 4 : 8;
+    return group <= 4 ? 4 : 8;
 }
 
 template <typename T, int QT>
@@ -703,11 +704,9 @@ template <typename T>
 cudaError_t grouped_decode(const AttnBatch& batch, int32_t max_q, int32_t n_head,
                            int32_t n_head_kv, int32_t hd, const AttnSplit& split,
                            cudaStream_t stream) {
-    switch (grouped_decode_rows(n_head, n_head_kv, hd)) {
-    case 2: return grouped_by_head_dim<T, 2>(batch, max_q, n_head, n_head_kv, hd, split, stream);
-    case 4: return grouped_by_head_dim<T, 4>(batch, max_q, n_head, n_head_kv, hd, split, stream);
-    default: return grouped_by_head_dim<T, 8>(batch, max_q, n_head, n_head_kv, hd, split, stream);
-    }
+    if (grouped_decode_rows(n_head, n_head_kv, hd) == 4)
+        return grouped_by_head_dim<T, 4>(batch, max_q, n_head, n_head_kv, hd, split, stream);
+    return grouped_by_head_dim<T, 8>(batch, max_q, n_head, n_head_kv, hd, split, stream);
 }
 
 // rows[r, j] = mean over heads of exp2(score - lse): a thread per (row, key). n_kv is the

@@ -1663,7 +1663,7 @@ TEST_CASE("attention: a decode block computes a KV head's group of query heads, 
     struct Heads {
         int32_t n_head, n_head_kv;
     };
-    // groups of 2, 3 and 4 (blocks of 4 rows, one unused for 3), 7 and 8 (blocks of 8)
+    // groups of 2, 3 and 4 (blocks of 4 rows, some unused), 7 and 8 (blocks of 8)
     const Heads heads[] = {{4, 2}, {6, 2}, {8, 2}, {7, 1}, {16, 2}};
     // a plain decode launch may hold up to 7 queries a sequence; a split one at most 1
     const std::vector<SeqShape> plain_shapes = {{1, 1}, {1, 300}, {3, 40}, {0, 9}, {7, 7}, {2, 129}};
