@@ -242,6 +242,39 @@ TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching ea
     }
 }
 
+TEST_CASE("decode steps with a KV head's query heads in one attention block give the per-head blocks' bits") {
+    // the bundled model has 3 query heads a KV head: its decode attention is grouped, unless
+    // PYRAMID_GROUPED_DECODE=0. A single sequence with at most 2048 keys is split by its
+    // cache length alone on a device of 24 SMs or more (the sim's, any GPU the tests run
+    // on), whether a block takes a KV head or a query head (attention_splits), so the bits
+    // must agree; pyramid reads its decode attention rows from the grouped blocks' scores.
+    const std::string text = sample_text(600);
+    auto grouped = open_cuda_with("PYRAMID_GROUPED_DECODE", true);
+    auto per_head = open_cuda_with("PYRAMID_GROUPED_DECODE", false);
+    const pyr::ModelConfig& c = grouped->config();
+    REQUIRE(pyr::kernels::attention_decode_head_blocks(c.n_head, c.n_head_kv, c.head_dim) < c.n_head);
+    const int n_gen = 20;  // pyramid compresses at 16 generated tokens
+    for (const char* name : {"full", "pyramid"}) {
+        SUBCASE(name) {
+            pyr::KvParams kv;
+            kv.policy = name;
+            kv.retention = 0.5f;
+            auto run = [&](std::shared_ptr<pyr::Engine> e) {
+                auto s = greedy_session(e, n_gen, kv);
+                s->feed_text(text);
+                Run r = generate(*s, n_gen);
+                return std::make_pair(r, s->memory().layer_tokens);
+            };
+            const auto [g, g_tokens] = run(grouped);
+            const auto [h, h_tokens] = run(per_head);
+            REQUIRE(g.tokens == h.tokens);
+            for (size_t i = 0; i < g.logits.size(); ++i)
+                REQUIRE_MESSAGE(g.logits[i] == h.logits[i], "step " << i << ": logits differ");
+            CHECK(g_tokens == h_tokens);
+        }
+    }
+}
+
 // A batch of sequences driven through the backend directly, as the engine's scheduler
 // would batch them (every sequence in every forward): ragged prompts in one prefill, then
 // greedy decode steps of one token each. Returns the logits of every step and sequence.
