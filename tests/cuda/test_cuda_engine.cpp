@@ -75,6 +75,15 @@ Run generate(pyr::Session& s, int n) {
     return r;
 }
 
+// n greedy tokens of a session of `e` fed `text`, and then each layer's cached tokens.
+std::pair<Run, std::vector<int32_t>> greedy_run(std::shared_ptr<pyr::Engine> e, const std::string& text,
+                                                const pyr::KvParams& kv, int n) {
+    auto s = greedy_session(std::move(e), n, kv);
+    s->feed_text(text);
+    Run r = generate(*s, n);
+    return {r, s->memory().layer_tokens};
+}
+
 // CUDA must produce CPU's greedy tokens; a divergence is allowed only at a near-tie of the
 // CPU's own top two (what 16-bit weights can flip), and ends the comparison there.
 void check_same_greedy(const Run& gpu, const Run& cpu, double tie, double logit_tol) {
@@ -211,16 +220,10 @@ TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching ea
             pyr::KvParams kv;
             kv.policy = name;
             kv.retention = 0.5f;
-            auto run = [&](std::shared_ptr<pyr::Engine> e) {
-                auto s = greedy_session(e, n_gen, kv);
-                s->feed_text(text);
-                Run r = generate(*s, n_gen);
-                return std::make_pair(r, s->memory().layer_tokens);
-            };
             const pyr::BackendStats before = graphs->backend_stats();
-            const auto [g, g_tokens] = run(graphs);
+            const auto [g, g_tokens] = greedy_run(graphs, text, kv, n_gen);
             const pyr::BackendStats after = graphs->backend_stats();
-            const auto [l, l_tokens] = run(launches);
+            const auto [l, l_tokens] = greedy_run(launches, text, kv, n_gen);
             const uint64_t replays = after.graph_replays - before.graph_replays;
             const uint64_t captures = after.graph_captures - before.graph_captures;
             MESSAGE(std::string(name) << ": " << captures << " graphs captured, " << replays << " replays, "
@@ -259,14 +262,8 @@ TEST_CASE("decode steps with a KV head's query heads in one attention block give
             pyr::KvParams kv;
             kv.policy = name;
             kv.retention = 0.5f;
-            auto run = [&](std::shared_ptr<pyr::Engine> e) {
-                auto s = greedy_session(e, n_gen, kv);
-                s->feed_text(text);
-                Run r = generate(*s, n_gen);
-                return std::make_pair(r, s->memory().layer_tokens);
-            };
-            const auto [g, g_tokens] = run(grouped);
-            const auto [h, h_tokens] = run(per_head);
+            const auto [g, g_tokens] = greedy_run(grouped, text, kv, n_gen);
+            const auto [h, h_tokens] = greedy_run(per_head, text, kv, n_gen);
             REQUIRE(g.tokens == h.tokens);
             for (size_t i = 0; i < g.logits.size(); ++i)
                 REQUIRE_MESSAGE(g.logits[i] == h.logits[i], "step " << i << ": logits differ");
