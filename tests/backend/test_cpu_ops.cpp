@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <memory>
+#include <random>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
@@ -502,6 +503,60 @@ TEST_CASE("CpuKvStorage: append, retain and truncate keep the right rows") {
     CHECK(s.size(0) == n_ctx);
     CHECK_THROWS_AS(s.retain(1, {2, 1}), pyr::Error);
     CHECK_THROWS_AS(s.retain(1, {0, 9}), pyr::Error);
+}
+
+TEST_CASE("CpuKvStorage: random appends, retains and truncates against a list of rows") {
+    // A retain moves the rows after its first dropped one, or those before its last dropped
+    // one when fewer (leaving a gap in front that later growth reuses): either way the rows
+    // must be the list's. Row r holds keys r + i / 10 and values -(r + i / 10).
+    const int32_t kv_dim = 3, n_ctx = 300;
+    auto budget = std::make_shared<pyr::KvBudget>(0);
+    pyr::CpuKvStorage s(1, n_ctx, kv_dim, budget);
+    std::vector<int32_t> model;  // the row ids the layer should hold, in order
+    std::mt19937 gen(12345);
+    int32_t next_id = 0;
+    for (int op = 0; op < 2000; ++op) {
+        const uint32_t what = gen() % 10;
+        const int32_t n = int32_t(model.size());
+        if (what < 4) {  // append 1..20 rows
+            const int32_t k = std::min(int32_t(1 + gen() % 20), n_ctx - n);
+            std::vector<float> keys, values;
+            for (int32_t r = 0; r < k; ++r) {
+                for (int i = 0; i < kv_dim; ++i) {
+                    keys.push_back(float(next_id) + float(i) / 10.0f);
+                    values.push_back(-(float(next_id) + float(i) / 10.0f));
+                }
+                model.push_back(next_id++);
+            }
+            s.append(0, keys.data(), values.data(), k);
+        } else if (what < 9) {  // retain: drop one row near either end, or a random set
+            std::vector<int32_t> keep;
+            const uint32_t how = gen() % 3;
+            const int32_t drop = n == 0 ? -1 : how == 0 ? int32_t(gen() % std::min(n, 6))
+                                             : how == 1 ? n - 1 - int32_t(gen() % std::min(n, 6)) : -2;
+            for (int32_t i = 0; i < n; ++i)
+                if (drop == -2 ? gen() % 4 != 0 : i != drop) keep.push_back(i);
+            std::vector<int32_t> kept;
+            for (int32_t i : keep) kept.push_back(model[size_t(i)]);
+            model = kept;
+            s.retain(0, keep);
+        } else {  // truncate
+            const int32_t to = n == 0 ? 0 : int32_t(gen() % uint32_t(n + 1));
+            model.resize(size_t(to));
+            s.truncate(0, to);
+        }
+        REQUIRE(s.size(0) == int32_t(model.size()));
+        for (size_t j = 0; j < model.size(); ++j)
+            for (int i = 0; i < kv_dim; ++i) {
+                const float want = float(model[j]) + float(i) / 10.0f;
+                REQUIRE(s.keys(0)[j * kv_dim + size_t(i)] == want);
+                REQUIRE(s.values(0)[j * kv_dim + size_t(i)] == -want);
+            }
+        // the room: the tokens at least, and never more than twice the usual spare beyond
+        const uint64_t held = budget->used() / s.bytes_per_token();
+        REQUIRE(held >= model.size());
+        REQUIRE(held <= std::min<uint64_t>(n_ctx, model.size() + 2 * std::max<size_t>(16, model.size() / 8)));
+    }
 }
 
 TEST_CASE("CpuKvStorage: room for what a layer holds and an eighth more, counted in the budget") {

@@ -72,11 +72,24 @@ int32_t CpuKvStorage::room_for(int32_t tokens) const {
     return std::min(n_ctx_, tokens + std::max(16, tokens / 8));
 }
 
+void CpuKvStorage::close_gap(Layer& layer) {
+    if (layer.start == 0) return;
+    const size_t row = size_t(kv_dim_), from = size_t(layer.start) * row;
+    const size_t n = layer.k.size() - from;
+    std::memmove(layer.k.data(), layer.k.data() + from, n * sizeof(float));
+    std::memmove(layer.v.data(), layer.v.data() + from, n * sizeof(float));
+    layer.k.resize(n);
+    layer.v.resize(n);
+    layer.start = 0;
+}
+
 void CpuKvStorage::make_room(int il, int32_t n_new) {
     Layer& layer = layers_[size_t(il)];
     const size_t row = size_t(kv_dim_);
     const int32_t need = size(il) + n_new, cap = capacity(il);
     PYR_ASSERT(n_new >= 0 && need <= n_ctx_);
+    if (need <= cap - layer.start) return;  // room after the tokens
+    close_gap(layer);  // the room before them too (and a growth copies the tokens alone)
     if (need <= cap) return;
     // A first fill (a prefill) gets what it needs, growth the usual spare room. Near the
     // budget, what is needed only, and if even that does not fit, the session's other layers
@@ -106,14 +119,16 @@ void CpuKvStorage::shrink_room(int il, int32_t tokens) {
     Layer& layer = layers_[size_t(il)];
     if (tokens >= capacity(il)) return;
     const uint64_t before = held_bytes(il);
+    const size_t from = size_t(layer.start) * size_t(kv_dim_);
     try {
         std::vector<float> k, v;
         k.reserve(size_t(tokens) * size_t(kv_dim_));
         v.reserve(size_t(tokens) * size_t(kv_dim_));
-        k.assign(layer.k.begin(), layer.k.end());
-        v.assign(layer.v.begin(), layer.v.end());
+        k.assign(layer.k.begin() + std::ptrdiff_t(from), layer.k.end());
+        v.assign(layer.v.begin() + std::ptrdiff_t(from), layer.v.end());
         layer.k.swap(k);
         layer.v.swap(v);
+        layer.start = 0;
     } catch (const std::bad_alloc&) {
         return;
     }
@@ -145,23 +160,36 @@ void CpuKvStorage::append(int il, const float* k, const float* v, int32_t n) {
 
 void CpuKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     Layer& layer = layers_[size_t(il)];
-    const int32_t have = size(il);
-    const size_t row = size_t(kv_dim_);
-    for (size_t i = 0; i < keep.size(); ++i) {
+    const int32_t have = size(il), n_keep = int32_t(keep.size()), shift = have - n_keep;
+    const size_t row = size_t(kv_dim_), base = size_t(layer.start) * row;
+    for (size_t i = 0; i < keep.size(); ++i)
         PYR_ASSERT(keep[i] >= 0 && keep[i] < have && (i == 0 || keep[i] > keep[i - 1]));
-        if (size_t(keep[i]) == i) continue;  // keep[i] >= i: moving rows forward is safe
-        std::memmove(&layer.k[i * row], &layer.k[size_t(keep[i]) * row], row * sizeof(float));
-        std::memmove(&layer.v[i * row], &layer.v[size_t(keep[i]) * row], row * sizeof(float));
+    // The kept rows end up in order either at the front (the rows after the first dropped one
+    // move) or at the back (the rows before the last dropped one move): whichever moves fewer.
+    int32_t first_dropped = 0, last_dropped = n_keep;
+    while (first_dropped < n_keep && keep[size_t(first_dropped)] == first_dropped) ++first_dropped;
+    while (last_dropped > 0 && keep[size_t(last_dropped - 1)] == last_dropped - 1 + shift) --last_dropped;
+    auto move = [&](int32_t i, int32_t to) {
+        const size_t src = base + size_t(keep[size_t(i)]) * row, dst = base + size_t(to) * row;
+        std::memmove(&layer.k[dst], &layer.k[src], row * sizeof(float));
+        std::memmove(&layer.v[dst], &layer.v[src], row * sizeof(float));
+    };
+    if (n_keep - first_dropped <= last_dropped) {
+        for (int32_t i = first_dropped; i < n_keep; ++i) move(i, i);  // keep[i] >= i
+        layer.k.resize(base + size_t(n_keep) * row);
+        layer.v.resize(base + size_t(n_keep) * row);
+    } else {
+        for (int32_t i = last_dropped; i-- > 0;) move(i, i + shift);  // keep[i] <= i + shift
+        layer.start += shift;
     }
-    layer.k.resize(keep.size() * row);
-    layer.v.resize(keep.size() * row);
     release_spare_room(il);
 }
 
 void CpuKvStorage::truncate(int il, int32_t n) {
     PYR_ASSERT(n >= 0 && n <= size(il));
-    layers_[size_t(il)].k.resize(size_t(n) * size_t(kv_dim_));
-    layers_[size_t(il)].v.resize(size_t(n) * size_t(kv_dim_));
+    Layer& layer = layers_[size_t(il)];
+    layer.k.resize(size_t(layer.start + n) * size_t(kv_dim_));
+    layer.v.resize(size_t(layer.start + n) * size_t(kv_dim_));
     release_spare_room(il);
 }
 

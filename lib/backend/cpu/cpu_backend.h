@@ -55,15 +55,28 @@ public:
     // truncate() gives the room the step took back). Past n_ctx is an internal error (the
     // engine checks the context first).
     void append(int il, const float* k, const float* v, int32_t n);
-    int32_t size(int il) const { return int32_t(layers_[size_t(il)].k.size() / size_t(kv_dim_)); }
-    const float* keys(int il) const { return layers_[size_t(il)].k.data(); }    // (size, kv_dim)
-    const float* values(int il) const { return layers_[size_t(il)].v.data(); }  // (size, kv_dim)
+    int32_t size(int il) const {
+        const Layer& l = layers_[size_t(il)];
+        return int32_t(l.k.size() / size_t(kv_dim_)) - l.start;
+    }
+    const float* keys(int il) const { return live(il, false); }   // (size, kv_dim)
+    const float* values(int il) const { return live(il, true); }  // (size, kv_dim)
     int32_t kv_dim() const { return kv_dim_; }
 
 private:
+    // The tokens are rows [start, start + size) of k and v (each (rows, kv_dim), rows =
+    // k.size() / kv_dim): a retain that drops rows near the front moves the rows before them
+    // forward instead of all those after them (streaming drops the token after its sinks
+    // each step: 4 rows move, not the whole window); the gap is reused when the layer grows.
     struct Layer {
-        std::vector<float> k, v;  // (n_tokens, kv_dim)
+        std::vector<float> k, v;
+        int32_t start = 0;
     };
+    const float* live(int il, bool value) const {
+        const Layer& l = layers_[size_t(il)];
+        return (value ? l.v : l.k).data() + size_t(l.start) * size_t(kv_dim_);
+    }
+    void close_gap(Layer& layer);  // the tokens moved to the front: start = 0
     int32_t capacity(int il) const;
     uint64_t held_bytes(int il) const;  // the layer's room, as counted in budget_
     int32_t room_for(int32_t tokens) const;  // tokens plus the spare room kept
