@@ -848,7 +848,7 @@ cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_
     if (!seq.lse || head_dim <= 0 || head_dim > 256 || n_head_kv <= 0 || n_head % n_head_kv != 0)
         return cudaErrorInvalidValue;
     if (seq.n_q <= 0 || seq.n_kv <= 0) return cudaSuccess;
-    if (allow_tensor_cores && seq.n_q >= kMmaMinQueries && attention_rows_mma_supported(dt, head_dim)) {
+    if (attention_on_tensor_cores(dt, seq.n_q, head_dim, allow_tensor_cores)) {
         const dim3 grid(blocks_for(seq.n_kv, kMmaKeys), blocks_for(seq.n_q, kMmaQueries));
         PYR_DISPATCH_DT(dt, PYR_DISPATCH_MMA_HD(head_dim, (col_sums_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(false), stream>>>(
                                                               seq, n_head, n_head_kv, query_scale(HD), col_sums))));

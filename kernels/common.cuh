@@ -13,7 +13,7 @@
 
 namespace pyr::kernels {
 
-// (Host code uses them too: tensor_cores.cu's check.)
+// (Host code uses them too: device.cu's tensor-core check.)
 template <typename T> __host__ __device__ __forceinline__ float to_f32(T x);
 template <> __host__ __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
 template <> __host__ __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) {
