@@ -168,13 +168,17 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
 
     const int32_t first_limit = n_kv - sq.n_q + q0;     // last key query q0 sees
     const int32_t kend = first_limit + nq;              // keys [0, kend) matter to the block
-    // the keys this block walks: all of them, or its split's whole tiles (none for a split
-    // past the end)
-    int32_t kbeg = 0, kstop = kend;
+    // Tiles of 32 keys start at cache slots that are multiples of 32 (kernels.h: gap), so
+    // that each lies in one page: the first one from key -phase on. The keys this block
+    // walks, [kbeg, kstop): all of them, or its split's whole tiles (none for a split past
+    // the end); tiles reach before kbeg and past kstop, whose keys are skipped.
+    const int32_t gap = kv_gap(sq.pages), phase = gap % 32;
+    int32_t tile0 = -phase, kbeg = 0, kstop = kend;
     if constexpr (SPLIT) {
-        const int32_t per = ((kend + 31) / 32 + n_split - 1) / n_split * 32;
-        kbeg = min(int32_t(blockIdx.x) * per, kend);
-        kstop = min(kbeg + per, kend);
+        const int32_t per = ((kend + phase + 31) / 32 + n_split - 1) / n_split * 32;
+        tile0 = int32_t(blockIdx.x) * per - phase;
+        kbeg = max(tile0, 0);
+        kstop = min(tile0 + per, kend);
     }
 
     float m[QT], l[QT], acc[QT][DPL];
@@ -186,21 +190,22 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
         for (int i = 0; i < DPL; ++i) acc[qi][i] = 0.0f;
     }
 
-    for (int32_t base = kbeg + warp * 32; base < kstop; base += WARPS * 32) {
+    for (int32_t base = tile0 + warp * 32; base < kstop; base += WARPS * 32) {
         const int32_t j = base + lane;
-        // the tile's 32 rows are consecutive rows of one page (kernels.h)
-        const T* K = kv_row<const T>(sq.pages, base, kv_dim, false) + kvh * hd;
-        const T* V = kv_row<const T>(sq.pages, base, kv_dim, true) + kvh * hd;
+        const bool walked = j >= kbeg && j < kstop;
+        // the tile's 32 rows are consecutive slots of one page
+        const T* K = kv_slot<const T>(sq.pages, gap + base, kv_dim, false) + kvh * hd;
+        const T* V = kv_slot<const T>(sq.pages, gap + base, kv_dim, true) + kvh * hd;
         float s[QT];
 #pragma unroll
         for (int qi = 0; qi < QT; ++qi) s[qi] = 0.0f;
-        if (j < kstop) key_scores<T, QT, DPL>(K + lane * kv_dim, q_s, hd, s);
+        if (walked) key_scores<T, QT, DPL>(K + lane * kv_dim, q_s, hd, s);
         float p[QT];
 #pragma unroll
         for (int qi = 0; qi < QT; ++qi) {
-            if (qi >= n_rows || j >= kstop || j > first_limit + row_query(qi) - q0) s[qi] = -INFINITY;
+            if (qi >= n_rows || !walked || j > first_limit + row_query(qi) - q0) s[qi] = -INFINITY;
             // the raw scores of the observed queries, for attention_rows()
-            if (sq.scores && j < kstop && qi < n_rows && row_query(qi) >= sq.scores_from)
+            if (sq.scores && walked && qi < n_rows && row_query(qi) >= sq.scores_from)
                 sq.scores[(int64_t(row_query(qi) - sq.scores_from) * n_head + row_head(qi)) * sq.n_kv + j] =
                     s[qi];
             const float m_new = fmaxf(m[qi], warp_max(s[qi]));
@@ -213,8 +218,8 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
             for (int i = 0; i < DPL; ++i) acc[qi][i] *= corr;
             m[qi] = m_new;
         }
-        const int32_t n_keys = min(32, kstop - base);
-        if (n_keys == 32) {  // a full tile: 8 value rows in flight at a time
+        const int32_t first_key = max(kbeg - base, 0), n_keys = min(32, kstop - base);
+        if (first_key == 0 && n_keys == 32) {  // a full tile: 8 value rows in flight at a time
 #pragma unroll
             for (int j0 = 0; j0 < 32; j0 += 8) {
                 float vf[8][DPL];
@@ -231,7 +236,7 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
                     }
             }
         } else {
-            for (int32_t jj = 0; jj < n_keys; ++jj) {
+            for (int32_t jj = first_key; jj < n_keys; ++jj) {  // a value row outside is garbage
                 float vf[DPL];
                 load_lane_dims<T, DPL>(V + jj * kv_dim, lane, hd, vf);
 #pragma unroll
@@ -302,7 +307,7 @@ __global__ void split_merge_kernel(AttnBatch batch, int32_t n_head, int32_t hd, 
 // that scores, lse and the observed raw scores stay as exact as the CUDA-core kernel's, on
 // which the KV policies' choices depend. P is rounded to T for P V (as the output will be).
 constexpr int kMmaQueries = 64;  // a block's queries: 4 warps of 16 rows
-constexpr int kMmaKeys = 64;     // keys a tile (64-aligned: one page, kernels.h)
+constexpr int kMmaKeys = 64;     // keys a tile (kKvPageRows at most: two pages, kernels.h)
 constexpr int kMmaMinQueries = 16;  // attention() takes this kernel from here on
 
 template <int HD>
@@ -327,18 +332,41 @@ constexpr size_t mma_smem_bytes(bool with_values) {
         }                                   \
     } while (0)
 
+// Rows base, base + 1, ... (at most kKvPageRows of them) of a paged KV cache, keys or values:
+// row base + r is row(r). The tensor-core kernels' tiles start at key multiples of kMmaKeys,
+// so behind a gap (kernels.h) one spans two pages, consecutive rows within each.
+template <typename T>
+struct KvTile {
+    T* lo;
+    T* hi;          // the second page's first row (lo when the tile has one page)
+    int32_t split;  // rows before it are in lo's page
+    int64_t row_elems;
+    __device__ __forceinline__ T* row(int32_t r) const {
+        return r < split ? lo + r * row_elems : hi + (r - split) * row_elems;
+    }
+};
+// The tile of rows from base; rows from `end` on are not read (their page may be absent).
+template <typename T>
+__device__ __forceinline__ KvTile<T> kv_tile(KvPages table, int32_t base, int32_t end,
+                                             int64_t row_elems, bool value) {
+    const int32_t s = kv_gap(table) + base, split = kKvPageRows - s % kKvPageRows;
+    T* lo = kv_slot<T>(table, s, row_elems, value);
+    T* hi = base + split < end ? kv_slot<T>(table, s + split, row_elems, value) : lo;
+    return {lo, hi, split, row_elems};
+}
+
 // Keys (or values) [base, base + kMmaKeys) of KV head kvh into dst (kMmaKeys, LD); rows
 // from `end' on are zeros (a value row of NaN weighted by 0 would still poison P V).
 template <typename T, int HD>
 __device__ __forceinline__ void stage_tile(KvPages pages, int32_t base, int32_t end, int kvh,
                                            int64_t kv_dim, bool value, T* dst) {
-    static_assert(kKvPageRows % kMmaKeys == 0, "a tile must not straddle pages");
+    static_assert(kMmaKeys <= kKvPageRows, "a tile must span at most two pages");
     constexpr int LD = kMmaRowStride<HD>, kVecs = HD / 8;  // 16-byte vectors a row
-    const T* src = kv_row<const T>(pages, base, kv_dim, value) + kvh * HD;
+    const KvTile<const T> tile = kv_tile<const T>(pages, base, end, kv_dim, value);
     for (int i = threadIdx.x; i < kMmaKeys * kVecs; i += blockDim.x) {
         const int r = i / kVecs, c = (i % kVecs) * 8;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (base + r < end) v = *reinterpret_cast<const uint4*>(src + r * kv_dim + c);
+        if (base + r < end) v = *reinterpret_cast<const uint4*>(tile.row(r) + kvh * HD + c);
         *reinterpret_cast<uint4*>(dst + r * LD + c) = v;
     }
 }

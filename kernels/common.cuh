@@ -134,14 +134,22 @@ __device__ __forceinline__ void a_from_accumulators(const float lo[4], const flo
     a[3] = pack2(from_f32<T>(hi[2]), from_f32<T>(hi[3]));
 }
 
-// Row j of a paged KV cache (kernels.h: kKvPageRows): its key, or its value when `value`.
-// row_elems = kv_dim. A 32-aligned tile of rows lies in one page: the tile's first row's
-// pointer + i * row_elems is its row i.
+// A paged KV cache (kernels.h: kKvPageRows): its gap, the slots before its row 0.
+__device__ __forceinline__ int32_t kv_gap(KvPages table) {
+    return int32_t(reinterpret_cast<uintptr_t>(table[0]));
+}
+
+// Slot s of a paged KV cache: its key, or its value when `value`. row_elems = kv_dim.
 template <typename T>
-__device__ __forceinline__ T* kv_row(KvPages pages, int32_t j, int64_t row_elems, bool value) {
-    static_assert(kKvPageRows % 32 == 0, "a 32-key tile must not straddle pages");
-    T* page = static_cast<T*>(pages[j / kKvPageRows]);
-    return page + (int64_t(value ? kKvPageRows : 0) + j % kKvPageRows) * row_elems;
+__device__ __forceinline__ T* kv_slot(KvPages table, int32_t s, int64_t row_elems, bool value) {
+    T* page = static_cast<T*>(table[1 + s / kKvPageRows]);
+    return page + (int64_t(value ? kKvPageRows : 0) + s % kKvPageRows) * row_elems;
+}
+
+// Row j of a paged KV cache: slot gap + j.
+template <typename T>
+__device__ __forceinline__ T* kv_row(KvPages table, int32_t j, int64_t row_elems, bool value) {
+    return kv_slot<T>(table, kv_gap(table) + j, row_elems, value);
 }
 
 inline unsigned blocks_for(int64_t n, int threads) {

@@ -170,48 +170,51 @@ __global__ void gather_rows_kernel(const char* src, size_t row_bytes, const int3
     }
 }
 
-// In-place stable compaction (compact_rows). Block (x, y) owns column slice x of job y's rows
+// Moves of rows in place (compact_rows). Block (x, y) owns column slice x of job y's rows
 // (jobs beyond gridDim.y and slices beyond gridDim.x by striding): blocks never touch the
-// same bytes. A block moves its slice of rows [first, n_keep) in ascending tiles of R rows,
-// each thread holding up to kCompactHeld words of the tile in registers: read all sources,
-// barrier, write. Safe in place because keep is ascending, so keep[j] >= j: a tile's sources
-// (rows >= its first row) were not overwritten by earlier tiles (rows below it), its writes
-// go after every thread has read its own sources (the barrier), and a later tile's writes
-// come after that tile's barrier, which every thread reaches only once done with this tile.
-// A later tile's reads (rows >= its first row) never meet this tile's writes, so one barrier
-// per tile is enough.
+// same bytes. A block moves its slice of the job's rows in tiles of R entries, in the order
+// of the move (ascending toward the front, descending toward the back), each thread holding
+// up to kCompactHeld words of the tile in registers: read all sources, barrier, write. Safe
+// in place: toward the front, a tile's sources (src[i] >= dst0 + i, i >= its first entry)
+// lie at or past its destinations and past every earlier tile's, so no earlier tile wrote
+// them, and a later tile's sources lie past this tile's destinations (toward the back, the
+// mirror image). A tile writes only after every thread has read its own sources (the
+// barrier), and the next tile's writes come after the next barrier, which every thread
+// reaches only once done with this tile: one barrier per tile is enough.
 constexpr int kCompactThreads = 256;
 constexpr int kCompactHeld = 4;
 constexpr size_t kCompactSliceBytes = 1024;
 
-// Row r of a job: its page's row r % kKvPageRows, past the job's offset (kernels.h).
-__device__ __forceinline__ char* job_row(const CompactJob& job, int32_t r) {
-    return static_cast<char*>(job.pages[r / kKvPageRows]) + job.offset +
-           size_t(r % kKvPageRows) * job.row_bytes;
+// Slot s of a job's table: row s % kKvPageRows of page s / kKvPageRows, past the job's
+// offset (kernels.h).
+__device__ __forceinline__ char* job_slot(const CompactJob& job, int32_t s) {
+    return static_cast<char*>(job.table[1 + s / kKvPageRows]) + job.offset +
+           size_t(s % kKvPageRows) * job.row_bytes;
 }
 
 template <typename Word>
 __device__ void compact_slice(const CompactJob& job, size_t col0, int32_t n_cols) {
-    const int32_t* keep = job.keep;
-    const int32_t n_keep = job.n_keep;
+    const int32_t n = job.n;
     // n_cols words of the slice per row, R rows per tile (n_cols <= kCompactHeld * blockDim)
     const int32_t rows_per_tile = int32_t(kCompactHeld * blockDim.x) / n_cols;
-    for (int32_t i = job.first; i < n_keep; i += rows_per_tile) {
+    for (int32_t done = 0; done < n; done += rows_per_tile) {
+        // the tile's entries: [i0, i0 + rows_per_tile) clipped to [0, n)
+        const int32_t i0 = job.toward_back ? n - done - rows_per_tile : done;
         Word held[kCompactHeld];
 #pragma unroll
         for (int p = 0; p < kCompactHeld; ++p) {
             const int32_t k = int32_t(threadIdx.x) + p * int32_t(blockDim.x);
-            const int32_t r = i + k / n_cols;
-            if (k / n_cols < rows_per_tile && r < n_keep)
-                held[p] = reinterpret_cast<const Word*>(job_row(job, keep[r]))[col0 + k % n_cols];
+            const int32_t i = i0 + k / n_cols;
+            if (k / n_cols < rows_per_tile && i >= 0 && i < n)
+                held[p] = reinterpret_cast<const Word*>(job_slot(job, job.src[i]))[col0 + k % n_cols];
         }
         __syncthreads();
 #pragma unroll
         for (int p = 0; p < kCompactHeld; ++p) {
             const int32_t k = int32_t(threadIdx.x) + p * int32_t(blockDim.x);
-            const int32_t r = i + k / n_cols;
-            if (k / n_cols < rows_per_tile && r < n_keep)
-                reinterpret_cast<Word*>(job_row(job, r))[col0 + k % n_cols] = held[p];
+            const int32_t i = i0 + k / n_cols;
+            if (k / n_cols < rows_per_tile && i >= 0 && i < n)
+                reinterpret_cast<Word*>(job_slot(job, job.dst0 + i))[col0 + k % n_cols] = held[p];
         }
     }
 }
@@ -220,7 +223,10 @@ __global__ void __launch_bounds__(kCompactThreads)
     compact_rows_kernel(const CompactJob* jobs, int32_t n_jobs) {
     for (int32_t j = blockIdx.y; j < n_jobs; j += gridDim.y) {
         const CompactJob job = jobs[j];
-        if (job.first >= job.n_keep) continue;
+        // no block of this launch reads a gap entry (sources and destinations are slots)
+        if (job.gap >= 0 && blockIdx.x == 0 && threadIdx.x == 0)
+            job.table[0] = reinterpret_cast<void*>(uintptr_t(job.gap));
+        if (job.n <= 0) continue;
         // words of 16 bytes when the rows allow (7B: 8 KiB rows), else 4 bytes, else bytes
         // (pages are 16-byte aligned); a slice is kCompactSliceBytes of the row (fewer words
         // in its last slice)

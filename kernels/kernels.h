@@ -50,14 +50,17 @@ cudaError_t gemv_swiglu(Dt dt, const void* W_gate_up, int32_t n_ff, int32_t cols
                         int32_t n, void* h, cudaStream_t stream);
 
 // The KV caches are paged (one cache per (sequence, layer), lib/backend/cuda/): a page holds
-// kKvPageRows token rows of keys followed by kKvPageRows rows of values, a row being kv_dim
-// = n_head_kv * head_dim elements of Dt, and a cache is a device array of page pointers (its
-// page table): row j's key is row j % kKvPageRows of page j / kKvPageRows. A cache grows and
-// shrinks by whole pages, so ragged caches waste under a page each, and its table's address
-// never changes (a CUDA graph replays while the cache grows). kKvPageRows is a multiple of
-// the attention's 32-key tiles, so that a tile never straddles two pages.
+// kKvPageRows slots of keys followed by kKvPageRows slots of values, a slot being kv_dim =
+// n_head_kv * head_dim elements of Dt. A cache is a device array, its page table: entry 0
+// holds, as an integer, the cache's gap (0 <= gap < kKvPageRows: the slots before its first
+// row), entries 1.. its pages in order; slot s is slot s % kKvPageRows of page s /
+// kKvPageRows, and row j of the cache is slot gap + j. A cache grows and shrinks by whole
+// pages, so ragged caches waste under two pages each; the gap lets a cache drop rows at its
+// front by moving the few rows before them (StreamingLLM's sinks) instead of all those after
+// them. The table's address never changes (a CUDA graph replays while the cache grows and
+// shrinks). kKvPageRows consecutive rows of a cache span at most two pages.
 constexpr int32_t kKvPageRows = 64;
-using KvPages = void* const*;  // device array: the cache's pages, in order
+using KvPages = void* const*;  // device array: the cache's gap, then its pages
 
 // RoPE (HF rotate-half) and the KV append for a batch of sequences, one launch. qkv (N,
 // q_dim + 2 kv_dim) fp32 is the fused projection of all N tokens (sequence s owns rows
@@ -218,23 +221,26 @@ cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_
 cudaError_t gather_rows(const void* src, size_t row_bytes, const int32_t* index, int32_t n,
                         void* dst, cudaStream_t stream);
 
-// Stable in-place compaction of many paged row sets in one launch (the KV caches' retain):
-// for each job, rows keep[i] move to row i for i in [first, n_keep), where keep (device
-// memory, n_keep entries) is strictly ascending and first is the first i with keep[i] != i
-// (rows below it stay where they are). Row r of a job is at byte offset + (r % kKvPageRows)
-// * row_bytes of page pages[r / kKvPageRows] (offset 0: the keys of a KV cache, kKvPageRows *
-// row_bytes: its values). Only rows [first, n_keep) of a job are written: the rows below
-// first and from n_keep on keep their bytes. Pages are 16-byte aligned (as cudaMalloc gives);
+// Moves of rows within many paged KV caches, in place, in one launch (the caches' retain):
+// for each job, slot src[i] (device memory, n entries, strictly ascending) moves to slot
+// dst0 + i for i < n, either every row toward the front (src[i] >= dst0 + i; done in
+// ascending order) or, with toward_back, every row toward the back (src[i] <= dst0 + i;
+// descending). Slot s is at byte offset + (s % kKvPageRows) * row_bytes of the table's page
+// s / kKvPageRows (offset 0: the keys of a KV cache, kKvPageRows * row_bytes: its values);
+// the table's gap entry is not read, and gap >= 0 writes it (the cache's new gap). Only the
+// dst slots and the gap entry are written. Pages are 16-byte aligned (as cudaMalloc gives);
 // any row_bytes: 16-byte words when row_bytes and offset are multiples of 16, else 4-byte
-// words, else bytes. Jobs must not share rows.
+// words, else bytes. Jobs must not share slots, nor two jobs write one table's gap.
 // jobs: a device array of n_jobs. max_row_bytes (> 0) sizes the launch: one block per
 // 1 KiB column slice of such rows per job (wider rows are still done, by fewer blocks).
 struct CompactJob {
-    KvPages pages = nullptr;         // device
-    const int32_t* keep = nullptr;   // device
-    uint64_t offset = 0;             // bytes into each page
+    void** table = nullptr;        // device: the cache's page table (see KvPages)
+    const int32_t* src = nullptr;  // device
+    uint64_t offset = 0;           // bytes into each page
     uint64_t row_bytes = 0;
-    int32_t n_keep = 0, first = 0;
+    int32_t n = 0, dst0 = 0;
+    int32_t toward_back = 0;       // 1: the rows move toward the back
+    int32_t gap = -1;              // >= 0: written to the table's gap entry
 };
 cudaError_t compact_rows(const CompactJob* jobs, int32_t n_jobs, size_t max_row_bytes,
                          cudaStream_t stream);

@@ -12,8 +12,9 @@
 # .gpu-deps/ (an install prefix: include/, share/cmake/, lib/cmake/).
 # GPU_CHECK_SECONDS (default 540): the call's time; a bench run or stage that would start
 # with under 40 s left is skipped (logged), so that the results so far come back.
-# BENCH_BATCH=1: batch 32 and the largest batch too; BENCH_GQA=1: the LLaMA-3-8B shape's
-# grouped decode attention against a block per query head (batch 1 and 32, prompt 2048).
+# BENCH_BATCH=1: batch 32 (streaming's KV moves too) and the largest batch; BENCH_GQA=1: the
+# LLaMA-3-8B shape's grouped decode attention against a block per query head (batch 1 and
+# 32, prompt 2048).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -104,6 +105,10 @@ PY
     # the sequences' after_step on one host thread, as before 2026-12-07 (now on all of them)
     run 7b_pyramid_b32_host1 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5 --threads 1
     # the largest batch that fits the GPU, full against pyramid (retention 0.5)
+    # StreamingLLM drops the row after its sinks each step: the sinks move toward the back
+    # (since 2026-12-07) against the whole window moving toward the front
+    run 7b_streaming_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy streaming --kv-retention 0.5
+    BENCH_ENV=PYRAMID_KV_BACK_MOVES=0 PYRAMID_KV_BACK_MOVES=0 run 7b_streaming_b32_front --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy streaming --kv-retention 0.5
     run 7b_full_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256
     run 7b_pyramid_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
   fi
@@ -137,6 +142,11 @@ for tc, cc in (("7b_full", "7b_full_cudacore_attn"), ("7b_full_p3840", "7b_full_
     if tc in runs and cc in runs:
         print(f"prefill attention on tensor cores: {tc} {runs[tc]['prefill_ms']:.2f} ms, on CUDA cores "
               f"{runs[cc]['prefill_ms']:.2f} ms (ratio {runs[tc]['prefill_ms'] / runs[cc]['prefill_ms']:.3f})")
+either, front = runs.get("7b_streaming_b32"), runs.get("7b_streaming_b32_front")
+if either and front:
+    e, f = either["decode_tokens_per_s"], front["decode_tokens_per_s"]
+    print(f"streaming b32 decode: KV rows moved toward the cheaper end {e:.1f} tok/s, "
+          f"toward the front {f:.1f} tok/s (ratio {e / f:.3f})")
 for b in (1, 32):
     g, h = runs.get(f"8b_b{b}_p2048"), runs.get(f"8b_b{b}_p2048_per_head")
     if g and h:

@@ -11,6 +11,16 @@ void KvCache::appended(int il, const int32_t* positions, int32_t n) {
     positions_[il].insert(positions_[il].end(), positions, positions + n);
 }
 
+RetainMoves retain_moves(const std::vector<int32_t>& keep, int32_t size) {
+    RetainMoves m;
+    m.n_keep = int32_t(keep.size());
+    const int32_t shift = size - m.n_keep;
+    while (m.first_moved < m.n_keep && keep[size_t(m.first_moved)] == m.first_moved) ++m.first_moved;
+    m.back_moved = m.n_keep;
+    while (m.back_moved > 0 && keep[size_t(m.back_moved - 1)] == m.back_moved - 1 + shift) --m.back_moved;
+    return m;
+}
+
 void KvCache::retain(int il, const std::vector<int32_t>& keep) {
     auto& pos = positions_[il];
     for (size_t i = 0; i < keep.size(); ++i) {

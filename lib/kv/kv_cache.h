@@ -22,6 +22,16 @@ public:
     virtual void truncate(int il, int32_t n) = 0;
 };
 
+// Where a retain's kept rows (keep, strictly ascending, of a layer's `size` rows) move, in
+// order, with the fewest moves: toward the front (row keep[i] -> row i; entries from
+// first_moved on move) or toward the back (keep[i] -> size - n_keep + i; entries before
+// back_moved move). A storage that can leave a gap before a layer's rows picks the cheaper.
+struct RetainMoves {
+    int32_t n_keep = 0, first_moved = 0, back_moved = 0;
+    bool toward_back() const { return back_moved < n_keep - first_moved; }
+};
+RetainMoves retain_moves(const std::vector<int32_t>& keep, int32_t size);
+
 class KvCache {
 public:
     KvCache(int n_layer, std::unique_ptr<KvStorage> storage);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -15,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
 #include "common/error.h"
 #include "engine/engine.h"
 #include "engine/session.h"
@@ -105,12 +107,12 @@ void check_same_greedy(const Run& gpu, const Run& cpu, double tie, double logit_
 
 // Device bytes a session's paged KV cache holds (kernels.h): per layer, its tokens in whole
 // pages of kKvPageRows (keys and values in the model's 16-bit type) and a page table of
-// n_ctx / kKvPageRows entries.
+// n_ctx / kKvPageRows entries and the gap's.
 uint64_t paged_kv_bytes(const pyr::Engine& e, const std::vector<int32_t>& layer_tokens, int32_t n_ctx) {
     constexpr int32_t P = pyr::kernels::kKvPageRows;
     const pyr::ModelConfig& c = e.config();
     const uint64_t page = 2 * uint64_t(P) * uint64_t(c.n_head_kv) * uint64_t(c.head_dim) * 2;
-    const uint64_t table = uint64_t((n_ctx + P - 1) / P) * sizeof(void*);
+    const uint64_t table = uint64_t(1 + (n_ctx + P - 1) / P) * sizeof(void*);
     uint64_t bytes = 0;
     for (int32_t t : layer_tokens) bytes += uint64_t((t + P - 1) / P) * page + table;
     return bytes;
@@ -560,6 +562,133 @@ TEST_CASE("the KV cache holds whole pages: device memory follows each layer's to
     CHECK(held() == full_bytes);
     full.reset();
     CHECK(held() == 0);
+}
+
+TEST_CASE("a paged KV cache keeps its rows in order through moves toward either end, truncation and growth") {
+    // The storage alone, against a list of the row ids each layer holds: rows are written
+    // through the host's page table (a pattern per id), then random growth, retains (which
+    // move toward whichever end moves fewer: a gap opens at the front), truncations and
+    // flushes; at each check the device's table is the host's and every row holds its id.
+    auto model = pyr::Model::load(PYR_TEST_MODEL_DIR);
+    auto backend = pyr::make_cuda_backend(model, 0, 0);
+    const int32_t n_ctx = 300, P = pyr::kernels::kKvPageRows;  // 5 pages, the last one partly
+    auto storage = backend->new_kv_storage(n_ctx);
+    auto& kv = dynamic_cast<pyr::cuda::CudaKvStorage&>(*storage);
+    const int32_t kv_dim = kv.kv_dim();
+    const size_t row_bytes = size_t(kv_dim) * 2;
+    const int n_layer = 2;  // of the model's; the others stay empty
+    const char* seed_env = std::getenv("PYR_TEST_SEED");
+    const uint64_t seed = seed_env ? std::strtoull(seed_env, nullptr, 10) : std::random_device{}();
+    INFO("random seed " << seed << " (replay: PYR_TEST_SEED=" << seed << ")");
+    std::mt19937_64 gen(seed);
+    auto below = [&](int32_t n) { return n <= 0 ? 0 : int32_t(gen() % uint64_t(n)); };
+
+    std::vector<std::vector<int32_t>> ids(n_layer);  // row j of layer il holds ids[il][j]
+    int32_t next_id = 0;
+    auto pattern = [&](int32_t id, bool value) {
+        std::vector<uint16_t> r(static_cast<size_t>(kv_dim));
+        for (int32_t e = 0; e < kv_dim; ++e) r[size_t(e)] = uint16_t(id * 131 + e + (value ? 40000 : 0));
+        return r;
+    };
+    auto gap = [&](int il) { return int32_t(reinterpret_cast<uintptr_t>(kv.host_table(il)[0])); };
+    auto row_at = [&](int il, int32_t j, bool value) {  // row j's bytes on the device
+        const int32_t s = gap(il) + j;
+        return static_cast<char*>(kv.host_table(il)[1 + s / P]) + (size_t(value ? P : 0) + size_t(s % P)) * row_bytes;
+    };
+    int shifts = 0, closes = 0, back_moves = 0;
+    auto grow = [&](int il, int32_t n_new) {  // reserve_kv's upload, then the new rows
+        const int32_t size = kv.size(il), gap_before = gap(il);
+        const int32_t first = kv.reserve(il, size + n_new), n = kv.table_entries(il);
+        REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+        if (first < n)
+            REQUIRE(cudaMemcpy(kv.table(il) + first, kv.host_table(il) + first, size_t(n - first) * sizeof(void*),
+                               cudaMemcpyHostToDevice) == cudaSuccess);
+        if (gap(il) < gap_before) ++(gap_before % P != 0 && gap(il) == 0 ? closes : shifts);
+        for (int32_t j = size; j < size + n_new; ++j) {
+            ids[size_t(il)].push_back(next_id++);
+            for (bool value : {false, true})
+                REQUIRE(cudaMemcpy(row_at(il, j, value), pattern(ids[size_t(il)].back(), value).data(), row_bytes,
+                                   cudaMemcpyHostToDevice) == cudaSuccess);
+        }
+        kv.set_size(il, size + n_new);
+    };
+    auto check = [&](int il) {
+        grow(il, 0);  // flushes the pending moves
+        REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+        const int32_t n = kv.table_entries(il);
+        std::vector<void*> device(static_cast<size_t>(n));
+        REQUIRE(cudaMemcpy(device.data(), kv.table(il), size_t(n) * sizeof(void*), cudaMemcpyDeviceToHost) == cudaSuccess);
+        CHECK(device == std::vector<void*>(kv.host_table(il), kv.host_table(il) + n));
+        REQUIRE(kv.size(il) == int32_t(ids[size_t(il)].size()));
+        CHECK(kv.capacity(il) >= kv.size(il));
+        int32_t bad = 0;
+        std::vector<uint16_t> got(static_cast<size_t>(kv_dim));
+        for (int32_t j = 0; j < kv.size(il); ++j)
+            for (bool value : {false, true}) {
+                REQUIRE(cudaMemcpy(got.data(), row_at(il, j, value), row_bytes, cudaMemcpyDeviceToHost) == cudaSuccess);
+                bad += got != pattern(ids[size_t(il)][size_t(j)], value);
+            }
+        CHECK(bad == 0);
+    };
+    for (int step = 0; step < 600; ++step) {
+        const int il = below(n_layer);
+        const int32_t size = kv.size(il);
+        const int op = below(10);
+        if (op < 4) {
+            grow(il, below(std::min(40, n_ctx - size) + 1));
+        } else if (op < 9 && size > 0) {
+            std::vector<int32_t> keep;
+            const int32_t sinks = below(5);
+            switch (below(5)) {
+                case 0:  // streaming: all but the oldest row after the sinks
+                case 1:
+                    for (int32_t r = 0; r < size; ++r)
+                        if (r != sinks) keep.push_back(r);
+                    break;
+                case 2:  // the first rows dropped
+                    for (int32_t r = below(size + 1); r < size; ++r) keep.push_back(r);
+                    break;
+                case 3:  // the last rows dropped
+                    for (int32_t r = 0; r < below(size + 1); ++r) keep.push_back(r);
+                    break;
+                default:  // any
+                    for (int32_t r = 0; r < size; ++r)
+                        if (below(4) != 0) keep.push_back(r);
+            }
+            const int32_t gap_before = gap(il);
+            kv.retain(il, keep);
+            back_moves += gap(il) > gap_before;
+            std::vector<int32_t> kept;
+            for (int32_t r : keep) kept.push_back(ids[size_t(il)][size_t(r)]);
+            ids[size_t(il)] = kept;
+        } else if (op == 9) {
+            const int32_t n = below(size + 1);
+            kv.truncate(il, n);
+            ids[size_t(il)].resize(size_t(n));
+        }
+        if (below(3) == 0) check(il);
+    }
+    for (int il = 0; il < n_layer; ++il) check(il);
+    {  // a layer grows to n_ctx rows after dropping some at its front, with a gap of 40 in
+       // its first page: the rows move to the front of that page
+        kv.truncate(0, 0);
+        ids[0].clear();
+        grow(0, 100);
+        const int32_t drop = ((40 - gap(0)) % P + P) % P;
+        std::vector<int32_t> keep;
+        for (int32_t r = drop; r < 100; ++r) keep.push_back(r);
+        kv.retain(0, keep);
+        ids[0].erase(ids[0].begin(), ids[0].begin() + drop);
+        REQUIRE(gap(0) % P == 40);
+        grow(0, n_ctx - kv.size(0));
+        CHECK(gap(0) == 0);
+        check(0);
+    }
+    MESSAGE(back_moves << " retains moved rows toward the back, " << shifts << " table shifts, "
+            << closes << " gaps closed");
+    CHECK(back_moves > 0);
+    CHECK(shifts > 0);
+    CHECK(closes > 0);
 }
 
 TEST_CASE("cancel stops a CUDA prefill and leaves the session as before") {

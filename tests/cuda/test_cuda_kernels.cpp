@@ -218,28 +218,31 @@ size_t count_bit_mismatches(const PageImage& a, const PageImage& b) {
 }
 
 // A paged KV cache on the device (kernels.h: KvPages) of n_rows rows of keys and of values,
-// row_bytes each: its page table (exactly ceil(n_rows / kKvPageRows) entries, so that ASan
-// sees a read past it) and its pages, each a separate cudaMalloc of lead + 2 kKvPageRows
-// row_bytes + kGuard bytes, the rows at `lead` as kernels.h lays them out (keys, then
-// values; lead is 0 but for compact_rows' offsets). More pages are allocated than the table
-// needs, every byte poisoned (0xFF: NaN), and the table takes a random permutation of them:
-// a kernel that treats the cache as contiguous, or pages as consecutive in memory, reads
-// poison or another page's rows. The spare pages, the lead and guard bytes and the rows past
-// n_rows stay poison unless a kernel writes where it must not: compare download() with the
-// image the test expects (poisoned() with the rows set that the kernel may write).
+// row_bytes each, from slot `gap` on (random when not given: 0 or up to a page less one):
+// its page table (the gap entry and exactly ceil((gap + n_rows) / kKvPageRows) pages, so
+// that ASan sees a read past it) and its pages, each a separate cudaMalloc of lead + 2
+// kKvPageRows row_bytes + kGuard bytes, the rows at `lead` as kernels.h lays them out (keys,
+// then values; lead is 0 but for compact_rows' offsets). More pages are allocated than the
+// table needs, every byte poisoned (0xFF: NaN), and the table takes a random permutation of
+// them: a kernel that treats the cache as contiguous, pages as consecutive in memory, or
+// ignores the gap, reads poison or another page's rows. The spare pages, the gap's slots,
+// the lead and guard bytes and the rows past n_rows stay poison unless a kernel writes where
+// it must not: compare download() with the image the test expects (poisoned() with the rows
+// set that the kernel may write).
 class DevicePagedCache {
 public:
     static constexpr int32_t kPageRows = K::kKvPageRows;
     static constexpr size_t kGuard = 16;
 
-    DevicePagedCache(Rng& rng, int32_t n_rows, size_t row_bytes, size_t lead = 0)
+    DevicePagedCache(Rng& rng, int32_t n_rows, size_t row_bytes, size_t lead = 0, int32_t gap = -1)
         : n_rows_(n_rows),
+          gap_(gap >= 0 ? gap : rng.index(2) == 0 ? 0 : rng.index(kPageRows)),
           row_bytes_(row_bytes),
           lead_(lead),
           page_bytes_(lead + 2 * size_t(kPageRows) * row_bytes + kGuard),
-          table_(size_t((n_rows + kPageRows - 1) / kPageRows)) {
+          table_(1 + size_t((gap_ + n_rows + kPageRows - 1) / kPageRows)) {
         REQUIRE(n_rows >= 0);
-        const size_t n_pages = table_.size(), n_alloc = n_pages + 1 + size_t(rng.index(3));
+        const size_t n_pages = table_.size() - 1, n_alloc = n_pages + 1 + size_t(rng.index(3));
         for (size_t a = 0; a < n_alloc; ++a) {
             allocs_.emplace_back(page_bytes_);
             allocs_.back().poison();
@@ -248,12 +251,16 @@ public:
         for (size_t a = 0; a < n_alloc; ++a) perm[a] = a;
         std::shuffle(perm.begin(), perm.end(), rng.gen);
         page_alloc_.assign(perm.begin(), perm.begin() + ptrdiff_t(n_pages));
-        std::vector<void*> table(n_pages);
-        for (size_t i = 0; i < n_pages; ++i) table[i] = allocs_[page_alloc_[i]].get();
-        if (n_pages > 0) table_.upload(table);
+        std::vector<void*> table{reinterpret_cast<void*>(uintptr_t(gap_))};
+        for (size_t i = 0; i < n_pages; ++i) table.push_back(allocs_[page_alloc_[i]].get());
+        table_.upload(table);
     }
 
     K::KvPages pages() const { return table_.get(); }
+    void** table() { return table_.get(); }
+    int32_t gap() const { return gap_; }
+    // the table's gap entry as the device has it now
+    int64_t device_gap() const { return int64_t(reinterpret_cast<uintptr_t>(table_.download()[0])); }
     int32_t n_rows() const { return n_rows_; }
     size_t row_bytes() const { return row_bytes_; }
     // bytes into each page of row 0 of the keys or the values (CompactJob::offset)
@@ -272,11 +279,16 @@ public:
         for (size_t a = 0; a < allocs_.size(); ++a) allocs_[a].upload(im[a]);
     }
 
+    // Key (or value) slot s of an image of the cache: row s - gap.
+    uint8_t* slot(PageImage& im, bool value, int32_t s) const {
+        if (s < 0 || s >= gap_ + n_rows_) FAIL("slot " << s << " of a cache of " << gap_ << " + " << n_rows_);
+        return im[page_alloc_[size_t(s / kPageRows)]].data() + offset(value) +
+               size_t(s % kPageRows) * row_bytes_;
+    }
     // Key (or value) row r of an image of the cache.
     uint8_t* row(PageImage& im, bool value, int32_t r) const {
         if (r < 0 || r >= n_rows_) FAIL("row " << r << " of a cache of " << n_rows_);
-        return im[page_alloc_[size_t(r / kPageRows)]].data() + offset(value) +
-               size_t(r % kPageRows) * row_bytes_;
+        return slot(im, value, gap_ + r);
     }
     const uint8_t* row(const PageImage& im, bool value, int32_t r) const {
         return row(const_cast<PageImage&>(im), value, r);
@@ -302,7 +314,7 @@ public:
     }
 
 private:
-    int32_t n_rows_;
+    int32_t n_rows_, gap_;
     size_t row_bytes_, lead_, page_bytes_;
     std::vector<DeviceArray<uint8_t>> allocs_;  // in allocation order
     std::vector<size_t> page_alloc_;            // page i of the table is allocs_[page_alloc_[i]]
@@ -582,7 +594,7 @@ TEST_CASE("gather_rows: dst[i] = src[index[i]], 16-byte and 4-byte row copies") 
     }
 }
 
-TEST_CASE("compact_rows: many paged row sets compacted in place in one launch, stable, nothing else written") {
+TEST_CASE("compact_rows: the kept rows of many paged caches moved in place in one launch, toward the front or the back, nothing else written") {
     GPU_OR_SKIP();
     SEEDED_RNG();
     constexpr int32_t kPageRows = K::kKvPageRows;
@@ -659,41 +671,74 @@ TEST_CASE("compact_rows: many paged row sets compacted in place in one launch, s
             for (bool value : {false, true}) jobs.push_back({caches.size() - 1, value, make_keep(kind, n_old)});
             max_row_bytes = std::max(max_row_bytes, sh.row_bytes);
         }
-    std::vector<int32_t> keeps;
-    for (const Job& j : jobs) keeps.insert(keeps.end(), j.keep.begin(), j.keep.end());
-    DeviceArray<int32_t> d_keeps(std::max<size_t>(keeps.size(), 1));
-    if (!keeps.empty()) d_keeps.upload(keeps);
-
-    // the reference: rows [first, n_keep) of each job from the rows keep[i] of the original
+    // Each job moves its kept rows to the front of the cache's rows (rows keep[i] -> i) or to
+    // the back (keep[i] -> n_old - n_keep + i), by slots (gap + row); the rows that stay
+    // where they are are left out of the job or, at random, kept in it. The keys' job also
+    // writes the cache's new gap (unchanged to the front; n_old - n_keep more to the back).
+    std::vector<int32_t> srcs;
+    struct Move {
+        int32_t n = 0, dst0 = 0, toward_back = 0, gap = -1;
+        size_t at = 0;
+    };
+    std::vector<Move> moves;
     std::vector<PageImage> want = before;
-    std::vector<K::CompactJob> descs;
-    size_t at = 0;
-    int32_t with_first = 0;
+    std::vector<int32_t> want_gap(caches.size());
+    int32_t front_partial = 0, back_moving = 0, gap_only = 0;
     int32_t across_pages[17] = {};  // jobs that move a row to another page, by word size
     for (const Job& j : jobs) {
         const DevicePagedCache& c = caches[j.cache];
-        int32_t first = 0;
-        while (first < int32_t(j.keep.size()) && j.keep[size_t(first)] == first) ++first;
-        with_first += first > 0 && first < int32_t(j.keep.size());
-        bool across = false;
-        for (int32_t i = first; i < int32_t(j.keep.size()); ++i) {
-            std::memcpy(c.row(want[j.cache], j.value, i), c.row(before[j.cache], j.value, j.keep[size_t(i)]),
-                        c.row_bytes());
-            across |= j.keep[size_t(i)] / kPageRows != i / kPageRows;
+        const int32_t n_keep = int32_t(j.keep.size()), shift = c.n_rows() - n_keep;
+        Move m;
+        m.toward_back = int32_t(rng.index(2));
+        const int32_t to = m.toward_back ? shift : 0;  // row i goes to row to + i
+        int32_t lo = 0, hi = n_keep;                   // the entries that move: [lo, hi)
+        while (lo < hi && j.keep[size_t(lo)] == to + lo) ++lo;
+        while (hi > lo && j.keep[size_t(hi - 1)] == to + hi - 1) --hi;
+        if (lo == hi) lo = hi = 0;                    // nothing moves
+        if (rng.index(3) == 0) lo = 0, hi = n_keep;  // stationary entries may be in the job
+        if (lo < hi) {  // the rows that stay: before the first mover, or after the last
+            CHECK((m.toward_back ? lo == 0 : hi == n_keep));
+            back_moving += m.toward_back;
+            front_partial += !m.toward_back && lo > 0;
         }
-        K::CompactJob d;
-        d.pages = c.pages();
-        d.keep = d_keeps.get() + at;
-        d.offset = c.offset(j.value);
-        d.row_bytes = c.row_bytes();
-        d.n_keep = int32_t(j.keep.size());
-        d.first = first;
-        descs.push_back(d);
-        at += j.keep.size();
-        const uint64_t a = d.offset | d.row_bytes;
+        bool across = false;
+        for (int32_t i = lo; i < hi; ++i) {
+            std::memcpy(c.row(want[j.cache], j.value, to + i), c.row(before[j.cache], j.value, j.keep[size_t(i)]),
+                        c.row_bytes());
+            across |= (c.gap() + j.keep[size_t(i)]) / kPageRows != (c.gap() + to + i) / kPageRows;
+            srcs.push_back(c.gap() + j.keep[size_t(i)]);
+        }
+        m.n = hi - lo;
+        m.dst0 = c.gap() + to + lo;
+        m.at = srcs.size() - size_t(m.n);
+        if (!j.value) {
+            m.gap = c.gap() + (m.toward_back ? shift : 0);
+            want_gap[j.cache] = m.gap;
+            gap_only += m.n == 0 && m.gap != c.gap();
+        }
+        moves.push_back(m);
+        const uint64_t a = c.offset(j.value) | c.row_bytes();
         across_pages[a % 16 == 0 ? 16 : a % 4 == 0 ? 4 : 1] += across;
     }
-    CHECK(with_first > 0);
+    DeviceArray<int32_t> d_srcs(std::max<size_t>(srcs.size(), 1));
+    if (!srcs.empty()) d_srcs.upload(srcs);
+    std::vector<K::CompactJob> descs;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+        DevicePagedCache& c = caches[jobs[i].cache];
+        K::CompactJob d;
+        d.table = c.table();
+        d.src = d_srcs.get() + moves[i].at;
+        d.offset = c.offset(jobs[i].value);
+        d.row_bytes = c.row_bytes();
+        d.n = moves[i].n;
+        d.dst0 = moves[i].dst0;
+        d.toward_back = moves[i].toward_back;
+        d.gap = moves[i].gap;
+        descs.push_back(d);
+    }
+    CHECK(front_partial > 0);
+    CHECK(back_moving > 0);
+    CHECK(gap_only > 0);
     CHECK(across_pages[16] > 0);  // every word size moves rows across pages
     CHECK(across_pages[4] > 0);
     CHECK(across_pages[1] > 0);
@@ -711,6 +756,9 @@ TEST_CASE("compact_rows: many paged row sets compacted in place in one launch, s
         }
         INFO(bad_jobs << " of " << jobs.size() << " jobs' rows differ");
         CHECK(bytes == 0);
+        size_t bad_gaps = 0;
+        for (size_t c = 0; c < caches.size(); ++c) bad_gaps += caches[c].device_gap() != want_gap[c];
+        CHECK(bad_gaps == 0);
     };
     DeviceArray<K::CompactJob> d_jobs(descs);
     INFO(jobs.size() << " jobs, max row_bytes " << max_row_bytes);
@@ -718,7 +766,11 @@ TEST_CASE("compact_rows: many paged row sets compacted in place in one launch, s
     mismatches();
 
     // a launch sized for narrower rows (one column slice per job) strides over the rest
-    for (size_t c = 0; c < caches.size(); ++c) caches[c].upload(before[c]);
+    for (size_t c = 0; c < caches.size(); ++c) {
+        caches[c].upload(before[c]);
+        DeviceArray<void*> gap_entry(std::vector<void*>{reinterpret_cast<void*>(uintptr_t(caches[c].gap()))});
+        CHECK(cudaMemcpy(caches[c].table(), gap_entry.get(), sizeof(void*), cudaMemcpyDeviceToDevice) == cudaSuccess);
+    }
     LAUNCH_OK(K::compact_rows(d_jobs.get(), int32_t(descs.size()), 1, nullptr));
     mismatches();
 
@@ -1350,11 +1402,13 @@ struct DeviceAttnSeq {
     DeviceArray<uint16_t> out;
     DeviceArray<float> lse, scores;
 
+    // gap: the cache's (DevicePagedCache; random when negative). The decode kernel's tiles
+    // follow the cache's slots, so two runs give the same bits only with the same gap.
     DeviceAttnSeq(Rng& rng, const HostAttnSeq& h, int32_t n_head, int32_t n_head_kv, int32_t hd,
-                  int32_t capacity = 0)
+                  int32_t capacity = 0, int32_t gap = -1)
         : cap(std::max(capacity, h.n_kv)),
           q(h.q),
-          cache(rng, cap + kSpareRows, size_t(n_head_kv) * hd * 2),
+          cache(rng, cap + kSpareRows, size_t(n_head_kv) * hd * 2, 0, gap),
           out(size_t(h.n_q) * n_head * hd),
           lse(size_t(h.n_q) * n_head),
           scores(h.scores_from < 0 ? 0 : size_t(h.n_q - h.scores_from) * n_head * cap) {
@@ -1568,9 +1622,10 @@ TEST_CASE("attention: true key counts read on the device (kv_len) under a larger
                         const int32_t scores_from = s % 2 ? 0 : shapes[s].n_q - 1;
                         host.push_back(random_attn_seq(rng, dt, shapes[s].n_q, shapes[s].n_kv,
                                                        hs.n_head, hs.n_head_kv, hd, scores_from));
-                        plain.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd);
+                        const int32_t gap = rng.index(K::kKvPageRows);
+                        plain.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd, 0, gap);
                         bounded.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd,
-                                             shapes[s].n_kv + extra[s % 5]);
+                                             shapes[s].n_kv + extra[s % 5], gap);
                         b_plain.seq[s] = plain.back().view(host.back());
                         b_bounded.seq[s] = bounded.back().view(host.back());
                         lens.push_back(shapes[s].n_kv);
@@ -1692,8 +1747,9 @@ TEST_CASE("attention: a decode block computes a KV head's group of query heads, 
                         host.push_back(random_attn_seq(rng, dt, shapes[s].n_q, shapes[s].n_kv,
                                                        hs.n_head, hs.n_head_kv, hd, scores_from));
                         const int32_t cap = bounded ? shapes[s].n_kv + extra[s] : 0;
-                        grouped.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd, cap);
-                        per_head.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd, cap);
+                        const int32_t gap = rng.index(K::kKvPageRows);
+                        grouped.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd, cap, gap);
+                        per_head.emplace_back(rng, host.back(), hs.n_head, hs.n_head_kv, hd, cap, gap);
                         b_grouped.seq[s] = grouped.back().view(host.back());
                         b_per_head.seq[s] = per_head.back().view(host.back());
                         lens.push_back(shapes[s].n_kv);
@@ -1907,7 +1963,7 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 // stride of scores and rows): the plain rows' bits, zeros past the true count;
                 // in one launch with the plain sequence again (a batch of unequal shapes)
                 const int32_t cap = n_kv + 45;
-                const DeviceAttnSeq bounded(rng, host, cf.n_head, cf.n_head_kv, cf.hd, cap);
+                const DeviceAttnSeq bounded(rng, host, cf.n_head, cf.n_head_kv, cf.hd, cap, dev.cache.gap());
                 DeviceArray<int32_t> d_len(std::vector<int32_t>{n_kv});
                 K::AttnBatch bb;
                 bb.n_seq = 1;

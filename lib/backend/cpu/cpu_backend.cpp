@@ -164,23 +164,19 @@ void CpuKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     const size_t row = size_t(kv_dim_), base = size_t(layer.start) * row;
     for (size_t i = 0; i < keep.size(); ++i)
         PYR_ASSERT(keep[i] >= 0 && keep[i] < have && (i == 0 || keep[i] > keep[i - 1]));
-    // The kept rows end up in order either at the front (keep[first_moved..] move: the rows
-    // after the first dropped one) or at the back (keep[..back_moved) move: those before the
-    // last dropped one), whichever moves fewer.
-    int32_t first_moved = 0, back_moved = n_keep;
-    while (first_moved < n_keep && keep[size_t(first_moved)] == first_moved) ++first_moved;
-    while (back_moved > 0 && keep[size_t(back_moved - 1)] == back_moved - 1 + shift) --back_moved;
+    // The kept rows end up in order at the front or at the back, whichever moves fewer.
+    const RetainMoves moves = retain_moves(keep, have);
     auto move = [&](int32_t i, int32_t to) {
         const size_t src = base + size_t(keep[size_t(i)]) * row, dst = base + size_t(to) * row;
         std::memmove(&layer.k[dst], &layer.k[src], row * sizeof(float));
         std::memmove(&layer.v[dst], &layer.v[src], row * sizeof(float));
     };
-    if (n_keep - first_moved <= back_moved) {
-        for (int32_t i = first_moved; i < n_keep; ++i) move(i, i);  // keep[i] >= i
+    if (!moves.toward_back()) {
+        for (int32_t i = moves.first_moved; i < n_keep; ++i) move(i, i);  // keep[i] >= i
         layer.k.resize(base + size_t(n_keep) * row);
         layer.v.resize(base + size_t(n_keep) * row);
     } else {
-        for (int32_t i = back_moved; i-- > 0;) move(i, i + shift);  // keep[i] <= i + shift
+        for (int32_t i = moves.back_moved; i-- > 0;) move(i, i + shift);  // keep[i] <= i + shift
         layer.start += shift;
     }
     release_spare_room(il);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
 #include "backend/cuda/cuda_linear.h"
 #include "common/env.h"
@@ -40,13 +41,6 @@ CudaKvStorage& cuda_storage(KvCache& cache) {
     return *s;
 }
 
-// The first i with keep[i] != i (keep.size() when nothing moves).
-int32_t first_moved(const std::vector<int32_t>& keep) {
-    int32_t i = 0;
-    while (size_t(i) < keep.size() && keep[size_t(i)] == i) ++i;
-    return i;
-}
-
 // Flushes the compactions that a loop of retains queued, at done() or, should an exception
 // leave the loop, when destroyed: no compaction stays pending past the loop.
 class CompactAfter {
@@ -74,58 +68,76 @@ private:
 
 }  // namespace
 
-// ---- KV compaction --------------------------------------------------------------------
+// ---- KV compaction ----------------------------------------------------------------------
 
-// The device array of 2 * n_jobs CompactJobs (K and V share a keep list), then the lists.
-size_t KvCompactor::bytes_for(size_t n_jobs, size_t n_keep) const {
-    return 2 * n_jobs * sizeof(kernels::CompactJob) + n_keep * sizeof(int32_t);
+// The device array of 2 * n_jobs CompactJobs (K and V share a source list), then the lists.
+size_t KvCompactor::bytes_for(size_t n_jobs, size_t n_src) const {
+    return 2 * n_jobs * sizeof(kernels::CompactJob) + n_src * sizeof(int32_t);
 }
 
-void KvCompactor::add(const void* owner, kernels::KvPages pages, size_t row_bytes,
-                      const std::vector<int32_t>& keep, std::vector<DeviceBuffer>&& emptied) {
+std::pair<int32_t, int32_t> KvCompactor::moving(const Job& j) {
+    // all rows move one way, so the rows that stay are a prefix (toward the front) or a suffix
+    int32_t lo = 0, hi = int32_t(j.src.size());
+    if (!j.toward_back)
+        while (lo < hi && j.src[size_t(lo)] == j.dst0 + lo) ++lo;
+    else
+        while (hi > lo && j.src[size_t(hi - 1)] == j.dst0 + hi - 1) --hi;
+    return {lo, hi};
+}
+
+void KvCompactor::add(const void* owner, void** table, size_t row_bytes, int32_t gap,
+                      const std::vector<int32_t>& keep, int32_t new_gap, bool toward_back,
+                      std::vector<DeviceBuffer>&& emptied) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = index_.find(pages);
+    const auto it = index_.find(table);
     if (it != index_.end()) {  // rows of rows: keep indexes what the pending job keeps
         Job& j = jobs_[it->second];
+        PYR_ASSERT(j.toward_back == toward_back && j.dst0 == gap);
         std::vector<int32_t> composed(keep.size());
         for (size_t i = 0; i < keep.size(); ++i) {
-            PYR_ASSERT(size_t(keep[i]) < j.keep.size());
-            composed[i] = j.keep[size_t(keep[i])];
+            PYR_ASSERT(size_t(keep[i]) < j.src.size());
+            composed[i] = j.src[size_t(keep[i])];
         }
-        n_keep_ = n_keep_ - j.keep.size() + composed.size();
-        j.keep = std::move(composed);
-        j.first = first_moved(j.keep);
+        n_src_ = n_src_ - j.src.size() + composed.size();
+        j.src = std::move(composed);
+        j.dst0 = new_gap;
         for (DeviceBuffer& b : emptied) j.emptied.push_back(std::move(b));
-        // a prefix: nothing moves, and nothing reads the emptied pages any more
-        if (size_t(j.first) == j.keep.size()) remove(it->second);
+        // nothing moves and the gap is as before: nothing reads the emptied pages any more
+        const auto [lo, hi] = moving(j);
+        if (lo == hi && j.dst0 == j.gap_before) remove(it->second);
         return;
     }
-    const int32_t first = first_moved(keep);
-    if (size_t(first) == keep.size()) {  // a prefix: nothing reads the emptied pages
+    Job j{owner, table, row_bytes, gap, new_gap, toward_back, std::vector<int32_t>(keep.size()), {}};
+    for (size_t i = 0; i < keep.size(); ++i) j.src[i] = gap + keep[i];
+    const auto [lo, hi] = moving(j);
+    if (lo == hi && new_gap == gap) {  // nothing to do: nothing reads the emptied pages
         emptied.clear();
         return;
     }
-    const size_t need = bytes_for(jobs_.size() + 1, n_keep_ + keep.size());
+    const size_t need = bytes_for(jobs_.size() + 1, n_src_ + j.src.size());
     if (need > device_.bytes())
         device_ = ctx_->alloc(std::max({need, 2 * device_.bytes(), size_t(64) << 10}), Use::Scratch);
-    jobs_.push_back({owner, pages, row_bytes, first, keep, std::move(emptied)});
-    index_[pages] = jobs_.size() - 1;
-    n_keep_ += keep.size();
+    j.emptied = std::move(emptied);
+    n_src_ += j.src.size();
+    jobs_.push_back(std::move(j));
+    index_[table] = jobs_.size() - 1;
 }
 
 void KvCompactor::remove(size_t i) {
-    n_keep_ -= jobs_[i].keep.size();
-    index_.erase(jobs_[i].pages);
+    n_src_ -= jobs_[i].src.size();
+    index_.erase(jobs_[i].table);
     if (i + 1 < jobs_.size()) {
         jobs_[i] = std::move(jobs_.back());
-        index_[jobs_[i].pages] = i;
+        index_[jobs_[i].table] = i;
     }
     jobs_.pop_back();
 }
 
-bool KvCompactor::pending(kernels::KvPages pages) {
+std::optional<bool> KvCompactor::pending(kernels::KvPages table) {
     std::lock_guard<std::mutex> lock(mutex_);
-    return index_.count(pages) > 0;
+    const auto it = index_.find(table);
+    if (it == index_.end()) return std::nullopt;
+    return jobs_[it->second].toward_back;
 }
 
 void KvCompactor::drop(const void* owner) {
@@ -138,7 +150,7 @@ void KvCompactor::flush() {
     std::lock_guard<std::mutex> lock(mutex_);
     if (jobs_.empty()) return;
     const size_t n_jobs = 2 * jobs_.size(), jobs_bytes = n_jobs * sizeof(kernels::CompactJob);
-    const size_t bytes = bytes_for(jobs_.size(), n_keep_);
+    const size_t bytes = bytes_for(jobs_.size(), n_src_);
     PYR_ASSERT(device_.bytes() >= bytes);  // taken by add()
     // host_ is used from the front once the last flush's copy has passed (then every earlier
     // one has), else after what the copies still in flight read: the host never waits for
@@ -153,22 +165,26 @@ void KvCompactor::flush() {
     host_used_ = from + bytes;
     char* host = host_.as<char>() + from;
     auto* jobs = reinterpret_cast<kernels::CompactJob*>(host);
-    auto* keeps = reinterpret_cast<int32_t*>(host + jobs_bytes);
-    const auto* keeps_dev = reinterpret_cast<const int32_t*>(device_.as<char>() + jobs_bytes);
+    auto* srcs = reinterpret_cast<int32_t*>(host + jobs_bytes);
+    const auto* srcs_dev = reinterpret_cast<const int32_t*>(device_.as<char>() + jobs_bytes);
     size_t at = 0, max_row_bytes = 0;
     for (size_t i = 0; i < jobs_.size(); ++i) {
         const Job& j = jobs_[i];
-        std::copy(j.keep.begin(), j.keep.end(), keeps + at);
+        const auto [lo, hi] = moving(j);
+        std::copy(j.src.begin() + lo, j.src.begin() + hi, srcs + at);
         kernels::CompactJob c;  // the keys, then the values (kernels.h: a page's halves)
-        c.pages = j.pages;
-        c.keep = keeps_dev + at;
+        c.table = j.table;
+        c.src = srcs_dev + at;
         c.row_bytes = j.row_bytes;
-        c.n_keep = int32_t(j.keep.size());
-        c.first = j.first;
+        c.n = hi - lo;
+        c.dst0 = j.dst0 + lo;
+        c.toward_back = j.toward_back ? 1 : 0;
+        c.gap = j.dst0;  // the keys' job writes the table's gap
         jobs[2 * i] = c;
         c.offset = uint64_t(kernels::kKvPageRows) * j.row_bytes;
+        c.gap = -1;
         jobs[2 * i + 1] = c;
-        at += j.keep.size();
+        at += size_t(hi - lo);
         max_row_bytes = std::max(max_row_bytes, j.row_bytes);
     }
     // the emptied pages are freed (stream-ordered) after the launch that reads them, also
@@ -176,7 +192,7 @@ void KvCompactor::flush() {
     const std::vector<Job> done = std::move(jobs_);
     jobs_.clear();
     index_.clear();
-    n_keep_ = 0;
+    n_src_ = 0;
     const cudaStream_t st = ctx_->stream();
     PYR_CUDA_CHECK(cudaMemcpyAsync(device_.get(), host, bytes, cudaMemcpyHostToDevice, st));
     uploaded_->record(st);
@@ -187,37 +203,66 @@ void KvCompactor::flush() {
 // ---- KV storage -----------------------------------------------------------------------
 
 CudaKvStorage::CudaKvStorage(std::shared_ptr<Context> ctx, std::shared_ptr<KvCompactor> compactor,
-                             kernels::Dt dt, int n_layer, int32_t n_ctx, int32_t kv_dim)
+                             kernels::Dt dt, int n_layer, int32_t n_ctx, int32_t kv_dim,
+                             bool back_moves)
     : ctx_(std::move(ctx)), compactor_(std::move(compactor)), dt_(dt), layers_(size_t(n_layer)),
       n_ctx_(n_ctx), kv_dim_(kv_dim),
-      max_pages_(pages_for(n_ctx)) {
-    tables_ = ctx_->alloc(size_t(n_layer) * size_t(max_pages_) * sizeof(void*), Use::Kv);
+      max_pages_(pages_for(n_ctx)), back_moves_(back_moves) {
+    const size_t bytes = size_t(n_layer) * size_t(1 + max_pages_) * sizeof(void*);
+    tables_ = ctx_->alloc(bytes, Use::Kv);
+    ctx_->make_current();
+    PYR_CUDA_CHECK(cudaMemsetAsync(tables_.get(), 0, bytes, ctx_->stream()));  // every gap 0
 }
 
 CudaKvStorage::~CudaKvStorage() { compactor_->drop(this); }
 
 uint64_t CudaKvStorage::bytes_when_full(int n_layer, int32_t n_ctx, int32_t kv_dim) {
     const uint64_t pages = uint64_t(pages_for(std::max(n_ctx, 0)));
-    return uint64_t(n_layer) * pages * (page_bytes(kv_dim) + sizeof(void*));
+    return uint64_t(n_layer) * (pages * page_bytes(kv_dim) + (1 + pages) * sizeof(void*));
+}
+
+void CudaKvStorage::drop_gap_pages(Layer& layer) {
+    const int32_t n = layer.gap / kernels::kKvPageRows;
+    for (int32_t p = 0; p < n; ++p) PYR_ASSERT(layer.pages[size_t(p)].get() == nullptr);
+    layer.pages.erase(layer.pages.begin(), layer.pages.begin() + n);
+    layer.table.erase(layer.table.begin() + 1, layer.table.begin() + 1 + n);
+    layer.set_gap(layer.gap - n * kernels::kKvPageRows);
+    layer.stale_from = 0;
 }
 
 int32_t CudaKvStorage::reserve(int il, int32_t n_total) {
     Layer& layer = layers_[size_t(il)];
     PYR_ASSERT(n_total <= n_ctx_);
-    const int32_t first_new = n_pages(il);
     if (compactor_->pending(table(il))) compactor_->flush();
-    const size_t need = size_t(pages_for(n_total));
+    const int32_t table_slots = max_pages_ * kernels::kKvPageRows;
+    if (layer.gap + n_total > table_slots) {  // past the table's end
+        const int32_t page_start = layer.gap / kernels::kKvPageRows * kernels::kKvPageRows;
+        if (layer.gap - page_start + n_total > table_slots) {
+            // the rows move to the front of their first page (rare: a layer growing to
+            // nearly n_ctx rows after dropping some at its front)
+            std::vector<int32_t> all(size_t(layer.size));
+            std::iota(all.begin(), all.end(), 0);
+            compactor_->add(this, table(il), size_t(kv_dim_) * 2, layer.gap, all, page_start,
+                            false, {});
+            compactor_->flush();
+            layer.set_gap(page_start);
+        }
+        drop_gap_pages(layer);
+    }
+    const size_t have = layer.pages.size(), need = size_t(pages_for(layer.gap + n_total));
     try {
         while (layer.pages.size() < need) {
             layer.pages.push_back(ctx_->alloc(page_bytes(kv_dim_), Use::Kv));
             layer.table.push_back(layer.pages.back().get());
         }
-    } catch (...) {  // out of memory: the layer as it was
-        layer.pages.resize(size_t(first_new));
-        layer.table.resize(size_t(first_new));
+    } catch (...) {  // out of memory: the pages as they were (stale_from says what to upload)
+        layer.pages.resize(have);
+        layer.table.resize(1 + have);
         throw;
     }
-    return first_new;
+    const int32_t first = std::min(layer.stale_from, int32_t(1 + have));
+    layer.stale_from = int32_t(layer.table.size());  // the caller uploads them
+    return first;
 }
 
 void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
@@ -227,19 +272,33 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     const int32_t n = int32_t(keep.size());
     if (n == layer.size) return;  // strictly ascending and all of them: nothing moves
     ctx_->make_current();
-    // Compacted in place, later, with every other cache's compactions (KvCompactor), which
-    // then frees the pages past the kept rows (the move reads them first).
-    const size_t used = size_t(pages_for(n));  // <= the pages held: n < size <= capacity
+    // Moved in place, later, with every other cache's moves (KvCompactor), which then frees
+    // the pages outside the kept rows (the move reads them first). A job pending for the
+    // layer decides the way (both become one job).
+    const std::optional<bool> pending = compactor_->pending(table(il));
+    const bool toward_back =
+        pending ? *pending : back_moves_ && retain_moves(keep, layer.size).toward_back();
+    const int32_t new_gap = toward_back ? layer.gap + (layer.size - n) : layer.gap;
+    const size_t first_used = size_t(new_gap / kernels::kKvPageRows),
+                 end_used = n > 0 ? size_t(pages_for(new_gap + n)) : first_used;
     std::vector<DeviceBuffer> emptied;
-    for (size_t p = used; p < layer.pages.size(); ++p) emptied.push_back(std::move(layer.pages[p]));
+    std::vector<size_t> emptied_at;
+    for (size_t p = 0; p < layer.pages.size(); ++p)
+        if ((p < first_used || p >= end_used) && layer.pages[p].get() != nullptr) {
+            emptied.push_back(std::move(layer.pages[p]));
+            emptied_at.push_back(p);
+        }
     try {
-        compactor_->add(this, table(il), size_t(kv_dim_) * 2, keep, std::move(emptied));
+        compactor_->add(this, table(il), size_t(kv_dim_) * 2, layer.gap, keep, new_gap, toward_back,
+                        std::move(emptied));
     } catch (...) {  // nothing queued: the layer as it was
-        for (size_t i = 0; i < emptied.size(); ++i) layer.pages[used + i] = std::move(emptied[i]);
+        for (size_t i = 0; i < emptied.size(); ++i) layer.pages[emptied_at[i]] = std::move(emptied[i]);
         throw;
     }
-    layer.pages.resize(used);
-    layer.table.resize(used);
+    layer.pages.resize(end_used);
+    layer.table.resize(1 + end_used);
+    layer.stale_from = std::min(layer.stale_from, int32_t(layer.table.size()));
+    layer.set_gap(new_gap);
     layer.size = n;
 }
 
@@ -291,6 +350,8 @@ void CudaBackend::init_common() {
     attention_on_tensor_cores_ = env_int("PYRAMID_TENSOR_CORE_ATTENTION", 1) != 0;
     // PYRAMID_GROUPED_DECODE=0: a decode attention block per query head, also under GQA
     group_heads_ = env_int("PYRAMID_GROUPED_DECODE", 1) != 0;
+    // PYRAMID_KV_BACK_MOVES=0: a retain moves the kept rows to the front, however many
+    kv_back_moves_ = env_int("PYRAMID_KV_BACK_MOVES", 1) != 0;
     if (attention_on_tensor_cores_) {  // the device's check runs now, not in a first prefill
         const kernels::TensorCores tc = kernels::tensor_cores(dt_);
         const std::string what = std::string("tensor cores ") + kernels::tensor_cores_name(tc);
@@ -396,7 +457,8 @@ void CudaBackend::randomize(uint64_t seed) {
 }
 
 std::unique_ptr<KvStorage> CudaBackend::new_kv_storage(int32_t n_ctx) {
-    return std::make_unique<CudaKvStorage>(ctx_, compactor_, dt_, config_.n_layer, n_ctx, kv_dim_);
+    return std::make_unique<CudaKvStorage>(ctx_, compactor_, dt_, config_.n_layer, n_ctx, kv_dim_,
+                                           kv_back_moves_);
 }
 
 uint64_t CudaBackend::kv_storage_bytes(int32_t n_ctx) const {
@@ -671,11 +733,8 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
 // Room for n_total tokens in layer il of a cache; the page table entries of the pages
 // added travel to the device in stream order, before the launches that read them.
 void CudaBackend::reserve_kv(CudaKvStorage& kv, int il, int32_t n_total) {
-    const int32_t first_new = kv.reserve(il, n_total);
-    const int32_t n_pages = kv.n_pages(il);
-    if (first_new < n_pages)
-        stage_upload(kv.table(il) + first_new, kv.host_table(il) + first_new,
-                     size_t(n_pages - first_new));
+    const int32_t first = kv.reserve(il, n_total), n = kv.table_entries(il);
+    if (first < n) stage_upload(kv.table(il) + first, kv.host_table(il) + first, size_t(n - first));
 }
 
 // Sequence s of a layer's launches: its n rows from row0 of the batch buffers, its cache
