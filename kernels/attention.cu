@@ -169,15 +169,14 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
     const int32_t first_limit = n_kv - sq.n_q + q0;     // last key query q0 sees
     const int32_t kend = first_limit + nq;              // keys [0, kend) matter to the block
     // Tiles of 32 keys start at cache slots that are multiples of 32 (kernels.h: gap), so
-    // that each lies in one page: the first one from key -phase on. The keys this block
-    // walks, [kbeg, kstop): all of them, or its split's whole tiles (none for a split past
-    // the end); tiles reach before kbeg and past kstop, whose keys are skipped.
+    // that each lies in one page: the first one from key -phase on. The block walks the
+    // tiles from tile0 up to key kstop: all of them, or its split's (none for a split past
+    // the end); their keys before 0 and from kstop on are skipped.
     const int32_t gap = kv_gap(sq.pages), phase = gap % 32;
-    int32_t tile0 = -phase, kbeg = 0, kstop = kend;
+    int32_t tile0 = -phase, kstop = kend;
     if constexpr (SPLIT) {
         const int32_t per = ((kend + phase + 31) / 32 + n_split - 1) / n_split * 32;
         tile0 = int32_t(blockIdx.x) * per - phase;
-        kbeg = max(tile0, 0);
         kstop = min(tile0 + per, kend);
     }
 
@@ -192,7 +191,7 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
 
     for (int32_t base = tile0 + warp * 32; base < kstop; base += WARPS * 32) {
         const int32_t j = base + lane;
-        const bool walked = j >= kbeg && j < kstop;
+        const bool walked = j >= 0 && j < kstop;
         // the tile's 32 rows are consecutive slots of one page
         const T* K = kv_slot<const T>(sq.pages, gap + base, kv_dim, false) + kvh * hd;
         const T* V = kv_slot<const T>(sq.pages, gap + base, kv_dim, true) + kvh * hd;
@@ -218,7 +217,7 @@ attention_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, int32_t hd,
             for (int i = 0; i < DPL; ++i) acc[qi][i] *= corr;
             m[qi] = m_new;
         }
-        const int32_t first_key = max(kbeg - base, 0), n_keys = min(32, kstop - base);
+        const int32_t first_key = max(-base, 0), n_keys = min(32, kstop - base);
         if (first_key == 0 && n_keys == 32) {  // a full tile: 8 value rows in flight at a time
 #pragma unroll
             for (int j0 = 0; j0 < 32; j0 += 8) {
