@@ -149,9 +149,16 @@ void KvCompactor::drop(const void* owner) {
 void KvCompactor::flush() {
     std::lock_guard<std::mutex> lock(mutex_);
     if (jobs_.empty()) return;
+    // only the entries that move go up (streaming's step: the sinks, not the window)
+    std::vector<std::pair<int32_t, int32_t>> moves(jobs_.size());
+    size_t n_moving = 0;
+    for (size_t i = 0; i < jobs_.size(); ++i) {
+        moves[i] = moving(jobs_[i]);
+        n_moving += size_t(moves[i].second - moves[i].first);
+    }
     const size_t n_jobs = 2 * jobs_.size(), jobs_bytes = n_jobs * sizeof(kernels::CompactJob);
-    const size_t bytes = bytes_for(jobs_.size(), n_src_);
-    PYR_ASSERT(device_.bytes() >= bytes);  // taken by add()
+    const size_t bytes = bytes_for(jobs_.size(), n_moving);
+    PYR_ASSERT(device_.bytes() >= bytes);  // taken by add(), for every entry
     // host_ is used from the front once the last flush's copy has passed (then every earlier
     // one has), else after what the copies still in flight read: the host never waits for
     // the device here unless host_ is full (several flushes behind one long kernel, e.g. the
@@ -170,7 +177,7 @@ void KvCompactor::flush() {
     size_t at = 0, max_row_bytes = 0;
     for (size_t i = 0; i < jobs_.size(); ++i) {
         const Job& j = jobs_[i];
-        const auto [lo, hi] = moving(j);
+        const auto [lo, hi] = moves[i];
         std::copy(j.src.begin() + lo, j.src.begin() + hi, srcs + at);
         kernels::CompactJob c;  // the keys, then the values (kernels.h: a page's halves)
         c.table = j.table;
