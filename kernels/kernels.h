@@ -52,13 +52,14 @@ cudaError_t gemv_swiglu(Dt dt, const void* W_gate_up, int32_t n_ff, int32_t cols
 // The KV caches are paged (one cache per (sequence, layer), lib/backend/cuda/): a page holds
 // kKvPageRows slots of keys followed by kKvPageRows slots of values, a slot being kv_dim =
 // n_head_kv * head_dim elements of Dt. A cache is a device array, its page table: entry 0
-// holds, as an integer, the cache's gap (0 <= gap < kKvPageRows: the slots before its first
-// row), entries 1.. its pages in order; slot s is slot s % kKvPageRows of page s /
-// kKvPageRows, and row j of the cache is slot gap + j. A cache grows and shrinks by whole
-// pages, so ragged caches waste under two pages each; the gap lets a cache drop rows at its
-// front by moving the few rows before them (StreamingLLM's sinks) instead of all those after
-// them. The table's address never changes (a CUDA graph replays while the cache grows and
-// shrinks). kKvPageRows consecutive rows of a cache span at most two pages.
+// holds, as an integer, the cache's gap (gap >= 0: the slots before its first row; the
+// pages wholly within it may be gone, their entries stale), entries 1.. its pages in order;
+// slot s is slot s % kKvPageRows of page s / kKvPageRows, and row j of the cache is slot
+// gap + j. A cache grows and shrinks by whole pages, so ragged caches waste under two pages
+// each; the gap lets a cache drop rows at its front by moving the few rows before them
+// (StreamingLLM's sinks) instead of all those after them. The table's address never changes
+// (a CUDA graph replays while the cache grows and shrinks). kKvPageRows consecutive rows of
+// a cache span at most two pages.
 constexpr int32_t kKvPageRows = 64;
 using KvPages = void* const*;  // device array: the cache's gap, then its pages
 

@@ -567,7 +567,16 @@ struct RunResult {
     pyr::DeviceMemory memory;        // with the run's caches still alive
     pyr::BackendStats steps;         // how the backend ran the run's decode steps
     nlohmann::json params;           // the first sequence's policy parameters as used
+    // KV rows (a token's keys and values in a layer) the caches' retains moved, summed over
+    // the sequences, and the bytes of one
+    uint64_t rows_moved_prefill = 0, rows_moved_decode = 0, row_bytes = 0;
 };
+
+uint64_t rows_moved(const std::vector<Sequence>& seqs) {
+    uint64_t n = 0;
+    for (const Sequence& s : seqs) n += s.cache->storage().rows_moved();
+    return n;
+}
 
 KvBytes kv_bytes(const std::vector<Sequence>& seqs) {
     KvBytes k;
@@ -713,8 +722,11 @@ RunResult run_once(Target& t, const pyr::KvParams& kv, int32_t batch, int32_t n_
     const pyr::BackendStats start = t.backend->stats();
     run_prefill(*t.backend, *t.host, seqs, n_prompt, prefill_batch, r);
     const pyr::BackendStats before = t.backend->stats();
+    r.rows_moved_prefill = rows_moved(seqs);
     run_decode(*t.backend, *t.host, seqs, n_prompt, n_gen, r);
     const pyr::BackendStats after = t.backend->stats();
+    r.rows_moved_decode = rows_moved(seqs) - r.rows_moved_prefill;
+    r.row_bytes = seqs.front().cache->storage().bytes_per_token();
     r.steps = {after.graph_replays - before.graph_replays,
                after.graph_captures - before.graph_captures,
                after.direct_decode_steps - before.direct_decode_steps};
@@ -938,6 +950,10 @@ nlohmann::json report_json(const Options& o, const Target& t, const pyr::KvParam
         {"prefill_attention_launches",
          {{"tensor_cores", last.steps.prefill_attention_tensor_cores},
           {"cuda_cores", last.steps.prefill_attention_cuda_cores}}},
+        {"kv_rows_moved",
+         {{"prefill", last.rows_moved_prefill},
+          {"decode", last.rows_moved_decode},
+          {"bytes_per_row", last.row_bytes}}},
         {"runs", runs_j},
         {"batch_search", search ? search_json(*search) : nlohmann::json()},
     };
@@ -985,6 +1001,16 @@ void print_table(const Options& o, const Target& t, const pyr::KvParams& kv,
                 human_bytes(double(last.kv_prefill.full)).c_str(), last.kv_prefill.retention(),
                 human_bytes(double(last.kv_end.bytes)).c_str(),
                 human_bytes(double(last.kv_end.full)).c_str(), last.kv_end.retention());
+    if (last.rows_moved_prefill + last.rows_moved_decode > 0) {
+        std::printf("  kv rows moved by retains: prefill %llu (%s)",
+                    (unsigned long long)last.rows_moved_prefill,
+                    human_bytes(double(last.rows_moved_prefill * last.row_bytes)).c_str());
+        if (o.gen > 0)
+            std::printf(", decode %llu (%s, %.1f a step)", (unsigned long long)last.rows_moved_decode,
+                        human_bytes(double(last.rows_moved_decode * last.row_bytes)).c_str(),
+                        double(last.rows_moved_decode) / o.gen);
+        std::printf("\n");
+    }
     const pyr::DeviceMemory& m = last.memory;
     if (m.weights || m.peak)
         std::printf("  device memory: weights %s, kv %s, scratch %s, peak %s\n",

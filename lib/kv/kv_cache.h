@@ -20,6 +20,9 @@ public:
     virtual void retain(int il, const std::vector<int32_t>& keep) = 0;
     // Drop slots from the end so that n remain (rolls back an interrupted step).
     virtual void truncate(int il, int32_t n) = 0;
+    // Rows (one token's keys and values in one layer) that retain() has moved so far: the
+    // cost of a policy's decisions in memory traffic.
+    virtual uint64_t rows_moved() const = 0;
 };
 
 // Where a retain's kept rows (keep, strictly ascending, of a layer's `size` rows) move, in
@@ -29,6 +32,7 @@ public:
 struct RetainMoves {
     int32_t n_keep = 0, first_moved = 0, back_moved = 0;
     bool toward_back() const { return back_moved < n_keep - first_moved; }
+    int32_t rows_moved(bool back) const { return back ? back_moved : n_keep - first_moved; }
 };
 RetainMoves retain_moves(const std::vector<int32_t>& keep, int32_t size);
 

@@ -7,6 +7,7 @@ Usage: test_bench.py cpu PATH/TO/pyramid-bench
            simulated device: run.sh --bench builds and runs it; exits 77 where run.sh skips)
 Prints 'N passed, N failed'."""
 import json
+import os
 import subprocess
 import sys
 
@@ -38,6 +39,19 @@ def batch_max(policy, limit, prompt, gen, group):
     return run_json("--batch", "max", "--max-device-bytes", limit, "--prompt", str(prompt),
                     "--gen", str(gen), "--prefill-batch", str(group), "--kv-policy", policy,
                     "--kv-retention", "0.5")
+
+
+def check_streaming_moves(extra_env=None):
+    """StreamingLLM drops the row after its 4 sinks in every layer each decode step: the sinks
+    move (toward the back), not the window. Returns the report."""
+    env = dict(os.environ, **(extra_env or {}))
+    args = [*TINY, "--prompt", "128", "--gen", "8", "--warmup", "0", "--kv-policy", "streaming",
+            "--kv-retention", "0.5", "--batch", "2", "--json"]
+    cmd = ["bash", tool, "--bench", *args] if mode == "cuda-sim" else [tool, "--device", "cpu", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    check(r.returncode == 0, f"streaming {extra_env}: exit {r.returncode}: {r.stderr[-2000:]}")
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    return json.loads(lines[-1])["kv_rows_moved"] if r.returncode == 0 and lines else None
 
 
 def check_search(d, what):
@@ -73,6 +87,11 @@ if mode == "cpu":
         bw = d["bandwidth"]
         check(bw["bytes_per_step"] == bw["weight_bytes"] + bw["mean_kv_bytes_per_step"] and
               bw["weight_bytes"] > 20e6, f"bandwidth model: {bw}")
+        check(d["kv_rows_moved"] == {"prefill": 0, "decode": 0, "bytes_per_row": row},
+              f"a full cache moves nothing: {d['kv_rows_moved']}")
+    m = check_streaming_moves()
+    if m:
+        check(m["decode"] == 2 * N_LAYER * 4 * 8, f"streaming moves its sinks: {m}")
 
     # pyramid at retention 0.5 keeps about half after the prefill; three sequences prefilled
     # two at a time hold three times one's bytes
@@ -128,4 +147,12 @@ else:
               f"{fs['kv_per_sequence_bytes']}")
         check(p["batch"] > f["batch"], f"pyramid fits more: {p['batch']} > {f['batch']}")
         print(f"batch max within {limit}: full {f['batch']} ({fs}), pyramid {p['batch']} ({ps})")
+    # the GPU's caches: the sinks move toward the back, or (PYRAMID_KV_BACK_MOVES=0) the
+    # window toward the front
+    m = check_streaming_moves()
+    front = check_streaming_moves({"PYRAMID_KV_BACK_MOVES": "0"})
+    if m and front:
+        check(m["decode"] == 2 * N_LAYER * 4 * 8, f"streaming moves its sinks: {m}")
+        check(front["decode"] > 10 * m["decode"], f"the window moves otherwise: {front} vs {m}")
+        print(f"streaming's decode, rows moved: {m['decode']} toward the back, {front['decode']} front-only")
 finish()

@@ -179,6 +179,7 @@ void CpuKvStorage::retain(int il, const std::vector<int32_t>& keep) {
         for (int32_t i = moves.back_moved; i-- > 0;) move(i, i + shift);  // keep[i] <= i + shift
         layer.start += shift;
     }
+    rows_moved_ += uint64_t(moves.rows_moved(moves.toward_back()));
     release_spare_room(il);
 }
 

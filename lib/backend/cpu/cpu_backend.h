@@ -49,6 +49,7 @@ public:
     uint64_t bytes_per_token() const override;
     void retain(int il, const std::vector<int32_t>& keep) override;
     void truncate(int il, int32_t n) override;
+    uint64_t rows_moved() const override { return rows_moved_; }
 
     // Appends n tokens to layer il: k, v (n, kv_dim). Past the budget it throws
     // PYR_ERR_OUT_OF_MEMORY with the layer unchanged (the step is then rolled back, and
@@ -89,6 +90,7 @@ private:
     int32_t n_ctx_;
     int32_t kv_dim_;
     std::shared_ptr<KvBudget> budget_;
+    uint64_t rows_moved_ = 0;
 };
 
 // The reference backend. `config` and `weights` are views whose data must outlive the

@@ -283,8 +283,8 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     // the pages outside the kept rows (the move reads them first). A job pending for the
     // layer decides the way (both become one job).
     const std::optional<bool> pending = compactor_->pending(table(il));
-    const bool toward_back =
-        pending ? *pending : back_moves_ && retain_moves(keep, layer.size).toward_back();
+    const RetainMoves moves = retain_moves(keep, layer.size);
+    const bool toward_back = pending ? *pending : back_moves_ && moves.toward_back();
     const int32_t new_gap = toward_back ? layer.gap + (layer.size - n) : layer.gap;
     const size_t first_used = size_t(new_gap / kernels::kKvPageRows),
                  end_used = n > 0 ? size_t(pages_for(new_gap + n)) : first_used;
@@ -307,6 +307,7 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     layer.stale_from = std::min(layer.stale_from, int32_t(layer.table.size()));
     layer.set_gap(new_gap);
     layer.size = n;
+    rows_moved_ += uint64_t(moves.rows_moved(toward_back));
 }
 
 float* CudaKvStorage::last_logits(int32_t n_vocab) {

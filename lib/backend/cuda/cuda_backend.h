@@ -91,6 +91,7 @@ public:
     // back the pages that no longer hold any.
     void retain(int il, const std::vector<int32_t>& keep) override;
     void truncate(int il, int32_t n) override;
+    uint64_t rows_moved() const override { return rows_moved_; }
 
     // Makes room for n_total rows in layer il: the pages that cover them. Returns the first
     // entry of host_table(il) that changed (table_entries(il) when none): the caller uploads
@@ -142,6 +143,7 @@ private:
     std::vector<Layer> layers_;
     int32_t n_ctx_, kv_dim_, max_pages_;
     bool back_moves_;
+    uint64_t rows_moved_ = 0;
     DeviceBuffer tables_;  // (n_layer, 1 + max_pages_): each layer's gap, then its pages
     DeviceBuffer last_logits_;
 };

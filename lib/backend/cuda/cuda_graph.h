@@ -3,8 +3,9 @@
 // the host's launch calls out of the step. A step's work is described by a key (every
 // pointer and size its launches use; what changes each step, like the cache lengths, is read
 // by the kernels from device memory): a key seen in two consecutive steps is captured, and
-// replayed while later steps have the same key. A key that changes every step (a policy that
-// compacts the cache each step) is launched directly, never captured in vain.
+// replayed while later steps have the same key. A key seen once (the first step after the
+// batch changed or a cache's length bound doubled) is launched directly, never captured in
+// vain; the KV policies' moves keep the keys (the page tables stay where they are).
 #pragma once
 
 #include <cstdint>
