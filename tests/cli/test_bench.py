@@ -18,17 +18,17 @@ TINY = ["--shape", "tiny", "--seed", "7"]
 N_LAYER = 8  # the tiny shape
 
 
-def run(*args):
+def run(*args, env=None):
     cmd = ["bash", tool, "--bench", *args] if mode == "cuda-sim" else [tool, "--device", "cpu", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     if mode == "cuda-sim" and r.returncode == 77:
         print(r.stderr.strip())
         sys.exit(77)  # no CUDA headers here: ctest shows "Skipped"
     return r
 
 
-def run_json(*args):
-    r = run(*TINY, *args, "--json")
+def run_json(*args, env=None):
+    r = run(*TINY, *args, "--json", env=env)
     check(r.returncode == 0, f"{' '.join(args)}: exit {r.returncode}: {r.stderr[-2000:]}")
     # run.sh prints its build and exit lines around the bench's one JSON line
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
@@ -41,17 +41,12 @@ def batch_max(policy, limit, prompt, gen, group):
                     "--kv-retention", "0.5")
 
 
-def check_streaming_moves(extra_env=None):
-    """StreamingLLM drops the row after its 4 sinks in every layer each decode step: the sinks
-    move (toward the back), not the window. Returns the report."""
-    env = dict(os.environ, **(extra_env or {}))
-    args = [*TINY, "--prompt", "128", "--gen", "8", "--warmup", "0", "--kv-policy", "streaming",
-            "--kv-retention", "0.5", "--batch", "2", "--json"]
-    cmd = ["bash", tool, "--bench", *args] if mode == "cuda-sim" else [tool, "--device", "cpu", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    check(r.returncode == 0, f"streaming {extra_env}: exit {r.returncode}: {r.stderr[-2000:]}")
-    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
-    return json.loads(lines[-1])["kv_rows_moved"] if r.returncode == 0 and lines else None
+def streaming_moves(extra_env=None):
+    """kv_rows_moved of a short streaming run: StreamingLLM drops the row after its 4 sinks
+    in every layer each decode step."""
+    d = run_json("--prompt", "128", "--gen", "8", "--warmup", "0", "--kv-policy", "streaming",
+                 "--kv-retention", "0.5", "--batch", "2", env=dict(os.environ, **(extra_env or {})))
+    return d["kv_rows_moved"] if d else None
 
 
 def check_search(d, what):
@@ -89,7 +84,7 @@ if mode == "cpu":
               bw["weight_bytes"] > 20e6, f"bandwidth model: {bw}")
         check(d["kv_rows_moved"] == {"prefill": 0, "decode": 0, "bytes_per_row": row},
               f"a full cache moves nothing: {d['kv_rows_moved']}")
-    m = check_streaming_moves()
+    m = streaming_moves()
     if m:
         check(m["decode"] == 2 * N_LAYER * 4 * 8, f"streaming moves its sinks: {m}")
 
@@ -149,8 +144,8 @@ else:
         print(f"batch max within {limit}: full {f['batch']} ({fs}), pyramid {p['batch']} ({ps})")
     # the GPU's caches: the sinks move toward the back, or (PYRAMID_KV_BACK_MOVES=0) the
     # window toward the front
-    m = check_streaming_moves()
-    front = check_streaming_moves({"PYRAMID_KV_BACK_MOVES": "0"})
+    m = streaming_moves()
+    front = streaming_moves({"PYRAMID_KV_BACK_MOVES": "0"})
     if m and front:
         check(m["decode"] == 2 * N_LAYER * 4 * 8, f"streaming moves its sinks: {m}")
         check(front["decode"] > 10 * m["decode"], f"the window moves otherwise: {front} vs {m}")
