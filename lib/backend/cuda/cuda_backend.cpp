@@ -229,11 +229,11 @@ uint64_t CudaKvStorage::bytes_when_full(int n_layer, int32_t n_ctx, int32_t kv_d
 }
 
 void CudaKvStorage::drop_gap_pages(Layer& layer) {
-    const int32_t n = layer.gap / kernels::kKvPageRows;
+    const int32_t n = layer.gap() / kernels::kKvPageRows;
     for (int32_t p = 0; p < n; ++p) PYR_ASSERT(layer.pages[size_t(p)].get() == nullptr);
     layer.pages.erase(layer.pages.begin(), layer.pages.begin() + n);
     layer.table.erase(layer.table.begin() + 1, layer.table.begin() + 1 + n);
-    layer.set_gap(layer.gap - n * kernels::kKvPageRows);
+    layer.set_gap(layer.gap() - n * kernels::kKvPageRows);
     layer.stale_from = 0;
 }
 
@@ -242,21 +242,21 @@ int32_t CudaKvStorage::reserve(int il, int32_t n_total) {
     PYR_ASSERT(n_total <= n_ctx_);
     if (compactor_->pending(table(il))) compactor_->flush();
     const int32_t table_slots = max_pages_ * kernels::kKvPageRows;
-    if (layer.gap + n_total > table_slots) {  // past the table's end
-        const int32_t page_start = layer.gap / kernels::kKvPageRows * kernels::kKvPageRows;
-        if (layer.gap - page_start + n_total > table_slots) {
+    if (layer.gap() + n_total > table_slots) {  // past the table's end
+        const int32_t page_start = layer.gap() / kernels::kKvPageRows * kernels::kKvPageRows;
+        if (layer.gap() - page_start + n_total > table_slots) {
             // the rows move to the front of their first page (rare: a layer growing to
             // nearly n_ctx rows after dropping some at its front)
             std::vector<int32_t> all(size_t(layer.size));
             std::iota(all.begin(), all.end(), 0);
-            compactor_->add(this, table(il), size_t(kv_dim_) * 2, layer.gap, all, page_start,
+            compactor_->add(this, table(il), size_t(kv_dim_) * 2, layer.gap(), all, page_start,
                             false, {});
             compactor_->flush();
             layer.set_gap(page_start);
         }
         drop_gap_pages(layer);
     }
-    const size_t have = layer.pages.size(), need = size_t(pages_for(layer.gap + n_total));
+    const size_t have = layer.pages.size(), need = size_t(pages_for(layer.gap() + n_total));
     try {
         while (layer.pages.size() < need) {
             layer.pages.push_back(ctx_->alloc(page_bytes(kv_dim_), Use::Kv));
@@ -285,7 +285,7 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
     const std::optional<bool> pending = compactor_->pending(table(il));
     const RetainMoves moves = retain_moves(keep, layer.size);
     const bool toward_back = pending ? *pending : back_moves_ && moves.toward_back();
-    const int32_t new_gap = toward_back ? layer.gap + (layer.size - n) : layer.gap;
+    const int32_t new_gap = toward_back ? layer.gap() + (layer.size - n) : layer.gap();
     const size_t first_used = size_t(new_gap / kernels::kKvPageRows),
                  end_used = n > 0 ? size_t(pages_for(new_gap + n)) : first_used;
     std::vector<DeviceBuffer> emptied;
@@ -296,7 +296,7 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
             emptied_at.push_back(p);
         }
     try {
-        compactor_->add(this, table(il), size_t(kv_dim_) * 2, layer.gap, keep, new_gap, toward_back,
+        compactor_->add(this, table(il), size_t(kv_dim_) * 2, layer.gap(), keep, new_gap, toward_back,
                         std::move(emptied));
     } catch (...) {  // nothing queued: the layer as it was
         for (size_t i = 0; i < emptied.size(); ++i) layer.pages[emptied_at[i]] = std::move(emptied[i]);

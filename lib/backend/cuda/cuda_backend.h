@@ -105,7 +105,7 @@ public:
     // Rows the layer can hold without a new page.
     int32_t capacity(int il) const {
         const Layer& l = layers_[size_t(il)];
-        return int32_t(l.pages.size()) * kernels::kKvPageRows - l.gap;
+        return int32_t(l.pages.size()) * kernels::kKvPageRows - l.gap();
     }
     // Layer il's page table (kernels.h: KvPages) on the device (its address never changes)
     // and on the host, and its entries in use.
@@ -126,12 +126,9 @@ private:
         std::vector<DeviceBuffer> pages;
         std::vector<void*> table{nullptr};  // as the device table holds it: the gap, the pages
         int32_t size = 0;
-        int32_t gap = 0;
         int32_t stale_from = 1;  // entries of `table` from here on may differ on the device
-        void set_gap(int32_t g) {
-            gap = g;
-            table[0] = reinterpret_cast<void*>(uintptr_t(g));
-        }
+        int32_t gap() const { return int32_t(reinterpret_cast<uintptr_t>(table[0])); }
+        void set_gap(int32_t g) { table[0] = reinterpret_cast<void*>(uintptr_t(g)); }
     };
     static size_t page_bytes(int32_t kv_dim) { return 2 * size_t(kernels::kKvPageRows) * size_t(kv_dim) * 2; }
     static int32_t pages_for(int32_t n) { return (n + kernels::kKvPageRows - 1) / kernels::kKvPageRows; }
