@@ -104,11 +104,11 @@ PY
     run 7b_pyramid_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
     # the sequences' after_step on one host thread, as before 2026-12-07 (now on all of them)
     run 7b_pyramid_b32_host1 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5 --threads 1
-    # the largest batch that fits the GPU, full against pyramid (retention 0.5)
     # StreamingLLM drops the row after its sinks each step: the sinks move toward the back
     # (since 2026-12-07) against the whole window moving toward the front
     run 7b_streaming_b32 --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy streaming --kv-retention 0.5
     BENCH_ENV=PYRAMID_KV_BACK_MOVES=0 PYRAMID_KV_BACK_MOVES=0 run 7b_streaming_b32_front --shape llama2-7b --batch 32 --prompt 512 --gen 256 --kv-policy streaming --kv-retention 0.5
+    # the largest batch that fits the GPU, full against pyramid (retention 0.5)
     run 7b_full_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256
     run 7b_pyramid_bmax --shape llama2-7b --batch max --prefill-batch 32 --prompt 512 --gen 256 --kv-policy pyramid --kv-retention 0.5
   fi
