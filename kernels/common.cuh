@@ -99,7 +99,7 @@ __device__ __forceinline__ void mma_m16n8k16(float c[4], const uint32_t a[4], co
 #elif !defined(__CUDACC__)
     pyr_sim::mma_m16n8k16<T>(c, a, b);
 #else
-    __trap();  // no tensor-core path is launched on an older device (attention.cu checks)
+    __trap();  // no tensor-core path is launched on an older device (attention_mma.cu checks)
 #endif
 }
 
