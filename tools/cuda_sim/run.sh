@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # cuda-sim: builds the CUDA kernels (kernels/*.cu) and their tests
-# (tests/cuda/test_cuda_kernels.cpp) with g++ for the CPU and runs them. See README.md.
+# (tests/cuda/test_kernels_*.cpp) with g++ for the CPU and runs them. See README.md.
 #
 #   tools/cuda_sim/run.sh [doctest args...]           e.g. -tc='rmsnorm*'  or  -ltc
 #   tools/cuda_sim/run.sh --engine [doctest args...]  the library's CUDA backend on the
