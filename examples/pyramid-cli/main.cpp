@@ -346,6 +346,7 @@ int main(int argc, char** argv) {
         std::puts(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     } else {
         std::fputs("\n", stdout);
+        std::fflush(stdout);  // the text ends its line before the summary (stderr) begins
         std::fprintf(stderr, "[%d prompt tokens, prefill %.1f ms; %zu generated, %.1f tokens/s; KV %.2f MiB, "
                      "retention %.3f (%s)%s]\n",
                      prompt_tokens, prefill_ms, tokens.size(), tok_per_s,
