@@ -15,6 +15,9 @@
 # BENCH_BATCH=1: batch 32 (streaming's KV moves too) and the largest batch; BENCH_GQA=1: the
 # LLaMA-3-8B shape's grouped decode attention against a block per query head (batch 1 and
 # 32, prompt 2048).
+# When test_cuda fails, its failing cases run again after the bench (which keeps its time
+# first), once with each of the backend's speed-ups switched off (PYRAMID_CUDA_GRAPHS=0, ...):
+# summary.txt says which switch, if any, makes them pass (triage.log has the runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -48,7 +51,8 @@ fi
 
 if has test && in_time test; then
   timeout $(( $(time_left) < 300 ? $(time_left) : 300 )) ./build-gpu/bin/test_cuda > "$OUT/test_cuda.log" 2>&1
-  log "test_cuda rc=$? $(grep -E '^\[doctest\] (test cases|assertions)' "$OUT/test_cuda.log" | tr '\n' ' ')"
+  test_rc=$?
+  log "test_cuda rc=$test_rc $(grep -E '^\[doctest\] (test cases|assertions)' "$OUT/test_cuda.log" | tr '\n' ' ')"
   grep -E "MESSAGE|near-tie|layers keep|ERROR|FAILED" "$OUT/test_cuda.log" | head -40
 fi
 
@@ -153,6 +157,35 @@ for b in (1, 32):
         print(f"GQA decode, 8B b{b} P2048: grouped {g['decode_tokens_per_s']:.1f} tok/s, a block per query head "
               f"{h['decode_tokens_per_s']:.1f} tok/s (ratio {g['decode_tokens_per_s'] / h['decode_tokens_per_s']:.3f})")
 PY
+fi
+
+# The failing cases of test_cuda (doctest names each TEST CASE before its errors) once more
+# with each switch, a filter of their names (',' in a name becomes '?', doctest's any-char).
+if [ "${test_rc:-0}" -ne 0 ] && [ -f "$OUT/test_cuda.log" ]; then
+  failed=$(python3 - "$OUT/test_cuda.log" <<'PY'
+import re, sys
+names, case = [], None
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"TEST CASE:\s+(.*\S)", line)
+    if m:
+        case = m.group(1)
+    elif case and re.search(r"\b(ERROR|FATAL ERROR)\b", line) and case not in names:
+        names.append(case)
+print(",".join(n.replace(",", "?") for n in names))
+PY
+)
+  log "triage: failing cases: ${failed:-none found (a crash or a timeout: see test_cuda.log)}"
+  if [ -n "$failed" ]; then
+    for sw in PYRAMID_CUDA_GRAPHS=0 PYRAMID_TENSOR_CORE_ATTENTION=0 PYRAMID_PDL=0 \
+              PYRAMID_GROUPED_DECODE=0 PYRAMID_KV_BACK_MOVES=0 PYRAMID_GPU_SAMPLING=0 \
+              PYRAMID_FUSE_SWIGLU=0 PYRAMID_ATTN_SPLITS=1; do
+      in_time "triage $sw" || break
+      echo "== $sw" >> "$OUT/triage.log"
+      env "$sw" timeout $(( $(time_left) < 120 ? $(time_left) : 120 )) ./build-gpu/bin/test_cuda \
+        -tc="$failed" >> "$OUT/triage.log" 2>&1
+      log "triage: with $sw rc=$? $(grep -E '^\[doctest\] test cases' "$OUT/triage.log" | tail -1)"
+    done
+  fi
 fi
 
 if has profile && in_time profile; then
