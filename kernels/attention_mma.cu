@@ -4,7 +4,8 @@
 //
 // attention_mma_kernel: a block owns 64 queries of one head, a warp 16 of them; the block
 // stages 64 keys and values at a time in shared memory, and each warp computes its 16 x 64
-// scores with mma_m16n8k16 (common.cuh), keeps the online softmax of its rows in registers
+// scores with mma_m16n8k16 (common.cuh; the keys' and values' fragments come out of shared
+// memory through ldmatrix, b_fragments), keeps the online softmax of its rows in registers
 // and adds P V with mma_m16n8k16 again: the scores' accumulator layout (two 8-key tiles) is
 // the layout of P as the A operand of a 16-key step, so P never leaves the registers.
 // The query is fp32 and the tensor cores take 16-bit operands: it goes in as two terms of T,
@@ -112,18 +113,18 @@ template <typename T, int HD>
 __device__ __forceinline__ void tile_scores(const uint32_t (&qa)[2][HD / 16][4], const T* Ks,
                                             float (&s)[kMmaKeys / 8][4]) {
     constexpr int LD = kMmaRowStride<HD>;
-    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int n = 0; n < kMmaKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk)
 #pragma unroll
-        for (int n = 0; n < kMmaKeys / 8; ++n) {
-            const T* k = Ks + (n * 8 + b_n(lane)) * LD + kk * 16;  // B[d][j] = K[j][d]
-            const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(k + b_k(lane, 0)),
-                                   *reinterpret_cast<const uint32_t*>(k + b_k(lane, 1))};
+        for (int n = 0; n < kMmaKeys / 8; n += 2) {
+            uint32_t b[4];  // B[d][j] = K[j][d]: keys 8 n .. 8 n + 15, dims 16 kk ..
+            b_fragments<false, T, LD>(Ks, n * 8, kk * 16, b);
             mma_m16n8k16<T>(s[n], qa[1][kk], b);
             mma_m16n8k16<T>(s[n], qa[0][kk], b);
+            mma_m16n8k16<T>(s[n + 1], qa[1][kk], b + 2);
+            mma_m16n8k16<T>(s[n + 1], qa[0][kk], b + 2);
         }
 }
 
@@ -231,12 +232,11 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
             uint32_t pa[4];
             a_from_accumulators<T>(s[2 * ks], s[2 * ks + 1], pa);
 #pragma unroll
-            for (int n = 0; n < kDimTiles; ++n) {
-                const T* v = Vs + ks * 16 * LD + n * 8 + b_n(lane);  // B[j][d] = V[j][d]
-                const T* v0 = v + b_k(lane, 0) * LD;
-                const T* v1 = v + b_k(lane, 1) * LD;
-                const uint32_t b[2] = {pack2(v0[0], v0[LD]), pack2(v1[0], v1[LD])};
+            for (int n = 0; n < kDimTiles; n += 2) {
+                uint32_t b[4];  // B[j][d] = V[j][d]: keys 16 ks .. 16 ks + 15, dims 8 n ..
+                b_fragments<true, T, LD>(Vs, ks * 16, n * 8, b);
                 mma_m16n8k16<T>(o[n], pa, b);
+                mma_m16n8k16<T>(o[n + 1], pa, b + 2);
             }
         }
     }

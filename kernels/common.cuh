@@ -103,6 +103,44 @@ __device__ __forceinline__ void mma_m16n8k16(float c[4], const uint32_t a[4], co
 #endif
 }
 
+// Four 8x8 matrices of 16-bit elements from shared memory into a warp's registers, one
+// instruction (ldmatrix.sync.aligned.m8n8.x4, sm_75+): lane 8m + r passes the address of
+// row r of matrix m (8 consecutive elements, 16-byte aligned); register m of the lane with
+// g = lane / 4, t = lane % 4 then holds matrix m's elements [g][2t], [g][2t + 1], or with
+// TRANS [2t][g], [2t + 1][g] -- B fragment registers read from rows of keys (n-major) or,
+// transposed, from rows of values (k-major). Every lane of the warp calls it.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+#elif !defined(__CUDACC__)
+    pyr_sim::ldmatrix_x4(r, row, TRANS);
+#else
+    __trap();  // as mma_m16n8k16: only the tensor-core kernels use it
+#endif
+}
+
+// The B fragments of two 8-column tiles, n and n + 1, of a 16-row step, from a staged tile
+// (LD elements a row) in one ldmatrix_x4: b[0..1] for tile n, b[2..3] for tile n + 1. B is
+// the tile's rows [row0, row0 + 16) and columns [col0, col0 + 16) as B[k][n] = tile[k][n]
+// (TRANS: rows along k, values) or B[k][n] = tile[n][k] (rows along n, keys): the four 8x8
+// matrices are (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
+template <bool TRANS, typename T, int LD>
+__device__ __forceinline__ void b_fragments(const T* tile, int32_t row0, int32_t col0, uint32_t (&b)[4]) {
+    const int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
+    const int k8 = 8 * (m & 1), n8 = 8 * (m >> 1);  // matrix m's first k and n
+    ldmatrix_x4<TRANS>(b, TRANS ? tile + (row0 + k8 + r) * LD + col0 + n8
+                                : tile + (row0 + n8 + r) * LD + col0 + k8);
+}
+
 // Where a lane's fragment elements lie (the layout above), for the kernels that fill and
 // read fragments; tensor_cores() checks these on the device. Register `reg' of an A fragment
 // holds A[a_row][a_col] and A[a_row][a_col + 1]; register `reg' of a B fragment B[b_k][b_n]

@@ -4,12 +4,12 @@
 // (mma_m16n8k16, a_row & co.) confirmed by the device itself.
 //
 // The tensor cores' check: products of small integers, exact in every 16-bit type and in fp32 sums, made
-// the ways attention_mma_kernel makes them. S = A B + C with B read as keys are (pairs along
-// k from an n-major copy) and again as values are (from a k-major copy); then P V with P the
-// A fragment built from two accumulator tiles of S (a_from_accumulators). The host compares
-// each with its own product. A device or toolkit that placed an element elsewhere would give
-// other numbers here, and attention then stays on the CUDA cores instead of computing wrong
-// values.
+// the ways attention_mma_kernel makes them. S = A B + C with B's fragments loaded from shared
+// memory as keys are (b_fragments from an n-major copy) and again as values are (transposed,
+// from a k-major copy); then P V with P the A fragment built from two accumulator tiles of S
+// (a_from_accumulators). The host compares each with its own product. A device or toolkit
+// that placed an element elsewhere (mma or ldmatrix) would give other numbers here, and
+// attention then stays on the CUDA cores instead of computing wrong values.
 #include <atomic>
 #include <cstdint>
 #include <vector>
@@ -20,28 +20,33 @@ namespace pyr::kernels {
 namespace {
 
 // One warp. a (16, 16), bt (16, 16) = B's transpose (n-major: keys), b (16, 16) = B
-// (k-major: values), c (16, 16), v (16, 8), all row-major; out: S as keys (16, 16), S as
-// values (16, 16), P V (16, 8) with P = S rounded to T.
+// (k-major: values), c (16, 16), v (16, 16), all row-major; out: S as keys (16, 16), S as
+// values (16, 16), P V (16, 16) with P = S rounded to T. Dynamic shared memory: 3 x 256 T.
 template <typename T>
 __global__ void tensor_core_check_kernel(const T* a, const T* bt, const T* b, const float* c,
                                          const T* v, float* out) {
     const int lane = threadIdx.x;
+    extern __shared__ float smem[];
+    T* const s_bt = reinterpret_cast<T*>(smem);
+    T* const s_b = s_bt + 256;
+    T* const s_v = s_b + 256;
+    for (int i = lane; i < 256; i += 32) s_bt[i] = bt[i], s_b[i] = b[i], s_v[i] = v[i];
+    __syncthreads();
     uint32_t af[4];
     for (int reg = 0; reg < 4; ++reg) {
         const T* e = a + a_row(lane, reg) * 16 + a_col(lane, reg);
         af[reg] = pack2(e[0], e[1]);
     }
-    float s_keys[2][4], s_values[2][4];  // two 8-column tiles of S
+    uint32_t from_keys[4], from_values[4], from_v[4];  // two 8-column tiles each
+    b_fragments<false, T, 16>(s_bt, 0, 0, from_keys);
+    b_fragments<true, T, 16>(s_b, 0, 0, from_values);
+    b_fragments<true, T, 16>(s_v, 0, 0, from_v);
+    float s_keys[2][4], s_values[2][4];  // the two 8-column tiles of S
     for (int tile = 0; tile < 2; ++tile) {
-        const int n = tile * 8 + b_n(lane);
-        const uint32_t from_keys[2] = {*reinterpret_cast<const uint32_t*>(bt + n * 16 + b_k(lane, 0)),
-                                       *reinterpret_cast<const uint32_t*>(bt + n * 16 + b_k(lane, 1))};
-        const uint32_t from_values[2] = {pack2(b[b_k(lane, 0) * 16 + n], b[(b_k(lane, 0) + 1) * 16 + n]),
-                                         pack2(b[b_k(lane, 1) * 16 + n], b[(b_k(lane, 1) + 1) * 16 + n])};
         for (int i = 0; i < 4; ++i)
             s_keys[tile][i] = s_values[tile][i] = c[c_row(lane, i) * 16 + tile * 8 + c_col(lane, i)];
-        mma_m16n8k16<T>(s_keys[tile], af, from_keys);
-        mma_m16n8k16<T>(s_values[tile], af, from_values);
+        mma_m16n8k16<T>(s_keys[tile], af, from_keys + 2 * tile);
+        mma_m16n8k16<T>(s_values[tile], af, from_values + 2 * tile);
         for (int i = 0; i < 4; ++i) {
             const int at = c_row(lane, i) * 16 + tile * 8 + c_col(lane, i);
             out[at] = s_keys[tile][i];
@@ -50,11 +55,11 @@ __global__ void tensor_core_check_kernel(const T* a, const T* bt, const T* b, co
     }
     uint32_t pa[4];
     a_from_accumulators<T>(s_keys[0], s_keys[1], pa);
-    const uint32_t vf[2] = {pack2(v[b_k(lane, 0) * 8 + b_n(lane)], v[(b_k(lane, 0) + 1) * 8 + b_n(lane)]),
-                            pack2(v[b_k(lane, 1) * 8 + b_n(lane)], v[(b_k(lane, 1) + 1) * 8 + b_n(lane)])};
-    float pv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    mma_m16n8k16<T>(pv, pa, vf);
-    for (int i = 0; i < 4; ++i) out[512 + c_row(lane, i) * 8 + c_col(lane, i)] = pv[i];
+    for (int tile = 0; tile < 2; ++tile) {
+        float pv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        mma_m16n8k16<T>(pv, pa, from_v + 2 * tile);
+        for (int i = 0; i < 4; ++i) out[512 + c_row(lane, i) * 16 + tile * 8 + c_col(lane, i)] = pv[i];
+    }
 }
 
 template <typename T>
@@ -73,7 +78,7 @@ TensorCores check_on_device() {
 #endif
     // integers in [-2, 2]: |S| <= 16 * 4 + 2 = 66 and |P V| <= 16 * 66 * 2, all exact
     auto small = [](int i, int salt) { return float((i * 7 + salt * 3 + i / 5) % 5 - 2); };
-    std::vector<T> a(256), bt(256), b(256), v(128);
+    std::vector<T> a(256), bt(256), b(256), v(256);
     std::vector<float> c(256);
     for (int i = 0; i < 256; ++i) {
         a[size_t(i)] = from_f32<T>(small(i, 1));
@@ -82,8 +87,8 @@ TensorCores check_on_device() {
     }
     for (int k = 0; k < 16; ++k)
         for (int n = 0; n < 16; ++n) bt[size_t(n * 16 + k)] = b[size_t(k * 16 + n)];
-    for (int i = 0; i < 128; ++i) v[size_t(i)] = from_f32<T>(small(i, 4));
-    std::vector<float> want(640, 0.0f);
+    for (int i = 0; i < 256; ++i) v[size_t(i)] = from_f32<T>(small(i, 4));
+    std::vector<float> want(768, 0.0f);
     for (int r = 0; r < 16; ++r)
         for (int n = 0; n < 16; ++n) {
             float s = c[size_t(r * 16 + n)];
@@ -91,33 +96,33 @@ TensorCores check_on_device() {
             want[size_t(r * 16 + n)] = want[size_t(256 + r * 16 + n)] = s;
         }
     for (int r = 0; r < 16; ++r)
-        for (int n = 0; n < 8; ++n) {
+        for (int n = 0; n < 16; ++n) {
             float s = 0.0f;
-            for (int k = 0; k < 16; ++k) s += want[size_t(r * 16 + k)] * to_f32(v[size_t(k * 8 + n)]);
-            want[size_t(512 + r * 8 + n)] = s;
+            for (int k = 0; k < 16; ++k) s += want[size_t(r * 16 + k)] * to_f32(v[size_t(k * 16 + n)]);
+            want[size_t(512 + r * 16 + n)] = s;
         }
 
     // device copies: a | bt | b | v (16-bit), then c | out (fp32)
     void* mem = nullptr;
-    const size_t halves = 256 * 3 + 128, bytes = halves * 2 + (256 + 640) * 4;
+    const size_t halves = 256 * 4, bytes = halves * 2 + (256 + 768) * 4;
     if (cudaMalloc(&mem, bytes) != cudaSuccess) {
         cudaGetLastError();
         return TensorCores::Unchecked;
     }
     T* d_a = static_cast<T*>(mem);
     T *d_bt = d_a + 256, *d_b = d_bt + 256, *d_v = d_b + 256;
-    float* d_c = reinterpret_cast<float*>(d_v + 128);
+    float* d_c = reinterpret_cast<float*>(d_v + 256);
     float* d_out = d_c + 256;
-    std::vector<float> got(640);
+    std::vector<float> got(768);
     bool ran = cudaMemcpy(d_a, a.data(), 512, cudaMemcpyHostToDevice) == cudaSuccess &&
                cudaMemcpy(d_bt, bt.data(), 512, cudaMemcpyHostToDevice) == cudaSuccess &&
                cudaMemcpy(d_b, b.data(), 512, cudaMemcpyHostToDevice) == cudaSuccess &&
-               cudaMemcpy(d_v, v.data(), 256, cudaMemcpyHostToDevice) == cudaSuccess &&
+               cudaMemcpy(d_v, v.data(), 512, cudaMemcpyHostToDevice) == cudaSuccess &&
                cudaMemcpy(d_c, c.data(), 1024, cudaMemcpyHostToDevice) == cudaSuccess;
     if (ran) {
-        tensor_core_check_kernel<T><<<1, 32>>>(d_a, d_bt, d_b, d_c, d_v, d_out);
+        tensor_core_check_kernel<T><<<1, 32, 3 * 256 * sizeof(T)>>>(d_a, d_bt, d_b, d_c, d_v, d_out);
         ran = cudaGetLastError() == cudaSuccess &&
-              cudaMemcpy(got.data(), d_out, 640 * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
+              cudaMemcpy(got.data(), d_out, 768 * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
     }
     cudaFree(mem);
     cudaGetLastError();

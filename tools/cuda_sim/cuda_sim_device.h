@@ -227,6 +227,34 @@ void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
 }
 }  // namespace pyr_sim
 
+// common.cuh's ldmatrix_x4 calls this here (ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16):
+// four 8x8 matrices of 16-bit elements; lane 8m + r names row r of matrix m (8 consecutive
+// elements); register m of lane (g = lane / 4, t = lane % 4) receives matrix m's elements
+// [g][2t], [g][2t + 1] or, transposed, [2t][g], [2t + 1][g], the first in the low half. The
+// lanes' row addresses travel in a warp exchange (the whole warp must call it, as on the
+// device); the rows are read before a second exchange lets any lane go on.
+namespace pyr_sim {
+// Faults the block unless [row, row + bytes) lies in the block's shared memory, 16-byte aligned.
+void check_shared_rows(const void* row, size_t bytes, const char* op);
+
+inline void ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
+    check_shared_rows(row, 16, "ldmatrix");
+    const Exchange e = warp_exchange(0xffffffffu, to_slot(row));
+    const int g = e.lane / 4, t = e.lane % 4;
+    auto at = [&](int m, int rr, int c) {  // element c of row rr of matrix m, as its bits
+        uint16_t v;
+        std::memcpy(&v, from_slot<const uint8_t*>(e.slots[8 * m + rr]) + 2 * c, 2);
+        return uint32_t(v);
+    };
+    uint32_t out[4];
+    for (int m = 0; m < 4; ++m)
+        out[m] = trans ? at(m, 2 * t, g) | at(m, 2 * t + 1, g) << 16
+                       : at(m, g, 2 * t) | at(m, g, 2 * t + 1) << 16;
+    warp_exchange(0xffffffffu, 0);
+    std::memcpy(r, out, sizeof out);
+}
+}  // namespace pyr_sim
+
 // ---- atomics: real ones, since blocks on different workers run at the same time ----------
 // The value operand does not take part in deduction, as with CUDA's overloads
 // (atomicAdd(unsigned*, 1) is fine).

@@ -634,6 +634,18 @@ Exchange warp_exchange(unsigned mask, uint64_t v) {
 
 void* dynamic_smem() { return tw->smem.data(); }
 
+void check_shared_rows(const void* row, size_t bytes, const char* op) {
+    const auto* p = static_cast<const uint8_t*>(row);
+    auto within = [&](const void* base, size_t n) {
+        const auto* b = static_cast<const uint8_t*>(base);
+        return p >= b && p + bytes <= b + n;
+    };
+    bool shared = within(tw->smem.data(), tw->smem.size() * sizeof(uint4));
+    for (const auto& [v, n] : tw->shared_vars) shared = shared || within(v, n);
+    if (!shared) kernel_fault(std::string(op) + ": a row address outside shared memory");
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) kernel_fault(std::string(op) + ": a row address not 16-byte aligned");
+}
+
 void register_shared(void* p, size_t bytes) {
     std::memset(p, 0xFF, bytes);  // this block too
     tw->shared_vars.emplace_back(p, bytes);
