@@ -69,8 +69,10 @@ __device__ __forceinline__ KvTile<T> kv_tile(KvPages table, int32_t base, int32_
 }
 
 // Keys (or values) [base, base + kMmaKeys) of KV head kvh into dst (kMmaKeys, LD); rows
-// from `end' on are zeros (a value row of NaN weighted by 0 would still poison P V).
-template <typename T, int HD>
+// from `end' on are zeros (a value row of NaN weighted by 0 would still poison P V). ASYNC:
+// through cp.async, queued and not waited for (cp_async_commit / cp_async_wait, then a
+// __syncthreads, before the tile is read); base < end.
+template <typename T, int HD, bool ASYNC = false>
 __device__ __forceinline__ void stage_tile(KvPages pages, int32_t base, int32_t end, int kvh,
                                            int64_t kv_dim, bool value, T* dst) {
     static_assert(kMmaKeys <= kKvPageRows, "a tile must span at most two pages");
@@ -78,9 +80,14 @@ __device__ __forceinline__ void stage_tile(KvPages pages, int32_t base, int32_t 
     const KvTile<const T> tile = kv_tile<const T>(pages, base, end, kv_dim, value);
     for (int i = threadIdx.x; i < kMmaKeys * kVecs; i += blockDim.x) {
         const int r = i / kVecs, c = (i % kVecs) * 8;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (base + r < end) v = *reinterpret_cast<const uint4*>(tile.row(r) + kvh * HD + c);
-        *reinterpret_cast<uint4*>(dst + r * LD + c) = v;
+        const bool in = base + r < end;
+        if constexpr (ASYNC) {
+            cp_async16(dst + r * LD + c, (in ? tile.row(r) : tile.row(0)) + kvh * HD + c, in);
+        } else {
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (in) v = *reinterpret_cast<const uint4*>(tile.row(r) + kvh * HD + c);
+            *reinterpret_cast<uint4*>(dst + r * LD + c) = v;
+        }
     }
 }
 
@@ -175,70 +182,92 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
     for (int n = 0; n < kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // the rows' running max, sum
 
+    // The tiles' keys and values arrive through cp.async, each a group of its own, one tile
+    // ahead: the next keys load while this tile's P V runs, the next values while the next
+    // q k and softmax run. A thread's groups: K0 V0 | K1 V1 | ..., so the wait for a tile's
+    // keys (or values) leaves the one newer group in flight. Every warp takes part in the
+    // copies and barriers, also past its causal horizon.
+    stage_tile<T, HD, true>(sq.pages, 0, kend, kvh, kv_dim, false, Ks);
+    cp_async_commit();
+    stage_tile<T, HD, true>(sq.pages, 0, kend, kvh, kv_dim, true, Vs);
+    cp_async_commit();
     for (int32_t base = 0; base < kend; base += kMmaKeys) {
-        __syncthreads();  // every warp is done with the tile before
-        stage_tile<T, HD>(sq.pages, base, kend, kvh, kv_dim, false, Ks);
-        stage_tile<T, HD>(sq.pages, base, kend, kvh, kv_dim, true, Vs);
+        const int32_t next = base + kMmaKeys;
+        const bool active = base < w_end;  // before this warp's causal horizon
+        cp_async_wait<1>();  // this tile's keys
         __syncthreads();
-        if (base >= w_end) continue;  // past this warp's causal horizon (warp-uniform)
 
-        // s = q k over the tile: keys base + 8 n + c_col(lane, i)
-        float s[kKeyTiles][4];
-        tile_scores<T, HD>(qa, Ks, s);
+        float s[kKeyTiles][4];  // this tile's scores, then probabilities
+        if (active) {  // (warp-uniform)
+            // s = q k over the tile: keys base + 8 n + c_col(lane, i)
+            tile_scores<T, HD>(qa, Ks, s);
 
-        // online softmax of each row; a row's 64 keys lie with 4 lanes (lane ^ 1, lane ^ 2)
+            // online softmax of each row; a row's 64 keys lie with 4 lanes (lane ^ 1, lane ^ 2)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -INFINITY;
+            for (int r = 0; r < 2; ++r) {
+                float mx = -INFINITY;
 #pragma unroll
-            for (int n = 0; n < kKeyTiles; ++n)
+                for (int n = 0; n < kKeyTiles; ++n)
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
-                    float v = s[n][2 * r + c] * qscale;
-                    if (!valid[r] || j > last[r]) v = -INFINITY;
-                    else if (observed[r]) observed[r][j] = v;
-                    s[n][2 * r + c] = v;
-                    mx = fmaxf(mx, v);
+                    for (int c = 0; c < 2; ++c) {
+                        const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
+                        float v = s[n][2 * r + c] * qscale;
+                        if (!valid[r] || j > last[r]) v = -INFINITY;
+                        else if (observed[r]) observed[r][j] = v;
+                        s[n][2 * r + c] = v;
+                        mx = fmaxf(mx, v);
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m[r], mx);
+                const float ref = m_new == -INFINITY ? 0.0f : m_new;  // no -inf - -inf
+                float sum = 0.0f;
+#pragma unroll
+                for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const float p = exp2f(s[n][2 * r + c] - ref);
+                        s[n][2 * r + c] = p;
+                        sum += p;
+                    }
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                const float corr = exp2f(m[r] - ref);
+                l[r] = l[r] * corr + sum;
+                m[r] = m_new;
+#pragma unroll
+                for (int n = 0; n < kDimTiles; ++n) {
+                    o[n][2 * r] *= corr;
+                    o[n][2 * r + 1] *= corr;
                 }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[r], mx);
-            const float ref = m_new == -INFINITY ? 0.0f : m_new;  // no -inf - -inf
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < kKeyTiles; ++n)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const float p = exp2f(s[n][2 * r + c] - ref);
-                    s[n][2 * r + c] = p;
-                    sum += p;
-                }
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float corr = exp2f(m[r] - ref);
-            l[r] = l[r] * corr + sum;
-            m[r] = m_new;
-#pragma unroll
-            for (int n = 0; n < kDimTiles; ++n) {
-                o[n][2 * r] *= corr;
-                o[n][2 * r + 1] *= corr;
             }
         }
 
-        // o += P V, 16 keys a step: key tiles 2 ks and 2 ks + 1 are P's A fragment
+        __syncthreads();  // every warp is done with the keys: the next ones may come in
+        if (next < kend) stage_tile<T, HD, true>(sq.pages, next, kend, kvh, kv_dim, false, Ks);
+        cp_async_commit();  // (empty after the last tile: the count of groups stays regular)
+        cp_async_wait<1>();  // this tile's values
+        __syncthreads();
+
+        if (active) {  // (warp-uniform)
+            // o += P V, 16 keys a step: key tiles 2 ks and 2 ks + 1 are P's A fragment
 #pragma unroll
-        for (int ks = 0; ks < kKeyTiles / 2; ++ks) {
-            uint32_t pa[4];
-            a_from_accumulators<T>(s[2 * ks], s[2 * ks + 1], pa);
+            for (int ks = 0; ks < kKeyTiles / 2; ++ks) {
+                uint32_t pa[4];
+                a_from_accumulators<T>(s[2 * ks], s[2 * ks + 1], pa);
 #pragma unroll
-            for (int n = 0; n < kDimTiles; n += 2) {
-                uint32_t b[4];  // B[j][d] = V[j][d]: keys 16 ks .. 16 ks + 15, dims 8 n ..
-                b_fragments<true, T, LD>(Vs, ks * 16, n * 8, b);
-                mma_m16n8k16<T>(o[n], pa, b);
-                mma_m16n8k16<T>(o[n + 1], pa, b + 2);
+                for (int n = 0; n < kDimTiles; n += 2) {
+                    uint32_t b[4];  // B[j][d] = V[j][d]: keys 16 ks .. 16 ks + 15, dims 8 n ..
+                    b_fragments<true, T, LD>(Vs, ks * 16, n * 8, b);
+                    mma_m16n8k16<T>(o[n], pa, b);
+                    mma_m16n8k16<T>(o[n + 1], pa, b + 2);
+                }
             }
         }
+
+        __syncthreads();  // every warp is done with the values: the next ones may come in
+        if (next < kend) stage_tile<T, HD, true>(sq.pages, next, kend, kvh, kv_dim, true, Vs);
+        cp_async_commit();
     }
 
     // out = o / l, lse = m + log2 l

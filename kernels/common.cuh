@@ -128,6 +128,40 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
 #endif
 }
 
+// Copies from global to shared memory that the thread does not wait for (cp.async, sm_80+):
+// cp_async16 queues 16 bytes from src to dst (both 16-byte aligned), or 16 zeros where
+// !valid (src is not read then, but must be a valid address); cp_async_commit closes the
+// thread's group of copies queued since the last; cp_async_wait<N> waits until at most the
+// N newest of the thread's groups are still in flight. Other threads' copies are seen after
+// their waits and a __syncthreads.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+#elif !defined(__CUDACC__)
+    pyr_sim::cp_async(dst, src, 16, valid ? 16 : 0);
+#else
+    __trap();  // as mma_m16n8k16: only the tensor-core kernels use it
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#elif !defined(__CUDACC__)
+    pyr_sim::cp_async_commit();
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#elif !defined(__CUDACC__)
+    pyr_sim::cp_async_wait(N);
+#endif
+}
+
 // The B fragments of two 8-column tiles, n and n + 1, of a 16-row step, from a staged tile
 // (LD elements a row) in one ldmatrix_x4: b[0..1] for tile n, b[2..3] for tile n + 1. B is
 // the tile's rows [row0, row0 + 16) and columns [col0, col0 + 16) as B[k][n] = tile[k][n]

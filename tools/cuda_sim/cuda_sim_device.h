@@ -237,6 +237,15 @@ namespace pyr_sim {
 // Faults the block unless [row, row + bytes) lies in the block's shared memory, 16-byte aligned.
 void check_shared_rows(const void* row, size_t bytes, const char* op);
 
+// common.cuh's cp_async16 / cp_async_commit / cp_async_wait call these here: a copy of
+// `bytes' from global to shared memory, its first src_bytes from src and zeros after them.
+// Some blocks land each copy at once, the others only when the thread's cp_async_wait
+// leaves fewer groups pending than its groups (sim_runtime.cpp: run_block), so that both a
+// missing barrier and a missing or lax wait give wrong data.
+void cp_async(void* dst, const void* src, int bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending);
+
 inline void ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
     check_shared_rows(row, 16, "ldmatrix");
     const Exchange e = warp_exchange(0xffffffffu, to_slot(row));

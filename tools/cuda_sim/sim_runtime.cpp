@@ -129,11 +129,21 @@ pyr_sim_entry:
 )");
 #endif
 
+// A cp.async copy the thread issued and that has not landed yet (deferred blocks only).
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int bytes, src_bytes;  // src_bytes copied, the rest zero-filled
+};
+
 struct Fiber {
     enum State : uint8_t { Fresh, Ready, AtSyncthreads, AtWarp, Done };
     State state = Fresh;
     int lane = 0, warp = 0;
     uint3 tid{};
+    // cp.async: the copies since the last commit, then the committed groups, oldest first
+    std::vector<AsyncCopy> copies_open;
+    std::vector<std::vector<AsyncCopy>> copy_groups;
     char* stack = nullptr;  // while started
 #ifdef PYR_SIM_ASM_SWITCH
     void* sp = nullptr;  // saved while suspended
@@ -174,6 +184,7 @@ struct Worker {
     Fiber* cur = nullptr;
     size_t pos = 0;           // cur's place in the running block's order
     bool reverse = false;     // the running block's order: fibers last to first
+    bool defer_copies = false;  // the running block's cp.async copies land at the wait
     char* dead_stack = nullptr;  // of the fiber that finished last, to free once off it
     int live = 0, at_syncthreads = 0;
     std::string fault;
@@ -388,7 +399,11 @@ bool run_block(Launch& L, uint64_t linear) {
     const dim3 g = L.spec->grid;
     blockIdx = uint3{unsigned(linear % g.x), unsigned(linear / g.x % g.y),
                      unsigned(linear / (uint64_t(g.x) * g.y))};
-    for (Fiber& f : tw->fibers) f.state = Fiber::Fresh;
+    for (Fiber& f : tw->fibers) {
+        f.state = Fiber::Fresh;
+        f.copies_open.clear();
+        f.copy_groups.clear();
+    }
     for (Warp& w : tw->warps) {
         w.live = w.lanes;
         w.arrived = 0;
@@ -402,6 +417,10 @@ bool run_block(Launch& L, uint64_t linear) {
     // Odd blocks run their fibers in reverse order: a missing barrier between a write and a
     // read in another thread shows whichever thread the order puts first.
     tw->reverse = linear & 1;
+    // cp.async copies land at once in blocks 0, 1, 4, 5, ... (a copy issued before the
+    // barrier that ends the reads of its destination shows) and only at the thread's
+    // cp_async_wait in the others (a wait missing or too lax shows), in either order.
+    tw->defer_copies = (linear >> 1) & 1;
     // A pass: the first runnable fiber runs, hands over to the next and so on to the end of
     // the order, then control comes back here (or at a fault).
     for (;;) {
@@ -633,6 +652,35 @@ Exchange warp_exchange(unsigned mask, uint64_t v) {
 }
 
 void* dynamic_smem() { return tw->smem.data(); }
+
+namespace {
+void land(const AsyncCopy& c) {
+    std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+    std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, size_t(c.bytes - c.src_bytes));
+}
+}  // namespace
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+    check_shared_rows(dst, size_t(bytes), "cp.async");
+    if (reinterpret_cast<uintptr_t>(src) % size_t(bytes) != 0) kernel_fault("cp.async: a source address not aligned to its size");
+    const AsyncCopy c{dst, src, bytes, src_bytes};
+    if (tw->defer_copies) current_fiber().copies_open.push_back(c);
+    else land(c);
+}
+
+void cp_async_commit() {
+    Fiber& f = current_fiber();
+    f.copy_groups.push_back(std::move(f.copies_open));
+    f.copies_open.clear();
+}
+
+void cp_async_wait(int pending) {
+    Fiber& f = current_fiber();
+    while (int(f.copy_groups.size()) > pending) {
+        for (const AsyncCopy& c : f.copy_groups.front()) land(c);
+        f.copy_groups.erase(f.copy_groups.begin());
+    }
+}
 
 void check_shared_rows(const void* row, size_t bytes, const char* op) {
     const auto* p = static_cast<const uint8_t*>(row);
