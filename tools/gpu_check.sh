@@ -95,6 +95,8 @@ PY
   # prefill attention on tensor cores (since 2026-12-06) against the CUDA-core kernel
   BENCH_ENV=PYRAMID_TENSOR_CORE_ATTENTION=0 PYRAMID_TENSOR_CORE_ATTENTION=0 run 7b_full_cudacore_attn --shape llama2-7b --batch 1 --prompt 512 --gen 256 --repeat 3
   run 7b_full_p3840 --shape llama2-7b --batch 1 --prompt 3840 --gen 256
+  # a long prompt's prefill under pyramid 0.5 (its observed rows recomputed on the tensor cores)
+  run 7b_pyramid_p3840 --shape llama2-7b --batch 1 --prompt 3840 --gen 256 --kv-policy pyramid --kv-retention 0.5
   BENCH_ENV=PYRAMID_TENSOR_CORE_ATTENTION=0 PYRAMID_TENSOR_CORE_ATTENTION=0 run 7b_full_p3840_cudacore_attn --shape llama2-7b --batch 1 --prompt 3840 --gen 256
   BENCH_ENV=PYRAMID_ATTN_SPLITS=1 PYRAMID_ATTN_SPLITS=1 run 7b_full_p3840_nosplit --shape llama2-7b --batch 1 --prompt 3840 --gen 256
   # prefill at retention 0.5 against 7b_full's (the Done-when ratio) and the selection overhead
@@ -142,6 +144,11 @@ if full and pyr:
           f"(ratio {pyr['prefill_ms'] / full['prefill_ms']:.3f}, target < 1); selection at b1: "
           f"prefill {pyr['selection']['prefill_ms']:.2f} ms, decode {pyr['selection']['decode_ms']:.2f} ms "
           f"over {pyr['gen']} steps; KV retention at the end {pyr['kv_end']['retention']:.3f}")
+full_l, pyr_l = runs.get("7b_full_p3840"), runs.get("7b_pyramid_p3840")
+if full_l and pyr_l:
+    print(f"prefill P3840: pyramid 0.5 {pyr_l['prefill_ms']:.1f} ms vs full {full_l['prefill_ms']:.1f} ms "
+          f"(ratio {pyr_l['prefill_ms'] / full_l['prefill_ms']:.3f}); decode {pyr_l['decode_tokens_per_s']:.1f} "
+          f"vs {full_l['decode_tokens_per_s']:.1f} tok/s")
 for tc, cc in (("7b_full", "7b_full_cudacore_attn"), ("7b_full_p3840", "7b_full_p3840_cudacore_attn")):
     if tc in runs and cc in runs:
         print(f"prefill attention on tensor cores: {tc} {runs[tc]['prefill_ms']:.2f} ms, on CUDA cores "
