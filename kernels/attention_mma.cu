@@ -26,10 +26,14 @@ constexpr int kMmaMinQueries = 16;  // attention() takes this kernel from here o
 template <int HD>
 constexpr int kMmaRowStride = HD + 8;  // elements; +16 bytes: conflict-free fragment loads
 
-// A tile of keys, and of values too where the kernel stages them.
+// Elements of a staged tile of kMmaKeys keys (or values).
+template <int HD>
+constexpr int kMmaTileElems = kMmaKeys * kMmaRowStride<HD>;
+// Every tensor-core kernel's shared memory: two tiles (attention: keys and values; the
+// observations: the keys of two KV heads, one computed while the other loads).
 template <typename T, int HD>
-constexpr size_t mma_smem_bytes(bool with_values) {
-    return (with_values ? 2 : 1) * size_t(kMmaKeys) * kMmaRowStride<HD> * sizeof(T);
+constexpr size_t mma_smem_bytes() {
+    return 2 * size_t(kMmaTileElems<HD>) * sizeof(T);
 }
 
 // Runs `body` with the constant HD bound to head_dim: 64, or else 128, the sizes the
@@ -175,7 +179,7 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
 
     extern __shared__ float smem[];
     T* Ks = reinterpret_cast<T*>(smem);  // (kMmaKeys, LD)
-    T* Vs = Ks + kMmaKeys * LD;          // (kMmaKeys, LD)
+    T* Vs = Ks + kMmaTileElems<HD>;      // (kMmaKeys, LD)
 
     float o[kDimTiles][4];  // output accumulators: dims 8 n + c_col(lane, i)
 #pragma unroll
@@ -289,7 +293,8 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
 // and the keys [base, base + kMmaKeys), summed over every head in order into this warp's
 // acc (the accumulator layout: row c_row(lane, i) of the warp's 16, key base + 8 n +
 // c_col(lane, i)). q k is tile_scores', as attention_mma_kernel makes it. The block stages
-// each KV head's keys (those before `end') in Ks; every thread of the block must call it.
+// each KV head's keys (those before `end') in Ks, two tiles: the next head's arrive through
+// cp.async while this one's are used. Every thread of the block must call it.
 template <typename T, int HD>
 __device__ __forceinline__ void probs_over_heads(const float* q, int32_t q_stride, const float* lse,
                                                  KvPages pages, int32_t base, int32_t end,
@@ -302,16 +307,23 @@ __device__ __forceinline__ void probs_over_heads(const float* q, int32_t q_strid
     const int group = n_head / n_head_kv;
 #pragma unroll
     for (int n = 0; n < kMmaKeys / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    for (int kvh = 0; kvh < n_head_kv && base < end; ++kvh) {  // no key seen: zeros
-        __syncthreads();  // every warp is done with the tile before
-        stage_tile<T, HD>(pages, base, end, kvh, kv_dim, false, Ks);
+    if (base >= end) return;  // no key seen: zeros (block-uniform)
+    // head kvh's keys in tile kvh % 2; a thread's cp.async groups: head 0, head 1, ...
+    stage_tile<T, HD, true>(pages, base, end, 0, kv_dim, false, Ks);
+    cp_async_commit();
+    for (int kvh = 0; kvh < n_head_kv; ++kvh) {
+        if (kvh + 1 < n_head_kv)
+            stage_tile<T, HD, true>(pages, base, end, kvh + 1, kv_dim, false,
+                                    Ks + ((kvh + 1) & 1) * kMmaTileElems<HD>);
+        cp_async_commit();  // (empty after the last head: the count of groups stays regular)
+        cp_async_wait<1>();  // head kvh's keys
         __syncthreads();
-        if (w_rows == 0) continue;
-        for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+        const T* keys = Ks + (kvh & 1) * kMmaTileElems<HD>;
+        for (int h = kvh * group; h < (kvh + 1) * group && w_rows > 0; ++h) {
             uint32_t qa[2][HD / 16][4];
             query_fragments<T, HD>(q + int64_t(w0) * q_stride + h * HD, q_stride, w_rows, qa);
             float s[kMmaKeys / 8][4];
-            tile_scores<T, HD>(qa, Ks, s);
+            tile_scores<T, HD>(qa, keys, s);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int32_t row = w0 + c_row(lane, i);
@@ -323,6 +335,7 @@ __device__ __forceinline__ void probs_over_heads(const float* q, int32_t q_strid
                         acc[n][i] += exp2f(s[n][i] * qscale - row_lse);
             }
         }
+        __syncthreads();  // every warp is done with head kvh's keys: head kvh + 2's go there
     }
 }
 
@@ -404,7 +417,7 @@ cudaError_t launch_attention_mma(const AttnBatch& batch, int32_t max_q, int32_t 
                                  int32_t n_head_kv, cudaStream_t stream) {
     const dim3 grid(unsigned((max_q + kMmaQueries - 1) / kMmaQueries), unsigned(n_head),
                     unsigned(batch.n_seq));
-    attention_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(true), stream>>>(
+    attention_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(), stream>>>(
         batch, n_head, n_head_kv, query_scale(HD));
     return cudaGetLastError();
 }
@@ -430,7 +443,7 @@ cudaError_t attention_rows_mma(Dt dt, const RowsMmaBatch& batch, int32_t n_head,
     rows_shape(batch, max_rows, max_kv);
     if (max_rows <= 0 || max_kv <= 0) return cudaSuccess;
     const dim3 grid(blocks_for(max_kv, kMmaKeys), blocks_for(max_rows, kMmaQueries), unsigned(batch.n_seq));
-    PYR_DISPATCH_DT(dt, PYR_DISPATCH_MMA_HD(head_dim, (rows_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(false), stream>>>(
+    PYR_DISPATCH_DT(dt, PYR_DISPATCH_MMA_HD(head_dim, (rows_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(), stream>>>(
                                                           batch, n_head, n_head_kv, query_scale(HD)))));
     return cudaGetLastError();
 }
@@ -447,7 +460,7 @@ cudaError_t attention_mma(Dt dt, const AttnBatch& batch, int32_t max_q, int32_t 
 cudaError_t col_sums_mma(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,
                          int32_t head_dim, float* col_sums, cudaStream_t stream) {
     const dim3 grid(blocks_for(seq.n_kv, kMmaKeys), blocks_for(seq.n_q, kMmaQueries));
-    PYR_DISPATCH_DT(dt, PYR_DISPATCH_MMA_HD(head_dim, (col_sums_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(false), stream>>>(
+    PYR_DISPATCH_DT(dt, PYR_DISPATCH_MMA_HD(head_dim, (col_sums_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(), stream>>>(
                                                           seq, n_head, n_head_kv, query_scale(HD), col_sums))));
     return cudaGetLastError();
 }
