@@ -116,11 +116,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
     if constexpr (TRANS)
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(addr));
+                     : "r"(addr)
+                     : "memory");  // it reads shared memory: not moved across its writes
     else
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(addr));
+                     : "r"(addr)
+                     : "memory");
 #elif !defined(__CUDACC__)
     pyr_sim::ldmatrix_x4(r, row, TRANS);
 #else
