@@ -139,12 +139,82 @@ __device__ __forceinline__ void tile_scores(const uint32_t (&qa)[2][HD / 16][4],
         }
 }
 
+// One tile's online softmax for a warp's rows (this lane holds two, r = 0, 1: accumulator
+// elements 2r, 2r + 1): the unscaled scores s of keys base + 8 n + c_col(lane, 2r + c)
+// become probabilities exp2(s * qscale - m) (0 where the row cannot see the key), the rows'
+// running max m and sum l take the tile in, and the output accumulators o are rescaled to
+// the new max. A row's 64 keys lie with 4 lanes (lane ^ 1, lane ^ 2). An observed row's raw
+// scores are written on the way.
+template <int kDimTiles>
+__device__ __forceinline__ void softmax_tile(float (&s)[kMmaKeys / 8][4], int32_t base, float qscale,
+                                             const bool (&valid)[2], const int32_t (&last)[2],
+                                             float* const (&observed)[2], float (&m)[2], float (&l)[2],
+                                             float (&o)[kDimTiles][4]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < kMmaKeys / 8; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
+                float v = s[n][2 * r + c] * qscale;
+                if (!valid[r] || j > last[r]) v = -INFINITY;
+                else if (observed[r]) observed[r][j] = v;
+                s[n][2 * r + c] = v;
+                mx = fmaxf(mx, v);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[r], mx);
+        const float ref = m_new == -INFINITY ? 0.0f : m_new;  // no -inf - -inf
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < kMmaKeys / 8; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const float p = exp2f(s[n][2 * r + c] - ref);
+                s[n][2 * r + c] = p;
+                sum += p;
+            }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float corr = exp2f(m[r] - ref);
+        l[r] = l[r] * corr + sum;
+        m[r] = m_new;
+#pragma unroll
+        for (int n = 0; n < kDimTiles; ++n) {
+            o[n][2 * r] *= corr;
+            o[n][2 * r + 1] *= corr;
+        }
+    }
+}
+
+// o += P V over a tile, 16 keys a step: the probabilities' key tiles 2 ks and 2 ks + 1 are
+// the step's A fragment (they never leave the registers), the staged values Vs its B.
+template <typename T, int HD>
+__device__ __forceinline__ void add_pv(const float (&p)[kMmaKeys / 8][4], const T* Vs,
+                                       float (&o)[HD / 8][4]) {
+#pragma unroll
+    for (int ks = 0; ks < kMmaKeys / 16; ++ks) {
+        uint32_t pa[4];
+        a_from_accumulators<T>(p[2 * ks], p[2 * ks + 1], pa);
+#pragma unroll
+        for (int n = 0; n < HD / 8; n += 2) {
+            uint32_t b[4];  // B[j][d] = V[j][d]: keys 16 ks .. 16 ks + 15, dims 8 n ..
+            b_fragments<true, T, kMmaRowStride<HD>>(Vs, ks * 16, n * 8, b);
+            mma_m16n8k16<T>(o[n], pa, b);
+            mma_m16n8k16<T>(o[n + 1], pa, b + 2);
+        }
+    }
+}
+
 template <typename T, int HD>
 __global__ void __launch_bounds__(128)
 attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float qscale) {
     static_assert(HD % 16 == 0, "16-dim steps");
-    constexpr int LD = kMmaRowStride<HD>, kSteps = HD / 16, kDimTiles = HD / 8,
-                  kKeyTiles = kMmaKeys / 8;
+    constexpr int kSteps = HD / 16, kDimTiles = HD / 8, kKeyTiles = kMmaKeys / 8;
     let_next_grid_start();  // o_proj follows
     const AttnSeq& sq = batch.seq[blockIdx.z];
     const int32_t q0 = int32_t(blockIdx.x) * kMmaQueries;
@@ -203,48 +273,8 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
 
         float s[kKeyTiles][4];  // this tile's scores, then probabilities
         if (active) {  // (warp-uniform)
-            // s = q k over the tile: keys base + 8 n + c_col(lane, i)
-            tile_scores<T, HD>(qa, Ks, s);
-
-            // online softmax of each row; a row's 64 keys lie with 4 lanes (lane ^ 1, lane ^ 2)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = -INFINITY;
-#pragma unroll
-                for (int n = 0; n < kKeyTiles; ++n)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
-                        float v = s[n][2 * r + c] * qscale;
-                        if (!valid[r] || j > last[r]) v = -INFINITY;
-                        else if (observed[r]) observed[r][j] = v;
-                        s[n][2 * r + c] = v;
-                        mx = fmaxf(mx, v);
-                    }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m[r], mx);
-                const float ref = m_new == -INFINITY ? 0.0f : m_new;  // no -inf - -inf
-                float sum = 0.0f;
-#pragma unroll
-                for (int n = 0; n < kKeyTiles; ++n)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const float p = exp2f(s[n][2 * r + c] - ref);
-                        s[n][2 * r + c] = p;
-                        sum += p;
-                    }
-                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-                const float corr = exp2f(m[r] - ref);
-                l[r] = l[r] * corr + sum;
-                m[r] = m_new;
-#pragma unroll
-                for (int n = 0; n < kDimTiles; ++n) {
-                    o[n][2 * r] *= corr;
-                    o[n][2 * r + 1] *= corr;
-                }
-            }
+            tile_scores<T, HD>(qa, Ks, s);  // keys base + 8 n + c_col(lane, i)
+            softmax_tile<kDimTiles>(s, base, qscale, valid, last, observed, m, l, o);
         }
 
         __syncthreads();  // every warp is done with the keys: the next ones may come in
@@ -253,22 +283,7 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
         cp_async_wait<1>();  // this tile's values
         __syncthreads();
 
-        if (active) {  // (warp-uniform)
-            // o += P V, 16 keys a step: key tiles 2 ks and 2 ks + 1 are P's A fragment
-#pragma unroll
-            for (int ks = 0; ks < kKeyTiles / 2; ++ks) {
-                uint32_t pa[4];
-                a_from_accumulators<T>(s[2 * ks], s[2 * ks + 1], pa);
-#pragma unroll
-                for (int n = 0; n < kDimTiles; n += 2) {
-                    uint32_t b[4];  // B[j][d] = V[j][d]: keys 16 ks .. 16 ks + 15, dims 8 n ..
-                    b_fragments<true, T, LD>(Vs, ks * 16, n * 8, b);
-                    mma_m16n8k16<T>(o[n], pa, b);
-                    mma_m16n8k16<T>(o[n + 1], pa, b + 2);
-                }
-            }
-        }
-
+        if (active) add_pv<T, HD>(s, Vs, o);
         __syncthreads();  // every warp is done with the values: the next ones may come in
         if (next < kend) stage_tile<T, HD, true>(sq.pages, next, kend, kvh, kv_dim, true, Vs);
         cp_async_commit();
