@@ -72,11 +72,11 @@ __device__ __forceinline__ KvTile<T> kv_tile(KvPages table, int32_t base, int32_
     return {lo, hi, split, row_elems};
 }
 
-// Keys (or values) [base, base + kMmaKeys) of KV head kvh into dst (kMmaKeys, LD); rows
-// from `end' on are zeros (a value row of NaN weighted by 0 would still poison P V). ASYNC:
-// through cp.async, queued and not waited for (cp_async_commit / cp_async_wait, then a
-// __syncthreads, before the tile is read); base < end.
-template <typename T, int HD, bool ASYNC = false>
+// Queues the copy of keys (or values) [base, base + kMmaKeys) of KV head kvh into dst
+// (kMmaKeys, LD) through cp.async, base < end; rows from `end' on become zeros (a value row
+// of NaN weighted by 0 would still poison P V). The caller commits the group and waits for
+// it (cp_async_commit, cp_async_wait, then a __syncthreads) before the tile is read.
+template <typename T, int HD>
 __device__ __forceinline__ void stage_tile(KvPages pages, int32_t base, int32_t end, int kvh,
                                            int64_t kv_dim, bool value, T* dst) {
     static_assert(kMmaKeys <= kKvPageRows, "a tile must span at most two pages");
@@ -85,13 +85,7 @@ __device__ __forceinline__ void stage_tile(KvPages pages, int32_t base, int32_t 
     for (int i = threadIdx.x; i < kMmaKeys * kVecs; i += blockDim.x) {
         const int r = i / kVecs, c = (i % kVecs) * 8;
         const bool in = base + r < end;
-        if constexpr (ASYNC) {
-            cp_async16(dst + r * LD + c, (in ? tile.row(r) : tile.row(0)) + kvh * HD + c, in);
-        } else {
-            uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (in) v = *reinterpret_cast<const uint4*>(tile.row(r) + kvh * HD + c);
-            *reinterpret_cast<uint4*>(dst + r * LD + c) = v;
-        }
+        cp_async16(dst + r * LD + c, (in ? tile.row(r) : tile.row(0)) + kvh * HD + c, in);
     }
 }
 
@@ -261,9 +255,9 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
     // q k and softmax run. A thread's groups: K0 V0 | K1 V1 | ..., so the wait for a tile's
     // keys (or values) leaves the one newer group in flight. Every warp takes part in the
     // copies and barriers, also past its causal horizon.
-    stage_tile<T, HD, true>(sq.pages, 0, kend, kvh, kv_dim, false, Ks);
+    stage_tile<T, HD>(sq.pages, 0, kend, kvh, kv_dim, false, Ks);
     cp_async_commit();
-    stage_tile<T, HD, true>(sq.pages, 0, kend, kvh, kv_dim, true, Vs);
+    stage_tile<T, HD>(sq.pages, 0, kend, kvh, kv_dim, true, Vs);
     cp_async_commit();
     for (int32_t base = 0; base < kend; base += kMmaKeys) {
         const int32_t next = base + kMmaKeys;
@@ -278,14 +272,14 @@ attention_mma_kernel(AttnBatch batch, int32_t n_head, int32_t n_head_kv, float q
         }
 
         __syncthreads();  // every warp is done with the keys: the next ones may come in
-        if (next < kend) stage_tile<T, HD, true>(sq.pages, next, kend, kvh, kv_dim, false, Ks);
+        if (next < kend) stage_tile<T, HD>(sq.pages, next, kend, kvh, kv_dim, false, Ks);
         cp_async_commit();  // (empty after the last tile: the count of groups stays regular)
         cp_async_wait<1>();  // this tile's values
         __syncthreads();
 
         if (active) add_pv<T, HD>(s, Vs, o);
         __syncthreads();  // every warp is done with the values: the next ones may come in
-        if (next < kend) stage_tile<T, HD, true>(sq.pages, next, kend, kvh, kv_dim, true, Vs);
+        if (next < kend) stage_tile<T, HD>(sq.pages, next, kend, kvh, kv_dim, true, Vs);
         cp_async_commit();
     }
 
@@ -324,12 +318,12 @@ __device__ __forceinline__ void probs_over_heads(const float* q, int32_t q_strid
     for (int n = 0; n < kMmaKeys / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     if (base >= end) return;  // no key seen: zeros (block-uniform)
     // head kvh's keys in tile kvh % 2; a thread's cp.async groups: head 0, head 1, ...
-    stage_tile<T, HD, true>(pages, base, end, 0, kv_dim, false, Ks);
+    stage_tile<T, HD>(pages, base, end, 0, kv_dim, false, Ks);
     cp_async_commit();
     for (int kvh = 0; kvh < n_head_kv; ++kvh) {
         if (kvh + 1 < n_head_kv)
-            stage_tile<T, HD, true>(pages, base, end, kvh + 1, kv_dim, false,
-                                    Ks + ((kvh + 1) & 1) * kMmaTileElems<HD>);
+            stage_tile<T, HD>(pages, base, end, kvh + 1, kv_dim, false,
+                              Ks + ((kvh + 1) & 1) * kMmaTileElems<HD>);
         cp_async_commit();  // (empty after the last head: the count of groups stays regular)
         cp_async_wait<1>();  // head kvh's keys
         __syncthreads();
