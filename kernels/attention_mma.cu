@@ -3,7 +3,8 @@
 // launches of 16+ queries here; CPU reference: cpu::attention.
 //
 // attention_mma_kernel: a block owns 64 queries of one head, a warp 16 of them; the block
-// stages 64 keys and values at a time in shared memory, and each warp computes its 16 x 64
+// stages 64 keys and values at a time in shared memory (through cp.async, a tile ahead of
+// their use), and each warp computes its 16 x 64
 // scores with mma_m16n8k16 (common.cuh; the keys' and values' fragments come out of shared
 // memory through ldmatrix, b_fragments), keeps the online softmax of its rows in registers
 // and adds P V with mma_m16n8k16 again: the scores' accumulator layout (two 8-key tiles) is
