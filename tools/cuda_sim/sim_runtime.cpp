@@ -688,7 +688,7 @@ void check_shared_rows(const void* row, size_t bytes, const char* op) {
         const auto* b = static_cast<const uint8_t*>(base);
         return p >= b && p + bytes <= b + n;
     };
-    bool shared = within(tw->smem.data(), tw->smem.size() * sizeof(uint4));
+    bool shared = within(tw->smem.data(), tw->launch->spec->smem);  // this launch's, not the buffer's
     for (const auto& [v, n] : tw->shared_vars) shared = shared || within(v, n);
     if (!shared) kernel_fault(std::string(op) + ": a row address outside shared memory");
     if (reinterpret_cast<uintptr_t>(row) % 16 != 0) kernel_fault(std::string(op) + ": a row address not 16-byte aligned");
