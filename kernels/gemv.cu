@@ -16,12 +16,11 @@ constexpr int kWarps = 8;
 // 4 KiB of each of its rows -- a line per lane -- so that DRAM works while that kernel ends.
 // Bounded: the warps resident at once then ask for about L2's size, not more.
 template <typename T, int R>
-__device__ __forceinline__ void prefetch_rows(const T* const w[R], int nr, int32_t cols) {
+__device__ __forceinline__ void prefetch_rows(const T* const w[R], int32_t cols) {
     const int64_t off = int64_t(threadIdx.x & 31) * (128 / int64_t(sizeof(T)));
     if (off >= cols) return;
 #pragma unroll
-    for (int r = 0; r < R; ++r)
-        if (r < nr) prefetch_l2(w[r] + off);
+    for (int r = 0; r < R; ++r) prefetch_l2(w[r] + off);
 }
 
 template <typename T, int NT>
@@ -86,31 +85,25 @@ __device__ __forceinline__ void dot_rows(const T* const w[R], int32_t cols, cons
         for (int t = 0; t < NT; ++t) acc[r][t] = warp_sum(acc[r][t]);
 }
 
-// Each warp computes R consecutive rows.
-template <typename T, int NT, int R>
+// Each warp computes one row (2 or 4 rows a warp were slower on an H100: 7B decode at 152
+// tok/s with 1, 143 with 2, 144 with 4).
+template <typename T, int NT>
 __global__ void __launch_bounds__(kWarps * 32)
 gemv_kernel(const T* W, int32_t rows, int32_t cols, const T* a, float* y, int32_t ld,
             float beta) {
-    const int64_t r0 = (int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * R;
-    if (r0 >= rows) return;
-    const int nr = rows - r0 < R ? int(rows - r0) : R;
-    const T* w[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) w[r] = W + (r0 + (r < nr ? r : 0)) * cols;  // past the end: reread row 0
+    const int64_t r = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    const T* const w[1] = {W + r * cols};
     let_next_grid_start();
-    prefetch_rows<T, R>(w, nr, cols);
+    prefetch_rows<T, 1>(w, cols);
     wait_for_prior_grid();  // a and y may be the kernel before's output
-    float acc[R][NT];
-    dot_rows<T, NT, R>(w, cols, a, acc);
+    float acc[1][NT];
+    dot_rows<T, NT, 1>(w, cols, a, acc);
     if ((threadIdx.x & 31) == 0) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if (r >= nr) break;
-#pragma unroll
-            for (int t = 0; t < NT; ++t) {
-                float* out = y + int64_t(t) * ld + r0 + r;
-                *out = beta != 0.0f ? acc[r][t] + beta * *out : acc[r][t];
-            }
+        for (int t = 0; t < NT; ++t) {
+            float* out = y + int64_t(t) * ld + r;
+            *out = beta != 0.0f ? acc[0][t] + beta * *out : acc[0][t];
         }
     }
 }
@@ -124,7 +117,7 @@ gemv_swiglu_kernel(const T* W, int32_t n_ff, int32_t cols, const T* a, T* h) {
     if (i >= n_ff) return;
     const T* const w[2] = {W + i * cols, W + (n_ff + i) * cols};
     let_next_grid_start();
-    prefetch_rows<T, 2>(w, 2, cols);
+    prefetch_rows<T, 2>(w, cols);
     wait_for_prior_grid();  // a is the kernel before's output
     float acc[2][NT];
     dot_rows<T, NT, 2>(w, cols, a, acc);
@@ -192,16 +185,6 @@ bool launched_early(void (*kernel)(P...), unsigned grid, unsigned block, cudaStr
     return false;
 }
 
-// Rows per warp: PYRAMID_GEMV_ROWS (1, 2 or 4) for measuring. 1 by default: on an H100,
-// 7B decode ran at 152 tok/s with 1, 143 with 2 and 144 with 4 (tools/gpu_check.sh).
-int rows_per_warp() {
-    static const int r = [] {
-        const int v = env_int("PYRAMID_GEMV_ROWS", 1);
-        return v == 2 || v == 4 ? v : 1;
-    }();
-    return r;
-}
-
 // f(std::integral_constant<int, N>{}) for a token count n in 1..kGemvMaxTokens: the kernels
 // are instantiated per count (their accumulators are registers).
 template <typename F>
@@ -220,26 +203,16 @@ cudaError_t by_token_count(int32_t n, F&& f) {
     }
 }
 
-template <typename T, int R>
-cudaError_t launch_rows(const T* W, int32_t rows, int32_t cols, const T* a, int32_t n, float* y,
-                        int32_t ld, float beta, cudaStream_t stream) {
-    const unsigned grid = blocks_for(rows, kWarps * R);
-    return by_token_count(n, [&](auto tokens) {
-        constexpr int N = decltype(tokens)::value;
-        if (!launched_early(gemv_kernel<T, N, R>, grid, kWarps * 32, stream, W, rows, cols, a, y, ld, beta))
-            gemv_kernel<T, N, R><<<grid, kWarps * 32, 0, stream>>>(W, rows, cols, a, y, ld, beta);
-        return cudaGetLastError();
-    });
-}
-
 template <typename T>
 cudaError_t launch(const T* W, int32_t rows, int32_t cols, const T* a, int32_t n, float* y,
                    int32_t ld, float beta, cudaStream_t stream) {
-    // more rows per warp need more registers: with many tokens, one row per warp
-    const int r = n > 4 ? 1 : rows_per_warp();
-    if (r == 4) return launch_rows<T, 4>(W, rows, cols, a, n, y, ld, beta, stream);
-    if (r == 2) return launch_rows<T, 2>(W, rows, cols, a, n, y, ld, beta, stream);
-    return launch_rows<T, 1>(W, rows, cols, a, n, y, ld, beta, stream);
+    const unsigned grid = blocks_for(rows, kWarps);
+    return by_token_count(n, [&](auto tokens) {
+        constexpr int N = decltype(tokens)::value;
+        if (!launched_early(gemv_kernel<T, N>, grid, kWarps * 32, stream, W, rows, cols, a, y, ld, beta))
+            gemv_kernel<T, N><<<grid, kWarps * 32, 0, stream>>>(W, rows, cols, a, y, ld, beta);
+        return cudaGetLastError();
+    });
 }
 
 template <typename T>
