@@ -138,18 +138,20 @@ void launch_rmsnorm(const float* x, int32_t n, int32_t dim, const T* w, float ep
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+// add_bias and silu_mul: rows on grid x (a prefill of 32 x 2048 tokens is more rows than
+// grid y's 65535), the row's columns on y.
 template <typename T>
 __global__ void add_bias_kernel(float* y, int32_t ncols, int32_t ld, const T* b) {
-    const int64_t t = blockIdx.y;
-    const int32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t t = blockIdx.x;
+    const int32_t i = blockIdx.y * blockDim.x + threadIdx.x;
     if (i < ncols) y[t * ld + i] += to_f32(b[i]);
 }
 
 template <typename T>
 __global__ void silu_mul_kernel(const float* gu, int32_t n_ff, T* out) {
     let_next_grid_start();  // the down projection follows
-    const int64_t t = blockIdx.y;
-    const int32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t t = blockIdx.x;
+    const int32_t i = blockIdx.y * blockDim.x + threadIdx.x;
     if (i >= n_ff) return;
     const float g = gu[t * 2 * n_ff + i], u = gu[t * 2 * n_ff + n_ff + i];
     out[t * n_ff + i] = from_f32<T>(swiglu(g, u));
@@ -301,7 +303,7 @@ cudaError_t rmsnorm(Dt dt, const float* x, int32_t n, int32_t dim, const void* w
 cudaError_t add_bias(Dt dt, float* y, int32_t n, int32_t ncols, int32_t ld, const void* b,
                      cudaStream_t stream) {
     if (n <= 0) return cudaSuccess;
-    const dim3 grid(blocks_for(ncols, kThreads), unsigned(n));
+    const dim3 grid(unsigned(n), blocks_for(ncols, kThreads));
     PYR_DISPATCH_DT(dt, (add_bias_kernel<T><<<grid, kThreads, 0, stream>>>(
                             y, ncols, ld, static_cast<const T*>(b))));
     return cudaGetLastError();
@@ -310,7 +312,7 @@ cudaError_t add_bias(Dt dt, float* y, int32_t n, int32_t ncols, int32_t ld, cons
 cudaError_t silu_mul(Dt dt, const float* gu, int32_t n, int32_t n_ff, void* out,
                      cudaStream_t stream) {
     if (n <= 0) return cudaSuccess;
-    const dim3 grid(blocks_for(n_ff, kThreads), unsigned(n));
+    const dim3 grid(unsigned(n), blocks_for(n_ff, kThreads));
     PYR_DISPATCH_DT(dt, (silu_mul_kernel<T><<<grid, kThreads, 0, stream>>>(
                             gu, n_ff, static_cast<T*>(out))));
     return cudaGetLastError();

@@ -153,6 +153,34 @@ TEST_CASE("silu_mul: silu(gate) * up of the fused gate|up rows") {
     }
 }
 
+// A prefill of 32 x 2048 tokens is 65536 rows: more than a grid's y dimension holds.
+TEST_CASE("add_bias and silu_mul: more rows than a grid's y dimension (65535)") {
+    GPU_OR_SKIP();
+    SEEDED_RNG();
+    const int32_t n = 65537, ncols = 3;
+    const Dt dt = Dt::F16;
+    const std::vector<float> y = rng.floats(size_t(n) * ncols, -4.0f, 4.0f);
+    const std::vector<uint16_t> b = rng.bits16(dt, size_t(ncols), -1.0f, 1.0f);
+    DeviceArray<float> d_y(y);
+    DeviceArray<uint16_t> d_b(b);
+    LAUNCH_OK(K::add_bias(dt, d_y.get(), n, ncols, ncols, d_b.get(), nullptr));
+    std::vector<float> ref = y;
+    for (size_t k = 0; k < ref.size(); ++k) ref[k] += from_bits(dt, b[k % ncols]);
+    CHECK(count_bit_mismatches(d_y.download(), ref) == 0);
+
+    // the sums as the fused gate|up rows of n_ff = 1: 98305 rows
+    const int32_t n_ff = 1, rows = int32_t(y.size() / 2);
+    DeviceArray<uint16_t> d_out(size_t(rows) * n_ff);
+    d_out.poison();
+    LAUNCH_OK(K::silu_mul(dt, d_y.get(), rows, n_ff, d_out.get(), nullptr));
+    std::vector<double> want(static_cast<size_t>(rows));
+    for (int32_t t = 0; t < rows; ++t) {
+        const double g = ref[size_t(t) * 2], u = ref[size_t(t) * 2 + 1];
+        want[size_t(t)] = g / (1.0 + std::exp(-g)) * u;
+    }
+    check_close(widen(dt, d_out.download()), want, tol16(dt));
+}
+
 TEST_CASE("convert_f32: round to nearest even, bit for bit") {
     GPU_OR_SKIP();
     SEEDED_RNG();
