@@ -80,10 +80,6 @@ void Session::prefill(DeviceSample* sample) {
         const bool last = done + m == n;
         run_step(start + done, m, last, last ? sample : nullptr);  // throws; earlier chunks stay
         done += m;
-        if (done == n && prefill_positions_.empty()) {  // the first prefill has completed
-            for (int il = 0; il < cache_->n_layer(); ++il)
-                prefill_positions_.push_back(cache_->positions(il));
-        }
         publish_memory();  // memory() follows a long prefill chunk by chunk
     }
     have_logits_ = true;
@@ -133,8 +129,17 @@ void Session::run_step(int32_t start, int32_t n, bool want_logits, DeviceSample*
             throw;
         }
     }
+    // The step has happened, whatever its compression below does: a failure there (a retain
+    // out of device memory) is thrown, and the next call samples from this step's logits
+    // (the policy compresses the rest after a later step).
     cache_->set_n_processed(start + n);
-    if (want_logits) logits_on_device_ = sample != nullptr;
+    if (want_logits) {  // the input's last step
+        logits_on_device_ = sample != nullptr;
+        have_logits_ = true;
+        if (prefill_positions_.empty())  // the first prefill has completed
+            for (int il = 0; il < cache_->n_layer(); ++il)
+                prefill_positions_.push_back(cache_->positions(il));
+    }
     {
         std::lock_guard<std::mutex> lock(memory_mutex_);
         policy_->after_step(*cache_);

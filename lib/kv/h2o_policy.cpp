@@ -46,14 +46,18 @@ public:
     }
     void after_step(KvCache& cache) override {
         if (budget_ == 0) return;
+        // Every layer's scores first, then the retains, each before its scores follow it: a
+        // retain that fails (out of device memory) leaves every layer's scores matching its
+        // cache, and a later step trims what this one could not.
+        if (!first_prefill_)
+            for (int il = 0; il < n_layer_; ++il) add_staged(il);
+        first_prefill_ = false;
         for (int il = 0; il < n_layer_; ++il) {
-            if (!first_prefill_) add_staged(il);
             if (lossless() || cache.size(il) <= budget_) continue;
             std::vector<int32_t> keep = heavy_and_recent(il, cache.size(il));
-            retain_scores(il, keep);
             cache.retain(il, keep);
+            retain_scores(il, keep);
         }
-        first_prefill_ = false;
     }
     void abort_step() override {
         for (auto& s : staged_) s.clear();

@@ -77,17 +77,19 @@ std::vector<int32_t> WindowPolicy::select_prefill(int il, const Observation& obs
 
 void WindowPolicy::after_step(KvCache& cache) {
     if (!planned_) return;
+    // Every layer's rows first, then the compressions: one that fails (a retain out of device
+    // memory) leaves every layer's rows and counts matching its cache, and a later step
+    // compresses what this one could not.
     for (int il = 0; il < n_layer_; ++il) {
         auto& staged = staged_[size_t(il)];
-        if (!staged.empty()) {
-            const int32_t width = staged_width_[size_t(il)];  // columns from n_compressed on
-            layers_[size_t(il)].rows.push(staged.data(), int32_t(staged.size() / size_t(width)),
-                                          width, 0);
-            staged.clear();
-        }
-        compress_blocks(il, cache);
+        if (staged.empty()) continue;
+        const int32_t width = staged_width_[size_t(il)];  // columns from n_compressed on
+        layers_[size_t(il)].rows.push(staged.data(), int32_t(staged.size() / size_t(width)),
+                                      width, 0);
+        staged.clear();
     }
     first_prefill_ = false;
+    for (int il = 0; il < n_layer_; ++il) compress_blocks(il, cache);
 }
 
 // Generation: cache = [compressed | pending | recent]; every E pending tokens, keep the

@@ -216,6 +216,76 @@ TEST_CASE("peers keep exactly their budget after prefill and through generation"
     }
 }
 
+// Storage that keeps no bytes and fails the retain it is told to (as the GPU's can, out of
+// device memory, in a step's after_step).
+class FlakyStorage final : public pyr::KvStorage {
+public:
+    uint64_t bytes_per_token() const override { return 1; }
+    void retain(int, const std::vector<int32_t>&) override {
+        if (fail_next) {
+            fail_next = false;
+            pyr::fail(PYR_ERR_OUT_OF_MEMORY, "out of device memory (test)");
+        }
+    }
+    void truncate(int, int32_t) override {}
+    uint64_t rows_moved() const override { return 0; }
+    bool fail_next = false;
+};
+
+TEST_CASE("h2o: a retain failing after a step leaves its scores matching the cache") {
+    // Tokens at positions 0 mod 5 get all the attention, every step: heavy hitters from the
+    // step they arrive, so none of them may ever be dropped while lighter ones stay. Scores
+    // attributed to the wrong slot after a failed retain would drop some.
+    const int n_layer = 3;
+    const int32_t P = 60;
+    auto kv = policy("h2o", 0.5f);
+    auto h2o = pyr::make_kv_policy(kv, n_layer);
+    auto storage = std::make_unique<FlakyStorage>();
+    FlakyStorage& flaky = *storage;
+    pyr::KvCache cache(n_layer, std::move(storage));
+    auto step = [&](int32_t first, int32_t n) {
+        h2o->begin_step(n, first == 0);
+        std::vector<int32_t> positions(static_cast<size_t>(n));
+        for (int32_t i = 0; i < n; ++i) positions[size_t(i)] = first + i;
+        for (int il = 0; il < n_layer; ++il) {
+            cache.appended(il, positions.data(), n);
+            const pyr::ObservationRequest req = h2o->observe(il);
+            REQUIRE(req.column_sums);
+            const std::vector<int32_t>& pos = cache.positions(il);
+            std::vector<float> sums(pos.size());
+            for (size_t j = 0; j < pos.size(); ++j) sums[j] = pos[j] % 5 == 0 ? float(n) : 0.0f;
+            pyr::Observation obs;
+            obs.n_keys = int32_t(pos.size());
+            obs.column_sums = sums.data();
+            if (auto keep = h2o->on_layer(il, obs, cache)) cache.retain(il, *keep);
+        }
+        h2o->after_step(cache);
+    };
+    step(0, P);
+    const int32_t budget = int32_t(h2o->param("budget"));
+    REQUIRE(budget == 30);
+    bool failed = false;
+    for (int32_t t = P; t < P + 25; ++t) {  // heavy ones older than the recent 15: at most 15
+        flaky.fail_next = t == P + 3;  // the first retain of that step (layer 0's) fails
+        try {
+            step(t, 1);
+        } catch (const pyr::Error& e) {
+            CHECK(e.status() == PYR_ERR_OUT_OF_MEMORY);
+            failed = true;
+        }
+        for (int il = 0; il < n_layer; ++il) {
+            CAPTURE(t);
+            CAPTURE(il);
+            const std::vector<int32_t>& pos = cache.positions(il);
+            CHECK(int32_t(pos.size()) <= (t == P + 3 ? budget + 1 : budget));
+            std::set<int32_t> kept(pos.begin(), pos.end());
+            // every heavy token is still there
+            for (int32_t p = 0; p <= t; p += 5) CHECK(kept.count(p) == 1);
+        }
+    }
+    CHECK(failed);
+}
+
 TEST_CASE("pyramid: generation compresses every E tokens and never touches the window") {
     auto engine = pyr_test::open_engine(kGqa);
     pyr::KvParams kv = policy("pyramid", 0.5f);
