@@ -603,6 +603,7 @@ TEST_CASE("a paged KV cache keeps its rows in order through moves toward either 
         if (first < n)
             REQUIRE(cudaMemcpy(kv.table(il) + first, kv.host_table(il) + first, size_t(n - first) * sizeof(void*),
                                cudaMemcpyHostToDevice) == cudaSuccess);
+        kv.table_uploaded(il);
         if (gap(il) < gap_before) ++(gap_before % P != 0 && gap(il) == 0 ? closes : shifts);
         for (int32_t j = size; j < size + n_new; ++j) {
             ids[size_t(il)].push_back(next_id++);

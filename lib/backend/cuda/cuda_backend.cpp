@@ -357,6 +357,7 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
 void CudaBackend::reserve_kv(CudaKvStorage& kv, int il, int32_t n_total) {
     const int32_t first = kv.reserve(il, n_total), n = kv.table_entries(il);
     if (first < n) stage_upload(kv.table(il) + first, kv.host_table(il) + first, size_t(n - first));
+    kv.table_uploaded(il);
 }
 
 // Sequence s of a layer's launches: its n rows from row0 of the batch buffers, its cache

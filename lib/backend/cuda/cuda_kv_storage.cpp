@@ -36,6 +36,11 @@ size_t KvCompactor::bytes_for(size_t n_jobs, size_t n_src) const {
     return 2 * n_jobs * sizeof(kernels::CompactJob) + n_src * sizeof(int32_t);
 }
 
+int32_t KvCompactor::count_moving(const Job& j) {
+    const auto [lo, hi] = moving(j);
+    return hi - lo;
+}
+
 std::pair<int32_t, int32_t> KvCompactor::moving(const Job& j) {
     // all rows move one way, so the rows that stay are a prefix (toward the front) or a suffix
     int32_t lo = 0, hi = int32_t(j.src.size());
@@ -54,38 +59,47 @@ void KvCompactor::add(const void* owner, void** table, size_t row_bytes, int32_t
     if (it != index_.end()) {  // rows of rows: keep indexes what the pending job keeps
         Job& j = jobs_[it->second];
         PYR_ASSERT(j.toward_back == toward_back && j.dst0 == gap);
-        std::vector<int32_t> composed(keep.size());
+        Job composed{owner, table, row_bytes, j.gap_before, new_gap, toward_back,
+                     std::vector<int32_t>(keep.size()), {}};
         for (size_t i = 0; i < keep.size(); ++i) {
             PYR_ASSERT(size_t(keep[i]) < j.src.size());
-            composed[i] = j.src[size_t(keep[i])];
+            composed.src[i] = j.src[size_t(keep[i])];
         }
-        n_src_ = n_src_ - j.src.size() + composed.size();
-        j.src = std::move(composed);
+        const int32_t n_moving = count_moving(composed);
+        reserve_device(jobs_.size(), n_moving_ - size_t(j.n_moving) + size_t(n_moving));
+        n_moving_ = n_moving_ - size_t(j.n_moving) + size_t(n_moving);
+        j.src = std::move(composed.src);
         j.dst0 = new_gap;
+        j.n_moving = n_moving;
         for (DeviceBuffer& b : emptied) j.emptied.push_back(std::move(b));
         // nothing moves and the gap is as before: nothing reads the emptied pages any more
-        const auto [lo, hi] = moving(j);
-        if (lo == hi && j.dst0 == j.gap_before) remove(it->second);
+        if (n_moving == 0 && j.dst0 == j.gap_before) remove(it->second);
         return;
     }
     Job j{owner, table, row_bytes, gap, new_gap, toward_back, std::vector<int32_t>(keep.size()), {}};
     for (size_t i = 0; i < keep.size(); ++i) j.src[i] = gap + keep[i];
-    const auto [lo, hi] = moving(j);
-    if (lo == hi && new_gap == gap) {  // nothing to do: nothing reads the emptied pages
+    j.n_moving = count_moving(j);
+    if (j.n_moving == 0 && new_gap == gap) {  // nothing to do: nothing reads the emptied pages
         emptied.clear();
         return;
     }
-    const size_t need = bytes_for(jobs_.size() + 1, n_src_ + j.src.size());
-    if (need > device_.bytes())
-        device_ = ctx_->alloc(std::max({need, 2 * device_.bytes(), size_t(64) << 10}), Use::Scratch);
+    reserve_device(jobs_.size() + 1, n_moving_ + size_t(j.n_moving));
     j.emptied = std::move(emptied);
-    n_src_ += j.src.size();
+    n_moving_ += size_t(j.n_moving);
     jobs_.push_back(std::move(j));
     index_[table] = jobs_.size() - 1;
 }
 
+// Device room for n_jobs jobs moving n_moving rows in all (what flush uploads), taken before
+// a job changes: an out-of-memory error leaves the queue as it was.
+void KvCompactor::reserve_device(size_t n_jobs, size_t n_moving) {
+    const size_t need = bytes_for(n_jobs, n_moving);
+    if (need > device_.bytes())
+        device_ = ctx_->alloc(std::max({need, 2 * device_.bytes(), size_t(64) << 10}), Use::Scratch);
+}
+
 void KvCompactor::remove(size_t i) {
-    n_src_ -= jobs_[i].src.size();
+    n_moving_ -= size_t(jobs_[i].n_moving);
     index_.erase(jobs_[i].table);
     if (i + 1 < jobs_.size()) {
         jobs_[i] = std::move(jobs_.back());
@@ -119,7 +133,7 @@ void KvCompactor::flush() {
     }
     const size_t n_jobs = 2 * jobs_.size(), jobs_bytes = n_jobs * sizeof(kernels::CompactJob);
     const size_t bytes = bytes_for(jobs_.size(), n_moving);
-    PYR_ASSERT(device_.bytes() >= bytes);  // taken by add(), for every entry
+    PYR_ASSERT(n_moving == n_moving_ && device_.bytes() >= bytes);  // taken by add()
     // host_ is used from the front once the last flush's copy has passed (then every earlier
     // one has), else after what the copies still in flight read: the host never waits for
     // the device here unless host_ is full (several flushes behind one long kernel, e.g. the
@@ -160,7 +174,7 @@ void KvCompactor::flush() {
     const std::vector<Job> done = std::move(jobs_);
     jobs_.clear();
     index_.clear();
-    n_src_ = 0;
+    n_moving_ = 0;
     const cudaStream_t st = ctx_->stream();
     PYR_CUDA_CHECK(cudaMemcpyAsync(device_.get(), host, bytes, cudaMemcpyHostToDevice, st));
     uploaded_->record(st);
@@ -203,6 +217,7 @@ int32_t CudaKvStorage::reserve(int il, int32_t n_total) {
     PYR_ASSERT(n_total <= n_ctx_);
     if (compactor_->pending(table(il))) compactor_->flush();
     const int32_t table_slots = max_pages_ * kernels::kKvPageRows;
+    bool shift = false;
     if (layer.gap() + n_total > table_slots) {  // past the table's end
         const int32_t page_start = layer.gap() / kernels::kKvPageRows * kernels::kKvPageRows;
         if (layer.gap() - page_start + n_total > table_slots) {
@@ -215,22 +230,26 @@ int32_t CudaKvStorage::reserve(int il, int32_t n_total) {
             compactor_->flush();
             layer.set_gap(page_start);
         }
-        drop_gap_pages(layer);
+        shift = true;
     }
-    const size_t have = layer.pages.size(), need = size_t(pages_for(layer.gap() + n_total));
-    try {
-        while (layer.pages.size() < need) {
-            layer.pages.push_back(ctx_->alloc(page_bytes(kv_dim_), Use::Kv));
-            layer.table.push_back(layer.pages.back().get());
-        }
-    } catch (...) {  // out of memory: the pages as they were (stale_from says what to upload)
-        layer.pages.resize(have);
-        layer.table.resize(1 + have);
-        throw;
+    // the new pages first: out of memory leaves the table as it was (also unshifted: host
+    // and device keep the same entries)
+    const int32_t dropped = shift ? layer.gap() / kernels::kKvPageRows : 0;
+    const size_t have = layer.pages.size() - size_t(dropped),
+                 need = size_t(pages_for(layer.gap() - dropped * kernels::kKvPageRows + n_total));
+    std::vector<DeviceBuffer> added;
+    while (have + added.size() < need) added.push_back(ctx_->alloc(page_bytes(kv_dim_), Use::Kv));
+    if (shift) drop_gap_pages(layer);
+    for (DeviceBuffer& page : added) {
+        layer.table.push_back(page.get());
+        layer.pages.push_back(std::move(page));
     }
-    const int32_t first = std::min(layer.stale_from, int32_t(1 + have));
-    layer.stale_from = int32_t(layer.table.size());  // the caller uploads them
-    return first;
+    return std::min(layer.stale_from, int32_t(1 + have));
+}
+
+void CudaKvStorage::table_uploaded(int il) {
+    Layer& layer = layers_[size_t(il)];
+    layer.stale_from = int32_t(layer.table.size());
 }
 
 void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {

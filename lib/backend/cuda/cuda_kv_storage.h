@@ -59,9 +59,12 @@ private:
         bool toward_back;
         std::vector<int32_t> src;  // row i's slot before the job
         std::vector<DeviceBuffer> emptied;  // freed after the launch
+        int32_t n_moving = 0;      // of src's entries (count_moving), what flush uploads
     };
     // The entries of a job whose rows move ([lo, hi) of src), or none.
     static std::pair<int32_t, int32_t> moving(const Job& j);
+    static int32_t count_moving(const Job& j);
+    void reserve_device(size_t n_jobs, size_t n_moving);
     size_t bytes_for(size_t n_jobs, size_t n_src) const;
     void remove(size_t i);  // jobs_[i], the mutex held
 
@@ -69,7 +72,7 @@ private:
     std::mutex mutex_;
     std::vector<Job> jobs_;
     std::unordered_map<kernels::KvPages, size_t> index_;  // table -> its job in jobs_
-    size_t n_src_ = 0;  // entries of the jobs' source lists
+    size_t n_moving_ = 0;  // the jobs' moving entries (count_moving), summed
     PinnedBuffer host_;       // the jobs and source lists of the flushes in flight
     size_t host_used_ = 0;    // bytes of host_ whose copies may still be queued
     DeviceBuffer device_;     // the last flush's device copy, read by its launch
@@ -93,11 +96,13 @@ public:
 
     // Makes room for n_total rows in layer il: the pages that cover them. Returns the first
     // entry of host_table(il) that changed (table_entries(il) when none): the caller uploads
-    // entries [that, table_entries(il)) to table(il) before a launch reads them. Flushes the
+    // entries [that, table_entries(il)) to table(il) before a launch reads them, then says so
+    // (table_uploaded; until then they count as changed). Flushes the
     // compactor first if the layer has a job pending (appends must follow it); past the
     // table's end, drops the entries of the pages wholly in the gap (the table shifts) and,
     // if still short, moves the rows to the front of their first page (queued and flushed).
     int32_t reserve(int il, int32_t n_total);
+    void table_uploaded(int il);
     void set_size(int il, int32_t n) { layers_[size_t(il)].size = n; }
     int32_t size(int il) const { return layers_[size_t(il)].size; }
     // Rows the layer can hold without a new page.
