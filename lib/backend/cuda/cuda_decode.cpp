@@ -26,7 +26,7 @@ struct CudaBackend::DecodePlan {
         kernels::KvPages pages = nullptr;
         int32_t bound = 0;     // bounds the cache length in the launches; scores' row stride
         bool observed = false; // the policy measures the token's attention row
-        size_t scores_off = 0, rows_off = 0;  // floats into s_.scores and s_.obs
+        size_t scores_off = 0, rows_off = 0;  // floats into s_.scores (each layer from 0) and s_.obs
     };
     int32_t n_seq = 0;
     std::vector<Seq> seqs;         // (n_layer, n_seq)
@@ -83,8 +83,10 @@ bool CudaBackend::decode_step(SequenceStep* steps, int n_seq) {
     plan.seqs.resize(reqs.size());
     std::vector<int32_t> kv_len(reqs.size());
     std::vector<Measured> deferred;
+    // a layer's raw scores are read within the layer (its rows), so every layer's start at 0
     size_t score_floats = 0, obs_floats = 0;
-    for (int il = 0; il < c.n_layer; ++il)
+    for (int il = 0; il < c.n_layer; ++il) {
+        size_t layer_scores = 0;
         for (int s = 0; s < n_seq; ++s) {
             const size_t i = size_t(il) * size_t(n_seq) + size_t(s);
             KvCache& cache = *steps[s].cache;
@@ -101,13 +103,15 @@ bool CudaBackend::decode_step(SequenceStep* steps, int n_seq) {
             const bool row = reqs[i].last_rows > 0, sums = reqs[i].column_sums;
             q.observed = row || sums;
             if (!q.observed) continue;
-            q.scores_off = score_floats;
+            q.scores_off = layer_scores;
             q.rows_off = obs_floats;
-            score_floats += size_t(c.n_head) * size_t(q.bound);
+            layer_scores += size_t(c.n_head) * size_t(q.bound);
             obs_floats += size_t(q.bound);
             deferred.push_back({s, il, row ? 1 : 0, n_kv, row ? q.rows_off : SIZE_MAX,
                                 sums ? q.rows_off : SIZE_MAX});
         }
+        score_floats = std::max(score_floats, layer_scores);
+    }
     int32_t max_split = 1;
     plan.n_split.resize(size_t(c.n_layer));
     for (int il = 0; il < c.n_layer; ++il) {
