@@ -309,6 +309,17 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
     std::vector<size_t> score_off(seqs.size(), 0);
     size_t score_floats = 0;
     int32_t n_rows = 0;
+    // whether each sequence's attention launch (kMaxBatch sequences, attention_block) runs
+    // on the tensor cores: only then are its observed rows recomputed there, with the lse
+    // the same arithmetic made
+    std::vector<char> tc_launch(seqs.size(), 0);
+    for (int c0 = 0; c0 < n_seq; c0 += kernels::kMaxBatch) {
+        const int c1 = std::min(n_seq, c0 + kernels::kMaxBatch);
+        int32_t max_q = 0;
+        for (int s = c0; s < c1; ++s) max_q = std::max(max_q, seqs[size_t(s)].n);
+        const bool tc = kernels::attention_on_tensor_cores(dt_, max_q, c.head_dim, attention_on_tensor_cores_);
+        std::fill(tc_launch.begin() + c0, tc_launch.begin() + c1, char(tc));
+    }
     for (int s = 0; s < n_seq; ++s) {
         const InFlight& f = seqs[size_t(s)];
         KvCache& cache = *steps[s].cache;
@@ -329,7 +340,7 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
             lb.reqs[size_t(s)] = steps[s].policy->observe(il);
             const int32_t n_obs = std::min(lb.reqs[size_t(s)].last_rows, a.n_q);
             lb.obs_rows[size_t(s)] = n_obs;
-            if (n_obs <= 1 || !rows_on_tensor_cores_) {
+            if (n_obs <= 1 || !rows_on_tensor_cores_ || !tc_launch[size_t(s)]) {
                 a.scores_from = a.n_q - n_obs;
                 score_off[size_t(s)] = score_floats;
                 score_floats += size_t(n_obs) * size_t(c.n_head) * size_t(a.n_kv);
