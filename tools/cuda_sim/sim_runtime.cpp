@@ -1460,16 +1460,43 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
     return cudaSuccess;
 }
 
-// The default pool: its attributes are accepted (cudaMallocAsync allocates at once here).
+// Memory pools: the default one and those created; their attributes are accepted and their
+// allocations are cudaMallocAsync's (at once here). A pool used after its destruction, or
+// destroyed twice, is an error.
 static char default_pool;
+static std::set<cudaMemPool_t> created_pools;  // under alloc_mutex
+static bool is_pool(cudaMemPool_t pool) {
+    std::lock_guard<std::mutex> lock(alloc_mutex);
+    return pool == reinterpret_cast<cudaMemPool_t>(&default_pool) || created_pools.count(pool) > 0;
+}
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
     if (!pool) return fail(cudaErrorInvalidValue);
     if (device != 0) return fail(cudaErrorInvalidDevice);
     *pool = reinterpret_cast<cudaMemPool_t>(&default_pool);
     return cudaSuccess;
 }
+cudaError_t cudaMemPoolCreate(cudaMemPool_t* pool, const cudaMemPoolProps* props) {
+    if (!pool || !props || props->allocType != cudaMemAllocationTypePinned ||
+        props->location.type != cudaMemLocationTypeDevice)
+        return fail(cudaErrorInvalidValue);
+    if (props->location.id != 0) return fail(cudaErrorInvalidDevice);
+    std::lock_guard<std::mutex> lock(alloc_mutex);
+    *pool = reinterpret_cast<cudaMemPool_t>(new char);
+    created_pools.insert(*pool);
+    return cudaSuccess;
+}
+cudaError_t cudaMemPoolDestroy(cudaMemPool_t pool) {
+    std::lock_guard<std::mutex> lock(alloc_mutex);
+    if (created_pools.erase(pool) == 0) return fail(cudaErrorInvalidValue);
+    delete reinterpret_cast<char*>(pool);
+    return cudaSuccess;
+}
+cudaError_t cudaMallocFromPoolAsync(void** ptr, size_t bytes, cudaMemPool_t pool, cudaStream_t stream) {
+    if (!is_pool(pool)) return fail(cudaErrorInvalidValue);
+    return cudaMallocAsync(ptr, bytes, stream);
+}
 cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t pool, cudaMemPoolAttr attr, void* value) {
-    if (pool != reinterpret_cast<cudaMemPool_t>(&default_pool) || !value) return fail(cudaErrorInvalidValue);
+    if (!is_pool(pool) || !value) return fail(cudaErrorInvalidValue);
     switch (attr) {
         case cudaMemPoolReuseFollowEventDependencies:
         case cudaMemPoolReuseAllowOpportunistic:

@@ -358,6 +358,27 @@ TEST_CASE("cuda-sim: calls CUDA refuses during a stream capture fail and invalid
     }
 }
 
+TEST_CASE("cuda-sim: a created memory pool allocates until it is destroyed") {
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = 0;
+    cudaMemPool_t pool = nullptr;
+    REQUIRE(cudaMemPoolCreate(&pool, &props) == cudaSuccess);
+    uint64_t keep_all = UINT64_MAX;
+    CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all) == cudaSuccess);
+    Stream s;
+    void* p = nullptr;
+    REQUIRE(cudaMallocFromPoolAsync(&p, 256, pool, s.s) == cudaSuccess);
+    CHECK(cudaMemsetAsync(p, 1, 256, s.s) == cudaSuccess);
+    CHECK(cudaFreeAsync(p, s.s) == cudaSuccess);
+    CHECK(cudaStreamSynchronize(s.s) == cudaSuccess);
+    CHECK(cudaMemPoolDestroy(pool) == cudaSuccess);
+    CHECK(cudaMallocFromPoolAsync(&p, 256, pool, s.s) == cudaErrorInvalidValue);
+    CHECK(cudaMemPoolDestroy(pool) == cudaErrorInvalidValue);
+    cudaGetLastError();
+}
+
 TEST_CASE("cuda-sim: queued work runs only when the host waits for it, in CUDA's order") {
     if (const char* eager = std::getenv("PYR_SIM_EAGER"); eager && std::strcmp(eager, "0") != 0) {
         MESSAGE("PYR_SIM_EAGER is set: work runs when it is queued; nothing to check here");

@@ -68,12 +68,17 @@ std::shared_ptr<Context> Context::open(int index, uint64_t max_bytes) {
     // algorithms that fit), 256-byte aligned
     const uint64_t ws = std::min<uint64_t>(uint64_t(prop.major >= 9 ? 32 : 4) << 20, ctx->budget_ / 64);
     ctx->gemm_ws_bytes_ = size_t(ws & ~uint64_t(255));
-    // Keep freed blocks in the stream-ordered pool instead of returning them at each sync:
-    // KV compaction and growing scratch allocate and free every few steps.
-    cudaMemPool_t pool = nullptr;
-    PYR_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, index));
+    // A stream-ordered pool of the engine's own that keeps freed blocks instead of returning
+    // them at each sync (KV compaction and growing scratch allocate and free every few
+    // steps), and gives everything back when the engine closes; the device's default pool,
+    // which the application may use too, is left as it is.
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = index;
+    PYR_CUDA_CHECK(cudaMemPoolCreate(&ctx->pool_, &props));
     uint64_t keep_all = UINT64_MAX;
-    PYR_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+    PYR_CUDA_CHECK(cudaMemPoolSetAttribute(ctx->pool_, cudaMemPoolAttrReleaseThreshold, &keep_all));
     PYR_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->stream_, cudaStreamNonBlocking));
     PYR_CUBLAS_CHECK(cublasCreate(&ctx->cublas_));
     PYR_CUBLAS_CHECK(cublasSetStream(ctx->cublas_, ctx->stream_));
@@ -90,6 +95,8 @@ Context::~Context() {
     if (cublas_) cublasDestroy(cublas_);
     if (gemm_ws_) raw_free(gemm_ws_, gemm_ws_bytes_, Use::Scratch);  // stream-ordered
     if (stream_) cudaStreamDestroy(stream_);  // returns at once; the free still runs
+    // its memory goes back to the device once the frees still queued have run
+    if (pool_) cudaMemPoolDestroy(pool_);
 }
 
 void Context::make_current() const { PYR_CUDA_CHECK(cudaSetDevice(device_)); }
@@ -121,13 +128,13 @@ void* Context::raw_alloc(size_t bytes, Use use) {
     }
     void* p = nullptr;
     // Stream-ordered: freeing does not stall the device, and a freed block is reused in order.
-    const cudaError_t err = cudaMallocAsync(&p, bytes, stream_);
+    const cudaError_t err = cudaMallocFromPoolAsync(&p, bytes, pool_, stream_);
     if (err != cudaSuccess) {
         cudaGetLastError();
         std::lock_guard<std::mutex> lock(mutex_);
         counter(use_, use) -= bytes;
         fail(err == cudaErrorMemoryAllocation ? PYR_ERR_OUT_OF_MEMORY : PYR_ERR_INTERNAL,
-             "cudaMallocAsync of " + std::to_string(bytes) + " bytes failed: " +
+             "cudaMallocFromPoolAsync of " + std::to_string(bytes) + " bytes failed: " +
                  cudaGetErrorString(err));
     }
     return p;

@@ -140,6 +140,7 @@ private:
     std::string name_;
     int sm_count_ = 0;
     cudaStream_t stream_ = nullptr;
+    cudaMemPool_t pool_ = nullptr;  // every allocation of the engine (raw_alloc)
     cublasHandle_t cublas_ = nullptr;
     uint64_t budget_ = 0;
     void* gemm_ws_ = nullptr;
