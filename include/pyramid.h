@@ -293,7 +293,9 @@ PYR_API pyr_status pyr_session_feed_tokens(pyr_session* session, const int32_t* 
  * there was nothing to do), PYR_CANCELLED or an error; then the history and the queued
  * input are as before the call, and the next call goes on from where this one stopped:
  * input longer than the engine's prefill_chunk runs in chunks, and those that completed
- * stay in the cache. pyr_session_next() calls it implicitly. */
+ * stay in the cache. One more case: PYR_ERR_OUT_OF_MEMORY from the KV policy compressing the
+ * cache after a chunk ran (the device cannot take the moves now) leaves that chunk processed;
+ * the cache is compressed after a later step. pyr_session_next() calls it implicitly. */
 PYR_API pyr_status pyr_session_prefill(pyr_session* session);
 
 /* Produces the next token: processes pending input, samples one token and returns
@@ -303,7 +305,8 @@ PYR_API pyr_status pyr_session_prefill(pyr_session* session);
  *                  further calls keep returning PYR_DONE until more input is fed;
  *   PYR_CANCELLED  pyr_session_cancel() was called; no token was produced (completed chunks
  *                  of pending input stay processed, as in pyr_session_prefill);
- *   an error       the message is on the session.
+ *   an error       the message is on the session (after the out-of-memory case of
+ *                  pyr_session_prefill, the next call samples from the step that ran).
  * The sampled token becomes part of the history (it is computed by the following call).
  * The end-of-sequence token is part of the history too but has no text. */
 PYR_API pyr_status pyr_session_next(pyr_session* session);
