@@ -116,12 +116,18 @@ void CudaBackend::ensure_scratch(int32_t n_rows, int n_seq) {
         s_.rows_index = ctx_->alloc(n * 4, Use::Scratch);
         s_.n_rows = int32_t(n);
     }
+    // each grown buffer is freed first (the budget counts what is held), its size zeroed
+    // until the new one is there
     if (size_t(n_seq) > s_.n_logits) {
+        s_.logits = DeviceBuffer();
+        s_.n_logits = 0;
         s_.logits = ctx_->alloc(size_t(n_seq) * size_t(config_.n_vocab) * 4, Use::Scratch);
         s_.n_logits = size_t(n_seq);
     }
     const size_t n_len = size_t(n_seq) * size_t(config_.n_layer);
     if (n_len > s_.kv_len_n) {
+        s_.kv_len = DeviceBuffer();
+        s_.kv_len_n = 0;
         s_.kv_len = ctx_->alloc(n_len * 4, Use::Scratch);
         s_.kv_len_n = n_len;
     }
@@ -490,12 +496,17 @@ std::vector<int32_t> CudaBackend::sample_tokens(SequenceStep* steps,
         penalized.insert(penalized.end(), d->penalized, d->penalized + d->n_penalized);
     }
     if (rows.empty()) return rows;
-    if (desc.size() > s_.n_sample_rows) {
+    if (desc.size() > s_.n_sample_rows) {  // freed first, as in ensure_scratch
+        s_.sample_rows = DeviceBuffer();
+        s_.sampled = DeviceBuffer();
+        s_.n_sample_rows = 0;
         s_.sample_rows = ctx_->alloc(desc.size() * sizeof(kernels::SampleRow), Use::Scratch);
         s_.sampled = ctx_->alloc(desc.size() * 4, Use::Scratch);
         s_.n_sample_rows = desc.size();
     }
     if (penalized.size() > s_.n_penalized) {
+        s_.penalized = DeviceBuffer();
+        s_.n_penalized = 0;
         s_.penalized = ctx_->alloc(penalized.size() * 4, Use::Scratch);
         s_.n_penalized = penalized.size();
     }
