@@ -82,7 +82,6 @@ void Session::prefill(DeviceSample* sample) {
         done += m;
         publish_memory();  // memory() follows a long prefill chunk by chunk
     }
-    have_logits_ = true;
 }
 
 // One forward over tokens [start, start + n) of the history (with the last one's logits if
