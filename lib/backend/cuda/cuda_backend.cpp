@@ -116,21 +116,16 @@ void CudaBackend::ensure_scratch(int32_t n_rows, int n_seq) {
         s_.rows_index = ctx_->alloc(n * 4, Use::Scratch);
         s_.n_rows = int32_t(n);
     }
-    // each grown buffer is freed first (the budget counts what is held), its size zeroed
-    // until the new one is there
-    if (size_t(n_seq) > s_.n_logits) {
-        s_.logits = DeviceBuffer();
-        s_.n_logits = 0;
-        s_.logits = ctx_->alloc(size_t(n_seq) * size_t(config_.n_vocab) * 4, Use::Scratch);
-        s_.n_logits = size_t(n_seq);
-    }
-    const size_t n_len = size_t(n_seq) * size_t(config_.n_layer);
-    if (n_len > s_.kv_len_n) {
-        s_.kv_len = DeviceBuffer();
-        s_.kv_len_n = 0;
-        s_.kv_len = ctx_->alloc(n_len * 4, Use::Scratch);
-        s_.kv_len_n = n_len;
-    }
+    grow_scratch(s_.logits, size_t(n_seq) * size_t(config_.n_vocab) * 4);
+    grow_scratch(s_.kv_len, size_t(n_seq) * size_t(config_.n_layer) * 4);
+}
+
+// Makes `b` hold at least `bytes`. A buffer that grows is freed first (the budget counts what
+// is held), so after a failed growth it is empty and the next call grows it again.
+void CudaBackend::grow_scratch(DeviceBuffer& b, size_t bytes) {
+    if (bytes <= b.bytes()) return;
+    b = DeviceBuffer();
+    b = ctx_->alloc(bytes, Use::Scratch);
 }
 
 // Grows the observation buffer, keeping the first `keep` floats (measured earlier this step).
@@ -145,12 +140,7 @@ void CudaBackend::ensure_obs(size_t floats, size_t keep) {
     s_.obs_floats = n;
 }
 
-void CudaBackend::ensure_scores(size_t floats) {
-    if (floats <= s_.score_floats) return;
-    s_.scores = DeviceBuffer();  // free first: the budget counts what is held
-    s_.scores = ctx_->alloc(floats * 4, Use::Scratch);
-    s_.score_floats = floats;
-}
+void CudaBackend::ensure_scores(size_t floats) { grow_scratch(s_.scores, floats * 4); }
 
 // Decode attention (one new token per sequence) splits each head's keys over several blocks
 // when the heads alone leave SMs idle; how many follows the layer's largest decode bound
@@ -166,11 +156,7 @@ int32_t CudaBackend::attn_splits(int n_seq, int32_t max_bound) const {
 // The split attention's workspace for n_split splits (grown, never shrunk).
 float* CudaBackend::ensure_attn_partial(int n_seq, int32_t n_split) {
     const size_t need = kernels::attention_split_floats(n_seq, config_.n_head, config_.head_dim, n_split);
-    if (need > s_.partial_floats) {
-        s_.attn_partial = DeviceBuffer();  // free first: the budget counts what is held
-        s_.attn_partial = ctx_->alloc(need * 4, Use::Scratch);
-        s_.partial_floats = need;
-    }
+    grow_scratch(s_.attn_partial, need * 4);
     return s_.attn_partial.as<float>();
 }
 
@@ -496,20 +482,9 @@ std::vector<int32_t> CudaBackend::sample_tokens(SequenceStep* steps,
         penalized.insert(penalized.end(), d->penalized, d->penalized + d->n_penalized);
     }
     if (rows.empty()) return rows;
-    if (desc.size() > s_.n_sample_rows) {  // freed first, as in ensure_scratch
-        s_.sample_rows = DeviceBuffer();
-        s_.sampled = DeviceBuffer();
-        s_.n_sample_rows = 0;
-        s_.sample_rows = ctx_->alloc(desc.size() * sizeof(kernels::SampleRow), Use::Scratch);
-        s_.sampled = ctx_->alloc(desc.size() * 4, Use::Scratch);
-        s_.n_sample_rows = desc.size();
-    }
-    if (penalized.size() > s_.n_penalized) {
-        s_.penalized = DeviceBuffer();
-        s_.n_penalized = 0;
-        s_.penalized = ctx_->alloc(penalized.size() * 4, Use::Scratch);
-        s_.n_penalized = penalized.size();
-    }
+    grow_scratch(s_.sample_rows, desc.size() * sizeof(kernels::SampleRow));
+    grow_scratch(s_.sampled, desc.size() * 4);
+    grow_scratch(s_.penalized, penalized.size() * 4);
     size_t at = 0;
     for (kernels::SampleRow& r : desc) {
         r.penalized = r.n_penalized > 0 ? s_.penalized.as<int32_t>() + at : nullptr;

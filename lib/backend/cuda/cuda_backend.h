@@ -47,8 +47,7 @@ private:
         DeviceBuffer rows_index, kv_len, obs, scores, logits, attn_partial;
         DeviceBuffer sample_rows, sampled, penalized;  // sampling: descriptors, tokens, ids
         int32_t n_rows = 0;  // rows the token buffers hold
-        size_t kv_len_n = 0, obs_floats = 0, score_floats = 0, n_logits = 0, partial_floats = 0;
-        size_t n_sample_rows = 0, n_penalized = 0;
+        size_t obs_floats = 0;  // the others' sizes: their bytes() (grow_scratch)
     };
     // One sequence's tokens while they go through the layers.
     struct InFlight {
@@ -90,6 +89,7 @@ private:
     DeviceBuffer upload_tensor(const Tensor& t);
     DeviceBuffer upload_concat(std::initializer_list<const Tensor*> parts);
     void ensure_scratch(int32_t n_rows, int n_seq);
+    void grow_scratch(DeviceBuffer& b, size_t bytes);
     void ensure_obs(size_t floats, size_t keep);
     void ensure_scores(size_t floats);
     int32_t attn_splits(int n_seq, int32_t max_bound) const;
