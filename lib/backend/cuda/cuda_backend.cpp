@@ -65,9 +65,9 @@ void CudaBackend::init_common() {
     if (attention_on_tensor_cores_) {  // the device's check runs now, not in a first prefill
         const kernels::TensorCores tc = kernels::tensor_cores(dt_);
         const std::string what = std::string("tensor cores ") + kernels::tensor_cores_name(tc);
-        rows_on_tensor_cores_ = kernels::attention_rows_mma_supported(dt_, c.head_dim);
+        const bool head_dim_ok = kernels::attention_rows_mma_supported(dt_, c.head_dim);
         if (tc == kernels::TensorCores::Usable || tc == kernels::TensorCores::Absent)
-            PYR_LOG_INFO(what + (rows_on_tensor_cores_ || tc != kernels::TensorCores::Usable
+            PYR_LOG_INFO(what + (head_dim_ok || tc != kernels::TensorCores::Usable
                                      ? ""
                                      : "; head_dim " + std::to_string(c.head_dim) +
                                            ": prefill attention on the CUDA cores"));
@@ -332,7 +332,7 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
             lb.reqs[size_t(s)] = steps[s].policy->observe(il);
             const int32_t n_obs = std::min(lb.reqs[size_t(s)].last_rows, a.n_q);
             lb.obs_rows[size_t(s)] = n_obs;
-            if (n_obs <= 1 || !rows_on_tensor_cores_ || !tc_launch[size_t(s)]) {
+            if (n_obs <= 1 || !tc_launch[size_t(s)]) {  // (tc_launch: attention_rows_mma can run)
                 a.scores_from = a.n_q - n_obs;
                 score_off[size_t(s)] = score_floats;
                 score_floats += size_t(n_obs) * size_t(c.n_head) * size_t(a.n_kv);

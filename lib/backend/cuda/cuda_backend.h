@@ -137,7 +137,6 @@ private:
     int32_t q_dim_ = 0, kv_dim_ = 0, qkv_dim_ = 0;
     bool sample_on_device_ = true;  // PYRAMID_GPU_SAMPLING=0: the host samples (comparing)
     bool attention_on_tensor_cores_ = true;  // PYRAMID_TENSOR_CORE_ATTENTION=0: CUDA cores
-    bool rows_on_tensor_cores_ = false;      // a prefill's observed rows: attention_rows_mma
     bool group_heads_ = true;  // PYRAMID_GROUPED_DECODE=0: a decode block per query head
     bool kv_back_moves_ = true;  // PYRAMID_KV_BACK_MOVES=0: KV rows only move to the front
     uint64_t device_samples_ = 0, undecided_samples_ = 0;  // BackendStats
