@@ -3,6 +3,8 @@
 // policy, the memory budget and cancellation. Needs a GPU (label gpu; skips without one).
 #include <doctest/doctest.h>
 
+#include <cuda_runtime.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -748,4 +750,47 @@ TEST_CASE("concurrent sessions share batched forwards and keep their lone runs' 
         // a batch takes other kernels (cuBLAS instead of gemv): rounding may flip near-ties
         check_same_greedy(together[size_t(i)], alone[size_t(i)], 0.02, 1e-2);
     }
+}
+
+TEST_CASE("an application thread keeps its own current device through every engine call") {
+    int n_dev = 0;
+    REQUIRE(cudaGetDeviceCount(&n_dev) == cudaSuccess);
+    if (n_dev < 2) {
+        MESSAGE("SKIPPED: needs a second CUDA device to make current (this machine has " << n_dev << ")");
+        return;
+    }
+    pyr::KvParams kv;  // retains during prefill and, after steps, on the session's thread
+    kv.policy = "pyramid";
+    kv.retention = 0.5f;
+    const std::string text = sample_text(1200);
+    Run want;
+    {
+        auto gpu = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
+        auto s = greedy_session(gpu, 16, kv);
+        s->feed_text(text);
+        want = generate(*s, 16);
+    }
+    REQUIRE(cudaSetDevice(1) == cudaSuccess);  // the application's GPU on this thread
+    struct Restore {
+        ~Restore() { cudaSetDevice(0); }
+    } restore;
+    auto current = [] {
+        int d = -1;
+        cudaGetDevice(&d);
+        return d;
+    };
+    auto gpu = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
+    CHECK(current() == 1);
+    auto s = greedy_session(gpu, 16, kv);
+    CHECK(current() == 1);
+    s->feed_text(text);
+    s->prefill();
+    CHECK(current() == 1);
+    const Run got = generate(*s, 16);
+    CHECK(current() == 1);
+    CHECK(got.tokens == want.tokens);
+    s.reset();  // its KV pages are freed
+    CHECK(current() == 1);
+    gpu.reset();
+    CHECK(current() == 1);
 }

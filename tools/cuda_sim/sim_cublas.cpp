@@ -20,6 +20,7 @@
 
 struct cublasContext {  // what cublasHandle_t points at
     cudaStream_t stream = nullptr;
+    int device = 0;  // current when it was created: the handle works there only
     // whether the caller gave a workspace (cublasSetWorkspace, maybe of 0 bytes) since the
     // last cublasSetStream, which drops it as cuBLAS does; the GEMMs here need none
     bool workspace_set = false;
@@ -172,6 +173,7 @@ struct Gemm {
 cublasStatus_t cublasCreate_v2(cublasHandle_t* handle) {
     if (!handle) return CUBLAS_STATUS_INVALID_VALUE;
     *handle = new cublasContext;
+    cudaGetDevice(&(*handle)->device);
     std::lock_guard<std::mutex> lock(handles_mutex);
     handles.insert(*handle);
     return CUBLAS_STATUS_SUCCESS;
@@ -257,6 +259,13 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
         return CUBLAS_STATUS_NOT_SUPPORTED;
     }
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    int current = 0;
+    cudaGetDevice(&current);
+    if (current != handle->device) {  // its kernels would go to another device's stream
+        std::fprintf(stderr, "cuda-sim: cublasGemmEx on a handle of device %d while device %d is current\n",
+                     handle->device, current);
+        return CUBLAS_STATUS_EXECUTION_FAILED;
+    }
     // Without a workspace of the caller's, cuBLAS may allocate one: not inside a capture.
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     if (cudaStreamIsCapturing(handle->stream, &capturing) == cudaSuccess &&

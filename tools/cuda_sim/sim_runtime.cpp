@@ -767,6 +767,7 @@ struct Op {  // queued work, not yet run
 
 struct Stream {
     unsigned flags = cudaStreamDefault;
+    int device = 0;  // current when it was created (the legacy and per-thread ones: any)
     Capture* capture = nullptr;
     std::deque<Op> queue;
     unsigned long long running = 0;  // the Op::seq being run (taken off the queue); 0: none
@@ -774,6 +775,7 @@ struct Stream {
 
 struct Event {
     unsigned flags = 0;
+    int device = 0;  // current when it was created
     unsigned long long captured_by = 0;  // the capture it was last recorded in; 0: none
     Stream* stream = nullptr;             // where it was last recorded outside a capture
     unsigned long long seq = 0;           // the work of `stream' it waits for: seq <= this
@@ -798,6 +800,10 @@ std::set<CUgraph_st*> live_graphs;
 std::set<CUgraphExec_st*> live_execs;
 std::vector<Capture*> captures;  // those under way
 unsigned long long capture_ids = 0;
+// Two devices: the second lets a test check that the library gives an application's thread
+// its own current device back. Both share the sim's memory.
+constexpr int kSimDevices = 2;
+thread_local int current_device = 0;
 unsigned long long op_serial = 0;  // Op::seq of the latest queued work
 Stream legacy_stream;                   // stream 0, cudaStreamLegacy: blocking
 thread_local Stream per_thread_stream;  // cudaStreamPerThread: blocking as well
@@ -1061,6 +1067,16 @@ void submit_launch(const LaunchSpec& spec, void (*body)(const void*),
         fail(bad);
         return;
     }
+    {  // a kernel goes into a stream of the current device only (the runtime refuses others)
+        std::lock_guard<std::mutex> lock(state_mutex);
+        const Stream* st = resolve(spec.stream);
+        if (st && st != &legacy_stream && st != &per_thread_stream && st->device != current_device) {
+            std::fprintf(stderr, "cuda-sim: launch of %s into a stream of device %d while device %d is current\n",
+                         spec.name, st->device, current_device);
+            fail(cudaErrorInvalidResourceHandle);
+            return;
+        }
+    }
     enqueue(spec.stream, spec.name, [spec, body, closure] { return run_launch(spec, body, closure.get()); });
 }
 
@@ -1070,6 +1086,7 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) 
     if (!stream || (flags & ~unsigned(cudaStreamNonBlocking))) return fail(cudaErrorInvalidValue);
     Stream* s = new Stream;
     s->flags = flags;
+    s->device = current_device;
     std::lock_guard<std::mutex> lock(state_mutex);
     live_streams.insert(s);
     *stream = reinterpret_cast<cudaStream_t>(s);
@@ -1265,6 +1282,7 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags) {
         return fail(cudaErrorInvalidValue);
     Event* e = new Event;
     e->flags = flags;
+    e->device = current_device;
     std::lock_guard<std::mutex> lock(state_mutex);
     live_events.insert(e);
     *event = reinterpret_cast<cudaEvent_t>(e);
@@ -1295,6 +1313,11 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     cudaError_t err;
     Stream* st = stream_for("cudaEventRecord", stream, &err);
     if (!st) return err;
+    if (st != &legacy_stream && st != &per_thread_stream && st->device != e->device) {
+        std::fprintf(stderr, "cuda-sim: cudaEventRecord of an event of device %d on a stream of device %d\n",
+                     e->device, st->device);
+        return fail(cudaErrorInvalidResourceHandle);
+    }
     if (st->capture && !st->capture->invalidated.empty()) return fail(cudaErrorStreamCaptureInvalidated);
     e->captured_by = st->capture ? st->capture->id : 0;
     e->stream = st->capture ? nullptr : st;
@@ -1385,12 +1408,16 @@ static size_t device_total_bytes() {
 static size_t device_used = 0;  // under alloc_mutex
 
 cudaError_t cudaGetDeviceCount(int* count) {
-    *count = 1;
+    *count = kSimDevices;
     return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice); }
+cudaError_t cudaSetDevice(int device) {
+    if (device < 0 || device >= kSimDevices) return fail(cudaErrorInvalidDevice);
+    current_device = device;
+    return cudaSuccess;
+}
 cudaError_t cudaGetDevice(int* device) {
-    *device = 0;
+    *device = current_device;
     return cudaSuccess;
 }
 
@@ -1398,7 +1425,7 @@ cudaError_t cudaGetDevice(int* device) {
 // cudaFuncSetAttribute is not simulated), with PYR_SIM_DEVICE_MEM_MB of memory (80 GiB).
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
     if (!prop) return fail(cudaErrorInvalidValue);
-    if (device != 0) return fail(cudaErrorInvalidDevice);
+    if (device < 0 || device >= kSimDevices) return fail(cudaErrorInvalidDevice);
     std::memset(prop, 0, sizeof *prop);
     std::snprintf(prop->name, sizeof prop->name, "cuda-sim");
     prop->totalGlobalMem = device_total_bytes();
@@ -1426,7 +1453,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
     if (!value) return fail(cudaErrorInvalidValue);
-    if (device != 0) return fail(cudaErrorInvalidDevice);
+    if (device < 0 || device >= kSimDevices) return fail(cudaErrorInvalidDevice);
     cudaDeviceProp p;
     cudaGetDeviceProperties(&p, 0);
     switch (attr) {
@@ -1471,7 +1498,7 @@ static bool is_pool(cudaMemPool_t pool) {
 }
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
     if (!pool) return fail(cudaErrorInvalidValue);
-    if (device != 0) return fail(cudaErrorInvalidDevice);
+    if (device < 0 || device >= kSimDevices) return fail(cudaErrorInvalidDevice);
     *pool = reinterpret_cast<cudaMemPool_t>(&default_pool);
     return cudaSuccess;
 }
@@ -1479,7 +1506,7 @@ cudaError_t cudaMemPoolCreate(cudaMemPool_t* pool, const cudaMemPoolProps* props
     if (!pool || !props || props->allocType != cudaMemAllocationTypePinned ||
         props->location.type != cudaMemLocationTypeDevice)
         return fail(cudaErrorInvalidValue);
-    if (props->location.id != 0) return fail(cudaErrorInvalidDevice);
+    if (props->location.id < 0 || props->location.id >= kSimDevices) return fail(cudaErrorInvalidDevice);
     std::lock_guard<std::mutex> lock(alloc_mutex);
     *pool = reinterpret_cast<cudaMemPool_t>(new char);
     created_pools.insert(*pool);

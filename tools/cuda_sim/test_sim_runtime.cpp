@@ -379,6 +379,54 @@ TEST_CASE("cuda-sim: a created memory pool allocates until it is destroyed") {
     cudaGetLastError();
 }
 
+TEST_CASE("cuda-sim: a stream, an event and a cuBLAS handle work only where they were made") {
+    int n = 0;
+    REQUIRE(cudaGetDeviceCount(&n) == cudaSuccess);
+    REQUIRE(n == 2);
+    Dev src(64), index(4), dst(64);
+    REQUIRE(cudaMemset(index.p, 0, 4) == cudaSuccess);
+    Stream s;  // device 0's
+    Event e;
+    cublasHandle_t h = nullptr;
+    REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
+    REQUIRE(cublasSetStream(h, s.s) == CUBLAS_STATUS_SUCCESS);
+    const float one = 1, zero = 0;
+    auto gemm = [&] {
+        return cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &one, src.p, CUDA_R_32F, 1, src.p,
+                            CUDA_R_32F, 1, &zero, dst.p, CUDA_R_32F, 1, CUBLAS_COMPUTE_32F,
+                            CUBLAS_GEMM_DEFAULT);
+    };
+    std::thread other([&] {  // the current device is the thread's own
+        int d = -1;
+        CHECK(cudaSetDevice(1) == cudaSuccess);
+        CHECK(cudaGetDevice(&d) == cudaSuccess);
+        CHECK(d == 1);
+    });
+    other.join();
+    int d = -1;
+    CHECK(cudaGetDevice(&d) == cudaSuccess);
+    CHECK(d == 0);
+
+    REQUIRE(cudaSetDevice(1) == cudaSuccess);
+    CHECK(pyr::kernels::gather_rows(src.p, 16, index.as<int32_t>(), 1, dst.p, s.s) ==
+          cudaErrorInvalidResourceHandle);
+    cudaGetLastError();
+    CHECK(cudaMemsetAsync(dst.p, 0, 64, s.s) == cudaSuccess);  // copies and sets may go anywhere
+    CHECK(gemm() == CUBLAS_STATUS_EXECUTION_FAILED);
+    Event e1;  // device 1's
+    CHECK(cudaEventRecord(e1.e, s.s) == cudaErrorInvalidResourceHandle);
+    cudaGetLastError();
+    CHECK(cudaSetDevice(2) == cudaErrorInvalidDevice);
+    cudaGetLastError();
+
+    REQUIRE(cudaSetDevice(0) == cudaSuccess);
+    CHECK(pyr::kernels::gather_rows(src.p, 16, index.as<int32_t>(), 1, dst.p, s.s) == cudaSuccess);
+    CHECK(gemm() == CUBLAS_STATUS_SUCCESS);
+    CHECK(cudaEventRecord(e.e, s.s) == cudaSuccess);
+    CHECK(cudaStreamSynchronize(s.s) == cudaSuccess);
+    cublasDestroy(h);
+}
+
 TEST_CASE("cuda-sim: queued work runs only when the host waits for it, in CUDA's order") {
     if (const char* eager = std::getenv("PYR_SIM_EAGER"); eager && std::strcmp(eager, "0") != 0) {
         MESSAGE("PYR_SIM_EAGER is set: work runs when it is queued; nothing to check here");

@@ -29,6 +29,7 @@ CudaBackend::CudaBackend(std::shared_ptr<Context> ctx, std::shared_ptr<const Mod
     : ctx_(std::move(ctx)), model_(std::move(model)), config_(model_->config()) {
     const DType emb = model_->weights().tok_embd.dtype;
     dt_ = emb == DType::BF16 ? kernels::Dt::BF16 : kernels::Dt::F16;
+    const DeviceGuard on_device(ctx_->device());
     init_common();
     upload(model_->weights());
 }
@@ -36,6 +37,7 @@ CudaBackend::CudaBackend(std::shared_ptr<Context> ctx, std::shared_ptr<const Mod
 CudaBackend::CudaBackend(std::shared_ptr<Context> ctx, const ModelConfig& config,
                          kernels::Dt dt, uint64_t seed)
     : ctx_(std::move(ctx)), config_(config), dt_(dt) {
+    const DeviceGuard on_device(ctx_->device());
     init_common();
     randomize(seed);
 }
@@ -51,7 +53,6 @@ void CudaBackend::init_common() {
     q_dim_ = c.n_head * c.head_dim;
     kv_dim_ = c.n_head_kv * c.head_dim;
     qkv_dim_ = q_dim_ + 2 * kv_dim_;
-    ctx_->make_current();
     // PYRAMID_CUDA_GRAPHS=0: decode steps are launched kernel by kernel (for comparing)
     graphs_ = std::make_unique<StepGraphs>(ctx_, env_int("PYRAMID_CUDA_GRAPHS", 1) != 0);
     // PYRAMID_GPU_SAMPLING=0: the logits of every step come back and the host samples
@@ -190,7 +191,7 @@ BackendStats CudaBackend::stats() const {
 
 void CudaBackend::forward(SequenceStep* batch, int n_seq) {
     std::lock_guard<std::mutex> lock(mutex_);
-    ctx_->make_current();
+    const DeviceGuard on_device(ctx_->device());
     for (int i = 0; i < n_seq; ++i) {
         check_sequence_step(config_, batch[i], "cuda backend");
         PYR_ASSERT(cuda_storage(*batch[i].cache).kv_dim() == kv_dim_);
@@ -560,7 +561,7 @@ void CudaBackend::finish_step(SequenceStep* steps, const std::vector<int32_t>& o
 // Copies a sequence's logits left on the device by its last step (see finish_step).
 void CudaBackend::read_logits(KvCache& cache, float* out) {
     std::lock_guard<std::mutex> lock(mutex_);  // readback_ and the stream's order
-    ctx_->make_current();
+    const DeviceGuard on_device(ctx_->device());
     const float* logits = cuda_storage(cache).last_logits();
     if (!logits) fail(PYR_ERR_STATE, "no logits on the device for this session yet");
     const size_t bytes = size_t(config_.n_vocab) * 4;

@@ -25,6 +25,24 @@ void fail_cublas(cublasStatus_t st, const char* what, const char* file, int line
              file + ":" + std::to_string(line));
 }
 
+DeviceGuard::DeviceGuard(int device) {
+    int current = -1;
+    PYR_CUDA_CHECK(cudaGetDevice(&current));
+    if (current == device) return;
+    PYR_CUDA_CHECK(cudaSetDevice(device));
+    previous_ = current;
+}
+
+DeviceGuard::DeviceGuard(int device, std::nothrow_t) noexcept {
+    int current = -1;
+    if (cudaGetDevice(&current) != cudaSuccess || current == device) return;
+    if (cudaSetDevice(device) == cudaSuccess) previous_ = current;
+}
+
+DeviceGuard::~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+}
+
 int device_count() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -42,7 +60,7 @@ std::shared_ptr<Context> Context::open(int index, uint64_t max_bytes) {
                                               : "only " + std::to_string(n) + " CUDA device(s) found"));
     auto ctx = std::shared_ptr<Context>(new Context());
     ctx->device_ = index;
-    PYR_CUDA_CHECK(cudaSetDevice(index));
+    const DeviceGuard on_device(index);
     cudaDeviceProp prop{};
     PYR_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
     if (prop.major < 7)
@@ -90,7 +108,7 @@ std::shared_ptr<Context> Context::open(int index, uint64_t max_bytes) {
 }
 
 Context::~Context() {
-    cudaSetDevice(device_);
+    const DeviceGuard on_device(device_, std::nothrow);
     if (stream_) cudaStreamSynchronize(stream_);
     if (cublas_) cublasDestroy(cublas_);
     if (gemm_ws_) raw_free(gemm_ws_, gemm_ws_bytes_, Use::Scratch);  // stream-ordered
@@ -98,8 +116,6 @@ Context::~Context() {
     // its memory goes back to the device once the frees still queued have run
     if (pool_) cudaMemPoolDestroy(pool_);
 }
-
-void Context::make_current() const { PYR_CUDA_CHECK(cudaSetDevice(device_)); }
 
 void Context::sync() const { PYR_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
@@ -127,6 +143,7 @@ void* Context::raw_alloc(size_t bytes, Use use) {
         use_.peak = std::max(use_.peak, use_.total());
     }
     void* p = nullptr;
+    const DeviceGuard on_device(device_, std::nothrow);  // a failure shows in the allocation
     // Stream-ordered: freeing does not stall the device, and a freed block is reused in order.
     const cudaError_t err = cudaMallocFromPoolAsync(&p, bytes, pool_, stream_);
     if (err != cudaSuccess) {
@@ -141,7 +158,7 @@ void* Context::raw_alloc(size_t bytes, Use use) {
 }
 
 void Context::raw_free(void* p, size_t bytes, Use use) noexcept {
-    cudaSetDevice(device_);
+    const DeviceGuard on_device(device_, std::nothrow);
     cudaFreeAsync(p, stream_);
     std::lock_guard<std::mutex> lock(mutex_);
     counter(use_, use) -= bytes;

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 
 #include "common/error.h"
@@ -115,8 +116,6 @@ public:
     cublasHandle_t cublas() const { return cublas_; }
     const std::string& name() const { return name_; }
     int sm_count() const { return sm_count_; }
-    // Makes this context's device current on the calling thread (CUDA state is per thread).
-    void make_current() const;
 
     DeviceBuffer alloc(size_t bytes, Use use) { return DeviceBuffer(shared_from_this(), bytes, use); }
     MemoryUse memory() const;
@@ -147,6 +146,24 @@ private:
     size_t gemm_ws_bytes_ = 0;
     mutable std::mutex mutex_;  // guards the counters (KV storage is touched by session threads)
     MemoryUse use_;
+};
+
+// Makes `device` current on the calling thread for the guard's life, then gives the thread
+// back the device it had. CUDA's current device is per thread, and the library runs on the
+// application's threads: an application that drives another GPU from the thread it calls
+// pyramid on keeps its device. Every entry into the CUDA backend that issues CUDA work
+// (construction, forward, reading logits, a KV retain, freeing) holds one; nested guards
+// cost a cudaGetDevice each.
+class DeviceGuard {
+public:
+    explicit DeviceGuard(int device);                   // throws pyr::Error if it cannot
+    DeviceGuard(int device, std::nothrow_t) noexcept;   // for cleanup: failures ignored
+    ~DeviceGuard();
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+private:
+    int previous_ = -1;  // the thread's device before, when it differed; -1: nothing to restore
 };
 
 // Number of usable CUDA devices; 0 when there is no driver or no device.

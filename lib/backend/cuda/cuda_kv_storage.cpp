@@ -190,9 +190,9 @@ CudaKvStorage::CudaKvStorage(std::shared_ptr<Context> ctx, std::shared_ptr<KvCom
     : ctx_(std::move(ctx)), compactor_(std::move(compactor)), dt_(dt), layers_(size_t(n_layer)),
       n_ctx_(n_ctx), kv_dim_(kv_dim),
       max_pages_(pages_for(n_ctx)), back_moves_(back_moves) {
+    const DeviceGuard on_device(ctx_->device());
     const size_t bytes = size_t(n_layer) * size_t(1 + max_pages_) * sizeof(void*);
     tables_ = ctx_->alloc(bytes, Use::Kv);
-    ctx_->make_current();
     PYR_CUDA_CHECK(cudaMemsetAsync(tables_.get(), 0, bytes, ctx_->stream()));  // every gap 0
 }
 
@@ -258,7 +258,7 @@ void CudaKvStorage::retain(int il, const std::vector<int32_t>& keep) {
         PYR_ASSERT(keep[i] >= 0 && keep[i] < layer.size && (i == 0 || keep[i] > keep[i - 1]));
     const int32_t n = int32_t(keep.size());
     if (n == layer.size) return;  // strictly ascending and all of them: nothing moves
-    ctx_->make_current();
+    const DeviceGuard on_device(ctx_->device());
     // Moved in place, later, with every other cache's moves (KvCompactor), which then frees
     // the pages outside the kept rows (the move reads them first). A job pending for the
     // layer decides the way (both become one job).
