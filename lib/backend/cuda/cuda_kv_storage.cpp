@@ -169,17 +169,16 @@ void KvCompactor::flush() {
         at += size_t(hi - lo);
         max_row_bytes = std::max(max_row_bytes, j.row_bytes);
     }
-    // the emptied pages are freed (stream-ordered) after the launch that reads them, also
-    // when queuing it fails
-    const std::vector<Job> done = std::move(jobs_);
-    jobs_.clear();
-    index_.clear();
-    n_moving_ = 0;
+    // Failing to queue the launch keeps the jobs for the next flush: the host's tables
+    // already show the moves, so they must still happen.
     const cudaStream_t st = ctx_->stream();
     PYR_CUDA_CHECK(cudaMemcpyAsync(device_.get(), host, bytes, cudaMemcpyHostToDevice, st));
     uploaded_->record(st);
     PYR_CUDA_CHECK(kernels::compact_rows(device_.as<kernels::CompactJob>(), int32_t(n_jobs),
                                          max_row_bytes, st));
+    jobs_.clear();  // the emptied pages are freed (stream-ordered) after the launch
+    index_.clear();
+    n_moving_ = 0;
 }
 
 // ---- KV storage -----------------------------------------------------------------------

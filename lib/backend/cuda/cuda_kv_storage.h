@@ -46,7 +46,7 @@ public:
     // Forgets owner's jobs (its pages are being freed).
     void drop(const void* owner);
     // Queues the pending jobs on the context's stream (the calling thread's device must be
-    // the context's).
+    // the context's). If queuing fails they stay pending: the next flush runs them.
     void flush();
 
 private:
