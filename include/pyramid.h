@@ -385,7 +385,8 @@ PYR_API int32_t pyr_session_layer_positions(const pyr_session* session, int32_t 
 
 /* KV bytes a session with these params would need at its full context (uncompressed),
  * so callers can budget before creating it: what the engine's memory budget counts for it
- * (on a GPU, each layer's cache in whole pages of 64 tokens plus its page table). params
+ * (on a GPU, each layer's cache in whole pages of 64 tokens plus its page table, and the
+ * session's last logits, n_vocab floats, which stay on the device for sampling). params
  * may be NULL for defaults. */
 PYR_API uint64_t pyr_engine_session_bytes_estimate(const pyr_engine* engine,
                                                    const pyr_session_params* params);

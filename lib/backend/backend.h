@@ -77,7 +77,8 @@ public:
     // Empty storage for one session's cache of at most n_ctx tokens per layer.
     virtual std::unique_ptr<KvStorage> new_kv_storage(int32_t n_ctx) = 0;
     // The bytes such a storage holds when every layer holds n_ctx tokens (what the memory
-    // budget counts: on a GPU whole pages and their page tables).
+    // budget counts: on a GPU whole pages, their page tables and, when the GPU samples, the
+    // session's last logits).
     virtual uint64_t kv_storage_bytes(int32_t n_ctx) const = 0;
 
     // Runs every sequence of the batch through all layers, appending their keys/values

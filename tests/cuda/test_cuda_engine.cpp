@@ -525,7 +525,10 @@ TEST_CASE("the KV cache holds whole pages: device memory follows each layer's to
     const uint64_t before = gpu->device_memory().kv;
     auto held = [&] { return gpu->device_memory().kv - before; };
     const int32_t n_ctx = 2000;  // not a multiple of a page
-    CHECK(gpu->kv_storage_bytes(n_ctx) == paged_kv_bytes(*gpu, std::vector<int32_t>(size_t(gpu->config().n_layer), n_ctx), n_ctx));
+    // every layer full, and the last logits kept on the device for sampling there
+    CHECK(gpu->kv_storage_bytes(n_ctx) ==
+          paged_kv_bytes(*gpu, std::vector<int32_t>(size_t(gpu->config().n_layer), n_ctx), n_ctx) +
+              uint64_t(gpu->config().n_vocab) * 4);
 
     // an uncompressed cache: its tokens rounded up to a page in every layer, before and after
     // decoding past page boundaries (no doubling of the allocation as it grows)

@@ -85,7 +85,8 @@ std::unique_ptr<KvStorage> CudaBackend::new_kv_storage(int32_t n_ctx) {
 }
 
 uint64_t CudaBackend::kv_storage_bytes(int32_t n_ctx) const {
-    return CudaKvStorage::bytes_when_full(config_.n_layer, n_ctx, kv_dim_);
+    return CudaKvStorage::bytes_when_full(config_.n_layer, n_ctx, kv_dim_,
+                                          sample_on_device_ ? config_.n_vocab : 0);
 }
 
 DeviceMemory CudaBackend::device_memory() const {

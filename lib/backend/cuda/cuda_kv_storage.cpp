@@ -197,9 +197,11 @@ CudaKvStorage::CudaKvStorage(std::shared_ptr<Context> ctx, std::shared_ptr<KvCom
 
 CudaKvStorage::~CudaKvStorage() { compactor_->drop(this); }
 
-uint64_t CudaKvStorage::bytes_when_full(int n_layer, int32_t n_ctx, int32_t kv_dim) {
+uint64_t CudaKvStorage::bytes_when_full(int n_layer, int32_t n_ctx, int32_t kv_dim,
+                                        int32_t logits_floats) {
     const uint64_t pages = uint64_t(pages_for(std::max(n_ctx, 0)));
-    return uint64_t(n_layer) * (pages * page_bytes(kv_dim) + (1 + pages) * sizeof(void*));
+    return uint64_t(n_layer) * (pages * page_bytes(kv_dim) + (1 + pages) * sizeof(void*)) +
+           uint64_t(logits_floats) * 4;
 }
 
 void CudaKvStorage::drop_gap_pages(Layer& layer) {

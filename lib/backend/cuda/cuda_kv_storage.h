@@ -116,8 +116,9 @@ public:
     void* const* host_table(int il) const { return layers_[size_t(il)].table.data(); }
     int32_t table_entries(int il) const { return int32_t(layers_[size_t(il)].table.size()); }
     int32_t kv_dim() const { return kv_dim_; }
-    // What a storage holds when all its layers are full (Backend::kv_storage_bytes).
-    static uint64_t bytes_when_full(int n_layer, int32_t n_ctx, int32_t kv_dim);
+    // What a storage holds when all its layers are full (Backend::kv_storage_bytes), with
+    // its last logits when the backend samples on the device (n_vocab floats; else 0).
+    static uint64_t bytes_when_full(int n_layer, int32_t n_ctx, int32_t kv_dim, int32_t logits_floats);
     // The session's last logits when its step sampled on the device and left them there
     // (allocated on first use; Backend::read_logits copies them out). Null until then.
     float* last_logits(int32_t n_vocab);
