@@ -136,7 +136,9 @@ typedef struct pyr_engine pyr_engine;
 typedef struct pyr_engine_params {
     uint32_t struct_size;      /* sizeof(pyr_engine_params); set by pyr_engine_params_init */
     const char* device;        /* "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:N".
-                                  NULL means "auto". Copied; need not outlive the call. */
+                                  NULL means "auto". Copied; need not outlive the call.
+                                  On CUDA, every call leaves the calling thread's current
+                                  device (cudaSetDevice) as it found it. */
     int32_t n_threads;         /* CPU worker threads; 0 = all hardware threads */
     int32_t prefill_chunk;     /* prefill tokens per forward (default 512): longer input is
                                   processed in chunks of this size, so that other sessions'

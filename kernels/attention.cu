@@ -457,11 +457,11 @@ cudaError_t attention_rows(const RowsBatch& batch, int32_t n_head, cudaStream_t 
 
 cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,
                                int32_t head_dim, float* col_sums, cudaStream_t stream,
-                               bool allow_tensor_cores) {
+                               bool allow_tensor_cores, int32_t launch_max_q) {
     if (!seq.lse || head_dim <= 0 || head_dim > 256 || n_head_kv <= 0 || n_head % n_head_kv != 0)
         return cudaErrorInvalidValue;
     if (seq.n_q <= 0 || seq.n_kv <= 0) return cudaSuccess;
-    if (attention_on_tensor_cores(dt, seq.n_q, head_dim, allow_tensor_cores))
+    if (attention_on_tensor_cores(dt, std::max(seq.n_q, launch_max_q), head_dim, allow_tensor_cores))
         return col_sums_mma(dt, seq, n_head, n_head_kv, head_dim, col_sums, stream);
     constexpr int32_t kChunk = 4, kThreads = 128;
     const dim3 grid(blocks_for(seq.n_kv, kThreads), blocks_for(seq.n_q, kChunk));

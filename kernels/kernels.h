@@ -211,11 +211,12 @@ bool attention_rows_mma_supported(Dt dt, int32_t head_dim);
 cudaError_t attention_rows_mma(Dt dt, const RowsMmaBatch& batch, int32_t n_head, int32_t n_head_kv,
                                int32_t head_dim, cudaStream_t stream);
 // attention_col_sums: col_sums (n_kv), zeroed beforehand, += the probabilities summed over
-// all of the sequence's queries (recomputed from q, k and lse): on the tensor cores from 16
-// queries on where attention_rows_mma_supported and allow_tensor_cores.
+// all of the sequence's queries (recomputed from q, k and lse), on the cores that made its
+// lse: launch_max_q is the longest sequence's query count in that attention() launch (0:
+// the sequence's own), which attention_on_tensor_cores decides by.
 cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,
                                int32_t head_dim, float* col_sums, cudaStream_t stream,
-                               bool allow_tensor_cores = true);
+                               bool allow_tensor_cores = true, int32_t launch_max_q = 0);
 
 // dst[i, :] = src[index[i], :] for i < n, rows of row_bytes (a multiple of 4): the rows of a
 // shrinking prefill, the last tokens' rows for the output head. src and dst must not overlap.

@@ -648,5 +648,28 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 for (int32_t j = 0; j < n_kv; ++j) expect[j] += before[j];
                 check_close(widen(d_cols.download()), expect, tol);
             }
+            {  // a sequence of few queries in one attention launch with a longer one: its
+               // sums are made on the launch's cores (launch_max_q), from its own lse
+                const int32_t few = 5;
+                const HostAttnSeq h_few = random_attn_seq(rng, dt, few, n_kv, cf.n_head, cf.n_head_kv, cf.hd, few);
+                const DeviceAttnSeq d_few(rng, h_few, cf.n_head, cf.n_head_kv, cf.hd);
+                K::AttnBatch two;
+                two.n_seq = 2;
+                two.seq[0] = d_few.view(h_few);
+                two.seq[1] = dev.view(host);
+                LAUNCH_OK(K::attention(dt, two, cf.n_head, cf.n_head_kv, cf.hd, nullptr));
+                const AttnRef ref_few = attention_ref(dt, h_few, cf.n_head, cf.n_head_kv, cf.hd);
+                std::vector<double> cols_few(size_t(n_kv), 0.0);
+                for (int32_t i = 0; i < few; ++i)
+                    for (int32_t h = 0; h < cf.n_head; ++h)
+                        for (int32_t j = 0; j < n_kv; ++j)
+                            cols_few[j] += ref_few.probs[(size_t(i) * cf.n_head + h) * n_kv + j] / cf.n_head;
+                INFO("5 queries, launch of " << n_q << " (tensor cores where they can)");
+                DeviceArray<float> d_cols(static_cast<size_t>(n_kv));
+                d_cols.zero();
+                LAUNCH_OK(K::attention_col_sums(dt, two.seq[0], cf.n_head, cf.n_head_kv, cf.hd,
+                                                d_cols.get(), nullptr, true, n_q));
+                check_close(widen(d_cols.download()), cols_few, tol);
+            }
         }
 }

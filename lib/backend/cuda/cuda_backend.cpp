@@ -303,16 +303,11 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
     std::vector<size_t> score_off(seqs.size(), 0);
     size_t score_floats = 0;
     int32_t n_rows = 0;
-    // whether each sequence's attention launch (kMaxBatch sequences, attention_block) runs
-    // on the tensor cores: only then are its observed rows recomputed there, with the lse
-    // the same arithmetic made
-    std::vector<char> tc_launch(seqs.size(), 0);
     for (int c0 = 0; c0 < n_seq; c0 += kernels::kMaxBatch) {
         const int c1 = std::min(n_seq, c0 + kernels::kMaxBatch);
         int32_t max_q = 0;
         for (int s = c0; s < c1; ++s) max_q = std::max(max_q, seqs[size_t(s)].n);
-        const bool tc = kernels::attention_on_tensor_cores(dt_, max_q, c.head_dim, attention_on_tensor_cores_);
-        std::fill(tc_launch.begin() + c0, tc_launch.begin() + c1, char(tc));
+        std::fill(lb.launch_max_q.begin() + c0, lb.launch_max_q.begin() + c1, max_q);
     }
     for (int s = 0; s < n_seq; ++s) {
         const InFlight& f = seqs[size_t(s)];
@@ -334,7 +329,10 @@ CudaBackend::LayerBatch CudaBackend::describe_layer(int il, SequenceStep* steps,
             lb.reqs[size_t(s)] = steps[s].policy->observe(il);
             const int32_t n_obs = std::min(lb.reqs[size_t(s)].last_rows, a.n_q);
             lb.obs_rows[size_t(s)] = n_obs;
-            if (n_obs <= 1 || !tc_launch[size_t(s)]) {  // (tc_launch: attention_rows_mma can run)
+            // recomputed only where the attention ran on the tensor cores (which implies
+            // attention_rows_mma can), so the rows meet an lse of the same arithmetic
+            if (n_obs <= 1 || !kernels::attention_on_tensor_cores(dt_, lb.launch_max_q[size_t(s)], c.head_dim,
+                                                                   attention_on_tensor_cores_)) {
                 a.scores_from = a.n_q - n_obs;
                 score_off[size_t(s)] = score_floats;
                 score_floats += size_t(n_obs) * size_t(c.n_head) * size_t(a.n_kv);
@@ -417,8 +415,7 @@ void CudaBackend::attention_block(int il, const LayerBatch& lb, int32_t n_rows, 
         attn.n_seq = std::min(n_seq - c0, kernels::kMaxBatch);
         std::copy_n(lb.attn.begin() + c0, attn.n_seq, attn.seq);
         attn.kv_len = lb.kv_len ? lb.kv_len + c0 : nullptr;
-        int32_t max_q = 0;
-        for (int i = 0; i < attn.n_seq; ++i) max_q = std::max(max_q, attn.seq[i].n_q);
+        const int32_t max_q = lb.launch_max_q[size_t(c0)];
         if (max_q > 1)
             ++(kernels::attention_on_tensor_cores(dt_, max_q, c.head_dim, attention_on_tensor_cores_)
                    ? prefill_attention_tc_

@@ -61,13 +61,18 @@ private:
     struct LayerBatch {
         explicit LayerBatch(int n_seq)
             : row0(size_t(n_seq) + 1, 0), pages(size_t(n_seq)), slot0(size_t(n_seq), 0),
-              attn(size_t(n_seq)), reqs(size_t(n_seq)), obs_rows(size_t(n_seq), 0) {}
+              attn(size_t(n_seq)), launch_max_q(size_t(n_seq), 1), reqs(size_t(n_seq)),
+              obs_rows(size_t(n_seq), 0) {}
         int n_seq() const { return int(attn.size()); }
         std::vector<int32_t> row0;            // sequence s has rows [row0[s], row0[s+1])
         std::vector<kernels::KvPages> pages;  // its cache's page table
         std::vector<int32_t> slot0;           // its first new cache slot
         const int32_t* kv_len = nullptr;      // device (n_seq): cache lengths (decode plans)
         std::vector<kernels::AttnSeq> attn;
+        // the most queries of a sequence in s's attention launch (kMaxBatch sequences a
+        // launch; 1 in a decode step), which decides the launch's cores
+        // (kernels::attention_on_tensor_cores)
+        std::vector<int32_t> launch_max_q;
         kernels::AttnSplit split;              // decode: each head's keys over several blocks
         std::vector<ObservationRequest> reqs;  // what each sequence's policy observes here
         // the attention rows it observes: from the raw scores attention() keeps (attn[s].scores)

@@ -89,7 +89,8 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
             PYR_CUDA_CHECK(cudaMemsetAsync(base + shift + m.sums_off, 0, size_t(m.n_keys) * 4, st));
             PYR_CUDA_CHECK(kernels::attention_col_sums(dt_, a, c.n_head, c.n_head_kv, c.head_dim,
                                                        base + shift + m.sums_off, st,
-                                                       attention_on_tensor_cores_));
+                                                       attention_on_tensor_cores_,
+                                                       lb.launch_max_q[size_t(m.seq)]));
         }
     };
     for (const Measured& m : later) launch(m, 0);
