@@ -154,7 +154,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kMmaKeys / 8][4], int32_
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 const int32_t j = base + n * 8 + c_col(lane, 2 * r + c);
-                float v = s[n][2 * r + c] * qscale;
+                float v = __fmul_rn(s[n][2 * r + c], qscale);  // rounded: see probs_over_heads
                 if (!valid[r] || j > last[r]) v = -INFINITY;
                 else if (observed[r]) observed[r][j] = v;
                 s[n][2 * r + c] = v;
@@ -342,7 +342,10 @@ __device__ __forceinline__ void probs_over_heads(const float* q, int32_t q_strid
 #pragma unroll
                 for (int n = 0; n < kMmaKeys / 8; ++n)
                     if (base + n * 8 + c_col(lane, i) <= first_last + row)
-                        acc[n][i] += exp2f(s[n][i] * qscale - row_lse);
+                        // the product rounded before the subtraction (no fused multiply-add,
+                        // which nvcc would make of it): the stored raw score minus lse, as
+                        // attention_rows computes
+                        acc[n][i] += exp2f(__fsub_rn(__fmul_rn(s[n][i], qscale), row_lse));
             }
         }
         __syncthreads();  // every warp is done with head kvh's keys: head kvh + 2's go there

@@ -273,9 +273,10 @@ constexpr int kSampleCandidates = 1024;
 // out[r] = the token Sampler::sample_with(rows[r]'s logits, n_vocab, draw) picks, or -1
 // when that depends on candidates past the best kSampleCandidates (then the host samples
 // from the logits with the same u). rows and out are device arrays of n_rows.
-// Exact (the same bits) for greedy and for top-k with k <= kSampleCandidates; otherwise
-// the softmax's sum over the whole set is a block reduction whose last bits may differ
-// from the CPU's id-order sum (a different token only when u falls on a boundary).
+// Exact for greedy. For top-k with k <= kSampleCandidates the arithmetic is the host's, in
+// its order, but exp is CUDA's (within an ulp of the host's libm); otherwise the softmax's
+// sum over the whole set is also a block reduction whose last bits may differ from the
+// CPU's id-order sum. Either way a different token only when u falls on a boundary.
 // n_vocab in [1, kSampleMaxVocab] (a bitmap of the penalized ids in shared memory), n_rows
 // >= 0; cudaErrorInvalidValue otherwise.
 constexpr int32_t kSampleMaxVocab = 48 * 1024 * 8;  // 393216

@@ -173,9 +173,17 @@ void KvCompactor::flush() {
     // already show the moves, so they must still happen.
     const cudaStream_t st = ctx_->stream();
     PYR_CUDA_CHECK(cudaMemcpyAsync(device_.get(), host, bytes, cudaMemcpyHostToDevice, st));
-    uploaded_->record(st);
-    PYR_CUDA_CHECK(kernels::compact_rows(device_.as<kernels::CompactJob>(), int32_t(n_jobs),
-                                         max_row_bytes, st));
+    try {
+        uploaded_->record(st);
+        PYR_CUDA_CHECK(kernels::compact_rows(device_.as<kernels::CompactJob>(), int32_t(n_jobs),
+                                             max_row_bytes, st));
+    } catch (...) {
+        // uploaded_ may not mark the copy queued above, which reads host_: let it finish
+        // before a later flush writes there
+        cudaStreamSynchronize(st);
+        cudaGetLastError();
+        throw;
+    }
     jobs_.clear();  // the emptied pages are freed (stream-ordered) after the launch
     index_.clear();
     n_moving_ = 0;
