@@ -375,10 +375,11 @@ __global__ void rows_kernel(RowsBatch batch, int32_t n_head) {
 }
 
 // Column sums over every query (H2O): recomputes the scores, a thread per key and a block
-// per chunk of queries, summed over heads in registers, over chunks with atomics.
+// per kColSumQueries queries, summed over heads and queries in registers into the block's
+// row of partial (n_kv wide).
 template <typename T>
 __global__ void col_sums_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, int32_t hd,
-                                float qscale, int32_t q_chunk, float* col_sums) {
+                                float qscale, int32_t q_chunk, float* partial) {
     const int32_t j = int32_t(blockIdx.x) * blockDim.x + threadIdx.x;
     const int32_t qa = int32_t(blockIdx.y) * q_chunk;
     const int32_t qb = min(qa + q_chunk, sq.n_q);
@@ -398,7 +399,17 @@ __global__ void col_sums_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, i
                              sq.lse[int64_t(qi) * n_head + h]);
         }
     }
-    if (j < sq.n_kv) atomicAdd(&col_sums[j], col / float(n_head));
+    if (j < sq.n_kv) partial[int64_t(blockIdx.y) * sq.n_kv + j] = col;
+}
+
+// col_sums[j] += the n_rows partial rows' sums at key j, in row order, over n_head.
+__global__ void col_sums_add_kernel(const float* partial, int32_t n_rows, int32_t n_kv,
+                                    int32_t n_head, float* col_sums) {
+    const int32_t j = int32_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (j >= n_kv) return;
+    float sum = 0.0f;
+    for (int32_t r = 0; r < n_rows; ++r) sum += partial[int64_t(r) * n_kv + j];
+    col_sums[j] += sum / float(n_head);
 }
 
 }  // namespace
@@ -456,21 +467,32 @@ cudaError_t attention_rows(const RowsBatch& batch, int32_t n_head, cudaStream_t 
 }
 
 cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,
-                               int32_t head_dim, float* col_sums, cudaStream_t stream,
-                               bool allow_tensor_cores, int32_t launch_max_q) {
+                               int32_t head_dim, float* col_sums, float* partial,
+                               cudaStream_t stream, bool allow_tensor_cores, int32_t launch_max_q) {
     if (!seq.lse || head_dim <= 0 || head_dim > 256 || n_head_kv <= 0 || n_head % n_head_kv != 0)
         return cudaErrorInvalidValue;
     if (seq.n_q <= 0 || seq.n_kv <= 0) return cudaSuccess;
-    if (attention_on_tensor_cores(dt, std::max(seq.n_q, launch_max_q), head_dim, allow_tensor_cores))
-        return col_sums_mma(dt, seq, n_head, n_head_kv, head_dim, col_sums, stream);
-    constexpr int32_t kChunk = 4, kThreads = 128;
-    const dim3 grid(blocks_for(seq.n_kv, kThreads), blocks_for(seq.n_q, kChunk));
-    const size_t smem = sizeof(float) * size_t(n_head) * size_t(head_dim);
-    if (smem > 48 * 1024) return cudaErrorInvalidValue;
-    PYR_DISPATCH_DT(dt, (col_sums_kernel<T><<<grid, kThreads, smem, stream>>>(
-                            seq, n_head, n_head_kv, head_dim, query_scale(head_dim), kChunk,
-                            col_sums)));
+    constexpr int32_t kThreads = 128;
+    if (attention_on_tensor_cores(dt, std::max(seq.n_q, launch_max_q), head_dim, allow_tensor_cores)) {
+        const cudaError_t err = col_sums_mma(dt, seq, n_head, n_head_kv, head_dim, partial, stream);
+        if (err != cudaSuccess) return err;
+    } else {
+        const dim3 grid(blocks_for(seq.n_kv, kThreads), blocks_for(seq.n_q, kColSumQueries));
+        const size_t smem = sizeof(float) * size_t(n_head) * size_t(head_dim);
+        if (smem > 48 * 1024) return cudaErrorInvalidValue;
+        PYR_DISPATCH_DT(dt, (col_sums_kernel<T><<<grid, kThreads, smem, stream>>>(
+                                seq, n_head, n_head_kv, head_dim, query_scale(head_dim),
+                                kColSumQueries, partial)));
+        if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    }
+    col_sums_add_kernel<<<blocks_for(seq.n_kv, kThreads), kThreads, 0, stream>>>(
+        partial, int32_t(blocks_for(seq.n_q, kColSumQueries)), seq.n_kv, n_head, col_sums);
     return cudaGetLastError();
+}
+
+size_t attention_col_sums_partial_floats(int32_t n_q, int32_t n_kv) {
+    if (n_q <= 0 || n_kv <= 0) return 0;
+    return size_t(blocks_for(n_q, kColSumQueries)) * size_t(n_kv);
 }
 
 }  // namespace pyr::kernels

@@ -33,11 +33,11 @@ void rows_shape(const Batch& batch, int32_t& max_rows, int32_t& max_kv) {
     }
 }
 
-// attention_mma.cu: attention() of a prefill and attention_col_sums() on the tensor cores,
-// where attention_on_tensor_cores() allows them.
+// attention_mma.cu: attention() of a prefill and attention_col_sums()' partial rows on the
+// tensor cores, where attention_on_tensor_cores() allows them.
 cudaError_t attention_mma(Dt dt, const AttnBatch& batch, int32_t max_q, int32_t n_head,
                           int32_t n_head_kv, int32_t head_dim, cudaStream_t stream);
 cudaError_t col_sums_mma(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,
-                         int32_t head_dim, float* col_sums, cudaStream_t stream);
+                         int32_t head_dim, float* partial, cudaStream_t stream);
 
 }  // namespace pyr::kernels::attention_detail

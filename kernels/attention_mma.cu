@@ -383,11 +383,11 @@ rows_mma_kernel(RowsMmaBatch batch, int32_t n_head, int32_t n_head_kv, float qsc
 }
 
 // col_sums_mma_kernel: attention_col_sums on the tensor cores: a block owns 64 queries and
-// one tile of 64 keys, sums the probabilities over its queries and every head, and adds its
-// 64 sums to col_sums (atomics: blocks of other queries add to the same keys).
+// one tile of 64 keys, sums the probabilities over its queries and every head, and writes
+// its 64 sums to its row of partial (n_kv wide; attention_col_sums adds the rows up).
 template <typename T, int HD>
 __global__ void __launch_bounds__(128)
-col_sums_mma_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, float qscale, float* col_sums) {
+col_sums_mma_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, float qscale, float* partial) {
     constexpr int kKeyTiles = kMmaKeys / 8;
     const int32_t base = int32_t(blockIdx.x) * kMmaKeys, q0 = int32_t(blockIdx.y) * kMmaQueries;
     if (base >= sq.n_kv || q0 >= sq.n_q) return;
@@ -421,7 +421,7 @@ col_sums_mma_kernel(AttnSeq sq, int32_t n_head, int32_t n_head_kv, float qscale,
     __syncthreads();
     for (int i = threadIdx.x; i < kMmaKeys; i += blockDim.x) {
         const float v = part[i] + part[kMmaKeys + i] + part[2 * kMmaKeys + i] + part[3 * kMmaKeys + i];
-        if (base + i < sq.n_kv) atomicAdd(&col_sums[base + i], v / float(n_head));
+        if (base + i < sq.n_kv) partial[int64_t(blockIdx.y) * sq.n_kv + base + i] = v;
     }
 }
 
@@ -471,10 +471,11 @@ cudaError_t attention_mma(Dt dt, const AttnBatch& batch, int32_t max_q, int32_t 
 }
 
 cudaError_t col_sums_mma(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,
-                         int32_t head_dim, float* col_sums, cudaStream_t stream) {
+                         int32_t head_dim, float* partial, cudaStream_t stream) {
+    static_assert(kMmaQueries == kColSumQueries, "a block's queries are a row of partial");
     const dim3 grid(blocks_for(seq.n_kv, kMmaKeys), blocks_for(seq.n_q, kMmaQueries));
     PYR_DISPATCH_DT(dt, PYR_DISPATCH_MMA_HD(head_dim, (col_sums_mma_kernel<T, HD><<<grid, 128, mma_smem_bytes<T, HD>(), stream>>>(
-                                                          seq, n_head, n_head_kv, query_scale(HD), col_sums))));
+                                                          seq, n_head, n_head_kv, query_scale(HD), partial))));
     return cudaGetLastError();
 }
 

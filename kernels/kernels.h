@@ -213,10 +213,16 @@ cudaError_t attention_rows_mma(Dt dt, const RowsMmaBatch& batch, int32_t n_head,
 // attention_col_sums: col_sums (n_kv), zeroed beforehand, += the probabilities summed over
 // all of the sequence's queries (recomputed from q, k and lse), on the cores that made its
 // lse: launch_max_q is the longest sequence's query count in that attention() launch (0:
-// the sequence's own), which attention_on_tensor_cores decides by.
+// the sequence's own), which attention_on_tensor_cores decides by. Each block of
+// kColSumQueries queries writes its sums to a row of `partial` (device,
+// attention_col_sums_partial_floats), which are then added in order: the same bits every
+// run (float atomics would add in the blocks' order of finishing).
+constexpr int32_t kColSumQueries = 64;
+size_t attention_col_sums_partial_floats(int32_t n_q, int32_t n_kv);
 cudaError_t attention_col_sums(Dt dt, const AttnSeq& seq, int32_t n_head, int32_t n_head_kv,
-                               int32_t head_dim, float* col_sums, cudaStream_t stream,
-                               bool allow_tensor_cores = true, int32_t launch_max_q = 0);
+                               int32_t head_dim, float* col_sums, float* partial,
+                               cudaStream_t stream, bool allow_tensor_cores = true,
+                               int32_t launch_max_q = 0);
 
 // dst[i, :] = src[index[i], :] for i < n, rows of row_bytes (a multiple of 4): the rows of a
 // shrinking prefill, the last tokens' rows for the output head. src and dst must not overlap.

@@ -783,13 +783,13 @@ TEST_CASE("an application thread keeps its own current device through every engi
     pyr::KvParams kv;  // retains during prefill and, after steps, on the session's thread
     kv.policy = "pyramid";
     kv.retention = 0.5f;
-    const std::string text = sample_text(1200);
+    const std::string text = sample_text(600);
     Run want;
     {
         auto gpu = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
-        auto s = greedy_session(gpu, 16, kv);
+        auto s = greedy_session(gpu, 8, kv);
         s->feed_text(text);
-        want = generate(*s, 16);
+        want = generate(*s, 8);
     }
     REQUIRE(cudaSetDevice(1) == cudaSuccess);  // the application's GPU on this thread
     struct Restore {
@@ -802,12 +802,12 @@ TEST_CASE("an application thread keeps its own current device through every engi
     };
     auto gpu = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
     CHECK(current() == 1);
-    auto s = greedy_session(gpu, 16, kv);
+    auto s = greedy_session(gpu, 8, kv);
     CHECK(current() == 1);
     s->feed_text(text);
     s->prefill();
     CHECK(current() == 1);
-    const Run got = generate(*s, 16);
+    const Run got = generate(*s, 8);
     CHECK(current() == 1);
     CHECK(got.tokens == want.tokens);
     s.reset();  // its KV pages are freed

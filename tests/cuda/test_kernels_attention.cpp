@@ -631,19 +631,21 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
             }
             // column sums over all queries, zeroed beforehand: on the CUDA cores, and on the
             // tensor cores where they can (head_dim 64 here)
+            DeviceArray<float> d_part(std::max<size_t>(K::attention_col_sums_partial_floats(n_q, n_kv), 1));
             for (bool tensor_cores : {false, true}) {
                 INFO((tensor_cores ? "tensor cores where they can" : "CUDA cores"));
                 DeviceArray<float> d_cols(static_cast<size_t>(n_kv));
                 d_cols.zero();
+                d_part.poison();
                 LAUNCH_OK(K::attention_col_sums(dt, batch.seq[0], cf.n_head, cf.n_head_kv, cf.hd,
-                                                d_cols.get(), nullptr, tensor_cores));
+                                                d_cols.get(), d_part.get(), nullptr, tensor_cores));
                 check_close(widen(d_cols.download()), cols_ref, tol);
 
                 // they add to what is there (the sums of earlier steps)
                 const std::vector<float> before = rng.floats(size_t(n_kv), 0.0f, 3.0f);
                 d_cols.upload(before);
                 LAUNCH_OK(K::attention_col_sums(dt, batch.seq[0], cf.n_head, cf.n_head_kv, cf.hd,
-                                                d_cols.get(), nullptr, tensor_cores));
+                                                d_cols.get(), d_part.get(), nullptr, tensor_cores));
                 std::vector<double> expect(cols_ref);
                 for (int32_t j = 0; j < n_kv; ++j) expect[j] += before[j];
                 check_close(widen(d_cols.download()), expect, tol);
@@ -667,9 +669,43 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 INFO("5 queries, launch of " << n_q << " (tensor cores where they can)");
                 DeviceArray<float> d_cols(static_cast<size_t>(n_kv));
                 d_cols.zero();
+                d_part.poison();
                 LAUNCH_OK(K::attention_col_sums(dt, two.seq[0], cf.n_head, cf.n_head_kv, cf.hd,
-                                                d_cols.get(), nullptr, true, n_q));
+                                                d_cols.get(), d_part.get(), nullptr, true, n_q));
                 check_close(widen(d_cols.download()), cols_few, tol);
+            }
+            {  // more queries than a block of kColSumQueries (blocks of 64, 64 and 22): the
+               // blocks' sums are added in order, so a second run gives the same bits
+                const int32_t long_q = 2 * K::kColSumQueries + 22, long_kv = long_q + 20;
+                const HostAttnSeq h_long =
+                    random_attn_seq(rng, dt, long_q, long_kv, cf.n_head, cf.n_head_kv, cf.hd, long_q);
+                const DeviceAttnSeq d_long(rng, h_long, cf.n_head, cf.n_head_kv, cf.hd);
+                K::AttnBatch one;
+                one.n_seq = 1;
+                one.seq[0] = d_long.view(h_long);
+                LAUNCH_OK(K::attention(dt, one, cf.n_head, cf.n_head_kv, cf.hd, nullptr));
+                const AttnRef ref_long = attention_ref(dt, h_long, cf.n_head, cf.n_head_kv, cf.hd);
+                std::vector<double> cols_long(size_t(long_kv), 0.0);
+                for (int32_t i = 0; i < long_q; ++i)
+                    for (int32_t h = 0; h < cf.n_head; ++h)
+                        for (int32_t j = 0; j < long_kv; ++j)
+                            cols_long[j] += ref_long.probs[(size_t(i) * cf.n_head + h) * long_kv + j] / cf.n_head;
+                DeviceArray<float> part(K::attention_col_sums_partial_floats(long_q, long_kv));
+                REQUIRE(part.size() == 3 * size_t(long_kv));
+                for (bool tensor_cores : {false, true}) {
+                    INFO(long_q << " queries, " << (tensor_cores ? "tensor cores where they can" : "CUDA cores"));
+                    DeviceArray<float> d_cols(static_cast<size_t>(long_kv));
+                    std::vector<float> first;
+                    for (int run = 0; run < 2; ++run) {
+                        d_cols.zero();
+                        part.poison();
+                        LAUNCH_OK(K::attention_col_sums(dt, one.seq[0], cf.n_head, cf.n_head_kv, cf.hd,
+                                                        d_cols.get(), part.get(), nullptr, tensor_cores));
+                        if (run == 0) first = d_cols.download();
+                    }
+                    check_close(widen(first), cols_long, tol);
+                    CHECK(count_bit_mismatches(d_cols.download(), first) == 0);
+                }
             }
         }
 }

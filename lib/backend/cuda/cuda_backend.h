@@ -45,6 +45,7 @@ private:
     struct Scratch {
         DeviceBuffer tokens, cos, sin, x, xn, qkv, att, lse, gu, h, x_tmp, cos_tmp, sin_tmp;
         DeviceBuffer rows_index, kv_len, obs, scores, logits, attn_partial;
+        DeviceBuffer col_partial;  // H2O's column sums per block of queries (one at a time)
         DeviceBuffer sample_rows, sampled, penalized;  // sampling: descriptors, tokens, ids
         int32_t n_rows = 0;  // rows the token buffers hold
         size_t obs_floats = 0;  // the others' sizes: their bytes() (grow_scratch)

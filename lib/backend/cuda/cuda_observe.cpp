@@ -63,6 +63,13 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
         (seqs[s].first_prefill ? now : later).push_back(m);
     }
     ensure_obs(end_later + end_now, obs_used);
+    size_t partial_floats = 0;  // the column sums' workspace, reused sequence after sequence
+    for (const std::vector<Measured>* ms : {&now, &later})
+        for (const Measured& m : *ms)
+            if (m.sums_off != SIZE_MAX)
+                partial_floats = std::max(partial_floats, kernels::attention_col_sums_partial_floats(
+                                                              lb.attn[size_t(m.seq)].n_q, m.n_keys));
+    grow_scratch(s_.col_partial, partial_floats * 4);
     float* base = s_.obs.as<float>();
     // the rows of every sequence in one launch; column sums (H2O) one sequence at a time
     std::vector<kernels::RowsSeq> rows;
@@ -88,7 +95,8 @@ std::vector<CudaBackend::Measured> CudaBackend::measure_layer(
         if (m.sums_off != SIZE_MAX) {
             PYR_CUDA_CHECK(cudaMemsetAsync(base + shift + m.sums_off, 0, size_t(m.n_keys) * 4, st));
             PYR_CUDA_CHECK(kernels::attention_col_sums(dt_, a, c.n_head, c.n_head_kv, c.head_dim,
-                                                       base + shift + m.sums_off, st,
+                                                       base + shift + m.sums_off,
+                                                       s_.col_partial.as<float>(), st,
                                                        attention_on_tensor_cores_,
                                                        lb.launch_max_q[size_t(m.seq)]));
         }
