@@ -119,6 +119,16 @@ AttnRef attention_ref(Dt dt, const HostAttnSeq& s, int32_t n_head, int32_t n_hea
     return ref;
 }
 
+// The column sums H2O observes: each key's probability summed over the n_q queries and
+// averaged over the heads.
+std::vector<double> col_sums_ref(const AttnRef& ref, int32_t n_q, int32_t n_kv, int32_t n_head) {
+    std::vector<double> cols(size_t(n_kv), 0.0);
+    for (int32_t i = 0; i < n_q; ++i)
+        for (int32_t h = 0; h < n_head; ++h)
+            for (int32_t j = 0; j < n_kv; ++j) cols[j] += ref.probs[(size_t(i) * n_head + h) * n_kv + j] / n_head;
+    return cols;
+}
+
 // The raw scores attention() wrote for the keys each observed query sees (the others are
 // unspecified), in (query, head, key) order.
 std::vector<float> visible_scores(const HostAttnSeq& h, const DeviceAttnSeq& d, int32_t n_head) {
@@ -572,14 +582,13 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
             const AttnRef ref = attention_ref(dt, host, cf.n_head, cf.n_head_kv, cf.hd);
             check_attention(dt, host, dev, ref, cf.n_head);
 
-            std::vector<double> rows_ref(size_t(n_rows) * n_kv, 0.0), cols_ref(size_t(n_kv), 0.0);
-            for (int32_t i = 0; i < n_q; ++i)
+            std::vector<double> rows_ref(size_t(n_rows) * n_kv, 0.0);
+            for (int32_t i = rows_from; i < n_q; ++i)
                 for (int32_t h = 0; h < cf.n_head; ++h)
-                    for (int32_t j = 0; j < n_kv; ++j) {
-                        const double p = ref.probs[(size_t(i) * cf.n_head + h) * n_kv + j] / cf.n_head;
-                        cols_ref[j] += p;
-                        if (i >= rows_from) rows_ref[size_t(i - rows_from) * n_kv + j] += p;
-                    }
+                    for (int32_t j = 0; j < n_kv; ++j)
+                        rows_ref[size_t(i - rows_from) * n_kv + j] +=
+                            ref.probs[(size_t(i) * cf.n_head + h) * n_kv + j] / cf.n_head;
+            const std::vector<double> cols_ref = col_sums_ref(ref, n_q, n_kv, cf.n_head);
 
             {  // rows of the last queries, from the scores and their lse
                 DeviceArray<float> d_rows(size_t(n_rows) * n_kv);
@@ -660,12 +669,8 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 two.seq[0] = d_few.view(h_few);
                 two.seq[1] = dev.view(host);
                 LAUNCH_OK(K::attention(dt, two, cf.n_head, cf.n_head_kv, cf.hd, nullptr));
-                const AttnRef ref_few = attention_ref(dt, h_few, cf.n_head, cf.n_head_kv, cf.hd);
-                std::vector<double> cols_few(size_t(n_kv), 0.0);
-                for (int32_t i = 0; i < few; ++i)
-                    for (int32_t h = 0; h < cf.n_head; ++h)
-                        for (int32_t j = 0; j < n_kv; ++j)
-                            cols_few[j] += ref_few.probs[(size_t(i) * cf.n_head + h) * n_kv + j] / cf.n_head;
+                const std::vector<double> cols_few =
+                    col_sums_ref(attention_ref(dt, h_few, cf.n_head, cf.n_head_kv, cf.hd), few, n_kv, cf.n_head);
                 INFO("5 queries, launch of " << n_q << " (tensor cores where they can)");
                 DeviceArray<float> d_cols(static_cast<size_t>(n_kv));
                 d_cols.zero();
@@ -684,12 +689,8 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 one.n_seq = 1;
                 one.seq[0] = d_long.view(h_long);
                 LAUNCH_OK(K::attention(dt, one, cf.n_head, cf.n_head_kv, cf.hd, nullptr));
-                const AttnRef ref_long = attention_ref(dt, h_long, cf.n_head, cf.n_head_kv, cf.hd);
-                std::vector<double> cols_long(size_t(long_kv), 0.0);
-                for (int32_t i = 0; i < long_q; ++i)
-                    for (int32_t h = 0; h < cf.n_head; ++h)
-                        for (int32_t j = 0; j < long_kv; ++j)
-                            cols_long[j] += ref_long.probs[(size_t(i) * cf.n_head + h) * long_kv + j] / cf.n_head;
+                const std::vector<double> cols_long = col_sums_ref(
+                    attention_ref(dt, h_long, cf.n_head, cf.n_head_kv, cf.hd), long_q, long_kv, cf.n_head);
                 DeviceArray<float> part(K::attention_col_sums_partial_floats(long_q, long_kv));
                 REQUIRE(part.size() == 3 * size_t(long_kv));
                 for (bool tensor_cores : {false, true}) {

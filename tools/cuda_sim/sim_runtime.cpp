@@ -767,7 +767,7 @@ struct Op {  // queued work, not yet run
 
 struct Stream {
     unsigned flags = cudaStreamDefault;
-    int device = 0;  // current when it was created (the legacy and per-thread ones: any)
+    int device = 0;  // current when it was created (the legacy and per-thread ones: stream_device)
     Capture* capture = nullptr;
     std::deque<Op> queue;
     unsigned long long running = 0;  // the Op::seq being run (taken off the queue); 0: none
@@ -804,6 +804,8 @@ unsigned long long capture_ids = 0;
 // its own current device back. Both share the sim's memory.
 constexpr int kSimDevices = 2;
 thread_local int current_device = 0;
+
+bool valid_device(int device) { return device >= 0 && device < kSimDevices; }
 unsigned long long op_serial = 0;  // Op::seq of the latest queued work
 Stream legacy_stream;                   // stream 0, cudaStreamLegacy: blocking
 thread_local Stream per_thread_stream;  // cudaStreamPerThread: blocking as well
@@ -820,6 +822,12 @@ Stream* resolve(cudaStream_t s) {
     if (s == cudaStreamPerThread) return &per_thread_stream;
     Stream* p = reinterpret_cast<Stream*>(s);
     return live_streams.count(p) ? p : nullptr;
+}
+
+// The device a stream's work goes to: its own, or for the legacy and per-thread streams the
+// current one.
+int stream_device(const Stream* st) {
+    return st == &legacy_stream || st == &per_thread_stream ? current_device : st->device;
 }
 
 cudaError_t bad_stream(const char* call, cudaStream_t s) {
@@ -1070,7 +1078,7 @@ void submit_launch(const LaunchSpec& spec, void (*body)(const void*),
     {  // a kernel goes into a stream of the current device only (the runtime refuses others)
         std::lock_guard<std::mutex> lock(state_mutex);
         const Stream* st = resolve(spec.stream);
-        if (st && st != &legacy_stream && st != &per_thread_stream && st->device != current_device) {
+        if (st && stream_device(st) != current_device) {
             std::fprintf(stderr, "cuda-sim: launch of %s into a stream of device %d while device %d is current\n",
                          spec.name, st->device, current_device);
             fail(cudaErrorInvalidResourceHandle);
@@ -1313,7 +1321,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     cudaError_t err;
     Stream* st = stream_for("cudaEventRecord", stream, &err);
     if (!st) return err;
-    if (st != &legacy_stream && st != &per_thread_stream && st->device != e->device) {
+    if (stream_device(st) != e->device) {
         std::fprintf(stderr, "cuda-sim: cudaEventRecord of an event of device %d on a stream of device %d\n",
                      e->device, st->device);
         return fail(cudaErrorInvalidResourceHandle);
@@ -1412,7 +1420,7 @@ cudaError_t cudaGetDeviceCount(int* count) {
     return cudaSuccess;
 }
 cudaError_t cudaSetDevice(int device) {
-    if (device < 0 || device >= kSimDevices) return fail(cudaErrorInvalidDevice);
+    if (!valid_device(device)) return fail(cudaErrorInvalidDevice);
     current_device = device;
     return cudaSuccess;
 }
@@ -1425,7 +1433,7 @@ cudaError_t cudaGetDevice(int* device) {
 // cudaFuncSetAttribute is not simulated), with PYR_SIM_DEVICE_MEM_MB of memory (80 GiB).
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
     if (!prop) return fail(cudaErrorInvalidValue);
-    if (device < 0 || device >= kSimDevices) return fail(cudaErrorInvalidDevice);
+    if (!valid_device(device)) return fail(cudaErrorInvalidDevice);
     std::memset(prop, 0, sizeof *prop);
     std::snprintf(prop->name, sizeof prop->name, "cuda-sim");
     prop->totalGlobalMem = device_total_bytes();
@@ -1453,7 +1461,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
     if (!value) return fail(cudaErrorInvalidValue);
-    if (device < 0 || device >= kSimDevices) return fail(cudaErrorInvalidDevice);
+    if (!valid_device(device)) return fail(cudaErrorInvalidDevice);
     cudaDeviceProp p;
     cudaGetDeviceProperties(&p, 0);
     switch (attr) {
@@ -1498,7 +1506,7 @@ static bool is_pool(cudaMemPool_t pool) {
 }
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
     if (!pool) return fail(cudaErrorInvalidValue);
-    if (device < 0 || device >= kSimDevices) return fail(cudaErrorInvalidDevice);
+    if (!valid_device(device)) return fail(cudaErrorInvalidDevice);
     *pool = reinterpret_cast<cudaMemPool_t>(&default_pool);
     return cudaSuccess;
 }
@@ -1506,7 +1514,7 @@ cudaError_t cudaMemPoolCreate(cudaMemPool_t* pool, const cudaMemPoolProps* props
     if (!pool || !props || props->allocType != cudaMemAllocationTypePinned ||
         props->location.type != cudaMemLocationTypeDevice)
         return fail(cudaErrorInvalidValue);
-    if (props->location.id < 0 || props->location.id >= kSimDevices) return fail(cudaErrorInvalidDevice);
+    if (!valid_device(props->location.id)) return fail(cudaErrorInvalidDevice);
     std::lock_guard<std::mutex> lock(alloc_mutex);
     *pool = reinterpret_cast<cudaMemPool_t>(new char);
     created_pools.insert(*pool);

@@ -66,8 +66,9 @@ void KvCompactor::add(const void* owner, void** table, size_t row_bytes, int32_t
             composed.src[i] = j.src[size_t(keep[i])];
         }
         const int32_t n_moving = count_moving(composed);
-        reserve_device(jobs_.size(), n_moving_ - size_t(j.n_moving) + size_t(n_moving));
-        n_moving_ = n_moving_ - size_t(j.n_moving) + size_t(n_moving);
+        const size_t total = n_moving_ - size_t(j.n_moving) + size_t(n_moving);
+        reserve_device(jobs_.size(), total);
+        n_moving_ = total;
         j.src = std::move(composed.src);
         j.dst0 = new_gap;
         j.n_moving = n_moving;
