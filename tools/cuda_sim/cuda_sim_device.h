@@ -215,15 +215,29 @@ void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
     auto A = [&](int r, int k) { return lane[(r % 8) * 4 + (k % 8) / 2]->a[2 * ((r >= 8) + 2 * (k >= 8)) + k % 2]; };
     auto B = [&](int k, int n) { return lane[n * 4 + (k % 8) / 2]->b[2 * (k >= 8) + k % 2]; };
     const int g = e.lane / 4, t = e.lane % 4;
-    float d[4];
-    for (int i = 0; i < 4; ++i) {
-        const int r = g + 8 * (i / 2), n = 2 * t + i % 2;
-        float acc = c[i];
-        for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
-        d[i] = acc;
+    // d[i] = C[r][n] + sum over k in order of A[r][k] B[k][n], with r = g + 8 (i / 2) and
+    // n = 2t + i % 2: the lane's rows and columns gathered first, then the four sums side by
+    // side (each in its own order, so the same bits as one after the other, about 4x faster:
+    // these sums were a third of the engine tests' time)
+    float rows[2][16], cols[2][16];
+    for (int k = 0; k < 16; ++k) {
+        rows[0][k] = A(g, k);
+        rows[1][k] = A(g + 8, k);
+        cols[0][k] = B(k, 2 * t);
+        cols[1][k] = B(k, 2 * t + 1);
+    }
+    float d0 = c[0], d1 = c[1], d2 = c[2], d3 = c[3];  // registers, not an array gcc keeps in memory
+    for (int k = 0; k < 16; ++k) {
+        d0 += rows[0][k] * cols[0][k];
+        d1 += rows[0][k] * cols[1][k];
+        d2 += rows[1][k] * cols[0][k];
+        d3 += rows[1][k] * cols[1][k];
     }
     warp_exchange(0xffffffffu, 0);
-    std::memcpy(c, d, sizeof d);
+    c[0] = d0;
+    c[1] = d1;
+    c[2] = d2;
+    c[3] = d3;
 }
 }  // namespace pyr_sim
 

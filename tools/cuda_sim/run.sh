@@ -10,7 +10,8 @@
 #       device, e.g. --shape tiny --prompt 64 --gen 8 (small: the sim is slow)
 #
 # Environment: PYR_SIM_BUILD (build folder, default build-cuda-sim/, build-cuda-sim-engine/
-# with --engine), PYR_SIM_ASAN=1 (AddressSanitizer build, in build-cuda-sim[-engine]-asan/),
+# with --engine and --bench), PYR_SIM_KERNEL_BUILD (the kernels' and the runtime's objects,
+# which every mode shares: default the kernel mode's build folder), PYR_SIM_ASAN=1 (AddressSanitizer build, in build-cuda-sim[-engine]-asan/),
 # CUDA_INC (the folder with the toolkit's cuda_fp16.h), PYR_SIM_EAGER=1 (queued work runs at
 # once instead of when the host waits for it: README.md), PYR_SIM_WORKERS, PYR_SIM_STACK_KB,
 # PYR_SIM_DEVICE_MEM_MB, PYR_TEST_SEED (the kernel tests' random seed), JOBS (parallel
@@ -45,7 +46,8 @@ if [[ $mode != kernels && ! -f "$CUDA_INC/cublas_v2.h" ]]; then
 fi
 
 extra=()
-folder="$ROOT/build-cuda-sim"
+kernel_folder="$ROOT/build-cuda-sim"
+folder="$kernel_folder"
 binary=test_cuda_kernels
 if [[ $mode == engine ]]; then
     folder="$ROOT/build-cuda-sim-engine"
@@ -56,16 +58,20 @@ elif [[ $mode == bench ]]; then  # the engine mode's objects, and pyramid-bench'
 fi
 if [[ "${PYR_SIM_ASAN:-0}" == 1 ]]; then
     folder="$folder-asan"
+    kernel_folder="$kernel_folder-asan"
     extra=(OPT="-O1 -fno-omit-frame-pointer" EXTRA_CXXFLAGS="-fsanitize=address")
 fi
 BUILD="${PYR_SIM_BUILD:-$folder}"
-mkdir -p "$BUILD"
+if [[ $mode == kernels ]]; then kernel_folder="$BUILD"; fi
+KBUILD="${PYR_SIM_KERNEL_BUILD:-$kernel_folder}"
+mkdir -p "$BUILD" "$KBUILD"
 # absolute: the compiler's dependency files name their targets by the path given, and a
 # relative one would not match them (headers changed, objects not rebuilt)
 BUILD="$(cd "$BUILD" && pwd)"
-echo "cuda-sim: building in $BUILD (CUDA headers from $CUDA_INC)"
+KBUILD="$(cd "$KBUILD" && pwd)"
+echo "cuda-sim: building in $BUILD, the kernels in $KBUILD (CUDA headers from $CUDA_INC)"
 make --no-print-directory -f "$ROOT/tools/cuda_sim/Makefile" -j"${JOBS:-2}" \
-    ROOT="$ROOT" BUILD="$BUILD" CUDA_INC="$CUDA_INC" "${extra[@]}" "$BUILD/$binary"
+    ROOT="$ROOT" BUILD="$BUILD" KBUILD="$KBUILD" CUDA_INC="$CUDA_INC" "${extra[@]}" "$BUILD/$binary"
 
 echo "cuda-sim: $BUILD/$binary $*"
 start=$(date +%s)
