@@ -253,6 +253,34 @@ TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching ea
     }
 }
 
+// The simulated device's hook (tools/cuda_sim/sim_runtime.cpp): its next n graph
+// instantiations run out of memory. Weak: absent on a GPU, where the test skips.
+extern "C" void pyr_sim_fail_graph_instantiations(int n) __attribute__((weak));
+
+TEST_CASE("a decode step's graph capture that runs out of device memory is tried again later") {
+    if (!pyr_sim_fail_graph_instantiations) {
+        MESSAGE("SKIPPED: needs the simulated device (tools/cuda_sim) to make a graph's instantiation fail");
+        return;
+    }
+    auto gpu = open_cuda_with("PYRAMID_CUDA_GRAPHS", true);
+    const int n_gen = 72;  // a step to capture, the pause, a capture and replays
+    pyr_sim_fail_graph_instantiations(1);
+    const pyr::BackendStats before = gpu->backend_stats();
+    const auto [run, tokens] = greedy_run(gpu, sample_text(300), {}, n_gen);
+    const pyr::BackendStats after = gpu->backend_stats();
+    pyr_sim_fail_graph_instantiations(0);
+    const uint64_t captures = after.graph_captures - before.graph_captures;
+    const uint64_t replays = after.graph_replays - before.graph_replays;
+    const uint64_t direct = after.direct_decode_steps - before.direct_decode_steps;
+    MESSAGE(captures << " graphs captured, " << replays << " replays, " << direct << " steps launched directly");
+    CHECK(run.tokens.size() == size_t(n_gen));
+    // the second step's capture failed: it and the pause's steps were launched directly;
+    // then steps are captured and replayed again (before: graphs off for good, 0 and 0)
+    CHECK(direct >= 1 + pyr::cuda::StepGraphs::kCaptureRetrySteps);
+    CHECK(captures >= 1);
+    CHECK(replays > 0);
+}
+
 TEST_CASE("decode steps with a KV head's query heads in one attention block give the per-head blocks' bits") {
     // the bundled model has 3 query heads a KV head: its decode attention is grouped, unless
     // PYRAMID_GROUPED_DECODE=0. A single sequence with at most 2048 keys is split by its

@@ -798,6 +798,7 @@ std::set<Stream*> live_streams;
 std::set<Event*> live_events;
 std::set<CUgraph_st*> live_graphs;
 std::set<CUgraphExec_st*> live_execs;
+int failing_instantiations = 0;  // pyr_sim_fail_graph_instantiations
 std::vector<Capture*> captures;  // those under way
 unsigned long long capture_ids = 0;
 // Two devices: the second lets a test check that the library gives an application's thread
@@ -1246,9 +1247,20 @@ cudaError_t cudaGraphGetNodes(cudaGraph_t graph, cudaGraphNode_t* nodes, size_t*
     return cudaSuccess;
 }
 
+// A test's hook (tests declare it weak, so that a GPU build skips them): the next n
+// instantiations fail with cudaErrorMemoryAllocation, as a GPU's do when its memory is full.
+extern "C" void pyr_sim_fail_graph_instantiations(int n) {
+    std::lock_guard<std::mutex> lock(state_mutex);
+    failing_instantiations = n;
+}
+
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long) {
     std::lock_guard<std::mutex> lock(state_mutex);
     if (!exec || !live_graphs.count(graph)) return fail(cudaErrorInvalidValue);
+    if (failing_instantiations > 0) {
+        --failing_instantiations;
+        return fail(cudaErrorMemoryAllocation);
+    }
     CUgraphExec_st* e = new CUgraphExec_st{graph->nodes};  // later changes to the graph stay out
     live_execs.insert(e);
     *exec = e;

@@ -1,5 +1,7 @@
 #include "backend/cuda/cuda_graph.h"
 
+#include <string>
+
 #include "common/log.h"
 
 namespace pyr::cuda {
@@ -36,7 +38,7 @@ cudaGraphExec_t StepGraphs::capture(const std::function<void(cudaStream_t)>& enc
     cudaGraphExec_t exec = nullptr;
     const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
-    PYR_CUDA_CHECK(err);
+    if (err != cudaSuccess) fail_cuda(err, "cudaGraphInstantiate", __FILE__, __LINE__);
     return exec;
 }
 
@@ -58,7 +60,8 @@ void StepGraphs::run(const Key& key, const std::function<void(cudaStream_t)>& en
         }
     const bool seen_last_step = key == last_key_;
     last_key_ = key;
-    if (!seen_last_step) {
+    if (capture_pause_ > 0) --capture_pause_;
+    if (!seen_last_step || capture_pause_ > 0) {
         ++stats_.direct;
         encode(stream);
         return;
@@ -67,10 +70,23 @@ void StepGraphs::run(const Key& key, const std::function<void(cudaStream_t)>& en
     try {
         exec = capture(encode);
     } catch (const Error& e) {
-        PYR_LOG_WARN(std::string("cuda backend: capturing a decode step as a CUDA graph failed (") +
-                     e.what() + "); " + (with_cublas ? "steps with cuBLAS projections" : "steps") +
-                     " are launched directly from now on");
-        (with_cublas ? cublas_enabled_ : enabled_) = false;
+        if (e.status() == PYR_ERR_OUT_OF_MEMORY) {
+            // the device is full for now (other processes, the caches): free what the cached
+            // graphs hold and try again later rather than give up graphs for good
+            if (!warned_out_of_memory_)
+                PYR_LOG_WARN(std::string("cuda backend: capturing a decode step as a CUDA graph ran out of "
+                                         "device memory (") + e.what() + "); launching steps directly, "
+                             "capturing again after " + std::to_string(kCaptureRetrySteps) + " steps");
+            warned_out_of_memory_ = true;
+            for (Entry& cached : entries_) cudaGraphExecDestroy(cached.exec);
+            entries_.clear();
+            capture_pause_ = kCaptureRetrySteps;
+        } else {
+            PYR_LOG_WARN(std::string("cuda backend: capturing a decode step as a CUDA graph failed (") +
+                         e.what() + "); " + (with_cublas ? "steps with cuBLAS projections" : "steps") +
+                         " are launched directly from now on");
+            (with_cublas ? cublas_enabled_ : enabled_) = false;
+        }
         ++stats_.direct;
         encode(stream);
         return;

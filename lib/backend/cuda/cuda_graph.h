@@ -35,8 +35,11 @@ public:
     // captures `encode` into one, or calls encode(ctx.stream()) directly. `encode` queues all
     // of its work on the stream it is given and must neither allocate nor wait (it may run
     // inside a capture). `with_cublas`: the step's projections are cuBLAS calls (batches
-    // past the gemv kernel's tokens). A failed capture runs the step directly and, with a
-    // warning, turns graphs off for such steps (with_cublas) or for all.
+    // past the gemv kernel's tokens). A failed capture runs the step directly. One that ran
+    // out of device memory (instantiating a graph allocates, outside max_device_bytes) gives
+    // the cached graphs back and captures again kCaptureRetrySteps steps later; any other
+    // failure turns graphs off, with a warning, for such steps (with_cublas) or for all.
+    static constexpr uint64_t kCaptureRetrySteps = 64;
     void run(const Key& key, const std::function<void(cudaStream_t)>& encode, bool with_cublas);
 
     bool enabled() const { return enabled_; }
@@ -52,6 +55,8 @@ private:
     std::shared_ptr<Context> ctx_;
     bool enabled_;
     bool cublas_enabled_ = true;             // false after a step with cuBLAS failed to capture
+    uint64_t capture_pause_ = 0;             // steps left before capturing again after running out of memory
+    bool warned_out_of_memory_ = false;
     cudaStream_t capture_stream_ = nullptr;  // private: no other thread's work can join a capture
     std::list<Entry> entries_;               // most recently used first
     Key last_key_;
