@@ -143,7 +143,7 @@ else:
               f"a pyramid sequence holds fewer pages: {ps['kv_per_sequence_bytes']} vs "
               f"{fs['kv_per_sequence_bytes']}")
         check(p["batch"] > f["batch"], f"pyramid fits more: {p['batch']} > {f['batch']}")
-        check(len(fs["tries"]) + len(ps["tries"]) > 2, f"a search retried after running out of memory")
+        check(len(fs["tries"]) + len(ps["tries"]) > 2, "a search retried after running out of memory")
         print(f"batch max within {limit}: full {f['batch']} ({fs}), pyramid {p['batch']} ({ps})")
     # the GPU's caches: the sinks move toward the back, or (PYRAMID_KV_BACK_MOVES=0) the
     # window toward the front

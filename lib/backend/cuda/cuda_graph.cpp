@@ -22,7 +22,8 @@ StepGraphs::~StepGraphs() {
 }
 
 // Records what `encode` queues (nothing runs) and instantiates it. Thread-local mode: other
-// threads (sessions compacting their caches) may allocate and copy meanwhile.
+// threads (sessions compacting their caches) may allocate and copy meanwhile. Null when the
+// instantiation ran out of device memory (worth another try later); throws on other failures.
 cudaGraphExec_t StepGraphs::capture(const std::function<void(cudaStream_t)>& encode) {
     cudaGraph_t graph = nullptr;
     PYR_CUDA_CHECK(cudaStreamBeginCapture(capture_stream_, cudaStreamCaptureModeThreadLocal));
@@ -38,6 +39,10 @@ cudaGraphExec_t StepGraphs::capture(const std::function<void(cudaStream_t)>& enc
     cudaGraphExec_t exec = nullptr;
     const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
+    if (err == cudaErrorMemoryAllocation) {
+        cudaGetLastError();
+        return nullptr;
+    }
     if (err != cudaSuccess) fail_cuda(err, "cudaGraphInstantiate", __FILE__, __LINE__);
     return exec;
 }
@@ -70,23 +75,25 @@ void StepGraphs::run(const Key& key, const std::function<void(cudaStream_t)>& en
     try {
         exec = capture(encode);
     } catch (const Error& e) {
-        if (e.status() == PYR_ERR_OUT_OF_MEMORY) {
-            // the device is full for now (other processes, the caches): free what the cached
-            // graphs hold and try again later rather than give up graphs for good
-            if (!warned_out_of_memory_)
-                PYR_LOG_WARN(std::string("cuda backend: capturing a decode step as a CUDA graph ran out of "
-                                         "device memory (") + e.what() + "); launching steps directly, "
-                             "capturing again after " + std::to_string(kCaptureRetrySteps) + " steps");
-            warned_out_of_memory_ = true;
-            for (Entry& cached : entries_) cudaGraphExecDestroy(cached.exec);
-            entries_.clear();
-            capture_pause_ = kCaptureRetrySteps;
-        } else {
-            PYR_LOG_WARN(std::string("cuda backend: capturing a decode step as a CUDA graph failed (") +
-                         e.what() + "); " + (with_cublas ? "steps with cuBLAS projections" : "steps") +
-                         " are launched directly from now on");
-            (with_cublas ? cublas_enabled_ : enabled_) = false;
-        }
+        PYR_LOG_WARN(std::string("cuda backend: capturing a decode step as a CUDA graph failed (") +
+                     e.what() + "); " + (with_cublas ? "steps with cuBLAS projections" : "steps") +
+                     " are launched directly from now on");
+        (with_cublas ? cublas_enabled_ : enabled_) = false;
+        ++stats_.direct;
+        encode(stream);
+        return;
+    }
+    if (!exec) {
+        // the device is full for now (other processes, the caches): free what the cached
+        // graphs hold and try again later rather than give up graphs for good
+        if (!warned_out_of_memory_)
+            PYR_LOG_WARN("cuda backend: cudaGraphInstantiate ran out of device memory; decode steps are "
+                         "launched directly and captured again after " +
+                         std::to_string(kCaptureRetrySteps) + " steps");
+        warned_out_of_memory_ = true;
+        for (Entry& cached : entries_) cudaGraphExecDestroy(cached.exec);
+        entries_.clear();
+        capture_pause_ = kCaptureRetrySteps;
         ++stats_.direct;
         encode(stream);
         return;

@@ -35,10 +35,11 @@ public:
     // captures `encode` into one, or calls encode(ctx.stream()) directly. `encode` queues all
     // of its work on the stream it is given and must neither allocate nor wait (it may run
     // inside a capture). `with_cublas`: the step's projections are cuBLAS calls (batches
-    // past the gemv kernel's tokens). A failed capture runs the step directly. One that ran
-    // out of device memory (instantiating a graph allocates, outside max_device_bytes) gives
-    // the cached graphs back and captures again kCaptureRetrySteps steps later; any other
-    // failure turns graphs off, with a warning, for such steps (with_cublas) or for all.
+    // past the gemv kernel's tokens). A failed capture runs the step directly. When the
+    // graph's instantiation ran out of device memory (it allocates, outside max_device_bytes)
+    // the cached graphs are given back and steps are captured again kCaptureRetrySteps steps
+    // later; any other failure turns graphs off, with a warning, for such steps (with_cublas)
+    // or for all.
     static constexpr uint64_t kCaptureRetrySteps = 64;
     void run(const Key& key, const std::function<void(cudaStream_t)>& encode, bool with_cublas);
 
