@@ -217,8 +217,8 @@ void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
     const int g = e.lane / 4, t = e.lane % 4;
     // d[i] = C[r][n] + sum over k in order of A[r][k] B[k][n], with r = g + 8 (i / 2) and
     // n = 2t + i % 2: the lane's rows and columns gathered first, then the four sums side by
-    // side (each in its own order, so the same bits as one after the other, about 4x faster:
-    // these sums were a third of the engine tests' time)
+    // side (each in its own order, so the same bits as one after the other). They were a third
+    // of a prefill-heavy engine test's time, which fell from 172 s to 153 s.
     float rows[2][16], cols[2][16];
     for (int k = 0; k < 16; ++k) {
         rows[0][k] = A(g, k);

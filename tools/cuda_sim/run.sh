@@ -11,7 +11,8 @@
 #
 # Environment: PYR_SIM_BUILD (build folder, default build-cuda-sim/, build-cuda-sim-engine/
 # with --engine and --bench), PYR_SIM_KERNEL_BUILD (the kernels' and the runtime's objects,
-# which every mode shares: default the kernel mode's build folder), PYR_SIM_ASAN=1 (AddressSanitizer build, in build-cuda-sim[-engine]-asan/),
+# which every mode shares: default the kernel mode's build folder), PYR_SIM_ASAN=1
+# (AddressSanitizer build, in build-cuda-sim[-engine]-asan/),
 # CUDA_INC (the folder with the toolkit's cuda_fp16.h), PYR_SIM_EAGER=1 (queued work runs at
 # once instead of when the host waits for it: README.md), PYR_SIM_WORKERS, PYR_SIM_STACK_KB,
 # PYR_SIM_DEVICE_MEM_MB, PYR_TEST_SEED (the kernel tests' random seed), JOBS (parallel

@@ -1081,7 +1081,7 @@ void submit_launch(const LaunchSpec& spec, void (*body)(const void*),
         const Stream* st = resolve(spec.stream);
         if (st && stream_device(st) != current_device) {
             std::fprintf(stderr, "cuda-sim: launch of %s into a stream of device %d while device %d is current\n",
-                         spec.name, st->device, current_device);
+                         spec.name, stream_device(st), current_device);
             fail(cudaErrorInvalidResourceHandle);
             return;
         }
@@ -1335,7 +1335,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     if (!st) return err;
     if (stream_device(st) != e->device) {
         std::fprintf(stderr, "cuda-sim: cudaEventRecord of an event of device %d on a stream of device %d\n",
-                     e->device, st->device);
+                     e->device, stream_device(st));
         return fail(cudaErrorInvalidResourceHandle);
     }
     if (st->capture && !st->capture->invalidated.empty()) return fail(cudaErrorStreamCaptureInvalidated);

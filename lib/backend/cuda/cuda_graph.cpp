@@ -50,11 +50,11 @@ cudaGraphExec_t StepGraphs::capture(const std::function<void(cudaStream_t)>& enc
 void StepGraphs::run(const Key& key, const std::function<void(cudaStream_t)>& encode,
                      bool with_cublas) {
     const cudaStream_t stream = ctx_->stream();
-    if (!enabled_ || (with_cublas && !cublas_enabled_)) {
+    auto launch_directly = [&] {
         ++stats_.direct;
         encode(stream);
-        return;
-    }
+    };
+    if (!enabled_ || (with_cublas && !cublas_enabled_)) return launch_directly();
     for (auto it = entries_.begin(); it != entries_.end(); ++it)
         if (it->key == key) {
             entries_.splice(entries_.begin(), entries_, it);
@@ -66,11 +66,7 @@ void StepGraphs::run(const Key& key, const std::function<void(cudaStream_t)>& en
     const bool seen_last_step = key == last_key_;
     last_key_ = key;
     if (capture_pause_ > 0) --capture_pause_;
-    if (!seen_last_step || capture_pause_ > 0) {
-        ++stats_.direct;
-        encode(stream);
-        return;
-    }
+    if (!seen_last_step || capture_pause_ > 0) return launch_directly();
     cudaGraphExec_t exec = nullptr;
     try {
         exec = capture(encode);
@@ -79,9 +75,7 @@ void StepGraphs::run(const Key& key, const std::function<void(cudaStream_t)>& en
                      e.what() + "); " + (with_cublas ? "steps with cuBLAS projections" : "steps") +
                      " are launched directly from now on");
         (with_cublas ? cublas_enabled_ : enabled_) = false;
-        ++stats_.direct;
-        encode(stream);
-        return;
+        return launch_directly();
     }
     if (!exec) {
         // the device is full for now (other processes, the caches): free what the cached
@@ -94,9 +88,7 @@ void StepGraphs::run(const Key& key, const std::function<void(cudaStream_t)>& en
         for (Entry& cached : entries_) cudaGraphExecDestroy(cached.exec);
         entries_.clear();
         capture_pause_ = kCaptureRetrySteps;
-        ++stats_.direct;
-        encode(stream);
-        return;
+        return launch_directly();
     }
     entries_.push_front({key, exec});
     if (entries_.size() > kMaxGraphs) {
