@@ -52,7 +52,7 @@ template <typename T, int DPL>
 __device__ __forceinline__ void load_lane_dims(const T* row, int lane, int32_t hd, float out[DPL]) {
     const int32_t d0 = lane * DPL;
     if (hd == 32 * DPL) {
-        T e[DPL];
+        alignas(16) T e[DPL];  // written as one vector (a -G build keeps it in local memory)
         if constexpr (DPL == 8) *reinterpret_cast<uint4*>(e) = *reinterpret_cast<const uint4*>(row + d0);
         else if constexpr (DPL == 4) *reinterpret_cast<uint2*>(e) = *reinterpret_cast<const uint2*>(row + d0);
         else if constexpr (DPL == 2) *reinterpret_cast<uint32_t*>(e) = *reinterpret_cast<const uint32_t*>(row + d0);

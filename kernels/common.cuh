@@ -230,6 +230,8 @@ inline unsigned blocks_for(int64_t n, int threads) {
     return unsigned((n + threads - 1) / threads);
 }
 
+inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 }  // namespace pyr::kernels
 
 // Runs `body` with `T` bound to the C++ type of kernels::Dt `dt`.

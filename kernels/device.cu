@@ -66,12 +66,13 @@ template <typename T>
 TensorCores check_on_device() {
 #ifdef __CUDACC__  // tools/cuda_sim has no devices to refuse, and runs the check as it is
     int dev = 0, major = 0;
-    cudaFuncAttributes attr{};
+    cudaFuncAttributes attr{};  // PTX for older GPUs that the driver compiles reads 80+ as
+                                // its binary version, below 80 as its PTX version
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
         major < 8 ||
         cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(tensor_core_check_kernel<T>)) != cudaSuccess ||
-        attr.binaryVersion < 80) {
+        attr.binaryVersion < 80 || attr.ptxVersion < 80) {
         cudaGetLastError();
         return TensorCores::Absent;
     }

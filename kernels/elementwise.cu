@@ -136,8 +136,6 @@ void launch_rmsnorm(const float* x, int32_t n, int32_t dim, const T* w, float ep
     }
 }
 
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 // add_bias and silu_mul: rows on grid x (a prefill of 32 x 2048 tokens is more rows than
 // grid y's 65535), the row's columns on y.
 template <typename T>

@@ -129,9 +129,9 @@ gemv_swiglu_kernel(const T* W, int32_t n_ff, int32_t cols, const T* a, T* h) {
 }
 
 // Whether launched_early may let kernels overlap on the current device: compute capability 9.0
-// or newer, the library's kernels built for it (a build for older GPUs that the driver
-// compiles for a Hopper has no wait in its code), no earlier refusal, and not turned off
-// with PYRAMID_PDL=0 (for comparing).
+// or newer, the library's kernels built for it (a build for older GPUs whose PTX the driver
+// compiles for a Hopper has no wait in its code: its binary version reads 90, its PTX
+// version less), no earlier refusal, and not turned off with PYRAMID_PDL=0 (for comparing).
 std::atomic<bool> early_launch_refused{false};
 
 bool early_launch_ok(const void* kernel) {
@@ -150,7 +150,8 @@ bool early_launch_ok(const void* kernel) {
         cudaFuncAttributes attr{};
         const bool ok =
             cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-            major >= 9 && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90;
+            major >= 9 && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
+            attr.binaryVersion >= 90 && attr.ptxVersion >= 90;
         cudaGetLastError();
         v = ok ? 1 : -1;
         verdict[dev].store(v, std::memory_order_relaxed);
@@ -203,6 +204,11 @@ cudaError_t by_token_count(int32_t n, F&& f) {
     }
 }
 
+// dot_rows reads W's rows and a 8 elements (16 bytes) at a time when cols is a multiple of 8.
+bool rows_aligned(const void* W, int32_t cols, const void* a) {
+    return cols % 8 != 0 || (aligned(W, 16) && aligned(a, 16));
+}
+
 template <typename T>
 cudaError_t launch(const T* W, int32_t rows, int32_t cols, const T* a, int32_t n, float* y,
                    int32_t ld, float beta, cudaStream_t stream) {
@@ -232,6 +238,7 @@ cudaError_t launch_swiglu(const T* W, int32_t n_ff, int32_t cols, const T* a, in
 cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a, int32_t n,
                  float* y, int32_t ld, float beta, cudaStream_t stream) {
     if (n <= 0 || rows <= 0) return cudaSuccess;
+    if (!rows_aligned(W, cols, a)) return cudaErrorMisalignedAddress;
     PYR_DISPATCH_DT(dt, return launch<T>(static_cast<const T*>(W), rows, cols,
                                          static_cast<const T*>(a), n, y, ld, beta, stream));
 }
@@ -240,6 +247,7 @@ cudaError_t gemv_swiglu(Dt dt, const void* W_gate_up, int32_t n_ff, int32_t cols
                         int32_t n, void* h, cudaStream_t stream) {
     if (n <= 0 || n_ff <= 0) return cudaSuccess;
     if (cols < 0) return cudaErrorInvalidValue;
+    if (!rows_aligned(W_gate_up, cols, a)) return cudaErrorMisalignedAddress;
     PYR_DISPATCH_DT(dt, return launch_swiglu<T>(static_cast<const T*>(W_gate_up), n_ff, cols,
                                                 static_cast<const T*>(a), n, static_cast<T*>(h),
                                                 stream));

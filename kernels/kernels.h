@@ -38,7 +38,9 @@ cudaError_t silu_mul(Dt dt, const float* gu, int32_t n, int32_t n_ff, void* out,
 
 // y[t, r] = sum_c W[r, c] a[t, c] + beta * y[t, r] for t < n, r < rows, fp32 accumulation.
 // W (rows, cols) Dt, a (n, cols) Dt, y (n, ld) fp32. For few tokens (n <= kGemvMaxTokens):
-// one pass over W at memory speed. beta is 0 or 1 (1 fuses the residual add).
+// one pass over W at memory speed. beta is 0 or 1 (1 fuses the residual add). When cols is a
+// multiple of 8, W and a must be 16-byte aligned (cudaErrorMisalignedAddress otherwise): the
+// rows are read 16 bytes at a time. The same holds for gemv_swiglu.
 constexpr int kGemvMaxTokens = 8;
 cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a, int32_t n,
                  float* y, int32_t ld, float beta, cudaStream_t stream);

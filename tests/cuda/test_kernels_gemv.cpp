@@ -48,11 +48,16 @@ TEST_CASE("gemv: y = W a + beta y for 1..8 tokens") {
                     CHECK(count_bit_mismatches(untouched_got, untouched_ref) == 0);
                 }
         }
-    {  // more tokens than kGemvMaxTokens are refused
+    {  // more tokens than kGemvMaxTokens, misaligned rows: refused
         DeviceArray<uint16_t> d_W(64 * 64), d_a(64 * 9);
         DeviceArray<float> d_y(64 * 9);
         CHECK(K::gemv(Dt::F16, d_W.get(), 64, 64, d_a.get(), K::kGemvMaxTokens + 1, d_y.get(),
                       64, 0.0f, nullptr) == cudaErrorInvalidValue);
+        // rows read 16 bytes at a time (cols a multiple of 8) must start 16-byte aligned
+        CHECK(K::gemv(Dt::F16, d_W.get() + 1, 8, 64, d_a.get(), 1, d_y.get(), 64, 0.0f, nullptr) ==
+              cudaErrorMisalignedAddress);
+        CHECK(K::gemv(Dt::F16, d_W.get(), 8, 64, d_a.get() + 4, 1, d_y.get(), 64, 0.0f, nullptr) ==
+              cudaErrorMisalignedAddress);
     }
 }
 
@@ -117,11 +122,13 @@ TEST_CASE("gemv_swiglu: silu(gate) * up in one pass, the bits of gemv + silu_mul
         LAUNCH_OK(K::silu_mul(dt, d_gu.get(), n, n_ff, d_h2.get(), nullptr));
         CHECK(count_bit_mismatches(d_h.download(), d_h2.download()) == 0);
     }
-    {  // more tokens than kGemvMaxTokens, negative cols: refused
+    {  // more tokens than kGemvMaxTokens, negative cols, misaligned rows: refused
         DeviceArray<uint16_t> d_W(2 * 64 * 64), d_a(64 * 9), d_h(64 * 9);
         CHECK(K::gemv_swiglu(Dt::F16, d_W.get(), 64, 64, d_a.get(), K::kGemvMaxTokens + 1, d_h.get(),
                              nullptr) == cudaErrorInvalidValue);
         CHECK(K::gemv_swiglu(Dt::BF16, d_W.get(), 64, -8, d_a.get(), 1, d_h.get(), nullptr) ==
               cudaErrorInvalidValue);
+        CHECK(K::gemv_swiglu(Dt::F16, d_W.get() + 2, 8, 64, d_a.get(), 1, d_h.get(), nullptr) ==
+              cudaErrorMisalignedAddress);
     }
 }
