@@ -235,6 +235,15 @@ cudaError_t launch_swiglu(const T* W, int32_t n_ff, int32_t cols, const T* a, in
 
 }  // namespace
 
+bool early_launches(Dt dt) {
+#ifdef __CUDACC__
+    PYR_DISPATCH_DT(dt, return early_launch_ok(reinterpret_cast<const void*>(gemv_kernel<T, 1>)));
+#else
+    (void)dt;
+    return false;
+#endif
+}
+
 cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a, int32_t n,
                  float* y, int32_t ld, float beta, cudaStream_t stream) {
     if (n <= 0 || rows <= 0) return cudaSuccess;

@@ -42,6 +42,10 @@ cudaError_t silu_mul(Dt dt, const float* gu, int32_t n, int32_t n_ff, void* out,
 // multiple of 8, W and a must be 16-byte aligned (cudaErrorMisalignedAddress otherwise): the
 // rows are read 16 bytes at a time. The same holds for gemv_swiglu.
 constexpr int kGemvMaxTokens = 8;
+// Whether gemv and gemv_swiglu launch early on the current device (programmatic dependent
+// launch, common.cuh): compute capability 9.0 or newer, the kernels built for it, no refused
+// launch so far, and not turned off with PYRAMID_PDL=0. Always false on tools/cuda_sim.
+bool early_launches(Dt dt);
 cudaError_t gemv(Dt dt, const void* W, int32_t rows, int32_t cols, const void* a, int32_t n,
                  float* y, int32_t ld, float beta, cudaStream_t stream);
 // The MLP's gate|up projection and SwiGLU in one pass, for n <= kGemvMaxTokens tokens:

@@ -41,6 +41,10 @@ inline bool have_gpu() {
     return ok;
 }
 
+// tools/cuda_sim defines this test hook; a GPU build links it to null.
+extern "C" void pyr_sim_fail_graph_instantiations(int n) __attribute__((weak));
+inline bool on_cuda_sim() { return pyr_sim_fail_graph_instantiations != nullptr; }
+
 #define GPU_OR_SKIP()                     \
     do {                                  \
         if (!have_gpu()) {                \

@@ -1,5 +1,7 @@
 // Tests of kernels/gemv.cu: gemv and gemv_swiglu (kernel_test_util.h says how they test).
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "cuda/kernel_test_util.h"
 
@@ -59,6 +61,22 @@ TEST_CASE("gemv: y = W a + beta y for 1..8 tokens") {
         CHECK(K::gemv(Dt::F16, d_W.get(), 8, 64, d_a.get() + 4, 1, d_y.get(), 64, 0.0f, nullptr) ==
               cudaErrorMisalignedAddress);
     }
+}
+
+TEST_CASE("early launches: on Hopper, gemv starts while the kernel ahead of it ends") {
+    GPU_OR_SKIP();
+    int dev = 0, major = 0;
+    CUDA_OK(cudaGetDevice(&dev));
+    CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    const char* pdl = std::getenv("PYRAMID_PDL");
+    if (on_cuda_sim() || major < 9 || (pdl && std::string(pdl) == "0")) {
+        MESSAGE("SKIPPED: needs a GPU of compute capability 9.0+ and PYRAMID_PDL unset (the "
+                "sim's launches run one after another)");
+        for (Dt dt : kDts) CHECK_FALSE(K::early_launches(dt));
+        return;
+    }
+    // a build whose binary or PTX is not sm_90's has no wait in the kernels: refused there
+    for (Dt dt : kDts) CHECK_MESSAGE(K::early_launches(dt), dt_name(dt));
 }
 
 TEST_CASE("gemv_swiglu: silu(gate) * up in one pass, the bits of gemv + silu_mul") {

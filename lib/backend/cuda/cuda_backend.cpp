@@ -75,6 +75,8 @@ void CudaBackend::init_common() {
         else
             PYR_LOG_WARN(what + "; prefill attention runs on the CUDA cores");
     }
+    PYR_LOG_INFO(std::string("early launches of the projections (PDL) ") +
+                 (kernels::early_launches(dt_) ? "on" : "off"));
     obs_ready_ = std::make_unique<Event>();
     compactor_ = std::make_shared<KvCompactor>(ctx_);
 }
