@@ -10,9 +10,10 @@
 // and adds P V with mma_m16n8k16 again: the scores' accumulator layout (two 8-key tiles) is
 // the layout of P as the A operand of a 16-key step, so P never leaves the registers.
 // The query is fp32 and the tensor cores take 16-bit operands: it goes in as two terms of T,
-// hi = T(q) and lo = T(q - hi), whose sum is within 2^-17 of q (bf16; 2^-22 for fp16), so
-// that scores, lse and the observed raw scores stay as exact as the CUDA-core kernel's, on
-// which the KV policies' choices depend. P is rounded to T for P V (as the output will be).
+// hi = T(q) and lo = T(q - hi), whose sum is within 2^-22 of q for fp16 (2^-16 for bf16), so
+// that scores, lse and the observed raw scores stay close to the CUDA-core kernel's fp32, on
+// which the KV policies' choices depend (bf16's raw scores: within about 1e-5 of their
+// size). P is rounded to T for P V (as the output will be).
 #include "attention.cuh"
 
 namespace pyr::kernels {

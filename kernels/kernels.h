@@ -148,7 +148,8 @@ size_t attention_split_floats(int32_t n_seq, int32_t n_head, int32_t head_dim, i
 // on the tensor cores when head_dim is 64 or 128 and tensor_cores(dt) is Usable
 // (attention_on_tensor_cores says), otherwise, or with false, on the CUDA cores. The same
 // results within rounding: the fp32 query enters the tensor cores as two 16-bit terms, so
-// scores and lse keep fp32 accuracy; the probabilities meet V rounded to Dt.
+// scores and lse keep nearly fp32 accuracy (22 bits of the query with fp16, 16 with bf16);
+// the probabilities meet V rounded to Dt.
 // group_heads: a decode launch groups the query heads of a KV head in one block where
 // attention_decode_head_blocks(..., true) says so (false: a block per query head).
 cudaError_t attention(Dt dt, const AttnBatch& batch, int32_t n_head, int32_t n_head_kv,

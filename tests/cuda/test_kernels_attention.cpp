@@ -158,8 +158,11 @@ void check_attention(Dt dt, const HostAttnSeq& h, const DeviceAttnSeq& d, const 
         for (int32_t hh = 0; hh < n_head; ++hh)
             for (int32_t j = 0; j <= h.n_kv - h.n_q + i; ++j)
                 want.push_back(ref.scores[(size_t(i) * n_head + hh) * h.n_kv + j]);
+    // On the tensor cores the fp32 query enters as two terms of T, within 2^-16 of q for bf16
+    // (2^-22 for fp16; attention_mma.cu): bf16's scores were seen up to 1.3e-5 off (in 5000
+    // checks, mostly of a few scores each); dropping the second term would put them ~2e-3 off.
     INFO("raw scores of queries " << h.scores_from << "..");
-    check_close(widen(visible_scores(h, d, n_head)), want, 1e-5);
+    check_close(widen(visible_scores(h, d, n_head)), want, dt == Dt::BF16 ? 1e-4 : 1e-5);
 }
 
 struct SeqShape {
@@ -214,7 +217,7 @@ TEST_CASE("attention: causal softmax(q k / sqrt(d)) v of a ragged batch, lse and
                     if (tensor_cores && !on_tc) continue;  // the same launch as without
                     INFO("dt " << dt_name(dt) << ", head_dim " << hd << ", heads " << hs.n_head
                                << "/" << hs.n_head_kv << ", batch " << b.name
-                               << (on_tc ? ", tensor cores" : ""));
+                               << std::string(on_tc ? ", tensor cores" : ""));
                     std::vector<HostAttnSeq> host;
                     std::vector<DeviceAttnSeq> dev;
                     dev.reserve(b.seqs.size());
@@ -260,7 +263,7 @@ TEST_CASE("attention: true key counts read on the device (kv_len) under a larger
                     if (tensor_cores && hd != 128) continue;  // the same launch as without
                     INFO("dt " << dt_name(dt) << ", head_dim " << hd << ", heads " << hs.n_head
                                << "/" << hs.n_head_kv << ", " << shapes.size() << " sequences"
-                               << (tensor_cores ? ", tensor cores where it can" : ""));
+                               << std::string(tensor_cores ? ", tensor cores where it can" : ""));
                     std::vector<HostAttnSeq> host;
                     std::vector<DeviceAttnSeq> plain, bounded;
                     plain.reserve(shapes.size());
@@ -642,7 +645,7 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
             // tensor cores where they can (head_dim 64 here)
             DeviceArray<float> d_part(std::max<size_t>(K::attention_col_sums_partial_floats(n_q, n_kv), 1));
             for (bool tensor_cores : {false, true}) {
-                INFO((tensor_cores ? "tensor cores where they can" : "CUDA cores"));
+                INFO(std::string(tensor_cores ? "tensor cores where they can" : "CUDA cores"));
                 DeviceArray<float> d_cols(static_cast<size_t>(n_kv));
                 d_cols.zero();
                 d_part.poison();
@@ -694,7 +697,7 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
                 DeviceArray<float> part(K::attention_col_sums_partial_floats(long_q, long_kv));
                 REQUIRE(part.size() == 3 * size_t(long_kv));
                 for (bool tensor_cores : {false, true}) {
-                    INFO(long_q << " queries, " << (tensor_cores ? "tensor cores where they can" : "CUDA cores"));
+                    INFO(long_q << " queries, " << std::string(tensor_cores ? "tensor cores where they can" : "CUDA cores"));
                     DeviceArray<float> d_cols(static_cast<size_t>(long_kv));
                     std::vector<float> first;
                     for (int run = 0; run < 2; ++run) {

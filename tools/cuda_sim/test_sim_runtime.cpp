@@ -543,12 +543,28 @@ TEST_CASE("cuda-sim: queued work runs only when the host waits for it, in CUDA's
     CHECK(cudaFreeHost(pinned) == cudaSuccess);
 }
 
-// Run in a child process by the test below (skipped otherwise): dies in the kernel.
-TEST_CASE("cuda-sim child: a gemv reading its vector at a misaligned address" * doctest::skip()) {
-    Dev w(8 * 64 * 2), a(64 * 2 + 16), y(8 * 4);
-    // 16-byte loads of the vector, which starts 2 bytes past a 256-byte boundary
-    CHECK(pyr::kernels::gemv(pyr::kernels::Dt::F16, w.p, 8, 64, a.as<char>() + 2, 1,
-                             y.as<float>(), 8, 0.0f, nullptr) == cudaSuccess);
+// Run in a child process by the test below (skipped otherwise): dies in the kernel. The
+// cache's one page starts 2 bytes past an allocation, and decode attention reads a key
+// (head_dim 64) 16 bytes at a time.
+TEST_CASE("cuda-sim child: an attention reading its keys at a misaligned address" * doctest::skip()) {
+    namespace K = pyr::kernels;
+    const int32_t hd = 64;
+    Dev page(2 * size_t(K::kKvPageRows) * hd * 2 + 16), table(2 * sizeof(void*));
+    Dev q(hd * 4), out(hd * 2), lse(4);
+    REQUIRE(cudaMemset(page.p, 0, 2 * size_t(K::kKvPageRows) * hd * 2 + 16) == cudaSuccess);
+    REQUIRE(cudaMemset(q.p, 0, hd * 4) == cudaSuccess);
+    void* const entries[2] = {nullptr, page.as<char>() + 2};  // gap 0, the page
+    REQUIRE(cudaMemcpy(table.p, entries, sizeof entries, cudaMemcpyHostToDevice) == cudaSuccess);
+    K::AttnBatch batch;
+    batch.n_seq = 1;
+    batch.seq[0].q = q.as<float>();
+    batch.seq[0].q_stride = 3 * hd;
+    batch.seq[0].n_q = 1;
+    batch.seq[0].pages = table.as<void*>();
+    batch.seq[0].n_kv = 1;
+    batch.seq[0].out = out.p;
+    batch.seq[0].lse = lse.as<float>();
+    CHECK(K::attention(K::Dt::F16, batch, 1, 1, hd, nullptr) == cudaSuccess);
     cudaDeviceSynchronize();
     FAIL("the misaligned access was not stopped");
 }
@@ -557,7 +573,7 @@ TEST_CASE("cuda-sim: a misaligned vector access stops the run and names the kern
     char self[4096] = {};
     REQUIRE(readlink("/proc/self/exe", self, sizeof self - 1) > 0);
     const std::string command = std::string("'") + self +
-                                "' --no-skip -tc='cuda-sim child: a gemv*' 2>&1";
+                                "' --no-skip -tc='cuda-sim child: an attention*' 2>&1";
     FILE* child = popen(command.c_str(), "r");
     REQUIRE(child != nullptr);
     std::string output;
@@ -568,6 +584,6 @@ TEST_CASE("cuda-sim: a misaligned vector access stops the run and names the kern
     CHECK(status != 0);
     CHECK(output.find("misaligned address") != std::string::npos);
 #ifndef __SANITIZE_ADDRESS__  // ASan's runtime ends the process without the sim's word on where
-    CHECK(output.find("in kernel gemv_kernel") != std::string::npos);
+    CHECK(output.find("in kernel attention_kernel") != std::string::npos);
 #endif
 }
