@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "cuda_sim_hook.h"
 #include "kernels/kernels.h"
 
 namespace kernel_test {
@@ -40,10 +41,6 @@ inline bool have_gpu() {
     cudaGetLastError();  // a failed query must not leak into the next check
     return ok;
 }
-
-// tools/cuda_sim defines this test hook; a GPU build links it to null.
-extern "C" void pyr_sim_fail_graph_instantiations(int n) __attribute__((weak));
-inline bool on_cuda_sim() { return pyr_sim_fail_graph_instantiations != nullptr; }
 
 #define GPU_OR_SKIP()                     \
     do {                                  \

@@ -20,6 +20,7 @@
 #include "backend/backend.h"
 #include "backend/cuda/cuda_backend.h"
 #include "common/error.h"
+#include "cuda/cuda_sim_hook.h"
 #include "engine/engine.h"
 #include "engine/session.h"
 #include "kernels/kernels.h"
@@ -253,12 +254,8 @@ TEST_CASE("decode steps replayed from a CUDA graph give the bits of launching ea
     }
 }
 
-// The simulated device's hook (tools/cuda_sim/sim_runtime.cpp): its next n graph
-// instantiations run out of memory. Weak: absent on a GPU, where the test skips.
-extern "C" void pyr_sim_fail_graph_instantiations(int n) __attribute__((weak));
-
 TEST_CASE("a decode step's graph capture that runs out of device memory is tried again later") {
-    if (!pyr_sim_fail_graph_instantiations) {
+    if (!on_cuda_sim()) {
         MESSAGE("SKIPPED: needs the simulated device (tools/cuda_sim) to make a graph's instantiation fail");
         return;
     }

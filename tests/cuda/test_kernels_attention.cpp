@@ -119,13 +119,24 @@ AttnRef attention_ref(Dt dt, const HostAttnSeq& s, int32_t n_head, int32_t n_hea
     return ref;
 }
 
-// The column sums H2O observes: each key's probability summed over the n_q queries and
-// averaged over the heads.
+// The rows the recent-window policies observe: each key's probability for queries
+// rows_from..n_q-1, averaged over the heads, in (query - rows_from, key) order.
+std::vector<double> head_mean_rows_ref(const AttnRef& ref, int32_t rows_from, int32_t n_q, int32_t n_kv,
+                                       int32_t n_head) {
+    std::vector<double> rows(size_t(n_q - rows_from) * n_kv, 0.0);
+    for (int32_t i = rows_from; i < n_q; ++i)
+        for (int32_t h = 0; h < n_head; ++h)
+            for (int32_t j = 0; j < n_kv; ++j)
+                rows[size_t(i - rows_from) * n_kv + j] += ref.probs[(size_t(i) * n_head + h) * n_kv + j] / n_head;
+    return rows;
+}
+
+// The column sums H2O observes: the head-averaged rows of all n_q queries, summed.
 std::vector<double> col_sums_ref(const AttnRef& ref, int32_t n_q, int32_t n_kv, int32_t n_head) {
+    const std::vector<double> rows = head_mean_rows_ref(ref, 0, n_q, n_kv, n_head);
     std::vector<double> cols(size_t(n_kv), 0.0);
     for (int32_t i = 0; i < n_q; ++i)
-        for (int32_t h = 0; h < n_head; ++h)
-            for (int32_t j = 0; j < n_kv; ++j) cols[j] += ref.probs[(size_t(i) * n_head + h) * n_kv + j] / n_head;
+        for (int32_t j = 0; j < n_kv; ++j) cols[j] += rows[size_t(i) * n_kv + j];
     return cols;
 }
 
@@ -585,12 +596,7 @@ TEST_CASE("attention_rows, attention_col_sums: head-averaged probabilities for K
             const AttnRef ref = attention_ref(dt, host, cf.n_head, cf.n_head_kv, cf.hd);
             check_attention(dt, host, dev, ref, cf.n_head);
 
-            std::vector<double> rows_ref(size_t(n_rows) * n_kv, 0.0);
-            for (int32_t i = rows_from; i < n_q; ++i)
-                for (int32_t h = 0; h < cf.n_head; ++h)
-                    for (int32_t j = 0; j < n_kv; ++j)
-                        rows_ref[size_t(i - rows_from) * n_kv + j] +=
-                            ref.probs[(size_t(i) * cf.n_head + h) * n_kv + j] / cf.n_head;
+            const std::vector<double> rows_ref = head_mean_rows_ref(ref, rows_from, n_q, n_kv, cf.n_head);
             const std::vector<double> cols_ref = col_sums_ref(ref, n_q, n_kv, cf.n_head);
 
             {  // rows of the last queries, from the scores and their lse
