@@ -218,7 +218,9 @@ void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
     // d[i] = C[r][n] + sum over k in order of A[r][k] B[k][n], with r = g + 8 (i / 2) and
     // n = 2t + i % 2: the lane's rows and columns gathered first, then the four sums side by
     // side (each in its own order, so the same bits as one after the other). They were a third
-    // of a prefill-heavy engine test's time, which fell from 172 s to 153 s.
+    // of a prefill-heavy engine test's time, which fell from 172 s to 153 s. A product of two
+    // 16-bit values is exact in fp32 (short of underflow): fused into an FMA (Makefile:
+    // PYR_SIM_FMA) or not, the sums are the same.
     float rows[2][16], cols[2][16];
     for (int k = 0; k < 16; ++k) {
         rows[0][k] = A(g, k);
@@ -333,9 +335,25 @@ inline float __cosf(float x) { return std::cos(x); }
 inline float __powf(float x, float y) { return std::pow(x, y); }
 inline float __fdividef(float x, float y) { return x / y; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
-inline float __fmul_rn(float x, float y) { return x * y; }  // (never fused into an fma)
-inline float __fadd_rn(float x, float y) { return x + y; }
-inline float __fsub_rn(float x, float y) { return x - y; }
+// nvcc never fuses __fmul_rn, __fadd_rn and __fsub_rn into a multiply-add, though it fuses
+// plain a * b + c (its default --fmad=true). Here their operands and result pass through an
+// empty asm the optimiser cannot see through, so that they stay unfused in a build that fuses
+// the rest (-mfma -ffp-contract=fast: a check of code that relies on these roundings).
+namespace pyr_sim {
+inline float unfused(float v) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm("" : "+x"(v));
+#elif defined(__aarch64__)
+    asm("" : "+w"(v));
+#else
+    asm("" : "+m"(v));
+#endif
+    return v;
+}
+}  // namespace pyr_sim
+inline float __fmul_rn(float x, float y) { return pyr_sim::unfused(pyr_sim::unfused(x) * pyr_sim::unfused(y)); }
+inline float __fadd_rn(float x, float y) { return pyr_sim::unfused(pyr_sim::unfused(x) + pyr_sim::unfused(y)); }
+inline float __fsub_rn(float x, float y) { return pyr_sim::unfused(pyr_sim::unfused(x) - pyr_sim::unfused(y)); }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x; }
 template <typename T>
 T __ldg(const T* p) { return *p; }
