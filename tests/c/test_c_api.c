@@ -2,6 +2,7 @@
  * the callback variant, context overflow, and cancel from a second thread.
  * Prints "N passed, N failed" and exits non-zero on any failure. */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,7 +10,7 @@
 
 #include "pyramid.h"
 
-static int g_passed, g_failed;
+static atomic_int g_passed, g_failed; /* CHECKs run on several threads too */
 
 #define CHECK(cond)                                                             \
     do {                                                                        \
@@ -196,12 +197,12 @@ static void test_streaming(pyr_engine* engine) {
 
 typedef struct {
     pyr_session* session;
-    volatile int go;
+    atomic_int go; /* set once the main thread is about to prefill */
 } cancel_job;
 
 static void* cancel_later(void* arg) {
     cancel_job* job = (cancel_job*)arg;
-    while (!job->go) {
+    while (!atomic_load(&job->go)) {
     }
     struct timespec ts = {0, 100 * 1000 * 1000};
     nanosleep(&ts, NULL);
@@ -223,7 +224,7 @@ static void test_cancel_from_thread(pyr_engine* engine) {
     cancel_job job = {session, 0};
     pthread_t thread;
     pthread_create(&thread, NULL, cancel_later, &job);
-    job.go = 1;
+    atomic_store(&job.go, 1);
     pyr_status st = pyr_session_prefill(session);
     pthread_join(thread, NULL);
     CHECK(st == PYR_CANCELLED);
@@ -300,6 +301,6 @@ int main(void) {
     test_concurrent_sessions(engine);
     pyr_engine_close(engine);
     test_close_order();
-    printf("%d passed, %d failed\n", g_passed, g_failed);
-    return g_failed == 0 ? 0 : 1;
+    printf("%d passed, %d failed\n", atomic_load(&g_passed), atomic_load(&g_failed));
+    return atomic_load(&g_failed) == 0 ? 0 : 1;
 }
