@@ -336,9 +336,10 @@ inline float __powf(float x, float y) { return std::pow(x, y); }
 inline float __fdividef(float x, float y) { return x / y; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 // nvcc never fuses __fmul_rn, __fadd_rn and __fsub_rn into a multiply-add, though it fuses
-// plain a * b + c (its default --fmad=true). Here their operands and result pass through an
-// empty asm the optimiser cannot see through, so that they stay unfused in a build that fuses
-// the rest (-mfma -ffp-contract=fast: a check of code that relies on these roundings).
+// plain a * b + c (its default --fmad=true). Here the product, and the sum's operands, pass
+// through an empty asm the optimiser cannot see through, so that no multiply-add spans them in
+// a build that fuses the rest (-mfma -ffp-contract=fast: a check of code that relies on these
+// roundings).
 namespace pyr_sim {
 inline float unfused(float v) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -351,9 +352,9 @@ inline float unfused(float v) {
     return v;
 }
 }  // namespace pyr_sim
-inline float __fmul_rn(float x, float y) { return pyr_sim::unfused(pyr_sim::unfused(x) * pyr_sim::unfused(y)); }
-inline float __fadd_rn(float x, float y) { return pyr_sim::unfused(pyr_sim::unfused(x) + pyr_sim::unfused(y)); }
-inline float __fsub_rn(float x, float y) { return pyr_sim::unfused(pyr_sim::unfused(x) - pyr_sim::unfused(y)); }
+inline float __fmul_rn(float x, float y) { return pyr_sim::unfused(x * y); }
+inline float __fadd_rn(float x, float y) { return pyr_sim::unfused(x) + pyr_sim::unfused(y); }
+inline float __fsub_rn(float x, float y) { return pyr_sim::unfused(x) - pyr_sim::unfused(y); }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x; }
 template <typename T>
 T __ldg(const T* p) { return *p; }
