@@ -2,6 +2,7 @@
 // backend (backend/cpu/) is the reference; the CUDA backend implements the same interface.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -40,7 +41,19 @@ struct SequenceStep {
     // With neither logits nor sample the output head is skipped. With sample, on a backend
     // that samples on its device (Backend::samples_on_device), the next token is picked there
     // and, unless `logits` is set too, the logits stay on the device: Backend::read_logits.
+    // The sequence length dynamic RoPE scaling sees (rope.h): the end of the whole input this
+    // step is a chunk of, as one HF forward over that input would see it; 0 = its last
+    // position + 1. rope_seq_len() reads it.
+    int32_t rope_len = 0;
 };
+
+// The seq_len of rope_inv_freq for a step (SequenceStep::rope_len).
+inline int32_t rope_seq_len(const SequenceStep& step) {
+    if (step.rope_len > 0) return step.rope_len;
+    int32_t max_pos = 0;
+    for (int32_t i = 0; i < step.n_tokens; ++i) max_pos = std::max(max_pos, step.positions[i]);
+    return max_pos + 1;
+}
 
 // Memory a backend holds, by use, the most it held together (peak) and what it may hold
 // together (limit: max_device_bytes, or the device's memory; 0 = no limit). On the CPU

@@ -77,23 +77,26 @@ void Session::prefill(DeviceSample* sample) {
     have_logits_ = false;
     for (int32_t done = 0; done < n;) {
         const int32_t m = chunked ? std::min(chunk, n - done) : n - done;
-        const bool last = done + m == n;
-        run_step(start + done, m, last, last ? sample : nullptr);  // throws; earlier chunks stay
+        run_step(start + done, m, start + n, sample);  // throws; earlier chunks stay
         done += m;
         publish_memory();  // memory() follows a long prefill chunk by chunk
     }
 }
 
-// One forward over tokens [start, start + n) of the history (with the last one's logits if
-// want_logits, left on the device when it samples there). On failure or cancel the session
-// is as before the step (the tokens stay queued) and the error is thrown.
-void Session::run_step(int32_t start, int32_t n, bool want_logits, DeviceSample* sample) {
+// One forward over tokens [start, start + n) of the history, a chunk of the input that ends
+// at input_end; the input's last chunk gives the last token's logits (left on the device when
+// `sample` picks the next token there). On failure or cancel the session is as before the
+// step (the tokens stay queued) and the error is thrown.
+void Session::run_step(int32_t start, int32_t n, int32_t input_end, DeviceSample* sample) {
+    const bool want_logits = start + n == input_end;
+    if (!want_logits) sample = nullptr;
     std::vector<int32_t> positions(static_cast<size_t>(n));
     std::iota(positions.begin(), positions.end(), start);
     SequenceStep step;
     step.tokens = tokens_.data() + start;
     step.positions = positions.data();
     step.n_tokens = n;
+    step.rope_len = input_end;  // a chunk's dynamic RoPE scaling is the whole input's, as in HF
     step.cache = cache_.get();
     step.policy = policy_.get();
     step.logits = want_logits && !sample ? logits_.data() : nullptr;

@@ -72,7 +72,7 @@ private:
     void append_input(const std::vector<int32_t>& tokens);
     // prefill(), the last step also picking the next token on the device when `sample`
     void prefill(DeviceSample* sample);
-    void run_step(int32_t start, int32_t n, bool want_logits, DeviceSample* sample);
+    void run_step(int32_t start, int32_t n, int32_t input_end, DeviceSample* sample);
     void check_cancel();
     bool is_eos(int32_t token) const;
     StepResult finish();

@@ -26,13 +26,16 @@ inline nlohmann::json read_json(const std::string& path) {
     return nlohmann::json::parse(in);
 }
 
-// The engine on `device` ("cpu" unless a test is about another device).
+// The engine on `device` ("cpu" unless a test is about another device); prefill_chunk < 0
+// keeps the engine's default.
 inline std::shared_ptr<pyr::Engine> open_engine(const std::string& dir,
                                                 const std::string& device = "cpu",
-                                                uint64_t max_device_bytes = 0) {
+                                                uint64_t max_device_bytes = 0,
+                                                int32_t prefill_chunk = -1) {
     pyr::EngineParams ep;
     ep.device = device;
     ep.max_device_bytes = max_device_bytes;
+    if (prefill_chunk >= 0) ep.prefill_chunk = prefill_chunk;
     return pyr::Engine::open(dir, ep);
 }
 

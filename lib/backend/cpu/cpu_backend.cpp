@@ -334,9 +334,8 @@ void CpuBackend::forward_sequence(const SequenceStep& step, const SequenceStep* 
     s_.pos.assign(step.positions, step.positions + n);
 
     // RoPE tables at the tokens' positions: cos, sin (n, hd/2). Dynamic scaling sees the
-    // sequence length of this call (its largest position + 1), as HF does.
-    const int32_t max_pos = *std::max_element(step.positions, step.positions + n);
-    rope_cos_sin(rope_inv_freq(c, max_pos + 1), step.positions, n, s_.cos.data(),
+    // sequence length of the HF forward this step stands for (rope_seq_len).
+    rope_cos_sin(rope_inv_freq(c, rope_seq_len(step)), step.positions, n, s_.cos.data(),
                  s_.sin.data());
 
     cpu::embed(w.tok_embd, step.tokens, n, x);

@@ -246,14 +246,13 @@ void CudaBackend::forward_batch(SequenceStep* steps, int n_seq) {
     ensure_scratch(n_rows, n_seq);
 
     // token ids and RoPE tables (host math shared with the CPU backend: every scaling type;
-    // dynamic scaling sees each sequence's own largest position, as HF does per call)
+    // dynamic scaling sees each sequence's own length, rope_seq_len)
     std::vector<int32_t> tokens(static_cast<size_t>(n_rows));
     std::vector<float> cos(size_t(n_rows) * half), sin(size_t(n_rows) * half);
     for (int s = 0; s < n_seq; ++s) {
         const InFlight& f = seqs[size_t(s)];
         std::copy_n(steps[s].tokens, f.n, tokens.begin() + f.row0);
-        const int32_t max_pos = *std::max_element(f.positions.begin(), f.positions.end());
-        rope_cos_sin(rope_inv_freq(c, max_pos + 1), f.positions.data(), f.n,
+        rope_cos_sin(rope_inv_freq(c, rope_seq_len(steps[s])), f.positions.data(), f.n,
                      cos.data() + size_t(f.row0) * half, sin.data() + size_t(f.row0) * half);
     }
     stage_upload(s_.tokens.get(), tokens.data(), tokens.size());

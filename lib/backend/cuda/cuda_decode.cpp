@@ -75,7 +75,7 @@ bool CudaBackend::decode_step(SequenceStep* steps, int n_seq) {
     std::vector<float> cos(size_t(n_seq) * half), sin(size_t(n_seq) * half);
     for (int s = 0; s < n_seq; ++s) {
         tokens[size_t(s)] = steps[s].tokens[0];
-        rope_cos_sin(rope_inv_freq(c, steps[s].positions[0] + 1), steps[s].positions, 1,
+        rope_cos_sin(rope_inv_freq(c, rope_seq_len(steps[s])), steps[s].positions, 1,
                      cos.data() + size_t(s) * half, sin.data() + size_t(s) * half);
     }
     DecodePlan plan;
