@@ -237,7 +237,8 @@ typedef struct pyr_session_params {
                                 pyramid: solves rho, then gamma, then recent_ratio for it;
                                 peers: their token budget. 1 keeps everything (generation
                                 too). 0 (default) = unset: pyramid uses its knobs as given,
-                                the peers use 0.5 */
+                                the peers use 0.5. This and the three knobs below are read
+                                as the decimals they were written as (0.7f as 0.7) */
     float kv_rho;            /* pyramid: the deepest layer's retention floor. Default 0.9 */
     float kv_gamma;          /* pyramid: exponent of the layer curve. Default 1 */
     float kv_recent_ratio;   /* pyramid: recent window W = floor(ratio * P) + 1. Default 0.2 */

@@ -6,6 +6,12 @@
 
 namespace pyr {
 
+// A knob as the decimal it was written as. The C ABI's floats hold 0.7 as 0.699999988..., and
+// a plan whose retention is exactly 0.7 must meet a target of 0.7 (DESIGN.md: "<= t"); the
+// float rounded to 6 significant digits (FLT_DIG: every decimal of up to 6 digits survives
+// the trip through a float) is that decimal.
+double as_written(float v);
+
 struct KvParams {
     std::string policy = "full";  // full | pyramid | streaming | h2o | snapkv | pyramidkv | snapshrink
     float retention = 0.0f;       // target mean retention; 0 = unset
@@ -23,7 +29,7 @@ struct KvParams {
     // Retention 1 keeps everything, in generation too.
     bool lossless() const { return retention >= 1.0f; }
     // The peers' target: unset (0) means 0.5.
-    double peer_retention() const { return retention > 0.0f ? retention : 0.5; }
+    double peer_retention() const { return retention > 0.0f ? as_written(retention) : 0.5; }
 };
 
 }  // namespace pyr

@@ -1,5 +1,7 @@
 #include "kv/kv_policy.h"
 
+#include <cfloat>
+#include <charconv>
 #include <cmath>
 #include <limits>
 
@@ -7,6 +9,15 @@
 #include "kv/policies.h"
 
 namespace pyr {
+
+double as_written(float v) {
+    if (!std::isfinite(v)) return v;
+    char buf[32];
+    const auto printed = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::general, FLT_DIG);
+    double d = v;
+    std::from_chars(buf, printed.ptr, d);  // locale-independent, unlike printf and strtod
+    return d;
+}
 
 double KvPolicy::param(const std::string&) const {
     return std::numeric_limits<double>::quiet_NaN();

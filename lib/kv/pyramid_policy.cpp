@@ -23,9 +23,9 @@ public:
 
     double param(const std::string& name) const override {
         const PyramidKnobs& k = plan_.knobs;
-        if (name == "rho") return planned_ ? k.rho : params_.rho;
-        if (name == "gamma") return planned_ ? k.gamma : params_.gamma;
-        if (name == "recent_ratio") return planned_ ? k.recent_ratio : params_.recent_ratio;
+        if (name == "rho") return planned_ ? k.rho : as_written(params_.rho);
+        if (name == "gamma") return planned_ ? k.gamma : as_written(params_.gamma);
+        if (name == "recent_ratio") return planned_ ? k.recent_ratio : as_written(params_.recent_ratio);
         if (name == "min_context") return params_.min_context;
         if (planned_ && name == "window") return plan_.window;
         if (planned_ && name == "planned_retention") return plan_.retention;
@@ -35,12 +35,12 @@ public:
 protected:
     void plan(int32_t n_prompt) override {
         PyramidKnobs knobs;
-        knobs.rho = params_.rho;
-        knobs.gamma = params_.gamma;
-        knobs.recent_ratio = params_.recent_ratio;
+        knobs.rho = as_written(params_.rho);
+        knobs.gamma = as_written(params_.gamma);
+        knobs.recent_ratio = as_written(params_.recent_ratio);
         knobs.min_context = params_.min_context;
         plan_ = params_.retention > 0.0f
-                    ? solve_pyramid_plan(params_.retention, n_prompt, n_layer_, knobs)
+                    ? solve_pyramid_plan(as_written(params_.retention), n_prompt, n_layer_, knobs)
                     : make_pyramid_plan(n_prompt, n_layer_, knobs);
     }
     int32_t recent(int) const override { return plan_.window; }

@@ -38,7 +38,7 @@ public:
         if (name == "retention") return params_.peer_retention();
         if (planned_ && name == "budget") return budget_;
         if (planned_ && name == "window") return recent(0);
-        if (kind_ == Kind::SnapShrink && name == "recent_ratio") return params_.recent_ratio;
+        if (kind_ == Kind::SnapShrink && name == "recent_ratio") return as_written(params_.recent_ratio);
         return WindowPolicy::param(name);
     }
 
@@ -50,7 +50,7 @@ protected:
     int32_t recent(int il) const override {
         int32_t r = window_;
         if (kind_ == Kind::SnapShrink)
-            r = std::max(r, int32_t(std::floor(params_.recent_ratio * n_prompt_)) + 1);
+            r = std::max(r, int32_t(std::floor(as_written(params_.recent_ratio) * n_prompt_)) + 1);
         return std::min(r, layer_budget(il));
     }
     int32_t score_rows() const override { return window_; }
@@ -63,10 +63,14 @@ protected:
     }
 
 private:
+    // PyramidKV: linear from 1.5x the mean budget at layer 0 to 0.5x at the last, the ends
+    // drawn in to P and 2 x mean - P when 1.5x would pass the prompt (above retention 2/3), so
+    // the layers keep what the other peers keep in total, and all of it at retention 1.
     int32_t layer_budget(int il) const {
         if (kind_ != Kind::PyramidKv || n_layer_ == 1) return budget_;
-        const double scale = 1.5 - double(il) / (n_layer_ - 1);  // 1.5x .. 0.5x
-        return std::clamp(int32_t(std::lround(budget_ * scale)), 1, n_prompt_);
+        const double half_span = std::min(0.5 * budget_, double(n_prompt_ - budget_));
+        const double b = budget_ + half_span * (1.0 - 2.0 * il / (n_layer_ - 1));
+        return std::clamp(int32_t(std::lround(b)), 1, n_prompt_);
     }
 
     Kind kind_;

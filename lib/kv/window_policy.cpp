@@ -123,7 +123,7 @@ void WindowPolicy::abort_step() {
 }
 
 double WindowPolicy::param(const std::string& name) const {
-    if (name == "retention") return params_.retention;
+    if (name == "retention") return as_written(params_.retention);
     if (name == "gen_e") return gen_e();
     if (name == "prefill_shrink") return shrink_ ? 1 : 0;
     if (name == "shrink_start") return shrink_start_;

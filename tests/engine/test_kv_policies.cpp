@@ -15,6 +15,7 @@
 #include "engine/engine.h"
 #include "engine/session.h"
 #include "kv/kv_select.h"
+#include "kv/pyramid_plan.h"
 #include "support/engine_util.h"
 
 namespace {
@@ -214,6 +215,42 @@ TEST_CASE("peers keep exactly their budget after prefill and through generation"
             }
         }
     }
+}
+
+// Above retention 2/3, 1.5x the mean would pass the prompt: PyramidKV's line is drawn in to P
+// at layer 0 and 2 x mean - P at the last, so that it keeps what the other peers keep, and
+// everything at retention 1.
+TEST_CASE("pyramidkv keeps the peers' total at high retention, and everything at 1") {
+    auto engine = pyr_test::open_engine(kGqa);
+    const int32_t P = 200, n_layer = engine->config().n_layer;
+    REQUIRE(n_layer == 3);
+    const auto prompt = pyr_test::random_tokens(P, 396, 7);
+    for (float t : {0.8f, 1.0f}) {
+        CAPTURE(t);
+        auto s = session_with(engine, policy("pyramidkv", t));
+        s->feed_tokens(prompt);
+        s->prefill();
+        const int32_t budget = int32_t(std::lround(t * P));  // 160, 200
+        std::vector<int32_t> kept;
+        for (const auto& pos : s->memory().prefill_layer_positions) kept.push_back(int32_t(pos.size()));
+        CHECK(kept == std::vector<int32_t>{P, budget, 2 * budget - P});
+    }
+}
+
+// A retention given as a float (the C ABI's kv_retention) is solved for as the decimal it was
+// written as: P = 200 and 3 layers have a plan of exactly 0.7, which 0.7f (0.699999988) misses.
+TEST_CASE("pyramid solves for the decimal a float retention was written as") {
+    auto engine = pyr_test::open_engine(kGqa);
+    const int32_t P = 200;
+    const pyr::PyramidPlan exact = pyr::solve_pyramid_plan(0.7, P, 3, {});
+    REQUIRE(exact.retention == 0.7);
+    REQUIRE(pyr::solve_pyramid_plan(double(0.7f), P, 3, {}).retention < 0.7);
+    auto s = session_with(engine, policy("pyramid", 0.7f));
+    s->feed_tokens(pyr_test::random_tokens(P, 396, 8));
+    s->prefill();
+    CHECK(s->kv_param("planned_retention") == 0.7);
+    CHECK(s->kv_param("gamma") == exact.knobs.gamma);
+    CHECK(s->kv_param("retention") == 0.7);
 }
 
 // Storage that keeps no bytes and fails the retain it is told to (as the GPU's can, out of

@@ -28,8 +28,9 @@ constexpr double kNearTie = 1e-4;
 struct CaseSpec {
     std::string name;
     int32_t n_prompt = 100;
-    float retention = 0.0f;  // > 0: the knobs are solved for it
-    float rho = 0.9f, gamma = 1.0f, recent_ratio = 0.2f;
+    // The knobs as a user writes them (the session gets them as the C ABI's floats)
+    double retention = 0.0;  // > 0: the knobs are solved for it
+    double rho = 0.9, gamma = 1.0, recent_ratio = 0.2;
     int32_t min_context = 64, sinks = 4, gen_e = 16;
     bool shrink = true;
     int32_t n_gen = 40;
@@ -49,18 +50,18 @@ struct CaseOutcome {
 inline pyr::KvParams kv_params(const CaseSpec& cs) {
     pyr::KvParams kv;
     kv.policy = "pyramid";
-    kv.retention = cs.retention;
-    kv.rho = cs.rho, kv.gamma = cs.gamma, kv.recent_ratio = cs.recent_ratio;
+    kv.retention = float(cs.retention);
+    kv.rho = float(cs.rho), kv.gamma = float(cs.gamma), kv.recent_ratio = float(cs.recent_ratio);
     kv.min_context = cs.min_context, kv.sinks = cs.sinks, kv.gen_e = cs.gen_e;
     kv.prefill_shrink = cs.shrink ? 1 : 0;
     return kv;
 }
 
-// The plan the spec asks for: the knobs as given (float session knobs read as double), or
-// solved for the retention target.
+// The plan the spec asks for: the knobs as written (a session's floats mean these decimals),
+// or solved for the retention target.
 inline pyr_ref::Plan expected_plan(const CaseSpec& cs, int32_t n_prompt, int n_layer) {
-    pyr_ref::Knobs k{double(cs.rho), double(cs.gamma), double(cs.recent_ratio), cs.min_context};
-    if (cs.retention > 0.0f) return pyr_ref::solve_plan(double(cs.retention), n_prompt, n_layer, k);
+    pyr_ref::Knobs k{cs.rho, cs.gamma, cs.recent_ratio, cs.min_context};
+    if (cs.retention > 0.0) return pyr_ref::solve_plan(cs.retention, n_prompt, n_layer, k);
     return pyr_ref::make_plan(n_prompt, n_layer, k);
 }
 
@@ -156,7 +157,7 @@ inline CaseOutcome run_case(const std::shared_ptr<pyr::Engine>& engine,
     CHECK(session->kv_param("planned_retention") == doctest::Approx(plan.retention).epsilon(1e-12));
 
     // pyramid.h: "[kv_retention] 1 keeps everything (generation too)".
-    const int32_t gen_e = cs.retention >= 1.0f ? 0 : cs.gen_e;
+    const int32_t gen_e = cs.retention >= 1.0 ? 0 : cs.gen_e;
     pyr_ref::PyramidReference ref(ref_model, {plan, cs.sinks, gen_e, cs.shrink});
     pyr_ref::Vec logits = ref.prefill(prompt);
     pyr::MemoryStats mem = session->memory();

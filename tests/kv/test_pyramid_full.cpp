@@ -139,7 +139,7 @@ TEST_CASE("pyramid at retention 1.0 reproduces full (bundled model, greedy, 32 t
     }
     // And the reference agrees: nothing dropped, full's tokens.
     pyr_test::CaseSpec cs;
-    cs.name = "code retention 1.0", cs.retention = 1.0f, cs.prompt = prompt, cs.n_gen = 32;
+    cs.name = "code retention 1.0", cs.retention = 1.0, cs.prompt = prompt, cs.n_gen = 32;
     const pyr_test::CaseOutcome out =
         pyr_test::run_case(engine, pyr_ref::RefModel::load(PYR_TEST_MODEL_DIR), cs);
     CHECK(out.compressions == 0);
@@ -157,7 +157,7 @@ TEST_CASE("generation-phase compression fires every E tokens per layer, never in
     for (int32_t gen_e : {0, 1, 4, 5, 16}) {
         CAPTURE(gen_e);
         pyr_test::CaseSpec cs;
-        cs.n_prompt = 90, cs.rho = 0.3f, cs.min_context = 8, cs.gen_e = gen_e;
+        cs.n_prompt = 90, cs.rho = 0.3, cs.min_context = 8, cs.gen_e = gen_e;
         const int32_t n_gen = 50;
         const std::vector<int32_t> prompt = pyr_test::random_tokens(cs.n_prompt, 396, 9);
         auto s = pyr_test::greedy_session(engine, n_gen, pyr_test::kv_params(cs), 200);

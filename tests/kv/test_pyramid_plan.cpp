@@ -10,6 +10,7 @@
 #include <sstream>
 #include <vector>
 
+#include "kv/kv_params.h"
 #include "kv/pyramid_plan.h"
 #include "pyramid_ref_plan.h"
 
@@ -214,4 +215,10 @@ TEST_CASE("pyramid plan: solver stages and the exact ends") {
     CHECK(s1.retention <= 0.7);
     CHECK(s2.retention <= 0.5);
     CHECK(s3.retention <= 0.3);
+}
+
+TEST_CASE("pyramid plan: a float knob is the decimal it was written as") {
+    for (double d : {0.7, 0.9, 0.2, 0.3, 0.45, 0.001, 0.123456, 1.0, 0.5, 0.0})
+        CHECK(pyr::as_written(float(d)) == d);
+    CHECK(pyr::as_written(0.1f + 0.2f) == 0.3);  // float arithmetic's last-bit noise, too
 }
