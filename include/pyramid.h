@@ -336,7 +336,9 @@ PYR_API float pyr_session_logit(const pyr_session* session, int32_t token);
  * Any thread, while the session lives. */
 PYR_API void pyr_session_cancel(pyr_session* session);
 
-/* Clears the history, pending input, KV cache and sampler state (the seed restarts). */
+/* Clears the history, pending input, KV cache and sampler state (the seed restarts). On a
+ * GPU the fresh cache's page tables are made before the old cache is given back: when they
+ * do not fit, PYR_ERR_OUT_OF_MEMORY and the session is as it was. */
 PYR_API pyr_status pyr_session_reset(pyr_session* session);
 
 /* Callback-style generation for C and C++ users (not wrapped by the bindings): feeds

@@ -204,6 +204,16 @@ StepResult Session::next() {
 }
 
 void Session::reset() {
+    // The new cache and policy first: out of memory (a device cache's page tables) leaves the
+    // session as it was. The old cache's memory goes back when the new one takes its place.
+    const int n_layer = engine_->config().n_layer;
+    auto cache = std::make_unique<KvCache>(n_layer, engine_->new_kv_storage(n_ctx_));
+    auto policy = make_kv_policy(params_.kv, n_layer);
+    cache_ = std::move(cache);
+    {
+        std::lock_guard<std::mutex> lock(memory_mutex_);
+        policy_ = std::move(policy);
+    }
     tokens_.clear();
     n_generated_ = 0;
     done_ = false;
@@ -214,11 +224,6 @@ void Session::reset() {
     sampler_.reset();
     decoder_.reset(-1);
     cancel_requested_.store(false);
-    cache_ = std::make_unique<KvCache>(engine_->config().n_layer, engine_->new_kv_storage(n_ctx_));
-    {
-        std::lock_guard<std::mutex> lock(memory_mutex_);
-        policy_ = make_kv_policy(params_.kv, engine_->config().n_layer);
-    }
     prefill_positions_.clear();
     publish_memory();
 }

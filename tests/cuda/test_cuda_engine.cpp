@@ -551,6 +551,49 @@ TEST_CASE("the device memory budget: out-of-memory status, nothing lost") {
     CHECK(generate(*s, 8).tokens.size() == 8);
 }
 
+// A reset makes the fresh cache's page tables before it gives the old cache back: where they
+// do not fit, it fails, and the session goes on as if it had not been called.
+TEST_CASE("a reset that runs out of device memory leaves the session as it was") {
+    const int32_t n_ctx = 1 << 17;  // page tables of 2049 entries a layer
+    auto roomy = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
+    const uint64_t tables =
+        paged_kv_bytes(*roomy, std::vector<int32_t>(size_t(roomy->config().n_layer), 0), n_ctx);
+    auto start = [&](std::shared_ptr<pyr::Engine> e) {
+        auto s = greedy_session(std::move(e), 12, {}, n_ctx);
+        s->feed_text("def add(a, b):");
+        generate(*s, 4);
+        return s;
+    };
+    // the same steps on a roomy engine tell what they hold; then on engines with less room,
+    // until one has less to spare than a cache's page tables take (the scratch a step keeps
+    // depends on the room: a second try uses what the first held)
+    auto alone = start(roomy);
+    const Run want = generate(*alone, 8);
+    auto spare = [](const pyr::DeviceMemory& m) { return m.limit - (m.weights + m.kv + m.scratch); };
+    pyr::DeviceMemory m = roomy->device_memory();
+    std::shared_ptr<pyr::Engine> tight;
+    std::unique_ptr<pyr::Session> s;
+    for (int attempt = 0; attempt < 3 && (!s || spare(m) >= tables); ++attempt) {
+        s.reset();
+        tight = open_engine(PYR_TEST_MODEL_DIR, "cuda:0", m.weights + m.kv + m.scratch + tables / 2);
+        s = start(tight);
+        m = tight->device_memory();
+    }
+    REQUIRE(spare(m) < tables);
+    const pyr::MemoryStats before = s->memory();
+    try {
+        s->reset();
+        FAIL("a reset found room for new page tables in " << spare(m) << " bytes");
+    } catch (const pyr::Error& e) {
+        CHECK(e.status() == PYR_ERR_OUT_OF_MEMORY);
+    }
+    CHECK(s->memory().n_tokens == before.n_tokens);
+    CHECK(s->memory().n_processed == before.n_processed);
+    CHECK(s->memory().layer_positions == before.layer_positions);
+    const Run got = generate(*s, 8);  // as if no reset had been asked for
+    CHECK(got.tokens == want.tokens);
+}
+
 TEST_CASE("the KV cache holds whole pages: device memory follows each layer's tokens") {
     auto gpu = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
     const uint64_t before = gpu->device_memory().kv;
