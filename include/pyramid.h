@@ -122,8 +122,10 @@ typedef enum pyr_log_level {
 PYR_API void pyr_log_set_level(pyr_log_level level);
 
 /* Receives each message that passes the level; `message` is valid during the call only.
- * The callback may be called from any thread that uses the library, one call at a time.
- * NULL restores the default (standard error). Not wrapped by the language bindings. */
+ * The callback may be called from any thread that uses the library, one call at a time
+ * (other threads' messages wait meanwhile); it may itself call the library, this function
+ * included. NULL restores the default (standard error). Not wrapped by the language
+ * bindings. */
 typedef void (*pyr_log_callback)(pyr_log_level level, const char* message, void* user_data);
 PYR_API void pyr_log_set_callback(pyr_log_callback callback, void* user_data);
 
@@ -345,7 +347,10 @@ PYR_API pyr_status pyr_session_reset(pyr_session* session);
  * `prompt` (may be NULL or "" to continue) and calls `on_token` for every produced token
  * with its id and text (the final call at the end carries token -1 and the flushed tail,
  * if any is left). Return non-zero from the callback to stop early (status PYR_OK).
- * Returns PYR_OK/PYR_DONE-style completion as PYR_OK, or PYR_CANCELLED, or an error. */
+ * Returns PYR_OK/PYR_DONE-style completion as PYR_OK, or PYR_CANCELLED, or an error.
+ * It is pyr_session_feed_text then pyr_session_next until done, and fails as they do: a
+ * prompt that was fed stays in the history when a later step fails or is cancelled, so to
+ * retry, call it again with NULL (or pyr_session_reset to start over). */
 typedef int32_t (*pyr_token_callback)(int32_t token, const char* text, void* user_data);
 PYR_API pyr_status pyr_session_generate(pyr_session* session, const char* prompt,
                                         pyr_token_callback on_token, void* user_data);
@@ -384,7 +389,9 @@ typedef enum pyr_kv_when {
 
 /* Copies the original positions of the tokens cached in `layer` (ascending) into `out`,
  * at most `capacity` of them, and returns how many there are (call with capacity 0 to
- * size the buffer). 0 for bad arguments. Any thread. */
+ * size the buffer). 0 for bad arguments. Any thread; during a step of this session (one
+ * prefill chunk or one token) it waits for the step to end, as the positions are read from
+ * the cache itself. The other memory getters never wait. */
 PYR_API int32_t pyr_session_layer_positions(const pyr_session* session, int32_t layer,
                                             pyr_kv_when when, int32_t* out, int32_t capacity);
 

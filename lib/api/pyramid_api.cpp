@@ -383,42 +383,48 @@ pyr_status pyr_session_generate(pyr_session* s, const char* prompt, pyr_token_ca
 
 /* ---- memory ------------------------------------------------------------------------ */
 
-int32_t pyr_session_n_tokens(const pyr_session* s) { return s ? s->session->memory().n_tokens : 0; }
+int32_t pyr_session_n_tokens(const pyr_session* s) { return s ? s->session->counts().n_tokens : 0; }
 int32_t pyr_session_n_processed(const pyr_session* s) {
-    return s ? s->session->memory().n_processed : 0;
+    return s ? s->session->counts().n_processed : 0;
 }
-uint64_t pyr_session_kv_bytes(const pyr_session* s) { return s ? s->session->memory().kv_bytes : 0; }
+uint64_t pyr_session_kv_bytes(const pyr_session* s) { return s ? s->session->counts().kv_bytes : 0; }
 uint64_t pyr_session_kv_bytes_full(const pyr_session* s) {
-    return s ? s->session->memory().kv_bytes_full : 0;
+    return s ? s->session->counts().kv_bytes_full : 0;
 }
 
 int32_t pyr_session_layer_tokens(const pyr_session* s, int32_t layer) {
     if (!s) return 0;
-    pyr::MemoryStats m = s->session->memory();
+    const pyr::MemoryCounts m = s->session->counts();
     return layer >= 0 && size_t(layer) < m.layer_tokens.size() ? m.layer_tokens[size_t(layer)] : 0;
 }
 
 uint64_t pyr_session_layer_bytes(const pyr_session* s, int32_t layer) {
     if (!s) return 0;
-    pyr::MemoryStats m = s->session->memory();
+    const pyr::MemoryCounts m = s->session->counts();
     return layer >= 0 && size_t(layer) < m.layer_bytes.size() ? m.layer_bytes[size_t(layer)] : 0;
 }
 
 double pyr_session_kv_param(const pyr_session* s, const char* name) {
     if (!s || !name) return std::nan("");
-    return s->session->kv_param(name);
+    try {
+        return s->session->kv_param(name);
+    } catch (...) {  // out of memory for the name's copy: no status to return it in
+        return std::nan("");
+    }
 }
 
 int32_t pyr_session_layer_positions(const pyr_session* s, int32_t layer, pyr_kv_when when,
                                     int32_t* out, int32_t capacity) {
     if (!s || layer < 0 || capacity < 0 || (capacity > 0 && !out)) return 0;
-    pyr::MemoryStats m = s->session->memory();
-    const auto& all = when == PYR_KV_AFTER_PREFILL ? m.prefill_layer_positions : m.layer_positions;
-    if (size_t(layer) >= all.size()) return 0;
-    const std::vector<int32_t>& pos = all[size_t(layer)];
-    size_t n = std::min(pos.size(), size_t(capacity));
-    std::copy(pos.begin(), pos.begin() + std::ptrdiff_t(n), out);
-    return int32_t(pos.size());
+    if (when != PYR_KV_NOW && when != PYR_KV_AFTER_PREFILL) return 0;
+    try {
+        const std::vector<int32_t> pos = s->session->layer_positions(layer, when == PYR_KV_AFTER_PREFILL);
+        const size_t n = std::min(pos.size(), size_t(capacity));
+        std::copy(pos.begin(), pos.begin() + std::ptrdiff_t(n), out);
+        return int32_t(pos.size());
+    } catch (...) {  // out of memory for the copy: as for a bad argument
+        return 0;
+    }
 }
 
 }  // extern "C"

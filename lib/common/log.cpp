@@ -8,7 +8,9 @@ namespace pyr {
 namespace {
 
 std::atomic<int> g_level{PYR_LOG_WARN};
-std::mutex g_mutex;  // guards the callback and serialises its calls
+// guards the callback and serialises its calls; recursive, so that a callback may call the
+// library (set another callback, or make a call that logs) on its own thread
+std::recursive_mutex g_mutex;
 pyr_log_callback g_callback = nullptr;
 void* g_user_data = nullptr;
 
@@ -27,7 +29,7 @@ const char* level_name(pyr_log_level level) {
 void log_set_level(pyr_log_level level) { g_level.store(int(level)); }
 
 void log_set_callback(pyr_log_callback callback, void* user_data) {
-    std::lock_guard<std::mutex> lock(g_mutex);
+    std::lock_guard<std::recursive_mutex> lock(g_mutex);
     g_callback = callback;
     g_user_data = user_data;
 }
@@ -37,7 +39,7 @@ bool log_enabled(pyr_log_level level) {
 }
 
 void log_message(pyr_log_level level, const std::string& message) {
-    std::lock_guard<std::mutex> lock(g_mutex);
+    std::lock_guard<std::recursive_mutex> lock(g_mutex);
     if (g_callback)
         g_callback(level, message.c_str(), g_user_data);
     else

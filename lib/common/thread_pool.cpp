@@ -1,20 +1,33 @@
 #include "common/thread_pool.h"
 
+#include <string>
+
+#include "common/error.h"
+
 namespace pyr {
 
 ThreadPool::ThreadPool(int n_threads) {
     if (n_threads <= 0) n_threads = int(std::thread::hardware_concurrency());
     if (n_threads <= 0) n_threads = 1;
-    for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this, i] { worker_main(i); });
+    try {
+        for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this, i] { worker_main(i); });
+    } catch (const std::exception& e) {  // the system's thread limit: the started ones end
+        stop();
+        fail(PYR_ERR_OUT_OF_MEMORY, "cannot start " + std::to_string(n_threads) +
+                                        " CPU threads (n_threads): " + e.what());
+    }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop(); }
+
+void ThreadPool::stop() {
     {
         std::lock_guard<std::mutex> lock(mutex_);
         stop_ = true;
     }
     start_cv_.notify_all();
     for (auto& t : workers_) t.join();
+    workers_.clear();
 }
 
 static void run_chunk(const std::function<void(int64_t, int64_t)>& fn, int64_t n, int index,

@@ -12,7 +12,8 @@ namespace pyr {
 
 class ThreadPool {
 public:
-    // n_threads total workers including the calling thread; 0 = hardware threads.
+    // n_threads total workers including the calling thread; 0 = hardware threads. Throws
+    // pyr::Error (PYR_ERR_OUT_OF_MEMORY) when the system cannot start that many.
     explicit ThreadPool(int n_threads);
     ~ThreadPool();
     ThreadPool(const ThreadPool&) = delete;
@@ -26,6 +27,7 @@ public:
 
 private:
     void worker_main(int index);
+    void stop();  // ends and joins the workers
 
     std::vector<std::thread> workers_;
     std::mutex mutex_;

@@ -77,7 +77,12 @@ void Session::prefill(DeviceSample* sample) {
     have_logits_ = false;
     for (int32_t done = 0; done < n;) {
         const int32_t m = chunked ? std::min(chunk, n - done) : n - done;
-        run_step(start + done, m, start + n, sample);  // throws; earlier chunks stay
+        try {
+            run_step(start + done, m, start + n, sample);  // throws; earlier chunks stay
+        } catch (...) {
+            publish_memory();  // a step whose compression failed after it still counts
+            throw;
+        }
         done += m;
         publish_memory();  // memory() follows a long prefill chunk by chunk
     }
@@ -103,6 +108,7 @@ void Session::run_step(int32_t start, int32_t n, int32_t input_end, DeviceSample
     step.sample = sample;
     step.cancel = &cancel_requested_;
 
+    std::lock_guard<std::mutex> cache_lock(cache_mutex_);
     const bool first_prefill = start == 0;
     const std::vector<int32_t> sizes_before = cache_->sizes();
     // Leaves the session as before the step: no partial appends or prunes (a first prefill
@@ -125,9 +131,14 @@ void Session::run_step(int32_t start, int32_t n, int32_t input_end, DeviceSample
         } catch (const Engine::BatchFailed&) {
             roll_back();  // another session's step may have failed the merged forward
             alone = true;
-        } catch (...) {
+        } catch (const Error& e) {
             roll_back();  // the chunks before this one stay processed
-            cancel_requested_.store(false);
+            // a cancel is used up by the call it stops; one that came during a step failing
+            // for another reason stays for the next call
+            if (e.status() == PYR_CANCELLED) cancel_requested_.store(false);
+            throw;
+        } catch (...) {
+            roll_back();
             throw;
         }
     }
@@ -209,8 +220,10 @@ void Session::reset() {
     const int n_layer = engine_->config().n_layer;
     auto cache = std::make_unique<KvCache>(n_layer, engine_->new_kv_storage(n_ctx_));
     auto policy = make_kv_policy(params_.kv, n_layer);
-    cache_ = std::move(cache);
     {
+        std::lock_guard<std::mutex> cache_lock(cache_mutex_);
+        cache_ = std::move(cache);
+        prefill_positions_.clear();
         std::lock_guard<std::mutex> lock(memory_mutex_);
         policy_ = std::move(policy);
     }
@@ -224,12 +237,11 @@ void Session::reset() {
     sampler_.reset();
     decoder_.reset(-1);
     cancel_requested_.store(false);
-    prefill_positions_.clear();
     publish_memory();
 }
 
 void Session::publish_memory() {
-    MemoryStats m;
+    MemoryCounts m;
     m.n_tokens = int32_t(tokens_.size());
     m.n_processed = cache_->n_processed();
     m.kv_bytes = cache_->bytes();
@@ -237,11 +249,9 @@ void Session::publish_memory() {
     for (int il = 0; il < cache_->n_layer(); ++il) {
         m.layer_tokens.push_back(cache_->size(il));
         m.layer_bytes.push_back(cache_->bytes(il));
-        m.layer_positions.push_back(cache_->positions(il));
     }
-    m.prefill_layer_positions = prefill_positions_;
     std::lock_guard<std::mutex> lock(memory_mutex_);
-    memory_ = std::move(m);
+    counts_ = std::move(m);
 }
 
 const float* Session::logits() const {
@@ -258,9 +268,26 @@ double Session::kv_param(const std::string& name) const {
     return policy_->param(name);
 }
 
-MemoryStats Session::memory() const {
+MemoryCounts Session::counts() const {
     std::lock_guard<std::mutex> lock(memory_mutex_);
-    return memory_;
+    return counts_;
+}
+
+MemoryStats Session::memory() const {
+    std::lock_guard<std::mutex> cache_lock(cache_mutex_);
+    MemoryStats m;
+    static_cast<MemoryCounts&>(m) = counts();
+    for (int il = 0; il < cache_->n_layer(); ++il) m.layer_positions.push_back(cache_->positions(il));
+    m.prefill_layer_positions = prefill_positions_;
+    return m;
+}
+
+std::vector<int32_t> Session::layer_positions(int il, bool after_prefill) const {
+    std::lock_guard<std::mutex> cache_lock(cache_mutex_);
+    if (after_prefill)
+        return il >= 0 && size_t(il) < prefill_positions_.size() ? prefill_positions_[size_t(il)]
+                                                                  : std::vector<int32_t>{};
+    return il >= 0 && il < cache_->n_layer() ? cache_->positions(il) : std::vector<int32_t>{};
 }
 
 }  // namespace pyr

@@ -1,5 +1,6 @@
 // Session: one conversation — token history, pending input, sampler, streaming decoder,
-// KV cache and its policy. One thread at a time, except cancel() and memory().
+// KV cache and its policy. One thread at a time, except cancel(), kv_param() and the memory
+// figures (counts(), memory(), layer_positions()).
 #pragma once
 
 #include <atomic>
@@ -24,14 +25,18 @@ struct SessionParams {
     KvParams kv;
 };
 
-// A consistent copy of the memory figures, taken after each completed step.
-struct MemoryStats {
+// The memory figures after the last completed step (a consistent copy; O(layers) to take).
+struct MemoryCounts {
     int32_t n_tokens = 0;
     int32_t n_processed = 0;  // of them, through the model so far (chunk by chunk in a prefill)
     uint64_t kv_bytes = 0;
     uint64_t kv_bytes_full = 0;
     std::vector<int32_t> layer_tokens;
     std::vector<uint64_t> layer_bytes;
+};
+
+// The counts and which tokens each layer holds (O(layers x tokens) to copy).
+struct MemoryStats : MemoryCounts {
     std::vector<std::vector<int32_t>> layer_positions;          // now, ascending
     std::vector<std::vector<int32_t>> prefill_layer_positions;  // after the first prefill
 };
@@ -55,7 +60,12 @@ public:
     void reset();
     // Callable from any thread.
     void cancel() { cancel_requested_.store(true); }
+    // Any thread. counts() never waits; memory() and layer_positions() wait for a step in
+    // flight to end (the positions are read from the cache, not copied at every step).
+    MemoryCounts counts() const;
     MemoryStats memory() const;
+    // Layer il's positions now, or after the first prefill; empty for a layer out of range.
+    std::vector<int32_t> layer_positions(int il, bool after_prefill) const;
     // The KV policy's parameter as used (pyr_session_kv_param). Any thread.
     double kv_param(const std::string& name) const;
 
@@ -96,9 +106,12 @@ private:
     std::string text_;
     std::atomic<bool> cancel_requested_{false};
 
-    mutable std::mutex memory_mutex_;  // guards memory_ and policy parameters read by others
-    MemoryStats memory_;
-    std::vector<std::vector<int32_t>> prefill_positions_;
+    // Held while the cache may change (a step, whichever thread runs its forward; a reset),
+    // so that other threads read its positions between steps. Taken before memory_mutex_.
+    mutable std::mutex cache_mutex_;
+    std::vector<std::vector<int32_t>> prefill_positions_;  // guarded by cache_mutex_
+    mutable std::mutex memory_mutex_;  // guards counts_ and policy parameters read by others
+    MemoryCounts counts_;
 };
 
 }  // namespace pyr

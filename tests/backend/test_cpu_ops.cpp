@@ -4,9 +4,18 @@
 // obvious loop here and compare on random shapes, odd sizes included.
 #include <doctest/doctest.h>
 
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cmath>
+#include <csignal>
+#include <cstdio>
 #include <memory>
 #include <random>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
@@ -622,4 +631,49 @@ TEST_CASE("KvCache over CpuKvStorage keeps positions and rows together") {
     cache.truncate({1});
     CHECK(s.size(0) == 1);
     CHECK(cache.bytes() == 2 * 2 * sizeof(float));
+}
+
+// A pool the system cannot start (here: too little address space left for the threads'
+// stacks, in a child process) is a pyr::Error, which the C ABI returns as a status; before,
+// the half-built pool's running threads made it std::terminate. Sanitizers reserve address
+// space of their own, so their builds skip it.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+TEST_CASE("a thread pool the system cannot start fails with an error" * doctest::skip(kSanitized)) {
+    const pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        std::signal(SIGABRT, SIG_DFL);  // a std::terminate ends the child (not doctest's handler)
+        long pages = 0;
+        FILE* f = std::fopen("/proc/self/statm", "r");
+        if (!f || std::fscanf(f, "%ld", &pages) != 1) _exit(4);
+        std::fclose(f);
+        const rlim_t used = rlim_t(pages) * rlim_t(sysconf(_SC_PAGESIZE));
+        const rlimit limit{used + (48u << 20), used + (48u << 20)};  // room for ~5 stacks of 8 MiB
+        if (setrlimit(RLIMIT_AS, &limit) != 0) _exit(5);
+        try {
+            pyr::ThreadPool pool(64);
+            _exit(1);
+        } catch (const pyr::Error& e) {
+            _exit(e.status() == PYR_ERR_OUT_OF_MEMORY &&
+                          std::string(e.what()).find("n_threads") != std::string::npos
+                      ? 0
+                      : 2);
+        } catch (...) {
+            _exit(3);
+        }
+    }
+    int status = 0;
+    pid_t ended = 0;
+    for (int ms = 0; ms < 60000 && ended == 0; ms += 10) {  // bounded: a hung child fails
+        ended = waitpid(pid, &status, WNOHANG);
+        if (ended == 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (ended == 0) kill(pid, SIGKILL), waitpid(pid, &status, 0);
+    REQUIRE(ended == pid);
+    REQUIRE(WIFEXITED(status));  // not killed by std::terminate's abort
+    CHECK(WEXITSTATUS(status) == 0);  // 1: the pool started; 2: another error; 3: not a pyr::Error
 }

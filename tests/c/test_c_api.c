@@ -290,6 +290,26 @@ static void test_close_order(void) {
     pyr_session_destroy(session);
 }
 
+/* A log callback that calls the library on its own thread: it unregisters itself (the
+ * library's log lock was taken again by the same thread: a deadlock before). */
+static atomic_int g_logged;
+static void log_once(pyr_log_level level, const char* message, void* user_data) {
+    (void)level;
+    (void)user_data;
+    if (contains(message, "n_ctx")) ++g_logged;
+    pyr_log_set_callback(NULL, NULL);
+}
+
+static void test_log_callback_reentry(pyr_engine* engine) {
+    pyr_log_set_callback(log_once, NULL);
+    pyr_session* session = greedy_session(engine, 1, 1 << 20); /* past the trained context: a warning */
+    CHECK(atomic_load(&g_logged) == 1);
+    pyr_session_destroy(session);
+    session = greedy_session(engine, 1, 1 << 20); /* to standard error now */
+    CHECK(atomic_load(&g_logged) == 1);
+    pyr_session_destroy(session);
+}
+
 int main(void) {
     test_version_and_status();
     test_null_handles();
@@ -299,6 +319,7 @@ int main(void) {
     test_streaming(engine);
     test_cancel_from_thread(engine);
     test_concurrent_sessions(engine);
+    test_log_callback_reentry(engine);
     pyr_engine_close(engine);
     test_close_order();
     printf("%d passed, %d failed\n", atomic_load(&g_passed), atomic_load(&g_failed));

@@ -495,8 +495,8 @@ TEST_CASE("sessions: a cancel between chunks keeps the chunks done; the next pre
     gate1.release();
     gate2.wait_entered();            // holder2 runs, held
     wait_for_waiting(*engine, 1);    // the session's second chunk waits
-    CHECK(s.memory().layer_tokens[0] == chunk);
-    CHECK(s.memory().n_processed == chunk);  // the prefill's progress, seen from here
+    CHECK(s.counts().layer_tokens[0] == chunk);
+    CHECK(s.counts().n_processed == chunk);  // the prefill's progress, seen from here
     s.cancel();
     gate2.release();
     lead.join();
