@@ -65,7 +65,8 @@ struct Engine::Request {
     const SequenceStep* step = nullptr;
     bool alone = false;
     bool done = false;
-    bool batch_failed = false;  // a merged forward failed: roll back and resubmit alone
+    bool batch_failed = false;  // a merged forward failed: roll back and resubmit
+    bool retry_alone = true;    // ... alone (the failure may have been this step's)
     std::exception_ptr error;
 };
 
@@ -79,6 +80,14 @@ void Engine::forward(const SequenceStep& step, bool alone) {
     std::unique_lock<std::mutex> lock(queue_mutex_);
     queue_.push_back(&req);
     while (!req.done) {
+        if (cancel_requested(step)) {  // still waiting (a taken step is done or running)
+            const auto it = std::find(queue_.begin(), queue_.end(), &req);
+            if (it != queue_.end()) {
+                queue_.erase(it);
+                lock.unlock();
+                fail(PYR_CANCELLED, "cancelled");
+            }
+        }
         if (running_) {
             queue_changed_.wait(lock);
             continue;
@@ -120,14 +129,19 @@ void Engine::forward(const SequenceStep& step, bool alone) {
         queue_changed_.notify_all();
     }
     lock.unlock();
-    if (req.batch_failed) throw BatchFailed{};
+    if (req.batch_failed) throw BatchFailed{req.retry_alone};
     if (req.error) std::rethrow_exception(req.error);
+}
+
+void Engine::wake_waiting_steps() {
+    std::lock_guard<std::mutex> lock(queue_mutex_);
+    queue_changed_.notify_all();
 }
 
 // Runs one forward. Steps cancelled while they waited are answered without running. A failure
 // of a merged forward is only known to be a step's own when its cancel flag is set; the others
-// are told to retry alone (Session rolls them back first). Throws nothing: the submitting
-// threads wait on this.
+// are told to retry (Session rolls them back first): merged again when the failure was that
+// cancel, else alone. Throws nothing: the submitting threads wait on this.
 void Engine::run_batch(Request* const* batch, size_t n) noexcept {
     auto cancelled = [](const Request* r) { return cancel_requested(*r->step); };
     auto cancelled_error = [] { return std::make_exception_ptr(Error(PYR_CANCELLED, "cancelled")); };
@@ -146,15 +160,24 @@ void Engine::run_batch(Request* const* batch, size_t n) noexcept {
                 if (!batch[i]->error) only = batch[i];
         backend_->forward(steps.data(), int(steps.size()));
     } catch (...) {
+        bool by_cancel = false;  // a backend fails with PYR_CANCELLED for a step's flag only
+        try {
+            throw;
+        } catch (const Error& e) {
+            by_cancel = e.status() == PYR_CANCELLED;
+        } catch (...) {
+        }
         for (size_t i = 0; i < n; ++i) {
             Request* r = batch[i];
             if (r->error) continue;  // cancelled while it waited
-            if (r == only)
+            if (r == only) {
                 r->error = std::current_exception();
-            else if (cancelled(r))
+            } else if (cancelled(r)) {
                 r->error = cancelled_error();
-            else
+            } else {
                 r->batch_failed = true;
+                r->retry_alone = !by_cancel;
+            }
         }
     }
 }

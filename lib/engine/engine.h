@@ -38,11 +38,16 @@ public:
     // batching, DESIGN.md section 7): sessions join and leave between steps. A forward takes
     // every waiting decode step (one token) and, in order, the waiting prefill steps that
     // fit in prefill_chunk tokens together (at least one). With alone, the step gets a
-    // forward of its own. Throws pyr::Error when the step fails (its cancel
-    // flag gives PYR_CANCELLED), or BatchFailed when a merged forward failed and the cause
-    // may be another step's: the caller rolls the step back and submits it alone.
-    struct BatchFailed {};
+    // forward of its own. Throws pyr::Error when the step fails (its cancel flag gives
+    // PYR_CANCELLED, at once if it is set while the step waits), or BatchFailed when a merged
+    // forward failed for another step: the caller rolls the step back and submits it again,
+    // alone when the cause is unknown (a cancel's is known: merged again).
+    struct BatchFailed {
+        bool alone = true;
+    };
     void forward(const SequenceStep& step, bool alone = false);
+    // Wakes the steps waiting for a forward, so that a cancelled one leaves (Session::cancel).
+    void wake_waiting_steps();
 
     // Counts since open: batches taken (forwards; a batch whose steps were all cancelled
     // while they waited runs nothing) and the steps in them (steps / forwards is the mean

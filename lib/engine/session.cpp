@@ -59,6 +59,11 @@ void Session::feed_tokens(const std::vector<int32_t>& tokens) {
     append_input(tokens);
 }
 
+void Session::cancel() {
+    cancel_requested_.store(true);
+    engine_->wake_waiting_steps();  // a step waiting for another's forward leaves at once
+}
+
 void Session::check_cancel() {
     if (cancel_requested_.exchange(false)) fail(PYR_CANCELLED, "cancelled");
 }
@@ -128,9 +133,9 @@ void Session::run_step(int32_t start, int32_t n, int32_t input_end, DeviceSample
             }
             engine_->forward(step, alone);
             break;
-        } catch (const Engine::BatchFailed&) {
+        } catch (const Engine::BatchFailed& e) {
             roll_back();  // another session's step may have failed the merged forward
-            alone = true;
+            alone = e.alone;
         } catch (const Error& e) {
             roll_back();  // the chunks before this one stay processed
             // a cancel is used up by the call it stops; one that came during a step failing

@@ -59,7 +59,7 @@ public:
     StepResult next();
     void reset();
     // Callable from any thread.
-    void cancel() { cancel_requested_.store(true); }
+    void cancel();
     // Any thread. counts() never waits; memory() and layer_positions() wait for a step in
     // flight to end (the positions are read from the cache, not copied at every step).
     MemoryCounts counts() const;

@@ -169,7 +169,7 @@ TEST_CASE("steps queued behind a forward run as one batch and each gets its own 
 namespace {
 
 // Runs `steps` queued behind a held forward, all together; returns what each got: "ok",
-// "retry" (Engine::BatchFailed) or the status name.
+// "retry alone" or "retry merged" (Engine::BatchFailed) or the status name.
 std::vector<std::string> run_merged(pyr::Engine& engine, std::vector<std::unique_ptr<OwnStep>>& steps,
                                     std::atomic<bool>* cancel_while_waiting = nullptr) {
     GatePolicy gate;
@@ -183,8 +183,8 @@ std::vector<std::string> run_merged(pyr::Engine& engine, std::vector<std::unique
             try {
                 engine.forward(steps[i]->step);
                 outcome[i] = "ok";
-            } catch (const pyr::Engine::BatchFailed&) {
-                outcome[i] = "retry";
+            } catch (const pyr::Engine::BatchFailed& e) {
+                outcome[i] = e.alone ? "retry alone" : "retry merged";
             } catch (const pyr::Error& e) {
                 outcome[i] = pyr_status_str(e.status());
             }
@@ -214,7 +214,7 @@ TEST_CASE("a step cancelled while it waits is answered without running; the othe
     CHECK(engine->batch_stats().forwards == 2);  // the holder's and the merged one
 }
 
-TEST_CASE("a cancel during a merged forward: that step is cancelled, the others are told to retry") {
+TEST_CASE("a cancel during a merged forward: that step is cancelled, the others retry merged") {
     auto engine = cpu_engine();
     const int32_t vocab = engine->config().n_vocab;
     std::atomic<bool> flags[3] = {{false}, {false}, {false}};
@@ -224,7 +224,14 @@ TEST_CASE("a cancel during a merged forward: that step is cancelled, the others 
         steps.push_back(std::make_unique<OwnStep>(*engine, random_tokens(6, vocab, 20 + i),
                                                   i == 1 ? &canceller : nullptr, &flags[i]));
     const std::vector<std::string> got = run_merged(*engine, steps);
-    CHECK(got == std::vector<std::string>{"retry", pyr_status_str(PYR_CANCELLED), "retry"});
+    CHECK(got == std::vector<std::string>{"retry merged", pyr_status_str(PYR_CANCELLED), "retry merged"});
+
+    // a failure of unknown cause (here a bad token's): each retries alone, where it is known
+    std::vector<std::unique_ptr<OwnStep>> with_bad;
+    for (uint32_t i = 0; i < 3; ++i)
+        with_bad.push_back(std::make_unique<OwnStep>(*engine, random_tokens(6, vocab, 30 + i)));
+    with_bad[1]->tokens[3] = vocab;
+    CHECK(run_merged(*engine, with_bad) == std::vector<std::string>(3, "retry alone"));
 
     // alone, a failure is the step's own: an out-of-range token is reported, not retried
     OwnStep bad(*engine, {1, vocab});
@@ -236,7 +243,7 @@ TEST_CASE("a cancel during a merged forward: that step is cancelled, the others 
     }
 }
 
-TEST_CASE("sessions: another step's failure in a merged prefill is rolled back and rerun alone") {
+TEST_CASE("sessions: another step's cancel in a merged prefill is rolled back and rerun merged") {
     auto engine = cpu_engine();
     const int32_t vocab = engine->config().n_vocab;
     GatePolicy gate;
@@ -284,8 +291,11 @@ TEST_CASE("sessions: another step's failure in a merged prefill is rolled back a
     CHECK(failing_status == PYR_CANCELLED);
     CHECK(status[0] == PYR_OK);
     CHECK(status[1] == PYR_OK);
-    // the holder's forward, the failed merged one, each session's rerun alone
-    CHECK(engine->batch_stats().forwards == 4);
+    // the holder's forward, the failed merged one, the sessions' reruns: not made to run
+    // alone, so one forward when both resubmit before either leads it, else two
+    const uint64_t forwards = engine->batch_stats().forwards;
+    CHECK(forwards >= 3);
+    CHECK(forwards <= 4);
     // each session holds what it would hold had it run alone
     for (size_t i = 0; i < 2; ++i) {
         CAPTURE(i);
@@ -306,15 +316,19 @@ TEST_CASE("sessions: a session cancelled while its prefill waits keeps its input
     std::thread lead([&] { engine->forward(holder.step); });
     gate.wait_entered();
     pyr_status status = PYR_OK;
+    std::atomic<int> returned{0};
     std::thread t([&] {
         try {
             s->prefill();
         } catch (const pyr::Error& e) {
             status = e.status();
         }
+        returned = 1;
     });
     wait_for_waiting(*engine, 1);
     s->cancel();
+    // the call returns while the forward ahead of it still runs (it waited for it before)
+    CHECK(wait_set(returned));
     gate.release();
     lead.join();
     t.join();
