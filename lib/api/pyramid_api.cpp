@@ -247,6 +247,7 @@ uint64_t pyr_engine_session_bytes_estimate(const pyr_engine* engine,
     if (!engine || !engine->engine) return 0;
     try {
         pyr::SessionParams sp = to_session_params(params);
+        if (sp.n_ctx < 0) return 0;  // as pyr_session_create refuses it
         const pyr::Engine& eng = *engine->engine;
         return eng.kv_storage_bytes(sp.n_ctx > 0 ? sp.n_ctx : eng.config().n_ctx_train);
     } catch (...) {

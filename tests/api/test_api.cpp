@@ -73,6 +73,9 @@ TEST_CASE("memory estimate and stats agree with the layout") {
     // 2 bytes on a GPU, where "auto" opens the engine)
     const uint64_t elem = std::string(pyr_engine_device(engine)) == "cpu" ? 4 : 2;
     CHECK(pyr_engine_session_bytes_estimate(engine, &sp) == 10ull * 100 * 2 * 2 * 64 * elem);
+    sp.n_ctx = -1;  // what pyr_session_create refuses has no estimate
+    CHECK(pyr_engine_session_bytes_estimate(engine, &sp) == 0);
+    sp.n_ctx = 100;
     sp.temperature = 0.0f;
     sp.max_tokens = 5;
     pyr_session* s = nullptr;

@@ -594,6 +594,42 @@ TEST_CASE("a reset that runs out of device memory leaves the session as it was")
     CHECK(got.tokens == want.tokens);
 }
 
+// The per-row scratch grows to twice the rows it held, so that steps growing a little at a
+// time reallocate rarely; where the budget has no room for twice, a step still gets the rows
+// it needs (before, a step that fitted failed with out-of-memory).
+TEST_CASE("scratch grows to exactly a step's rows where twice the rows held would not fit") {
+    const int32_t vocab = open_engine(PYR_TEST_MODEL_DIR, "cpu")->config().n_vocab;
+    const std::vector<int32_t> a = pyr_test::random_tokens(300, vocab, 1);
+    const std::vector<int32_t> b = pyr_test::random_tokens(301, vocab, 2);
+    auto prefill = [](std::shared_ptr<pyr::Engine> e, const std::vector<int32_t>& prompt) {
+        auto s = greedy_session(std::move(e), 1, {}, 1024);
+        s->feed_tokens(prompt);
+        s->prefill();
+        return s;
+    };
+    // what the two prefills hold, one after the other (the scratch doubled to 600 rows), and
+    // the second one alone (301 rows)
+    // (scratch besides the rows: cuBLAS's workspace, min(32 MiB, budget / 64), cuda_context.cpp)
+    auto rows_scratch = [](const pyr::DeviceMemory& m) {
+        return m.scratch - (std::min<uint64_t>(32ull << 20, m.limit / 64) & ~uint64_t(255));
+    };
+    auto roomy = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
+    auto sa = prefill(roomy, a), sb = prefill(roomy, b);
+    const pyr::DeviceMemory doubled = roomy->device_memory();
+    auto fresh = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
+    auto sb_alone = prefill(fresh, b);
+    const uint64_t exact = rows_scratch(fresh->device_memory());
+    REQUIRE(exact < rows_scratch(doubled));
+    // room for the weights, both caches and rows halfway between 301 and 600, after the
+    // workspace takes its 1/64
+    const uint64_t room = doubled.weights + doubled.kv + (exact + rows_scratch(doubled)) / 2;
+    auto tight = open_engine(PYR_TEST_MODEL_DIR, "cuda:0", room * 64 / 63 + 256);
+    auto ta = prefill(tight, a);
+    auto tb = prefill(tight, b);  // threw PYR_ERR_OUT_OF_MEMORY before
+    CHECK(rows_scratch(tight->device_memory()) == exact);
+    CHECK(tb->memory().n_processed == 301);
+}
+
 TEST_CASE("the KV cache holds whole pages: device memory follows each layer's tokens") {
     auto gpu = open_engine(PYR_TEST_MODEL_DIR, "cuda:0");
     const uint64_t before = gpu->device_memory().kv;

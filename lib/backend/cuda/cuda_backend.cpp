@@ -100,28 +100,41 @@ DeviceMemory CudaBackend::device_memory() const {
 
 void CudaBackend::ensure_scratch(int32_t n_rows, int n_seq) {
     if (n_rows > s_.n_rows) {
-        const size_t n = size_t(std::max(n_rows, 2 * s_.n_rows));
-        const size_t half = size_t(config_.head_dim / 2);
-        const size_t embd = size_t(config_.n_embd), ff = size_t(config_.n_ff);
-        s_ = Scratch{};  // free first: the budget counts what is held
-        s_.tokens = ctx_->alloc(n * 4, Use::Scratch);
-        s_.cos = ctx_->alloc(n * half * 4, Use::Scratch);
-        s_.sin = ctx_->alloc(n * half * 4, Use::Scratch);
-        s_.cos_tmp = ctx_->alloc(n * half * 4, Use::Scratch);
-        s_.sin_tmp = ctx_->alloc(n * half * 4, Use::Scratch);
-        s_.x = ctx_->alloc(n * embd * 4, Use::Scratch);
-        s_.x_tmp = ctx_->alloc(n * embd * 4, Use::Scratch);
-        s_.xn = ctx_->alloc(n * std::max(embd, size_t(q_dim_)) * 2, Use::Scratch);
-        s_.qkv = ctx_->alloc(n * size_t(qkv_dim_) * 4, Use::Scratch);
-        s_.att = ctx_->alloc(n * size_t(q_dim_) * 2, Use::Scratch);
-        s_.lse = ctx_->alloc(n * size_t(config_.n_head) * 4, Use::Scratch);
-        s_.gu = ctx_->alloc(n * 2 * ff * 4, Use::Scratch);
-        s_.h = ctx_->alloc(n * ff * 2, Use::Scratch);
-        s_.rows_index = ctx_->alloc(n * 4, Use::Scratch);
-        s_.n_rows = int32_t(n);
+        // twice the rows held so far, so that steps growing a little at a time reallocate
+        // (and change their graphs' keys) rarely; exactly the rows asked for where the
+        // budget has no room for that
+        const int32_t grown = std::max(n_rows, 2 * s_.n_rows);
+        try {
+            allocate_rows(grown);
+        } catch (const Error& e) {
+            if (e.status() != PYR_ERR_OUT_OF_MEMORY || grown == n_rows) throw;
+            allocate_rows(n_rows);
+        }
     }
     grow_scratch(s_.logits, size_t(n_seq) * size_t(config_.n_vocab) * 4);
     grow_scratch(s_.kv_len, size_t(n_seq) * size_t(config_.n_layer) * 4);
+}
+
+void CudaBackend::allocate_rows(int32_t n_rows) {
+    const size_t n = size_t(n_rows);
+    const size_t half = size_t(config_.head_dim / 2);
+    const size_t embd = size_t(config_.n_embd), ff = size_t(config_.n_ff);
+    s_ = Scratch{};  // free first: the budget counts what is held
+    s_.tokens = ctx_->alloc(n * 4, Use::Scratch);
+    s_.cos = ctx_->alloc(n * half * 4, Use::Scratch);
+    s_.sin = ctx_->alloc(n * half * 4, Use::Scratch);
+    s_.cos_tmp = ctx_->alloc(n * half * 4, Use::Scratch);
+    s_.sin_tmp = ctx_->alloc(n * half * 4, Use::Scratch);
+    s_.x = ctx_->alloc(n * embd * 4, Use::Scratch);
+    s_.x_tmp = ctx_->alloc(n * embd * 4, Use::Scratch);
+    s_.xn = ctx_->alloc(n * std::max(embd, size_t(q_dim_)) * 2, Use::Scratch);
+    s_.qkv = ctx_->alloc(n * size_t(qkv_dim_) * 4, Use::Scratch);
+    s_.att = ctx_->alloc(n * size_t(q_dim_) * 2, Use::Scratch);
+    s_.lse = ctx_->alloc(n * size_t(config_.n_head) * 4, Use::Scratch);
+    s_.gu = ctx_->alloc(n * 2 * ff * 4, Use::Scratch);
+    s_.h = ctx_->alloc(n * ff * 2, Use::Scratch);
+    s_.rows_index = ctx_->alloc(n * 4, Use::Scratch);
+    s_.n_rows = n_rows;
 }
 
 // Makes `b` hold at least `bytes`. A buffer that grows is freed first (the budget counts what

@@ -95,6 +95,7 @@ private:
     DeviceBuffer upload_tensor(const Tensor& t);
     DeviceBuffer upload_concat(std::initializer_list<const Tensor*> parts);
     void ensure_scratch(int32_t n_rows, int n_seq);
+    void allocate_rows(int32_t n_rows);  // the per-row buffers, for exactly n_rows
     void grow_scratch(DeviceBuffer& b, size_t bytes);
     void ensure_obs(size_t floats, size_t keep);
     void ensure_scores(size_t floats);

@@ -135,7 +135,9 @@ private:
         void set_gap(int32_t g) { table[0] = reinterpret_cast<void*>(uintptr_t(g)); }
     };
     static size_t page_bytes(int32_t kv_dim) { return 2 * size_t(kernels::kKvPageRows) * size_t(kv_dim) * 2; }
-    static int32_t pages_for(int32_t n) { return (n + kernels::kKvPageRows - 1) / kernels::kKvPageRows; }
+    static int32_t pages_for(int32_t n) {  // no overflow up to INT32_MAX rows
+        return int32_t((int64_t(n) + kernels::kKvPageRows - 1) / kernels::kKvPageRows);
+    }
     void drop_gap_pages(Layer& layer);  // the table shifts
 
     std::shared_ptr<Context> ctx_;
