@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "backend/cuda/cuda_linear.h"
 #include "common/env.h"
@@ -520,18 +521,22 @@ void CudaBackend::finish_step(SequenceStep* steps, const std::vector<int32_t>& o
     const cudaStream_t st = ctx_->stream();
     const size_t n_vocab = size_t(config_.n_vocab);
     const std::vector<int32_t> sampled = sample_tokens(steps, out_seqs, st);
+    // Everything this may allocate first: out of memory must leave every sequence's logits
+    // kept on the device as they were (its session rolls the step back and keeps them).
     std::vector<size_t> to_host;  // indices into out_seqs
+    std::vector<std::pair<size_t, float*>> on_device;  // (index, its last_logits)
     for (size_t i = 0; i < out_seqs.size(); ++i) {
         const SequenceStep& step = steps[out_seqs[i]];
         if (step.logits)
             to_host.push_back(i);
         else if (step.sample)
-            PYR_CUDA_CHECK(cudaMemcpyAsync(cuda_storage(*step.cache).last_logits(config_.n_vocab),
-                                           s_.logits.as<float>() + i * n_vocab, n_vocab * 4,
-                                           cudaMemcpyDeviceToDevice, st));
+            on_device.emplace_back(i, cuda_storage(*step.cache).last_logits(config_.n_vocab));
     }
     const size_t logit_floats = to_host.size() * n_vocab;
     readback_.reserve((logit_floats + obs_floats + sampled.size()) * 4);
+    for (const auto& [i, dst] : on_device)
+        PYR_CUDA_CHECK(cudaMemcpyAsync(dst, s_.logits.as<float>() + i * n_vocab, n_vocab * 4,
+                                       cudaMemcpyDeviceToDevice, st));
     float* host = readback_.as<float>();
     if (to_host.size() == out_seqs.size() && logit_floats > 0)  // all of them: one copy
         PYR_CUDA_CHECK(cudaMemcpyAsync(host, s_.logits.get(), logit_floats * 4,
