@@ -322,7 +322,8 @@ PYR_API int32_t pyr_session_token(const pyr_session* session);
 
 /* The text produced by the last pyr_session_next(): only whole UTF-8 code points; an
  * incomplete character is held back until it completes, and flushed at PYR_DONE (invalid
- * bytes become U+FFFD). Maybe "". Valid until the next call on the session. */
+ * bytes become U+FFFD). A generation left before PYR_DONE (more input fed, or a reset)
+ * drops what it held back. Maybe "". Valid until the next call on the session. */
 PYR_API const char* pyr_session_text(const pyr_session* session);
 
 /* The logits (n_vocab floats, raw model output before any sampling transform) of the last
