@@ -12,6 +12,7 @@
 #include <cstring>
 #include <set>
 
+#include "common/log.h"
 #include "model/json_util.h"
 
 namespace pyr {
@@ -319,10 +320,13 @@ std::unique_ptr<TensorStore> TensorStore::open_dir(const std::string& dir) {
     store->dir_ = dir;
     const std::string index_path = dir + "/model.safetensors.index.json";
     const std::string single_path = dir + "/model.safetensors";
-    if (file_exists(index_path)) {
-        store->open_sharded(index_path);
-    } else if (file_exists(single_path)) {
+    // HF's from_pretrained order: the single file first, then the index
+    if (file_exists(single_path)) {
+        if (file_exists(index_path))
+            PYR_LOG_INFO("loading " + single_path + " (as HF does); " + index_path + " is not used");
         store->add_file(std::make_unique<SafetensorsFile>(single_path));
+    } else if (file_exists(index_path)) {
+        store->open_sharded(index_path);
     } else {
         fail(PYR_ERR_IO, "no model.safetensors or model.safetensors.index.json in " + dir);
     }

@@ -279,11 +279,18 @@ TEST_CASE("TensorStore: sharded checkpoints") {
     write_file(dir / "s2.safetensors", shard({"c"}));
     SUBCASE("good index, each shard opened once, total_size not trusted") {
         write_index(dir, {{"a", "s1.safetensors"}, {"b", "s1.safetensors"}, {"c", "s2.safetensors"}});
-        write_file(dir / "model.safetensors", "garbage: the index wins");
         auto store = pyr::TensorStore::open_dir(dir.path());
         CHECK(store->total_bytes() == 48);
         CHECK(store->find("a")->file == dir / "s1.safetensors");
         CHECK(store->find("c")->file == dir / "s2.safetensors");
+    }
+    SUBCASE("a single file beside an index wins, as in HF's from_pretrained") {
+        write_index(dir, {{"a", "s1.safetensors"}, {"b", "s1.safetensors"}, {"c", "s2.safetensors"}});
+        write_file(dir / "model.safetensors", shard({"x"}));
+        auto store = pyr::TensorStore::open_dir(dir.path());
+        CHECK(store->total_bytes() == 16);
+        CHECK(store->find("x")->file == dir / "model.safetensors");
+        CHECK(store->find("a") == nullptr);
     }
     SUBCASE("shard names that leave the directory") {
         for (const char* name : {"../s1.safetensors", "sub/s1.safetensors", "/tmp/s1.safetensors",
