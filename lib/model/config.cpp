@@ -33,6 +33,7 @@ public:
         return it == obj_.end() || it->is_null() ? nullptr : &*it;
     }
     bool has(const char* key) const { return get(key) != nullptr; }
+    bool present(const char* key) const { return obj_.contains(key); }  // null included
 
     [[noreturn]] void bad(const char* key, const std::string& problem,
                           pyr_status status = PYR_ERR_FORMAT) const {
@@ -108,7 +109,10 @@ void read_sizes(const Reader& r, ModelConfig& c) {
     c.n_layer = r.int_required("num_hidden_layers", 1);
     c.n_head = r.int_required("num_attention_heads", 1);
     c.n_ctx_train = r.int_required("max_position_embeddings", 1);
-    c.n_head_kv = r.int_or("num_key_value_heads", c.n_head, 1);
+    // HF's defaults: LlamaConfig's is num_attention_heads, MistralConfig's 8
+    const std::string* type = r.string_or_null("model_type");
+    const int32_t kv_default = type && *type == "mistral" ? 8 : c.n_head;
+    c.n_head_kv = r.int_or("num_key_value_heads", kv_default, 1);
     if (c.n_head % c.n_head_kv != 0)
         r.bad("num_key_value_heads", "(" + std::to_string(c.n_head_kv) +
                                          ") must divide num_attention_heads (" +
@@ -225,6 +229,10 @@ void check_architecture(const Reader& r) {
                 r.bad("sliding_window", show(*window) +
                                             ": sliding-window attention (mistral) is not "
                                             "supported",
+                      PYR_ERR_UNSUPPORTED);
+            if (!r.present("sliding_window"))  // absent is MistralConfig's default window
+                r.bad("sliding_window", "absent: HF's MistralConfig then takes a 4096-token "
+                                        "sliding window, which is not supported (null: none)",
                       PYR_ERR_UNSUPPORTED);
         } else if (*type != "llama") {
             r.bad("model_type", "value \"" + *type + "\" is not supported (llama)",

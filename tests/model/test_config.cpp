@@ -263,9 +263,19 @@ TEST_CASE("config: malformed files") {
         j["model_type"] = "qwen2";
         CHECK_PYR_ERROR(parse(j), PYR_ERR_UNSUPPORTED, "model_type", "qwen2");
         j["model_type"] = "mistral";
+        j["sliding_window"] = nullptr;
         CHECK(parse(j).n_layer == 2);  // mistral without a sliding window is LLaMA
         j["sliding_window"] = 4096;
         CHECK_PYR_ERROR(parse(j), PYR_ERR_UNSUPPORTED, "sliding_window", "4096");
+        j.erase("sliding_window");  // HF's MistralConfig default: a 4096-token window
+        CHECK_PYR_ERROR(parse(j), PYR_ERR_UNSUPPORTED, "sliding_window", "absent", "4096");
+        // num_key_value_heads absent: MistralConfig's default is 8, LlamaConfig's the heads
+        j["sliding_window"] = nullptr;
+        j["num_attention_heads"] = 16;
+        j.erase("num_key_value_heads");
+        CHECK(parse(j).n_head_kv == 8);
+        j["model_type"] = "llama";
+        CHECK(parse(j).n_head_kv == 16);
         j = base_config();
         j["torch_dtype"] = "float8_e4m3fn";
         CHECK_PYR_ERROR(parse(j), PYR_ERR_UNSUPPORTED, "torch_dtype", "float8_e4m3fn");
