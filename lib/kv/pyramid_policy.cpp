@@ -18,14 +18,18 @@ public:
         weighted_ = true;
         pool_ = p.pool > 1 ? p.pool : 1;
         sinks_ = p.sinks;
+        knobs_.rho = as_written(p.rho);
+        knobs_.gamma = as_written(p.gamma);
+        knobs_.recent_ratio = as_written(p.recent_ratio);
+        knobs_.min_context = p.min_context;
     }
     const char* name() const override { return "pyramid"; }
 
     double param(const std::string& name) const override {
-        const PyramidKnobs& k = plan_.knobs;
-        if (name == "rho") return planned_ ? k.rho : as_written(params_.rho);
-        if (name == "gamma") return planned_ ? k.gamma : as_written(params_.gamma);
-        if (name == "recent_ratio") return planned_ ? k.recent_ratio : as_written(params_.recent_ratio);
+        const PyramidKnobs& k = planned_ ? plan_.knobs : knobs_;
+        if (name == "rho") return k.rho;
+        if (name == "gamma") return k.gamma;
+        if (name == "recent_ratio") return k.recent_ratio;
         if (name == "min_context") return params_.min_context;
         if (planned_ && name == "window") return plan_.window;
         if (planned_ && name == "planned_retention") return plan_.retention;
@@ -34,14 +38,9 @@ public:
 
 protected:
     void plan(int32_t n_prompt) override {
-        PyramidKnobs knobs;
-        knobs.rho = as_written(params_.rho);
-        knobs.gamma = as_written(params_.gamma);
-        knobs.recent_ratio = as_written(params_.recent_ratio);
-        knobs.min_context = params_.min_context;
         plan_ = params_.retention > 0.0f
-                    ? solve_pyramid_plan(as_written(params_.retention), n_prompt, n_layer_, knobs)
-                    : make_pyramid_plan(n_prompt, n_layer_, knobs);
+                    ? solve_pyramid_plan(as_written(params_.retention), n_prompt, n_layer_, knobs_)
+                    : make_pyramid_plan(n_prompt, n_layer_, knobs_);
     }
     int32_t recent(int) const override { return plan_.window; }
     // The paper scores with all W recent rows; kv_obs_window > 0 scores with fewer.
@@ -57,6 +56,7 @@ protected:
     }
 
 private:
+    PyramidKnobs knobs_;  // as the session gave them (kv_params.h: as_written)
     PyramidPlan plan_;
 };
 

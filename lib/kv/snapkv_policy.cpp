@@ -29,6 +29,7 @@ public:
         if (kind == Kind::SnapShrink && p.shrink_start < 0) shrink_start_ = 2 * n_layer / 5;
         pool_ = p.pool >= 0 ? std::max(p.pool, 1) : 7;
         window_ = p.obs_window > 0 ? p.obs_window : 32;
+        recent_ratio_ = as_written(p.recent_ratio);
     }
     const char* name() const override {
         return kind_ == Kind::PyramidKv ? "pyramidkv" : kind_ == Kind::SnapKv ? "snapkv" : "snapshrink";
@@ -38,7 +39,7 @@ public:
         if (name == "retention") return params_.peer_retention();
         if (planned_ && name == "budget") return budget_;
         if (planned_ && name == "window") return recent(0);
-        if (kind_ == Kind::SnapShrink && name == "recent_ratio") return as_written(params_.recent_ratio);
+        if (kind_ == Kind::SnapShrink && name == "recent_ratio") return recent_ratio_;
         return WindowPolicy::param(name);
     }
 
@@ -50,7 +51,7 @@ protected:
     int32_t recent(int il) const override {
         int32_t r = window_;
         if (kind_ == Kind::SnapShrink)
-            r = std::max(r, int32_t(std::floor(as_written(params_.recent_ratio) * n_prompt_)) + 1);
+            r = std::max(r, int32_t(std::floor(recent_ratio_ * n_prompt_)) + 1);
         return std::min(r, layer_budget(il));
     }
     int32_t score_rows() const override { return window_; }
@@ -75,6 +76,7 @@ private:
 
     Kind kind_;
     int32_t window_ = 32;
+    double recent_ratio_ = 0.2;  // snapshrink's W = floor(ratio * P) + 1
     int32_t n_prompt_ = 0;
     int32_t budget_ = 0;
 };
